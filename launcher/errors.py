@@ -1,0 +1,45 @@
+"""Typed exceptions. Every message tells the user what to do next.
+
+The CLI maps each class to an exit code: bad input is 2, "nothing fits" is 3,
+everything else llmup anticipates is 1. Anything not derived from LlmupError is a bug.
+"""
+
+from __future__ import annotations
+
+
+class LlmupError(Exception):
+    """Base of every error llmup anticipates; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(LlmupError):
+    """The user's input is wrong: unknown id, malformed file, impossible value."""
+
+    exit_code = 2
+
+
+class HardwareSnapshotError(UsageError):
+    """A hardware snapshot file is unreadable or does not follow the schema."""
+
+
+class CatalogError(UsageError):
+    """An unknown model id, or a catalog data file that does not follow the schema."""
+
+
+class ModelFileError(UsageError):
+    """A local model file is missing, unreadable, or not a GGUF file llmup understands."""
+
+
+class DetectionError(LlmupError):
+    """A hardware probe failed in a way that leaves the snapshot incomplete."""
+
+
+class NothingFitsError(LlmupError):
+    """No candidate fits the machine; carries the plan with the closest misses."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, closest: list | None = None) -> None:
+        super().__init__(message)
+        self.closest = closest or []

@@ -1,0 +1,118 @@
+"""The plan: what `llmup plan --json` prints and `pull`/`serve` consume.
+
+Field names follow DESIGN.md ("Plan"); add fields freely, rename none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import UsageError
+
+Backend = Literal["llama.cpp", "exllamav2"]
+
+
+class PlannedModel(BaseModel):
+    id: str
+    params: int
+    label: str | None = None
+    chat_format: str | None = None
+
+
+class JoinSpec(BaseModel):
+    """Raw byte halves that must be concatenated, in order, into `output`."""
+
+    output: str
+    parts: list[str]
+
+
+class Source(BaseModel):
+    """Where the weights come from: a hub repo and revision, or a local file."""
+
+    model_config = ConfigDict(extra="allow")
+
+    repo_id: str | None = None
+    revision: str = "main"
+    files: list[str] = Field(default_factory=list)
+    download_bytes: int = 0
+    join: JoinSpec | None = None
+    local_path: str | None = None
+
+
+class DeviceNeed(BaseModel):
+    device: str
+    need_mib: int
+    budget_mib: int
+    layers: int = 0
+    breakdown_mib: dict[str, int] = Field(default_factory=dict)
+
+
+class Placement(BaseModel):
+    n_gpu_layers: int = 0
+    tensor_split: list[float] = Field(default_factory=list)
+    devices: list[DeviceNeed] = Field(default_factory=list)
+    ram_need_mib: int = 0
+    ram_budget_mib: int = 0
+    offload: Literal["full", "partial", "cpu"] = "full"
+
+
+class MemoryMiB(BaseModel):
+    weights: int
+    kv_cache: int
+    compute: int
+    overhead: int
+    total: int
+
+
+class Rejected(BaseModel):
+    model: str
+    quant: str
+    backend: Backend
+    reason: str
+    miss_mib: int = 0
+
+
+class Settings(BaseModel):
+    """Backend settings the plan assumed; the launcher must pass exactly these."""
+
+    n_batch: int = 512
+    n_ubatch: int = 512
+    kv_cache_type: str = "f16"
+    flash_attn: bool = False
+    cache_mode: str | None = None  # exllamav2: FP16 / Q8 / Q6 / Q4
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: PlannedModel
+    backend: Backend
+    format: Literal["gguf", "gptq"]
+    quant: str
+    bits_per_weight: float
+    source: Source
+    context: int
+    placement: Placement
+    memory_mib: MemoryMiB
+    settings: Settings = Field(default_factory=Settings)
+    rejected: list[Rejected] = Field(default_factory=list)
+    fallbacks: list[Plan] = Field(default_factory=list)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan saved from `llmup plan --json`."""
+    path = Path(path)
+    try:
+        return Plan.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise UsageError(f"plan file {path} does not exist; save one with `llmup plan --json > {path}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"plan file {path} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"plan file {path} is not a plan: {where}: {first['msg']}") from None
