@@ -43,3 +43,31 @@ class NothingFitsError(LlmupError):
     def __init__(self, message: str, closest: list | None = None) -> None:
         super().__init__(message)
         self.closest = closest or []
+
+
+class DownloadError(LlmupError):
+    """Fetching weights from the hub failed: network, hub error, or a bad transfer."""
+
+
+class AuthError(DownloadError):
+    """The hub refused the request (401/403): the repo is gated or private, or the token is bad."""
+
+
+class HubNotFoundError(DownloadError):
+    """The repository, revision or file a plan names does not exist on the hub."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file does not match the hub's sha256; its blob has been deleted."""
+
+
+class JoinError(DownloadError):
+    """Concatenating split halves did not produce a valid GGUF file; the halves are kept."""
+
+
+class DiskSpaceError(LlmupError):
+    """Not enough free disk for the download; raised before any byte is written."""
+
+
+class OfflineMissError(LlmupError):
+    """Offline mode was asked for and a needed file is not in the local cache."""

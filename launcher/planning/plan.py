@@ -109,7 +109,9 @@ def load_plan(path: str | Path) -> Plan:
     try:
         return Plan.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise UsageError(f"plan file {path} does not exist; save one with `llmup plan --json > {path}`") from None
+        raise UsageError(
+            f"plan file {path} does not exist; save one with `llmup plan --json > {path}`"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"plan file {path} is not valid JSON: {exc}") from None
     except ValidationError as exc:

@@ -1,0 +1,180 @@
+"""Thin commands: parse, call one core function, render (rich) or print --json.
+
+Errors llmup anticipates (LlmupError) become one line on stderr and the exit code of
+their class: 2 bad input, 3 nothing fits, 1 otherwise. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from launcher import render
+from launcher.errors import LlmupError, NothingFitsError, UsageError
+from launcher.settings import Settings
+
+app = typer.Typer(
+    help="Serve the largest Llama-2 this machine can hold behind an OpenAI-compatible API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+AutoOpt = Annotated[
+    bool, typer.Option("--auto", help="Detect this machine's hardware (the default).")
+]
+HardwareOpt = Annotated[
+    Path | None,
+    typer.Option("--hardware", help="Plan for a snapshot from `llmup detect --json`."),
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Pin a model id (llama-2-70b-chat) or size (70b).")
+]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="auto | llama.cpp | exllamav2")
+]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="Context length in tokens (default 4096).")
+]
+KvOpt = Annotated[
+    str | None, typer.Option("--kv-cache", help="KV cache type: f16 | q8_0 | q4_0")
+]
+ReserveOpt = Annotated[
+    int | None, typer.Option("--reserve-mib", help="MiB kept free per GPU (default 1024).")
+]
+OffloadOpt = Annotated[
+    bool,
+    typer.Option("--allow-offload", help="Allow layers on the CPU when the GPUs are too small."),
+]
+ModelFileOpt = Annotated[
+    Path | None,
+    typer.Option("--model-file", help="Plan a local GGUF file instead of the catalog."),
+]
+
+
+def hardware_snapshot(hardware: Path | None):
+    """A snapshot file when given, else this machine's (what --auto asks for)."""
+    if hardware is not None:
+        from launcher.hardware.snapshot import load_snapshot
+
+        return load_snapshot(hardware)
+    from launcher.hardware.detect import detect
+
+    return detect()
+
+
+def plan_request(
+    *, hardware, model, backend, context, kv_cache, reserve_mib, allow_offload, model_file
+):
+    """Merge CLI flags over the settings tree (env LLMUP_PLANNING__*) into a PlanRequest."""
+    from launcher.planning.planner import PlanRequest
+
+    if context is not None and context <= 0:
+        raise UsageError(f"--context must be a positive number of tokens, got {context}")
+    cfg = Settings().planning
+    return PlanRequest(
+        hardware=hardware_snapshot(hardware),
+        model=model,
+        backend=backend or cfg.backend,
+        context=context if context is not None else cfg.context,
+        kv_cache=kv_cache or cfg.kv_cache,
+        reserve_mib=reserve_mib if reserve_mib is not None else cfg.reserve_mib,
+        ram_reserve_mib=cfg.ram_reserve_mib,
+        allow_offload=allow_offload or cfg.allow_offload,
+        model_file=model_file,
+    )
+
+
+@app.command()
+def detect(json_out: JsonOpt = False) -> None:
+    """Show this machine's GPUs, unified memory, RAM and cores."""
+    from launcher.hardware.detect import detect as run_detect
+
+    snap = run_detect()
+    render.print_json(snap) if json_out else render.snapshot(snap)
+
+
+@app.command()
+def plan(
+    auto: AutoOpt = False,
+    hardware: HardwareOpt = None,
+    model: ModelOpt = None,
+    backend: BackendOpt = None,
+    context: ContextOpt = None,
+    kv_cache: KvOpt = None,
+    reserve_mib: ReserveOpt = None,
+    allow_offload: OffloadOpt = False,
+    model_file: ModelFileOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pick the largest model and highest precision that fit, with a memory breakdown."""
+    from launcher.planning.planner import make_plan
+
+    req = plan_request(
+        hardware=hardware,
+        model=model,
+        backend=backend,
+        context=context,
+        kv_cache=kv_cache,
+        reserve_mib=reserve_mib,
+        allow_offload=allow_offload,
+        model_file=model_file,
+    )
+    try:
+        result = make_plan(req)
+    except NothingFitsError as exc:
+        if json_out:
+            render.print_json({"error": str(exc), "closest": [r.model_dump() for r in exc.closest]})
+        else:
+            render.rejections(exc.closest, title="Nothing fits; the closest candidates")
+        raise
+    render.print_json(result) if json_out else render.plan(result)
+
+
+@app.command()
+def estimate(
+    params: Annotated[
+        str | None, typer.Option("--params", help="A parameter count: 7e9, 1.5B, 270M.")
+    ] = None,
+    context: Annotated[
+        int, typer.Option("--context", help="Context for the KV cache column.")
+    ] = 4096,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Use the catalog's real parameter counts.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The rule of thumb (bytes per parameter), made exact, with KV cache and training state."""
+    from launcher.planning.estimate import (
+        EstimateInput,
+        estimate_table,
+        parse_params,
+    )
+    from launcher.planning.estimate import (
+        estimate as run_estimate,
+    )
+
+    models = [EstimateInput.from_params(parse_params(params))] if params else None
+    report = run_estimate(models, context=context, exact=exact)
+    render.print_json(report) if json_out else render.out.print(estimate_table(report))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except LlmupError as exc:
+        render.error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        render.error("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Turning a fitting candidate into the Plan contract (MiB figures, source, settings)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from launcher.planning.candidates import Candidate
+from launcher.planning.llamacpp import MIB
+from launcher.planning.plan import (
+    DeviceNeed,
+    JoinSpec,
+    MemoryMiB,
+    Placement,
+    Plan,
+    PlannedModel,
+    Settings,
+    Source,
+)
+
+if TYPE_CHECKING:
+    from launcher.planning.planner import PlanRequest
+
+
+def mib(n: int) -> int:
+    """Round up: a plan that under-counts by a fraction of a MiB is still an under-count."""
+    return -(-n // MIB)
+
+
+def _source(c: Candidate) -> Source:
+    if "model_file" in c.meta:
+        return Source(local_path=c.meta["model_file"], download_bytes=0)
+    spec, variant = c.meta["spec"], c.meta["variant"]
+    if c.fmt == "gptq":
+        return Source(
+            repo_id=spec.gptq.repo_id,
+            revision=variant.branch,
+            files=list(spec.gptq.files),
+            download_bytes=variant.bytes,
+        )
+    join = JoinSpec(output=variant.file, parts=variant.parts) if variant.parts else None
+    return Source(
+        repo_id=spec.gguf.repo_id,
+        revision=spec.gguf.revision,
+        files=list(variant.parts or [variant.file]),
+        download_bytes=variant.bytes,
+        join=join,
+    )
+
+
+def _memory(c: Candidate) -> MemoryMiB:
+    devices = [*c.gpus, c.host]
+    weights = sum(d.weights for d in devices)
+    kv = sum(d.kv_cache for d in devices)
+    compute = sum(d.compute for d in devices)
+    overhead = sum(d.overhead + sum(d.extra.values()) for d in devices)
+    return MemoryMiB(
+        weights=mib(weights),
+        kv_cache=mib(kv),
+        compute=mib(compute),
+        overhead=mib(overhead),
+        total=mib(weights + kv + compute + overhead),
+    )
+
+
+def _placement(c: Candidate) -> Placement:
+    devices = [
+        DeviceNeed(
+            device=d.device,
+            need_mib=mib(d.total),
+            budget_mib=budget // MIB,
+            layers=d.layers,
+            breakdown_mib={
+                "weights": mib(d.weights),
+                "kv_cache": mib(d.kv_cache),
+                "compute": mib(d.compute),
+                "overhead": mib(d.overhead + sum(d.extra.values())),
+            },
+        )
+        for d, budget in zip(c.gpus, c.gpu_budgets)
+    ]
+    return Placement(
+        n_gpu_layers=c.n_gpu_layers,
+        tensor_split=c.tensor_split,
+        devices=devices,
+        ram_need_mib=mib(c.host.total),
+        ram_budget_mib=c.host_budget // MIB,
+        offload=c.offload,
+    )
+
+
+def _settings(c: Candidate) -> Settings:
+    s = c.meta["settings"]
+    if c.backend == "exllamav2":
+        return Settings(
+            kv_cache_type=s.cache_mode, cache_mode=s.cache_mode, flash_attn=s.flash_attn
+        )
+    return Settings(
+        n_batch=s.n_batch, n_ubatch=s.n_ubatch, kv_cache_type=s.type_k, flash_attn=s.flash_attn
+    )
+
+
+def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
+    spec = c.meta.get("spec")
+    return Plan(
+        model=PlannedModel(
+            id=c.model_id,
+            params=c.params,
+            label=spec.label if spec else None,
+            chat_format=spec.chat_format if spec else None,
+        ),
+        backend=c.backend,
+        format=c.fmt,
+        quant=c.quant,
+        bits_per_weight=round(c.bits_per_weight, 2),
+        source=_source(c),
+        context=req.context,
+        placement=_placement(c),
+        memory_mib=_memory(c),
+        settings=_settings(c),
+    )

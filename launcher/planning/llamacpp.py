@@ -1,0 +1,162 @@
+"""llama.cpp memory model: what each device will hold for a given placement.
+
+Figures follow llama.cpp's own allocation code paths (see the reference facts, section 4)
+and are checked against the buffer sizes llama.cpp logs when it loads a model
+(tests/test_calibration.py). Units are bytes until the plan rounds to MiB.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from launcher.planning.layout import ModelShape
+
+MIB = 1024 * 1024
+
+# bytes per element of each KV cache type (block size / block bytes)
+KV_TYPE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+}
+
+# Runtime context a backend holds on each device before any buffer (Ollama budgets the same).
+DEVICE_OVERHEAD = {"cuda": 457 * MIB, "metal": 512 * MIB, "cpu": 0}
+# The serving process itself: Python, llama-cpp-python, uvicorn (measured RSS before load).
+HOST_PROCESS = 160 * MIB
+KV_PAD = 256
+
+
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    n_ctx: int
+    n_batch: int = 512
+    n_ubatch: int = 512
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    n_seq_max: int = 1
+
+    @property
+    def kv_size(self) -> int:
+        """Cells in the KV cache: n_ctx padded up to a multiple of 256, as llama.cpp does."""
+        return -(-self.n_ctx // KV_PAD) * KV_PAD
+
+
+@dataclass
+class DeviceMemory:
+    """What one device (or the host, device 'cpu') holds, in bytes."""
+
+    device: str
+    weights: int = 0
+    kv_cache: int = 0
+    compute: int = 0
+    overhead: int = 0
+    layers: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights + self.kv_cache + self.compute + self.overhead + sum(self.extra.values())
+        )
+
+
+def kv_bytes_per_layer(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    """K and V rows of one layer for every cell of the cache."""
+    n_embd_kv = shape.arch.n_head_kv * shape.arch.head_dim
+    per_elem = KV_TYPE_BYTES[settings.type_k] + KV_TYPE_BYTES[settings.type_v]
+    return int(settings.kv_size * n_embd_kv * per_elem)
+
+
+def kv_cache_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    return kv_bytes_per_layer(shape, settings) * shape.arch.n_layer
+
+
+def compute_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    """The worst-case graph buffer llama.cpp reserves (full KV, n_ubatch tokens).
+
+    Without flash attention the peak is the attention score matrix (kv_size x n_ubatch x
+    n_head, f32) beside its mask and four activation rows: 4*u*(1 + 4E + C*(1+H)).
+    """
+    arch = shape.arch
+    u = min(settings.n_ubatch, settings.n_ctx)
+    c = settings.kv_size
+    if settings.flash_attn:
+        return 4 * u * (4 * arch.n_embd + arch.n_ff) + 2 * u * c
+    return 4 * u * (1 + 4 * arch.n_embd + c * (1 + arch.n_head))
+
+
+def output_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    """llama.cpp's logits buffer for n_seq_max outputs plus llama-cpp-python's host scores."""
+    n_vocab = shape.arch.n_vocab
+    return n_vocab * settings.n_seq_max * 4 + n_vocab * settings.n_batch * 4
+
+
+def layer_devices(n_layer: int, n_gpu_layers: int, tensor_split: list[float]) -> list[int]:
+    """Device index of each block and (last entry) of the output layer; -1 is the CPU.
+
+    The same arithmetic as llama.cpp's llama_model::load_tensors: the last n_gpu_layers
+    blocks go to the GPUs, the output layer only when n_gpu_layers > n_layer, and
+    tensor_split's cumulative fractions choose each offloaded layer's device.
+    """
+    if n_gpu_layers < 0:
+        n_gpu_layers = n_layer + 1
+    if not tensor_split:
+        return [-1] * (n_layer + 1)
+    start = max(n_layer - n_gpu_layers, 0)
+    act = min(n_gpu_layers, n_layer + 1)
+    total = float(sum(tensor_split))
+    cumulative, acc = [], 0.0
+    for share in tensor_split:
+        acc += share
+        cumulative.append(acc / total)
+    devices = []
+    for il in range(n_layer + 1):
+        if il < start or il - start >= act:
+            devices.append(-1)
+        else:
+            idx = bisect.bisect_right(cumulative, (il - start) / act)
+            devices.append(min(idx, len(tensor_split) - 1))
+    return devices
+
+
+def memory_by_device(
+    shape: ModelShape,
+    settings: LlamaCppSettings,
+    *,
+    gpu_kinds: list[str],
+    n_gpu_layers: int,
+    tensor_split: list[float],
+) -> tuple[list[DeviceMemory], DeviceMemory]:
+    """Per-GPU needs (in gpu_kinds order, e.g. ["cuda", "cuda"]) and the host's need."""
+    placement = layer_devices(shape.arch.n_layer, n_gpu_layers, tensor_split if gpu_kinds else [])
+    gpus = [DeviceMemory(device=f"{kind}:{i}") for i, kind in enumerate(gpu_kinds)]
+    host = DeviceMemory(device="cpu", weights=shape.layout.token_embd, overhead=HOST_PROCESS)
+    kv_layer = kv_bytes_per_layer(shape, settings)
+    for il, dev in enumerate(placement[:-1]):
+        target = host if dev < 0 else gpus[dev]
+        target.weights += shape.layout.layers[il]
+        target.kv_cache += kv_layer
+        target.layers += 1
+    out_dev = placement[-1]
+    (host if out_dev < 0 else gpus[out_dev]).weights += shape.layout.output
+    compute = compute_bytes(shape, settings)
+    for gpu, kind in zip(gpus, gpu_kinds):
+        gpu.overhead = DEVICE_OVERHEAD[kind]
+        gpu.compute = compute if gpu.layers else 0
+    host.compute = compute if host.layers or not gpus else _host_compute(shape, settings)
+    host.extra["output"] = output_bytes(shape, settings)
+    return gpus, host
+
+
+def _host_compute(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    """With every block offloaded the host graph holds only the input embeddings."""
+    u = min(settings.n_ubatch, settings.n_ctx)
+    return 4 * u * shape.arch.n_embd

@@ -1,0 +1,111 @@
+"""The CLI renderer: the only place llmup writes human-readable output."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from launcher.hardware.snapshot import HardwareSnapshot
+from launcher.planning.plan import Plan, Rejected
+
+out = Console()
+err = Console(stderr=True)
+
+
+def print_json(value: BaseModel | dict) -> None:
+    data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def gib(mib: int) -> str:
+    return f"{mib / 1024:.1f} GiB"
+
+
+def snapshot(snap: HardwareSnapshot) -> None:
+    table = Table(title="Hardware")
+    for col in ("device", "name", "total", "free", "compute"):
+        table.add_column(col)
+    for g in snap.gpus:
+        table.add_row(
+            g.device,
+            g.name,
+            gib(g.memory_total_mib),
+            gib(g.memory_free_mib),
+            g.compute_capability or "-",
+        )
+    s = snap.system
+    table.add_row(
+        "cpu",
+        f"{s.os}/{s.arch}, {s.cpu_cores} cores",
+        gib(s.ram_total_mib),
+        gib(s.ram_available_mib),
+        "-",
+    )
+    out.print(table)
+    if snap.unified_memory:
+        um = snap.unified_memory
+        out.print(
+            f"unified memory: {gib(um.ram_total_mib)} RAM, Metal budget {gib(um.gpu_budget_mib)}"
+        )
+
+
+def plan(p: Plan, *, rejected: int = 8) -> None:
+    src = p.source.local_path or f"{p.source.repo_id}@{p.source.revision}"
+    out.print(
+        f"[bold]{p.model.id}[/bold] {p.quant} ({p.bits_per_weight} bits/weight) "
+        f"with {p.backend}, context {p.context}, {p.placement.offload} offload"
+    )
+    out.print(f"source: {src} {' + '.join(p.source.files)}")
+    table = Table(title="Memory per device (MiB)")
+    for col in ("device", "layers", "weights", "kv cache", "compute", "overhead", "need", "budget"):
+        table.add_column(col, justify="right")
+    for d in p.placement.devices:
+        b = d.breakdown_mib
+        table.add_row(
+            d.device,
+            str(d.layers),
+            str(b.get("weights", "")),
+            str(b.get("kv_cache", "")),
+            str(b.get("compute", "")),
+            str(b.get("overhead", "")),
+            str(d.need_mib),
+            str(d.budget_mib),
+        )
+    table.add_row(
+        "RAM", "", "", "", "", "", str(p.placement.ram_need_mib), str(p.placement.ram_budget_mib)
+    )
+    m = p.memory_mib
+    table.add_row(
+        "total",
+        "",
+        str(m.weights),
+        str(m.kv_cache),
+        str(m.compute),
+        str(m.overhead),
+        str(m.total),
+        "",
+    )
+    out.print(table)
+    measured = getattr(p, "measured_mib", None)
+    if measured:
+        out.print(f"measured on this machine: {measured}")
+    misses = [r for r in p.rejected if not r.reason.startswith("fits")]
+    if misses:
+        rejections(misses[:rejected], title="Closest candidates that do not fit")
+
+
+def rejections(items: list[Rejected], *, title: str) -> None:
+    table = Table(title=title)
+    for col in ("model", "quant", "backend", "misses by", "reason"):
+        table.add_column(col)
+    for r in items:
+        table.add_row(r.model, r.quant, r.backend, gib(r.miss_mib) if r.miss_mib else "-", r.reason)
+    out.print(table)
+
+
+def error(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

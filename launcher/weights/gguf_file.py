@@ -1,0 +1,130 @@
+"""Read a GGUF file's header: architecture numbers and exact tensor sizes.
+
+`llmup plan --model-file` plans from this instead of the catalog, so a local file is
+planned with its real tensor types (and what llama.cpp will really allocate).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from launcher.catalog.models import Architecture
+from launcher.errors import ModelFileError
+from launcher.planning.layout import ModelShape, WeightLayout
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return value
+
+
+def _shards(path: Path) -> list[Path]:
+    """gguf-split shards are planned together; llama.cpp loads them from the first."""
+    m = _SHARD.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    return [path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def _open(path: Path):
+    from gguf import GGUFReader  # numpy-heavy: only when a file is read
+
+    try:
+        return GGUFReader(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist") from None
+    except (OSError, ValueError, IndexError, KeyError) as exc:
+        raise ModelFileError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _architecture(reader, path: Path) -> tuple[str, Architecture, dict]:
+    arch_name = _field(reader, "general.architecture")
+    if not arch_name:
+        raise ModelFileError(f"{path} has no general.architecture; is it a GGUF model file?")
+
+    def key(name: str, default=None):
+        return _field(reader, f"{arch_name}.{name}", default)
+
+    n_head = key("attention.head_count")
+    n_embd = key("embedding_length")
+    n_layer = key("block_count")
+    if not (n_head and n_embd and n_layer):
+        raise ModelFileError(f"{path} lacks {arch_name} block_count/embedding_length/head_count")
+    n_head = n_head if isinstance(n_head, int) else max(n_head)
+    n_head_kv = key("attention.head_count_kv", n_head)
+    n_head_kv = n_head_kv if isinstance(n_head_kv, int) else max(n_head_kv)
+    head_dim = key("attention.key_length", n_embd // n_head)
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    n_vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else 0)
+    ff = key("feed_forward_length", 0)
+    arch = Architecture(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=(ff if isinstance(ff, int) else max(ff)) or 1,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_vocab=max(n_vocab, 1),
+        n_ctx_train=key("context_length", 4096),
+    )
+    extra = {
+        "sliding_window": key("attention.sliding_window"),
+        "value_length": key("attention.value_length", head_dim),
+        "name": _field(reader, "general.name", path.stem),
+    }
+    return arch_name, arch, extra
+
+
+def _tensor_bytes(readers) -> tuple[int, int, dict[int, int], dict[str, int], int]:
+    token_embd = output = n_params = 0
+    layers: dict[int, int] = defaultdict(int)
+    types: dict[str, int] = defaultdict(int)
+    for reader in readers:
+        for t in reader.tensors:
+            nbytes = int(t.n_bytes)
+            n_params += int(t.n_elements)
+            types[t.tensor_type.name] += nbytes
+            m = _BLOCK.match(t.name)
+            if m:
+                layers[int(m[1])] += nbytes
+            elif t.name.startswith("token_embd"):
+                token_embd += nbytes
+            else:
+                output += nbytes
+    return token_embd, output, layers, dict(types), n_params
+
+
+def read_model_file(path: str | Path) -> ModelShape:
+    """Architecture and exact weight layout of a local GGUF file (or its shards)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist or is not a file")
+    readers = [_open(p) for p in _shards(path)]
+    arch_name, arch, extra = _architecture(readers[0], path)
+    token_embd, output, layers, types, n_params = _tensor_bytes(readers)
+    if not layers:
+        raise ModelFileError(f"{path} has no blk.N tensors; llmup plans transformer GGUF models")
+    layout = WeightLayout(
+        token_embd=token_embd,
+        output=output,
+        layers=tuple(layers.get(i, 0) for i in range(arch.n_layer)),
+        file_bytes=sum(p.stat().st_size for p in _shards(path)),
+        tensor_types=types,
+    )
+    return ModelShape(
+        arch=arch,
+        layout=layout,
+        name=str(extra["name"]),
+        arch_name=arch_name,
+        sliding_window=extra["sliding_window"],
+        n_params=n_params,
+    )
