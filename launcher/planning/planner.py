@@ -94,8 +94,14 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     plan = candidate_to_plan(best, req)
     plan.rejected = [_rejection(c) for c in sorted(rejected, key=lambda c: c.miss)]
     plan.rejected += [_outranked(c, best) for c in others]
-    plan.fallbacks = [candidate_to_plan(c, req) for c in others[:2]]
+    # on an out-of-memory load, serve falls back to these: next in rank, needing less
+    smaller = [c for c in others if _need(c) < _need(best)]
+    plan.fallbacks = [candidate_to_plan(c, req) for c in smaller[:2]]
     return plan
+
+
+def _need(c: Candidate) -> int:
+    return sum(d.total for d in c.gpus) + (c.host.total if c.host else 0)
 
 
 def _rejection(c: Candidate) -> Rejected:
