@@ -35,15 +35,11 @@ HardwareOpt = Annotated[
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="Pin a model id (llama-2-70b-chat) or size (70b).")
 ]
-BackendOpt = Annotated[
-    str | None, typer.Option("--backend", help="auto | llama.cpp | exllamav2")
-]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto | llama.cpp | exllamav2")]
 ContextOpt = Annotated[
     int | None, typer.Option("--context", help="Context length in tokens (default 4096).")
 ]
-KvOpt = Annotated[
-    str | None, typer.Option("--kv-cache", help="KV cache type: f16 | q8_0 | q4_0")
-]
+KvOpt = Annotated[str | None, typer.Option("--kv-cache", help="KV cache type: f16 | q8_0 | q4_0")]
 ReserveOpt = Annotated[
     int | None, typer.Option("--reserve-mib", help="MiB kept free per GPU (default 1024).")
 ]
@@ -134,6 +130,86 @@ def plan(
             render.rejections(exc.closest, title="Nothing fits; the closest candidates")
         raise
     render.print_json(result) if json_out else render.plan(result)
+
+
+PlanFileOpt = Annotated[
+    Path | None,
+    typer.Option("--plan", help="Pull what a saved `llmup plan --json` chose (no planning)."),
+]
+
+
+def chosen_plan(plan_file: Path | None, **planning):
+    """The saved plan when given, else a fresh one from the same options `llmup plan` takes."""
+    from launcher.planning.plan import load_plan
+    from launcher.planning.planner import make_plan
+
+    if plan_file is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in planning.items() if v not in (None, False)]
+        if given:
+            raise UsageError(
+                f"--plan cannot be combined with {', '.join(given)}: "
+                "the saved plan already fixes them"
+            )
+        return load_plan(plan_file)
+    return make_plan(plan_request(**planning))
+
+
+@app.command()
+def pull(
+    auto: AutoOpt = False,
+    hardware: HardwareOpt = None,
+    model: ModelOpt = None,
+    backend: BackendOpt = None,
+    context: ContextOpt = None,
+    kv_cache: KvOpt = None,
+    reserve_mib: ReserveOpt = None,
+    allow_offload: OffloadOpt = False,
+    model_file: ModelFileOpt = None,
+    plan_file: PlanFileOpt = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the local cache (like HF_HUB_OFFLINE=1).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List files, sizes and what is cached; fetch nothing.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download the planned weights into the Hugging Face cache, verified; print where."""
+    from launcher.weights.pull import pull as run_pull
+
+    chosen = chosen_plan(
+        plan_file,
+        hardware=hardware,
+        model=model,
+        backend=backend,
+        context=context,
+        kv_cache=kv_cache,
+        reserve_mib=reserve_mib,
+        allow_offload=allow_offload,
+        model_file=model_file,
+    )
+    if not json_out and not quiet:
+        render.out.print(
+            f"{chosen.model.id} {chosen.quant} ({chosen.backend}) from "
+            f"{chosen.source.repo_id or chosen.source.local_path}",
+            highlight=False,
+        )
+    result = run_pull(chosen.source, offline=offline, dry_run=dry_run, progress=not quiet)
+    render.print_json(result.to_dict()) if json_out else _render_pull(result)
+
+
+def _render_pull(result) -> None:
+    from rich.table import Table
+
+    table = Table(title="dry run" if result.dry_run else None)
+    for col in ("file", "size", "cached"):
+        table.add_column(col)
+    for f in result.files:
+        size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
+        table.add_row(f.name, size, "yes" if f.cached else "no")
+    render.out.print(table)
+    render.out.print(result.summary(), highlight=False, soft_wrap=True)
 
 
 @app.command()

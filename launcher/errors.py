@@ -57,6 +57,10 @@ class HubNotFoundError(DownloadError):
     """The repository, revision or file a plan names does not exist on the hub."""
 
 
+class HubUnreachableError(DownloadError):
+    """The hub could not be reached (network down, DNS, proxy); cached files may still serve."""
+
+
 class ChecksumError(DownloadError):
     """A downloaded file does not match the hub's sha256; its blob has been deleted."""
 
@@ -71,3 +75,47 @@ class DiskSpaceError(LlmupError):
 
 class OfflineMissError(LlmupError):
     """Offline mode was asked for and a needed file is not in the local cache."""
+
+
+class BackendError(LlmupError):
+    """The model backend process failed: it would not start, or it kept crashing."""
+
+    def __init__(self, message: str, *, log_path: str | None = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+class BackendLoadError(BackendError):
+    """The backend exited (or never answered) before it was ready.
+
+    `kind` is one of LOAD_FAILURE_KINDS; `serve` falls back to the plan's next candidate
+    on "out_of_memory" and stops with the message on every other kind.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "unknown",
+        log_path: str | None = None,
+        line: str | None = None,
+        returncode: int | None = None,
+    ) -> None:
+        super().__init__(message, log_path=log_path)
+        self.kind = kind
+        self.line = line
+        self.returncode = returncode
+
+
+class BackendCrashError(BackendError):
+    """The backend kept crashing after it had been ready, and the supervisor gave up."""
+
+
+LOAD_FAILURE_KINDS = (
+    "out_of_memory",
+    "corrupt_model",
+    "missing_dependency",
+    "port_in_use",
+    "timeout",
+    "unknown",
+)

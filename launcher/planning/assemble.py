@@ -99,9 +99,26 @@ def _settings(c: Candidate) -> Settings:
     )
 
 
+def _llamacpp_buffers(c: Candidate) -> dict[str, dict[str, float]] | None:
+    """The buffer sizes llama.cpp should log at load, by its own device names."""
+    if c.backend != "llama.cpp":
+        return None
+    names = {"cuda": "CUDA", "metal": "Metal"}
+    out: dict[str, dict[str, float]] = {"model": {}, "kv": {}, "compute": {}}
+    for d in [*c.gpus, c.host]:
+        kind, _, index = d.device.partition(":")
+        name = "CPU" if kind == "cpu" else names[kind] + ("" if kind == "metal" else index)
+        for key, value in (("model", d.weights), ("kv", d.kv_cache), ("compute", d.compute)):
+            if value:
+                out[key][name] = round(value / MIB, 2)
+    out["output"] = {"CPU": round(c.host.extra.get("output", 0) / MIB, 2)}
+    return out
+
+
 def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
     spec = c.meta.get("spec")
     return Plan(
+        llamacpp_buffers_mib=_llamacpp_buffers(c),
         model=PlannedModel(
             id=c.model_id,
             params=c.params,

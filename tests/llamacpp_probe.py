@@ -1,0 +1,144 @@
+"""Measure what llama.cpp allocates when it loads a model: load it in a subprocess with
+llama-cpp-python (verbose), capture the load log from stderr and parse it.
+
+Notes on llama-cpp-python 0.3.36:
+- `Llama(flash_attn=...)` is a bool mapped to `flash_attn_type` ENABLED / DISABLED, so its
+  default is *disabled*, not llama.cpp's own default (`LLAMA_FLASH_ATTN_TYPE_AUTO`). The probe
+  reaches "auto" (what llama-server does) by making DISABLED mean AUTO inside the subprocess.
+- `n_batch` is capped at `n_ctx` and `n_ubatch` at `n_batch` by the wrapper.
+- Weight repacking into extra buffer types (CPU_REPACK, AMX) is on by default
+  (`llama_model_params.use_extra_bufts`); `use_extra_bufts=False` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+
+FlashAttn = bool | Literal["auto"] | None
+
+# ggml_type ids (llama_cpp.GGML_TYPE_*) of the KV cache types llama.cpp accepts.
+KV_TYPES: dict[str, str] = {
+    "f32": "GGML_TYPE_F32",
+    "f16": "GGML_TYPE_F16",
+    "bf16": "GGML_TYPE_BF16",
+    "q8_0": "GGML_TYPE_Q8_0",
+    "q4_0": "GGML_TYPE_Q4_0",
+    "q4_1": "GGML_TYPE_Q4_1",
+    "iq4_nl": "GGML_TYPE_IQ4_NL",
+    "q5_0": "GGML_TYPE_Q5_0",
+    "q5_1": "GGML_TYPE_Q5_1",
+}
+
+_CHILD = r"""
+import json, sys
+import llama_cpp
+import llama_cpp.llama_cpp as C
+
+opts = json.loads(sys.argv[1])
+kwargs = opts["kwargs"]
+for key in ("type_k", "type_v"):
+    kwargs[key] = getattr(C, opts[key])
+if opts["flash_attn"] == "auto":
+    C.LLAMA_FLASH_ATTN_TYPE_DISABLED = C.LLAMA_FLASH_ATTN_TYPE_AUTO
+    kwargs["flash_attn"] = False
+if not opts["use_extra_bufts"]:
+    _defaults = C.llama_model_default_params
+    def _no_extra():
+        params = _defaults()
+        params.use_extra_bufts = False
+        return params
+    C.llama_model_default_params = _no_extra
+llm = llama_cpp.Llama(verbose=True, **kwargs)
+print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
+"""
+
+
+def _child_options(
+    path: Path,
+    kwargs: dict[str, object],
+    type_k: str,
+    type_v: str,
+    flash_attn: FlashAttn,
+    use_extra_bufts: bool,
+) -> str:
+    kv = {name: KV_TYPES[value.lower()] for name, value in (("type_k", type_k), ("type_v", type_v))}
+    kwargs = dict(kwargs, model_path=str(path))
+    if isinstance(flash_attn, bool):
+        kwargs["flash_attn"] = flash_attn
+    return json.dumps(
+        {"kwargs": kwargs, **kv, "flash_attn": flash_attn, "use_extra_bufts": use_extra_bufts}
+    )
+
+
+def run_load(
+    path: str | Path,
+    *,
+    n_ctx: int,
+    n_batch: int = 512,
+    n_ubatch: int = 512,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: FlashAttn = None,
+    n_gpu_layers: int = 0,
+    use_extra_bufts: bool = True,
+    timeout: float = 120,
+) -> str:
+    """Load the model in a fresh interpreter and return its stderr (the load log).
+
+    `flash_attn`: None keeps llama-cpp-python's default (disabled), True / False force it,
+    "auto" gives llama.cpp's own default. Raises RuntimeError when the load fails.
+    """
+    kwargs = {
+        "n_ctx": n_ctx,
+        "n_batch": n_batch,
+        "n_ubatch": n_ubatch,
+        "n_gpu_layers": n_gpu_layers,
+    }
+    options = _child_options(Path(path), kwargs, type_k, type_v, flash_attn, use_extra_bufts)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, options],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0 or "llamacpp_probe: loaded" not in proc.stderr:
+        tail = "\n".join(proc.stderr.splitlines()[-20:])
+        raise RuntimeError(f"llama.cpp load failed (rc={proc.returncode}):\n{tail}")
+    return proc.stderr
+
+
+def measure_load(
+    path: str | Path,
+    *,
+    n_ctx: int,
+    n_batch: int = 512,
+    n_ubatch: int = 512,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: FlashAttn = None,
+    n_gpu_layers: int = 0,
+    use_extra_bufts: bool = True,
+    timeout: float = 120,
+) -> tuple[LoadBuffers, str]:
+    """Load `path` in a subprocess and return (parsed buffer sizes, raw load log)."""
+    log = run_load(
+        path,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=flash_attn,
+        n_gpu_layers=n_gpu_layers,
+        use_extra_bufts=use_extra_bufts,
+        timeout=timeout,
+    )
+    return parse_load_log(log), log
