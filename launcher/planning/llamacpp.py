@@ -85,9 +85,9 @@ def compute_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
     The KQ mask (C x u, f32; f16 with flash attention) lives through the whole graph.
     Without flash attention the peak is the attention scores (C x u x n_head, f32)
     beside five activation rows and K/V, the FFN (three n_ff rows beside five of width
-    E) or the logits (n_vocab beside three rows of width E), whichever is largest. Fitted to the "compute buffer size" llama.cpp logs
-    (tests/test_calibration.py); it also matches the 296 MiB the reference logged for 7B
-    at 4096/512 within 8%, erring high.
+    E) or the logits (n_vocab beside three rows of width E), whichever is largest.
+    Fitted to the "compute buffer size" llama.cpp logs (tests/test_calibration.py); it
+    is within 8% of the 296 MiB the reference logged for 7B at 4096/512, erring high.
 
     Flash attention never materialises the scores; its peak depends on how the graph
     allocator packs the FFN tensors, so the figure is an upper envelope (within ~10%);
