@@ -196,20 +196,7 @@ def pull(
             highlight=False,
         )
     result = run_pull(chosen.source, offline=offline, dry_run=dry_run, progress=not quiet)
-    render.print_json(result.to_dict()) if json_out else _render_pull(result)
-
-
-def _render_pull(result) -> None:
-    from rich.table import Table
-
-    table = Table(title="dry run" if result.dry_run else None)
-    for col in ("file", "size", "cached"):
-        table.add_column(col)
-    for f in result.files:
-        size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
-        table.add_row(f.name, size, "yes" if f.cached else "no")
-    render.out.print(table)
-    render.out.print(result.summary(), highlight=False, soft_wrap=True)
+    render.print_json(result.to_dict()) if json_out else render.pull_result(result)
 
 
 @app.command()

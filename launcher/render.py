@@ -107,5 +107,16 @@ def rejections(items: list[Rejected], *, title: str) -> None:
     out.print(table)
 
 
+def pull_result(result) -> None:
+    table = Table(title="dry run" if result.dry_run else None)
+    for col in ("file", "size", "cached"):
+        table.add_column(col)
+    for f in result.files:
+        size = f"{f.size / 1e9:.2f} GB" if f.size is not None else "?"
+        table.add_row(f.name, size, "yes" if f.cached else "no")
+    out.print(table)
+    out.print(result.summary(), highlight=False, soft_wrap=True)
+
+
 def error(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)

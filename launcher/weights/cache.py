@@ -1,0 +1,123 @@
+"""Where weights live: the standard hub cache (shared with every hub tool) and the llmup home.
+
+Environment is read on every call rather than at import, so a process (or a test) that sets
+HF_HOME / HF_HUB_CACHE / HF_ENDPOINT / HF_HUB_OFFLINE / LLMUP_HOME later is still obeyed;
+huggingface_hub itself freezes these at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_cache_dir(explicit: str | Path | None = None) -> Path:
+    """The hub cache folder: explicit > HF_HUB_CACHE > HF_HOME/hub > the hub's default."""
+    if explicit is not None:
+        return Path(explicit).expanduser().resolve()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser().resolve()
+    if os.environ.get("HF_HOME"):
+        return (Path(os.environ["HF_HOME"]).expanduser() / "hub").resolve()
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
+
+
+def llmup_home() -> Path:
+    """LLMUP_HOME, default ~/.local/share/llmup (logs, calibration, verification records)."""
+    home = os.environ.get("LLMUP_HOME") or "~/.local/share/llmup"
+    return Path(home).expanduser().resolve()
+
+
+def hub_endpoint() -> str | None:
+    """HF_ENDPOINT as set now; None lets huggingface_hub use its default."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return endpoint.rstrip("/") if endpoint else None
+
+
+def endpoint_label() -> str:
+    """The hub address for messages."""
+    return hub_endpoint() or constants.ENDPOINT
+
+
+def offline_from_env() -> bool:
+    """HF_HUB_OFFLINE=1 means cache only, exactly like the hub's own tools."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def repo_folder(cache_dir: Path, repo_id: str) -> Path:
+    """The hub's per-repo storage folder (`models--org--name`)."""
+    return cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def snapshot_folder(cache_dir: Path, repo_id: str, commit: str) -> Path:
+    return repo_folder(cache_dir, repo_id) / "snapshots" / commit
+
+
+def resolve_commit(cache_dir: Path, repo_id: str, revision: str) -> str | None:
+    """The commit a branch pointed to at the last download (the hub's `refs/` file)."""
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    ref = repo_folder(cache_dir, repo_id) / "refs" / revision
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def record_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> None:
+    """Point `refs/<revision>` at `commit`, as the hub's own downloads do.
+
+    llmup downloads by commit (so metadata and bytes match), which skips the hub's ref
+    bookkeeping; without the ref, offline use could not find the files by branch name.
+    """
+    if revision == commit:
+        return
+    ref = repo_folder(cache_dir, repo_id) / "refs" / revision
+    if ref.is_file() and ref.read_text().strip() == commit:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+
+
+def cached_file(cache_dir: Path, repo_id: str, name: str, revision: str) -> Path | None:
+    """The snapshot path of `name` if the cache holds it (the blob behind it exists)."""
+    found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def remove_cached_file(pointer: Path) -> Path:
+    """Delete a snapshot entry and its blob; return the blob path.
+
+    The blob survives when another snapshot of the repo still links to it, so removing a
+    file from one revision never breaks another.
+    """
+    blob = pointer.resolve()
+    pointer.unlink(missing_ok=True)
+    if blob != pointer and not _other_links(blob, pointer):
+        blob.unlink(missing_ok=True)
+    log.info("removed %s (blob %s)", pointer, blob)
+    return blob
+
+
+def _other_links(blob: Path, pointer: Path) -> bool:
+    snapshots = blob.parent.parent / "snapshots"
+    try:
+        relative = Path(*pointer.relative_to(snapshots).parts[1:])
+    except ValueError:
+        relative = Path(pointer.name)
+    for snap in snapshots.glob("*"):
+        other = snap / relative
+        if other != pointer and other.is_symlink() and other.resolve() == blob:
+            return True
+    return False

@@ -1,0 +1,171 @@
+"""What the hub holds for a source: the commit, and each file's size and checksum.
+
+One `model_info(files_metadata=True)` call answers both the GGUF case (exact names) and the
+GPTQ case (allow-patterns over a branch), and pins the commit every later download uses,
+so metadata and bytes always come from the same revision. Hub exceptions are translated
+here into llmup errors whose messages say what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import filter_repo_objects
+
+from launcher.errors import (
+    AuthError,
+    DownloadError,
+    HubNotFoundError,
+    HubUnreachableError,
+    OfflineMissError,
+)
+from launcher.planning.plan import Source
+from launcher.weights.cache import endpoint_label, hub_endpoint
+from launcher.weights.verify import Digest
+
+log = logging.getLogger(__name__)
+
+_GLOB = set("*?[")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    digest: Digest | None  # sha256 for LFS files, the git blob id for small files
+    lfs: bool
+
+
+@dataclass(frozen=True)
+class Listing:
+    commit: str
+    files: list[RemoteFile]
+
+
+def is_pattern_selection(files: list[str]) -> bool:
+    """GPTQ plans list allow-patterns (`*.safetensors`); GGUF plans list exact names."""
+    return any(_GLOB & set(name) for name in files)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of whichever HTTP library this huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            lib = __import__(module)
+            errors += [lib.ConnectError, lib.TimeoutException, lib.RemoteProtocolError]
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+NETWORK_ERRORS = _network_errors()
+
+
+@contextmanager
+def hub_errors(source: Source, filename: str | None = None) -> Iterator[None]:
+    """Translate huggingface_hub exceptions into llmup errors with a next step."""
+    try:
+        yield
+    except OfflineModeIsEnabled as exc:
+        raise OfflineMissError(
+            f"HF_HUB_OFFLINE is set, so {filename or source.repo_id} cannot be fetched; "
+            "unset it or run `llmup pull --offline` to use only the cache"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, source, filename) from exc
+    except (LocalEntryNotFoundError, *NETWORK_ERRORS) as exc:
+        raise HubUnreachableError(_unreachable(source, exc)) from exc
+
+
+def _unreachable(source: Source, exc: BaseException) -> str:
+    return (
+        f"cannot reach the hub at {endpoint_label()} for {source.repo_id} "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        "check the network, or use --offline if the files are already cached"
+    )
+
+
+def _http_error(exc: HfHubHTTPError, source: Source, filename: str | None) -> DownloadError:
+    status = exc.response.status_code if exc.response is not None else None
+    repo, rev = source.repo_id, source.revision
+    if isinstance(exc, GatedRepoError) or status in (401, 403):
+        return AuthError(_auth_message(repo, status, isinstance(exc, GatedRepoError)))
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubNotFoundError(
+            f"repository {repo} does not exist on {endpoint_label()}; "
+            "check source.repo_id in the plan"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubNotFoundError(
+            f"revision {rev!r} does not exist in {repo}; "
+            "check source.revision (the GPTQ branch) in the plan"
+        )
+    if isinstance(exc, EntryNotFoundError):
+        return HubNotFoundError(f"file {filename} is not in {repo} at revision {rev}")
+    return DownloadError(
+        f"the hub answered HTTP {status} for {repo}: {str(exc).splitlines()[0]}; try again later"
+    )
+
+
+def _auth_message(repo: str | None, status: int | None, gated: bool) -> str:
+    why = "is gated" if gated else "needs a login (it is private, gated or does not exist)"
+    if status == 403:
+        why = "refuses this token (no access, or the license is not accepted)"
+    return (
+        f"the hub answered {status} for {repo}: the repository {why}. Log in with "
+        "`hf auth login` or set HF_TOKEN to a token with read access, and accept the "
+        f"model's license on its page ({endpoint_label()}/{repo})"
+    )
+
+
+def fetch_listing(source: Source, token: str | None) -> Listing:
+    """The commit of `source.revision` and the files of the source, with sizes and checksums."""
+    api = HfApi(endpoint=hub_endpoint(), token=token)
+    with hub_errors(source):
+        info = api.model_info(source.repo_id, revision=source.revision, files_metadata=True)
+    if not info.sha:
+        raise DownloadError(f"the hub at {endpoint_label()} gave no commit for {source.repo_id}")
+    files = [_remote_file(s) for s in info.siblings or []]
+    return Listing(commit=info.sha, files=select(source, files))
+
+
+def _remote_file(sibling) -> RemoteFile:
+    if sibling.lfs is not None:
+        return RemoteFile(
+            sibling.rfilename, sibling.lfs.size, Digest("sha256", sibling.lfs.sha256), lfs=True
+        )
+    digest = Digest("git-sha1", sibling.blob_id) if sibling.blob_id else None
+    return RemoteFile(sibling.rfilename, sibling.size or 0, digest, lfs=False)
+
+
+def select(source: Source, files: list[RemoteFile]) -> list[RemoteFile]:
+    """The files of the plan: every exact name must exist; patterns must match something."""
+    by_name = {f.name: f for f in files}
+    if not is_pattern_selection(source.files):
+        missing = [n for n in source.files if n not in by_name]
+        if missing:
+            raise HubNotFoundError(
+                f"file {missing[0]} is not in {source.repo_id} at revision "
+                f"{source.revision}; check source.files in the plan"
+            )
+        return [by_name[n] for n in source.files]
+    chosen = list(filter_repo_objects(files, allow_patterns=source.files, key=lambda f: f.name))
+    if not chosen:
+        raise HubNotFoundError(
+            f"no file of {source.repo_id} at revision {source.revision} matches {source.files}"
+        )
+    return chosen
