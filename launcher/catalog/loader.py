@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -32,12 +33,15 @@ class Catalog:
 
 
 @cache
-def load_catalog() -> Catalog:
-    """Every `*.json` in catalog/data, merged; a malformed file is a CatalogError."""
+def load_catalog(folder: Path | None = None) -> Catalog:
+    """Every `*.json` in catalog/data (or `folder`), merged; a malformed file is a CatalogError.
+
+    A new model family is one more data file here, not new code.
+    """
     models: list[ModelSpec] = []
     quants: dict[str, GgufQuant] = {}
-    folder = resources.files("launcher.catalog") / "data"
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+    root = folder if folder is not None else resources.files("launcher.catalog") / "data"
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".json"):
             continue
         try:
