@@ -173,7 +173,8 @@ def place_exllamav2(cand: Candidate, spec, variant, settings, budgets: Budgets) 
     counts = split_units(units, caps) or _even(arch.n_layer, cand.gpu_budgets)
     cand.gpus, cand.host = exl.memory_by_device(arch, variant, emb, settings, counts)
     cand.n_gpu_layers = arch.n_layer
-    cand.tensor_split = [round(d.weights / 1e9, 2) for d in cand.gpus]  # exllamav2 gpu_split, GB
+    # exllamav2's gpu_split: GiB per device for weights plus that device's scratch buffers
+    cand.tensor_split = [round((d.weights + d.compute) / 2**30 + 0.05, 2) for d in cand.gpus]
     check_devices(cand, budgets)
     if not cand.fits and len(cuda) > 1:
         need, have = sum(d.total for d in cand.gpus), sum(cand.gpu_budgets)
