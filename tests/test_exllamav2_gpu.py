@@ -31,8 +31,8 @@ def torch():
     pytest.importorskip("exllamav2")
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    # `-m gpu` claims a CUDA machine: without one this is a failure, not a silent skip
+    assert torch.cuda.is_available(), "pytest -m gpu needs a CUDA device"
     return torch
 
 
