@@ -48,12 +48,8 @@ if opts["flash_attn"] == "auto":
     C.LLAMA_FLASH_ATTN_TYPE_DISABLED = C.LLAMA_FLASH_ATTN_TYPE_AUTO
     kwargs["flash_attn"] = False
 if not opts["use_extra_bufts"]:
-    _defaults = C.llama_model_default_params
-    def _no_extra():
-        params = _defaults()
-        params.use_extra_bufts = False
-        return params
-    C.llama_model_default_params = _no_extra
+    from launcher.backends.llamacpp_worker import disable_weight_repack
+    disable_weight_repack()
 llm = llama_cpp.Llama(verbose=True, **kwargs)
 print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
 """

@@ -196,13 +196,9 @@ def test_probe_quantized_kv_and_model_bytes(tiny_f16: Path) -> None:
 
 _GENERATE = r"""
 import json, sys
-import llama_cpp, llama_cpp.llama_cpp as C
-_defaults = C.llama_model_default_params
-def _no_extra():
-    params = _defaults()
-    params.use_extra_bufts = False
-    return params
-C.llama_model_default_params = _no_extra
+import llama_cpp
+from launcher.backends.llamacpp_worker import disable_weight_repack
+disable_weight_repack()
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)
 text = llm("hello world", max_tokens=4)["choices"][0]["text"]
 chat = llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
