@@ -119,3 +119,85 @@ LOAD_FAILURE_KINDS = (
     "timeout",
     "unknown",
 )
+
+
+class InsecureBindError(UsageError):
+    """`serve` was asked to listen beyond this machine without an API key."""
+
+
+class ProxyError(LlmupError):
+    """A request the proxy refuses or cannot serve, answered as an OpenAI-shaped error.
+
+    `status` is the HTTP status, `code` OpenAI's machine-readable `error.code`, `param` the
+    request field at fault; `headers` go on the response (Retry-After on 429 and 503).
+    """
+
+    status = 400
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or type(self).code
+        self.headers = headers or {}
+        self.status = status or type(self).status
+
+
+class BadRequestError(ProxyError):
+    """The request is malformed or asks for something the proxy cannot do (400)."""
+
+
+class ContextLengthError(BadRequestError):
+    """The conversation cannot fit the model's context window under the current policy."""
+
+    code = "context_length_exceeded"
+
+
+class InvalidApiKeyError(ProxyError):
+    """No API key, or one that is not among the configured keys (401)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFoundError(ProxyError):
+    """An unknown model, session or route (404); never says whether another key owns it."""
+
+    status = 404
+
+
+class BodyTooLargeError(ProxyError):
+    """The request body exceeds the configured limit (413); it was never parsed."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class QueueFullError(ProxyError):
+    """Every slot of the bounded queue in front of the backend is taken (429)."""
+
+    status = 429
+    code = "queue_full"
+
+
+class BackendUnavailableError(ProxyError):
+    """The backend is loading, restarting or unreachable (503): retry after Retry-After."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class BackendFailedError(ProxyError):
+    """The backend answered with a server error or an unreadable reply (502)."""
+
+    status = 502
+    code = "backend_error"

@@ -6,11 +6,12 @@ given for; core code receives values, never reads the environment itself.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class PlanningSettings(BaseModel):
@@ -22,14 +23,95 @@ class PlanningSettings(BaseModel):
     allow_offload: bool = False
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.I)
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from "604800", "7d", "12h", "30m" or a number; anything else is left for
+    pydantic to reject with its own message."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match.group(1)) * _UNIT_S[match.group(2).lower()]
+    return value
+
+
+def split_keys(value: Any) -> Any:
+    """API keys from a comma-separated string (the form an environment variable takes)."""
+    if isinstance(value, str):
+        return [key.strip() for key in value.split(",") if key.strip()]
+    return value
+
+
+class ProxySettings(BaseModel):
+    """The public surface: bind address, keys, sessions and the limits in front of the backend.
+
+    `message_overhead_tokens` is what a chat template adds around each message (role markers,
+    BOS/EOS); the proxy counts message contents with the backend's tokenizer and adds this per
+    message. Llama-2's `[INST] ... [/INST]` format costs about 6 per message and 12 for the
+    system block; the proxy raises the figure when a reply's `usage.prompt_tokens` shows more.
+    `default_reserve_tokens` is kept free for the reply when a request sets no `max_tokens`.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    insecure_no_auth: bool = False
+    context_policy: Literal["drop", "error"] = "drop"
+    session_ttl: float = Field(default=7 * 86400.0, gt=0, description="seconds")
+    sessions_db: Path | None = None
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_inflight: int = Field(default=4, ge=1)
+    queue_size: int = Field(default=64, ge=0)
+    retry_after_s: int = Field(default=2, ge=1)
+    backend_timeout_s: float = Field(default=600.0, gt=0)
+    message_overhead_tokens: int = Field(default=8, ge=0)
+    default_reserve_tokens: int = Field(default=256, ge=1)
+
+    _split_keys = field_validator("api_keys", mode="before")(split_keys)
+    _ttl = field_validator("session_ttl", mode="before")(parse_duration)
+
+
 def default_home() -> Path:
     return Path.home() / ".local" / "share" / "llmup"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LLMUP_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="LLMUP_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
     )
 
     home: Path = Field(default_factory=default_home)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+
+    # The issue's short environment names, folded into `proxy` (they win over its defaults,
+    # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS may also name a file.
+    api_key: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEY"))
+    api_keys: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEYS"))
+    context_policy: Literal["drop", "error"] | None = Field(
+        default=None, validation_alias=AliasChoices("LLMUP_CONTEXT_POLICY")
+    )
+    session_ttl: Annotated[float | None, NoDecode] = Field(
+        default=None, validation_alias=AliasChoices("LLMUP_SESSION_TTL")
+    )
+
+    _ttl = field_validator("session_ttl", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _fold_short_names(self) -> Settings:
+        proxy, given = self.proxy, self.proxy.model_fields_set
+        keys = list(proxy.api_keys)
+        if self.api_key:
+            keys.append(self.api_key)
+        if self.api_keys and Path(self.api_keys).is_file():
+            if "api_keys_file" not in given:
+                proxy.api_keys_file = Path(self.api_keys)
+        elif self.api_keys:
+            keys += split_keys(self.api_keys)
+        proxy.api_keys = list(dict.fromkeys(keys))
+        if self.context_policy and "context_policy" not in given:
+            proxy.context_policy = self.context_policy
+        if self.session_ttl and "session_ttl" not in given:
+            proxy.session_ttl = self.session_ttl
+        return self

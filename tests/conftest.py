@@ -12,6 +12,9 @@ import pytest
 DATA = Path(__file__).parent / "data"
 MACHINES = DATA / "machines"
 
+# The real-backend fixtures (tiny_backend, make_proxy) for every module that asks for them.
+pytest_plugins = ["backend_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_homes(tmp_path_factory, monkeypatch):
@@ -19,7 +22,7 @@ def _isolated_homes(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LLMUP_HOME", str(home / "llmup"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    for key in [k for k in os.environ if k.startswith("LLMUP_PLANNING")]:
+    for key in [k for k in os.environ if k.startswith("LLMUP_") and k != "LLMUP_HOME"]:
         monkeypatch.delenv(key)
 
 

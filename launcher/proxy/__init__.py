@@ -1,0 +1,26 @@
+"""The OpenAI-compatible proxy: routes, sessions, API keys, limits and metrics.
+
+Only `create_app` imports FastAPI; `check_bind` and the session store are usable without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from launcher.proxy.auth import check_bind
+from launcher.proxy.backend import StaticBackend
+from launcher.proxy.sessions import SessionStore
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from launcher.settings import Settings
+
+__all__ = ["SessionStore", "StaticBackend", "check_bind", "create_app"]
+
+
+def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> FastAPI:
+    """See `launcher.proxy.app.create_app` (imported here lazily: it pulls in FastAPI)."""
+    from launcher.proxy.app import create_app as build
+
+    return build(settings, backend, sessions)

@@ -1,0 +1,162 @@
+"""Limits in front of the backend: request body size and a bounded queue.
+
+The body limit is an ASGI middleware so an oversized body is refused before anything parses
+it: a declared Content-Length over the limit is answered at once, and a chunked body is
+read only up to the limit. The queue admits at most `max_inflight + queue_size` generation
+requests; the next one gets 429 with Retry-After instead of waiting without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from launcher.errors import BodyTooLargeError, QueueFullError
+from launcher.protocol import error_body
+from launcher.proxy.metrics import Metrics
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+async def send_error(send: Send, exc: Any) -> None:
+    """An OpenAI-shaped error sent straight on the ASGI channel (no route was involved)."""
+    body = json.dumps(
+        error_body(exc.message, status=exc.status, code=exc.code, param=exc.param)
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, decided before the app sees a byte of it."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> BodyTooLargeError:
+        return BodyTooLargeError(
+            f"request body is larger than the {self.max_bytes}-byte limit "
+            "(LLMUP_PROXY__MAX_BODY_BYTES)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await send_error(send, self._too_large())
+            return
+        messages = await self._read_body(receive)
+        if messages is None:
+            await send_error(send, self._too_large())
+            return
+        await self.app(scope, _replay(messages, receive), send)
+
+    async def _read_body(self, receive: Receive) -> list[Message] | None:
+        """The body's messages, or None as soon as they pass the limit."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages  # a disconnect: let the app see it
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                return messages
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """Hand the buffered body to the app, then the live channel (for disconnects)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+class MetricsMiddleware:
+    """Counts every response by route template and status, and times it to its last byte."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class Admission:
+    """The bounded queue: `max_inflight` requests at the backend, `queue_size` waiting."""
+
+    def __init__(self, *, max_inflight: int, queue_size: int, retry_after_s: int) -> None:
+        self.capacity = max_inflight + queue_size
+        self.retry_after_s = retry_after_s
+        self.admitted = 0
+        self.inflight = 0
+        self._slots = asyncio.Semaphore(max_inflight)
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.inflight
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Take a place in the queue, or raise QueueFullError (429) when there is none."""
+        if self.admitted >= self.capacity:
+            raise QueueFullError(
+                f"the server is busy ({self.admitted} requests queued or running); retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for one of the `max_inflight` places at the backend."""
+        async with self._slots:
+            self.inflight += 1
+            try:
+                yield
+            finally:
+                self.inflight -= 1

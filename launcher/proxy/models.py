@@ -1,0 +1,124 @@
+"""The proxy's request models: protocol.py's, narrowed to what the backends really accept.
+
+protocol.py's ChatMessage takes any role with optional content; a backend handed a `tool`
+message without `tool_call_id`, a `user` message without content, or a token-id prompt
+answers with a 500. Here each role is its own model (as in OpenAI's spec), so such requests
+are a 400 from the proxy and the OpenAPI schema documents exactly what is accepted.
+Unknown fields are still allowed and passed through.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from launcher.protocol import ChatCompletionRequest, CompletionRequest
+from launcher.protocol import ResponseFormat as _ResponseFormat
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class TextPart(BaseModel):
+    """Llama-2 reads text only: a content part is `{"type": "text", "text": ...}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+
+Content = str | list[TextPart]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+
+    def text(self) -> str:
+        content = getattr(self, "content", None)
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "".join(part.text for part in content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+class FunctionMessage(_Message):
+    role: Literal["function"]
+    content: str | None
+    name: str
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage,
+    Field(discriminator="role"),
+]
+
+
+class ResponseFormat(_ResponseFormat):
+    """`text` or `json_object` (llama.cpp constrains the reply to JSON with a grammar);
+    `type` is required on the wire. OpenAI's `json_schema` is not offered: llama_cpp.server
+    does not accept it."""
+
+    type: Literal["text", "json_object"]
+
+
+class ChatRequest(ChatCompletionRequest):
+    """OpenAI's chat request plus `session_id`, for clients that cannot set headers."""
+
+    messages: list[ChatMessage] = Field(min_length=1)  # type: ignore[assignment]
+    response_format: ResponseFormat | None = None
+    session_id: str | None = Field(
+        default=None, pattern=SESSION_ID.pattern, description="X-Session-Id, in the body"
+    )
+
+
+class TextCompletionRequest(CompletionRequest):
+    """One text prompt: llama_cpp.server takes no token-id prompts and no batch of them."""
+
+    prompt: str | list[str] = Field(description="one prompt (a list of at most one)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ValueError("send one prompt per request")
+        return prompt
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request (protocol.py has none), text input only: llama.cpp fails
+    on empty or token-id input."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=256)]
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

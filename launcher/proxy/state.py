@@ -1,0 +1,112 @@
+"""Everything one proxy app holds, kept on `app.state.proxy` (never in module globals), so
+tests and a second app in the same process each get their own."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import Request
+
+from launcher.errors import NotFoundError
+from launcher.proxy import backend as backend_info
+from launcher.proxy.auth import KeyRing
+from launcher.proxy.context import ContextFitter, OverheadMeter, TokenCounter
+from launcher.proxy.limits import Admission
+from launcher.proxy.metrics import Metrics
+from launcher.proxy.sessions import SessionStore
+from launcher.proxy.upstream import Upstream
+from launcher.settings import ProxySettings, Settings
+
+
+@dataclass
+class ProxyState:
+    settings: Settings
+    backend: Any
+    sessions: SessionStore
+    keys: KeyRing
+    metrics: Metrics
+    admission: Admission
+    upstream: Upstream
+    overhead: OverheadMeter
+    fitter: ContextFitter
+    _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+    _model_id: str | None = None
+
+    @classmethod
+    def build(
+        cls, settings: Settings, backend: Any, sessions: SessionStore, keys: KeyRing
+    ) -> ProxyState:
+        proxy = settings.proxy
+        upstream = Upstream(
+            backend, timeout_s=proxy.backend_timeout_s, retry_after_s=proxy.retry_after_s
+        )
+        overhead = OverheadMeter(proxy.message_overhead_tokens)
+        return cls(
+            settings=settings,
+            backend=backend,
+            sessions=sessions,
+            keys=keys,
+            metrics=Metrics(),
+            admission=Admission(
+                max_inflight=proxy.max_inflight,
+                queue_size=proxy.queue_size,
+                retry_after_s=proxy.retry_after_s,
+            ),
+            upstream=upstream,
+            overhead=overhead,
+            fitter=ContextFitter(TokenCounter(upstream), overhead, proxy.context_policy),
+        )
+
+    @property
+    def proxy(self) -> ProxySettings:
+        return self.settings.proxy
+
+    @property
+    def context(self) -> int:
+        return backend_info.context_of(self.backend, self.settings.planning.context)
+
+    def require_ready(self) -> None:
+        """503 with Retry-After unless the backend is ready to take requests."""
+        if not backend_info.is_ready(self.backend):
+            raise self.upstream.unavailable(f"it is {backend_info.state_of(self.backend)}")
+
+    async def model_id(self) -> str:
+        """The served model's id; asked of the backend once when nothing names it."""
+        if self._model_id is None:
+            self._model_id = backend_info.model_id_of(self.backend)
+        if self._model_id is None:
+            self.require_ready()
+            try:
+                reply = await self.upstream.client.get(self.upstream.url("/v1/models"))
+                self._model_id = str(reply.json()["data"][0]["id"])
+            except (httpx.HTTPError, ValueError, LookupError, TypeError) as exc:
+                raise self.upstream.unavailable("it did not list its model") from exc
+        return self._model_id
+
+    async def check_model(self, name: str) -> None:
+        """404 `model_not_found` for any model but the one this proxy serves."""
+        served = await self.model_id()
+        if name != served:
+            raise NotFoundError(
+                f"the model `{name}` does not exist; this server serves `{served}` "
+                "(GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def session_lock(self, owner: str, session_id: str) -> asyncio.Lock:
+        """The lock that serializes one session's requests (alive while anyone holds it)."""
+        key = (owner, session_id)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        return lock
+
+
+def proxy_state(request: Request) -> ProxyState:
+    return request.app.state.proxy

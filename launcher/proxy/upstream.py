@@ -1,0 +1,127 @@
+"""HTTP calls to the backend, and the mapping of its failures to proxy errors.
+
+The backend listens on 127.0.0.1, so the client ignores proxy environment variables. A
+backend that cannot be reached, or that drops the connection, is "unavailable" (503, the
+supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
+502, so a backend bug is never mistaken for the proxy's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+
+from launcher.errors import (
+    BackendFailedError,
+    BackendUnavailableError,
+    NotFoundError,
+    ProxyError,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+PASSED_STATUSES = {400: 400, 404: 404, 413: 413, 422: 400, 429: 429}
+
+
+class Upstream:
+    """One pooled async client to the backend; `base_url` is read per call (it may move)."""
+
+    def __init__(self, backend: Any, *, timeout_s: float, retry_after_s: int) -> None:
+        self.backend = backend
+        self.retry_after_s = retry_after_s
+        timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+    def url(self, path: str) -> str:
+        return str(self.backend.base_url).rstrip("/") + path
+
+    def unavailable(self, why: str) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the model backend is unavailable ({why}); retry in a few seconds",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """POST and return the JSON reply; any failure raised as a ProxyError."""
+        try:
+            response = await self.client.post(self.url(path), json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc) from exc
+        if response.status_code >= 300:
+            raise error_from_reply(response.status_code, response.content)
+        return parse_json(response.content)
+
+    async def open_stream(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """Start a streamed POST; the caller owns (and must close) the response."""
+        request = self.client.build_request("POST", self.url(path), json=body, headers=headers)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc) from exc
+        if response.status_code >= 300:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError as exc:
+                raise self.transport_error(exc) from exc
+            finally:
+                await response.aclose()
+            raise error_from_reply(response.status_code, content)
+        return response
+
+    def transport_error(self, exc: httpx.HTTPError) -> ProxyError:
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return BackendFailedError(
+                "the model backend did not answer in time", status=504, code="backend_timeout"
+            )
+        log.warning("backend request failed: %r", exc)
+        return self.unavailable(type(exc).__name__)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def parse_json(content: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(content)
+    except ValueError as exc:
+        raise BackendFailedError("the model backend sent a reply that is not JSON") from exc
+    if not isinstance(value, dict):
+        raise BackendFailedError("the model backend sent an unexpected reply")
+    return value
+
+
+def error_from_reply(status: int, content: bytes) -> ProxyError:
+    """A backend error reply as a ProxyError, keeping its message and OpenAI code."""
+    message, code, param = _describe(content)
+    if status >= 500:
+        log.warning("backend error %d: %s", status, message)
+        return BackendFailedError(f"the model backend failed: {message}")
+    if status == 404:
+        return NotFoundError(message, code=code or "not_found", param=param)
+    return ProxyError(message, code=code, param=param, status=PASSED_STATUSES.get(status, 400))
+
+
+def _describe(content: bytes) -> tuple[str, str | None, str | None]:
+    """(message, code, param) from an OpenAI error body, FastAPI's `detail`, or raw text."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", "replace")[:500] or "no details", None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or "error"), error.get("code"), error.get("param")
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        loc = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return str(first.get("msg", "invalid request")), "invalid_request", loc
+    return str(detail or body)[:500], None, None

@@ -1,0 +1,59 @@
+"""Keys, bind safety and the proxy's environment settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.errors import InsecureBindError, InvalidApiKeyError, UsageError
+from launcher.proxy.auth import KeyRing, check_bind, configured_keys, owner_of
+from launcher.settings import Settings
+
+
+def test_keyring_accepts_only_configured_bearer_keys() -> None:
+    ring = KeyRing(["alpha", "beta"])
+    assert ring.owner("Bearer alpha") == owner_of("alpha")
+    assert ring.owner("bearer beta") == owner_of("beta") != owner_of("alpha")
+    for header in (None, "", "Bearer", "Basic alpha", "Bearer alph", "Bearer alphaa"):
+        with pytest.raises(InvalidApiKeyError):
+            ring.owner(header)
+    assert KeyRing([]).owner(None) == ""  # no keys: one anonymous owner
+    assert "alpha" not in owner_of("alpha")  # the store never holds a key
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_binds_need_no_key(host) -> None:
+    check_bind(host, [])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "myhost.example"])
+def test_public_binds_need_a_key_or_an_explicit_opt_out(host) -> None:
+    with pytest.raises(InsecureBindError, match="without an API key"):
+        check_bind(host, [])
+    check_bind(host, ["k"])
+    check_bind(host, [], insecure_no_auth=True)
+
+
+def test_short_environment_names(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("LLMUP_API_KEY", "one")
+    monkeypatch.setenv("LLMUP_API_KEYS", "two, three,,")
+    monkeypatch.setenv("LLMUP_CONTEXT_POLICY", "error")
+    monkeypatch.setenv("LLMUP_SESSION_TTL", "12h")
+    proxy = Settings().proxy
+    assert set(configured_keys(proxy)) == {"one", "two", "three"}
+    assert proxy.context_policy == "error" and proxy.session_ttl == 12 * 3600
+
+
+def test_keys_file(monkeypatch, tmp_path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nfirst\n\n  second  \n")
+    monkeypatch.setenv("LLMUP_API_KEYS", str(keys))
+    assert configured_keys(Settings().proxy) == ["first", "second"]
+    keys.unlink()
+    monkeypatch.setenv("LLMUP_PROXY__API_KEYS_FILE", str(keys))
+    monkeypatch.delenv("LLMUP_API_KEYS")
+    with pytest.raises(UsageError, match="cannot read the API keys file"):
+        configured_keys(Settings().proxy)
+
+
+def test_default_ttl_is_seven_days() -> None:
+    assert Settings().proxy.session_ttl == 7 * 86400
