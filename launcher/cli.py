@@ -129,7 +129,20 @@ def plan(
         else:
             render.rejections(exc.closest, title="Nothing fits; the closest candidates")
         raise
+    attach_measurement(result, Settings().home)
     render.print_json(result) if json_out else render.plan(result)
+
+
+def attach_measurement(plan, home: Path) -> None:
+    """A model already run on this machine shows what its load measured (plan.measured)."""
+    from launcher.backends.calibration import compare, lookup
+
+    record = lookup(home, plan)
+    if record is not None:
+        plan.measured = {
+            "recorded_at": record.recorded_at,
+            "figures": [f.model_dump() for f in compare(record)],
+        }
 
 
 PlanFileOpt = Annotated[
@@ -197,6 +210,73 @@ def pull(
         )
     result = run_pull(chosen.source, offline=offline, dry_run=dry_run, progress=not quiet)
     render.print_json(result.to_dict()) if json_out else render.pull_result(result)
+
+
+@app.command()
+def serve(
+    auto: AutoOpt = False,
+    hardware: HardwareOpt = None,
+    model: ModelOpt = None,
+    backend: BackendOpt = None,
+    context: ContextOpt = None,
+    kv_cache: KvOpt = None,
+    reserve_mib: ReserveOpt = None,
+    allow_offload: OffloadOpt = False,
+    model_file: ModelFileOpt = None,
+    plan_file: PlanFileOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="An accepted API key (repeatable; or LLMUP_API_KEY)."),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
+    ] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Use only cached weights.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No download bars.")] = False,
+) -> None:
+    """Detect, plan, pull, start the backend and serve the OpenAI-compatible API."""
+    from launcher.serve import serve as run_serve
+
+    settings = serve_settings(host, port, api_key, insecure_no_auth)
+    chosen = chosen_plan(
+        plan_file,
+        hardware=hardware,
+        model=model,
+        backend=backend,
+        context=context,
+        kv_cache=kv_cache,
+        reserve_mib=reserve_mib,
+        allow_offload=allow_offload,
+        model_file=model_file,
+    )
+    render.plan(chosen, rejected=3)
+    first_key = (settings.proxy.api_keys or [None])[0]
+    run_serve(
+        chosen,
+        settings,
+        offline=offline,
+        quiet=quiet,
+        notify=render.note,
+        progress=render.LoadingLine(),
+        ready=lambda url, b: render.serving(url, b.model_id, first_key),
+    )
+
+
+def serve_settings(host, port, api_keys, insecure_no_auth) -> Settings:
+    """The settings tree with serve's flags laid over it (flags win over the environment)."""
+    settings = Settings()
+    proxy = settings.proxy
+    if host is not None:
+        proxy.host = host
+    if port is not None:
+        if not 0 < port < 65536:
+            raise UsageError(f"--port must be between 1 and 65535, got {port}")
+        proxy.port = port
+    proxy.api_keys = list(dict.fromkeys([*proxy.api_keys, *(api_keys or [])]))
+    proxy.insecure_no_auth = proxy.insecure_no_auth or insecure_no_auth
+    return settings
 
 
 @app.command()

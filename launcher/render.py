@@ -53,11 +53,18 @@ def snapshot(snap: HardwareSnapshot) -> None:
         )
 
 
+OFFLOAD = {
+    "full": "every layer on the accelerator",
+    "partial": "partial offload",
+    "cpu": "CPU only",
+}
+
+
 def plan(p: Plan, *, rejected: int = 8) -> None:
     src = p.source.local_path or f"{p.source.repo_id}@{p.source.revision}"
     out.print(
         f"[bold]{p.model.id}[/bold] {p.quant} ({p.bits_per_weight} bits/weight) "
-        f"with {p.backend}, context {p.context}, {p.placement.offload} offload"
+        f"with {p.backend}, context {p.context}, {OFFLOAD[p.placement.offload]}"
     )
     out.print(f"source: {src} {' + '.join(p.source.files)}")
     table = Table(title="Memory per device (MiB)")
@@ -90,12 +97,28 @@ def plan(p: Plan, *, rejected: int = 8) -> None:
         "",
     )
     out.print(table)
-    measured = getattr(p, "measured_mib", None)
+    measured = getattr(p, "measured", None)
     if measured:
-        out.print(f"measured on this machine: {measured}")
+        calibration(measured)
     misses = [r for r in p.rejected if not r.reason.startswith("fits")]
     if misses:
         rejections(misses[:rejected], title="Closest candidates that do not fit")
+
+
+def calibration(measured: dict) -> None:
+    """A model already run here: the plan's figures beside what llama.cpp reported."""
+    table = Table(title=f"Measured on this machine ({measured['recorded_at']})")
+    for col in ("figure", "predicted MiB", "measured MiB", "within 3% / 8 MiB"):
+        table.add_column(col, justify="right")
+    for f in measured["figures"]:
+        ok = abs(f["predicted_mib"] - f["measured_mib"]) <= max(8, 0.03 * f["measured_mib"])
+        table.add_row(
+            f["name"],
+            f"{f['predicted_mib']:.0f}",
+            f"{f['measured_mib']:.1f}",
+            "yes" if ok else "no",
+        )
+    out.print(table)
 
 
 def rejections(items: list[Rejected], *, title: str) -> None:
@@ -116,6 +139,50 @@ def pull_result(result) -> None:
         table.add_row(f.name, size, "yes" if f.cached else "no")
     out.print(table)
     out.print(result.summary(), highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+class LoadingLine:
+    """A progress line every few seconds while the backend loads (stderr, never stdout)."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s, self.last = every_s, -1e9
+
+    def __call__(self, progress) -> None:
+        if progress.elapsed_s - self.last < self.every_s:
+            return
+        self.last = progress.elapsed_s
+        tail = f": {progress.last_line[:80]}" if progress.last_line else ""
+        note(
+            f"loading (attempt {progress.attempt}) {progress.elapsed_s:.0f} s of at most "
+            f"{progress.timeout_s:.0f} s{tail}"
+        )
+
+
+def serving(url: str, model_id: str, api_key: str | None) -> None:
+    """The ready line with a curl and an openai snippet to paste."""
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    key = api_key or "none"
+    out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
+    out.print(
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+        f'-H \'X-Session-Id: demo\' -d \'{{"model": "{model_id}", "messages": '
+        f'[{{"role": "user", "content": "Hello"}}]}}\'',
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
+    out.print(
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+        f"api_key='{key}'); print(c.chat.completions.create(model='{model_id}', "
+        f"messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)\"",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 def error(message: str) -> None:

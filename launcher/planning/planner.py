@@ -188,7 +188,7 @@ def _file_candidate(req: PlanRequest, budgets: Budgets) -> Candidate:
     types = shape.layout.tensor_types
     quant = shape.quant or max(types, key=types.get, default="?")
     cand = Candidate(
-        model_id=shape.name or Path(req.model_file).stem,
+        model_id=Path(req.model_file).stem,
         params=params,
         backend="llama.cpp",
         fmt="gguf",

