@@ -148,6 +148,31 @@ def test_calibration_record_matches_the_plan(served, tiny_model):
     assert "Measured on this machine" in shown.stdout
 
 
+def test_session_through_serve_keeps_the_conversation(served):
+    client = served.client()
+    sid = {"X-Session-Id": "serve-session"}
+    prompts = []
+    for turn in range(3):
+        reply = client.chat.completions.create(
+            model="tiny-chat",
+            messages=[{"role": "user", "content": f"hello world {turn}"}],
+            max_tokens=3,
+            extra_headers=sid,
+        )
+        prompts.append(reply.usage.prompt_tokens)
+    assert prompts[0] < prompts[1] < prompts[2]
+    stored = httpx.get(served.url + "/v1/sessions/serve-session", timeout=10).json()
+    assert stored["turns"] == 3
+    assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == [
+        "hello world 0",
+        "hello world 1",
+        "hello world 2",
+    ]
+    assert (served.home / "sessions.sqlite3").is_file()
+    health = httpx.get(served.url + "/health", timeout=10).json()
+    assert health["plan"]["model"] == "tiny-chat" and health["context"] == 1024
+
+
 def test_killed_backend_is_restarted(served):
     backend = served.backend()
     backend.kill()
