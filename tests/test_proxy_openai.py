@@ -309,3 +309,20 @@ def test_twenty_concurrent_sessions_lose_and_mix_nothing(make_proxy) -> None:
         assert [m["role"] for m in stored] == ["user", "assistant"] * 5
     assert len(proxy.http().get("/v1/sessions").json()["data"]) == 20
     assert proxy.metric("llmup_sessions") == 20
+
+
+def test_unknown_fields_reach_the_backend(make_proxy) -> None:
+    """`grammar` is llama.cpp's own field, not OpenAI's: the proxy passes it on unchanged,
+    and the backend's GBNF grammar leaves the random tiny model one possible reply."""
+    client = make_proxy().client()
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
+        extra_body={"grammar": 'root ::= "world"'},
+    )
+    assert reply.choices[0].message.content == "world"
+    completion = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=8, extra_body={"grammar": 'root ::= "time"'}
+    )
+    assert completion.choices[0].text == "time"
