@@ -30,7 +30,8 @@ from launcher.settings import Settings
 MODEL = "tiny"
 N_CTX = 512
 # The generated vocabulary has no chat template of its own: a Zephyr-like one whose role
-# markers cost ~9 tokens per message (they are spelled out in byte and letter tokens).
+# markers cost ~13 tokens per message and for the reply's header (spelled out in byte and
+# letter tokens).
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -86,7 +87,7 @@ def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Superviso
 
 def proxy_settings(home: Path, **proxy: Any) -> Settings:
     """Settings for a test proxy: the tiny context, and the test template's real overhead."""
-    fields = {"message_overhead_tokens": 24, **proxy}
+    fields = {"message_overhead_tokens": 14, **proxy}
     return Settings(home=home, planning={"context": N_CTX}, proxy=fields)
 
 

@@ -239,7 +239,7 @@ def test_full_queue_answers_429_and_disconnect_cancels_backend(make_proxy, tiny_
     proxy = make_proxy(max_inflight=1, queue_size=0, retry_after_s=3)
     client = proxy.client()
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=480,
+        model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=460,
         stream=True, logit_bias=NO_EOS,
     )  # fmt: skip
     next(iter(stream))
@@ -326,3 +326,32 @@ def test_unknown_fields_reach_the_backend(make_proxy) -> None:
         model=MODEL, prompt="hello", max_tokens=8, extra_body={"grammar": 'root ::= "time"'}
     )
     assert completion.choices[0].text == "time"
+
+
+def test_replies_never_reach_the_last_context_positions(make_proxy) -> None:
+    """llama-cpp-python runs past max_tokens while it completes a UTF-8 character, and fails
+    with a 500 once that passes n_ctx; the proxy keeps the last tokens free and always sends
+    the backend an explicit max_tokens (the client's, OpenAI's 16 for completions, else the
+    rest of the context)."""
+    proxy = make_proxy()
+    client = proxy.client()
+    count = proxy.http().post("/extras/tokenize/count", json={"input": "x"}).status_code
+    assert count == 404  # the tokenizer is the backend's, not a public proxy route
+    prompt = long_text(N_CTX - 12)  # N_CTX - 11 tokens with BOS
+    with pytest.raises(openai.BadRequestError) as caught:  # + OpenAI's default 16: too long
+        client.completions.create(model=MODEL, prompt=prompt)
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # exactly the context: refused too
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=11)
+    fits = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logit_bias=NO_EOS)
+    assert fits.usage.prompt_tokens + fits.usage.completion_tokens <= N_CTX - 3
+
+    # a chat reply without max_tokens runs to the end of the usable context, not past it
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": long_text(300)}],
+        logit_bias=NO_EOS,
+    )
+    usage = reply.usage
+    assert reply.choices[0].finish_reason == "length"
+    assert N_CTX - 40 < usage.prompt_tokens + usage.completion_tokens <= N_CTX - 3

@@ -20,7 +20,17 @@ from fastapi.responses import JSONResponse, Response
 
 from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
 from launcher.proxy import backend as backend_info
-from launcher.proxy.context import Fitted, NewTurn, normalize, reply_budget, split_new
+from launcher.proxy.context import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    UTF8_HOLDBACK_TOKENS,
+    Fitted,
+    NewTurn,
+    normalize,
+    reply_budget,
+    reply_limit,
+    split_new,
+    usable_context,
+)
 from launcher.proxy.models import (
     SESSION_ID,
     ChatRequest,
@@ -120,11 +130,11 @@ async def _prepare_session(
     return SessionTurn(owner=owner, session_id=session_id, new=new, fitted=fitted)
 
 
-async def _check_fit(st: ProxyState, messages: list[Message], max_tokens: int | None) -> None:
+async def _check_fit(st: ProxyState, messages: list[Message], max_tokens: int | None) -> Fitted:
     """A stateless request that cannot fit is refused here (400), not by a backend that may
     fail on it with a 500; without max_tokens only one reply token is set aside."""
     budget = reply_budget(st.context, max_tokens or 1, st.proxy.default_reserve_tokens)
-    await st.fitter.fit(None, [], messages, budget=budget)
+    return await st.fitter.fit(None, [], messages, budget=budget)
 
 
 async def _commit(st: ProxyState, turn: SessionTurn, reply_text: str) -> None:
@@ -150,7 +160,7 @@ def _account(st: ProxyState, reply: dict[str, Any], turn: SessionTurn | None) ->
     prompt = usage.get("prompt_tokens")
     if turn is not None and isinstance(prompt, int):
         fitted = turn.fitted
-        st.overhead.observe(prompt, fitted.content_tokens, len(fitted.messages))
+        st.overhead.observe(prompt, fitted.content_tokens, len(fitted.messages) + 1)
 
 
 async def _prompt_estimate(st: ProxyState, body: Any, turn: SessionTurn | None) -> int | None:
@@ -216,11 +226,15 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
         turn = None
         if session_id:
             turn = await _prepare_session(st, stack, body, incoming, owner, session_id)
+            fitted = turn.fitted
         else:
-            await _check_fit(st, incoming, body.requested_max_tokens())
+            fitted = await _check_fit(st, incoming, body.requested_max_tokens())
         payload = upstream_body(body, turn.fitted.messages if turn else None)
         if turn is None:
             payload["messages"] = _forwarded(payload["messages"], incoming)
+        payload["max_tokens"] = reply_limit(
+            st.context, body.requested_max_tokens(), fitted.prompt_tokens
+        )
         headers = backend_headers(owner, session_id)
         await stack.enter_async_context(st.admission.slot())
         route = "/v1/chat/completions"
@@ -245,15 +259,16 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit())
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        needed = await st.fitter.counter.count(prompt) + (body.max_tokens or 1)
-        if needed > st.context:
+        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        needed = await st.fitter.counter.count(prompt) + max_tokens
+        if needed > usable_context(st.context):
             raise ContextLengthError(
-                f"the prompt and max_tokens need {needed} tokens, more than the model's "
-                f"{st.context}-token context window",
+                f"the prompt and max_tokens ({max_tokens}) need {needed} tokens, more than the "
+                f"model's {st.context}-token context window less {UTF8_HOLDBACK_TOKENS} kept free",
                 param="prompt",
             )
         await stack.enter_async_context(st.admission.slot())
-        payload = upstream_body(body)
+        payload = {**upstream_body(body), "max_tokens": max_tokens}
         route = "/v1/completions"
         if body.stream:
             return await _stream(

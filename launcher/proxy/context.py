@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 
 MAX_OVERHEAD = 64
 CACHE_SIZE = 20_000
+# Tokens kept free at the end of the context. llama-cpp-python does not check max_tokens
+# while it holds back an incomplete UTF-8 character (up to 3 more byte tokens), so a reply
+# allowed to reach the last context position can run past it and fail with "llama_decode
+# returned 1" (a 500). Measured with the tiny test model: prompt + max_tokens = n_ctx failed
+# 4 of 96 requests, n_ctx - 1 none.
+UTF8_HOLDBACK_TOKENS = 3
+# OpenAI's (and llama_cpp.server's) max_tokens for legacy completions when none is given.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 def normalize(message: Any) -> Message:
@@ -68,8 +76,9 @@ class OverheadMeter:
     """Tokens a chat template adds per message, learned from the backend's replies.
 
     Starts at the configured figure; each non-streamed reply's `usage.prompt_tokens`, minus
-    the counted contents, spread over its messages, can only raise it (capped), so a
-    template with heavier markers than assumed stops overflowing after one reply.
+    the counted contents, spread over its messages and the reply's header, can only raise it
+    (capped), so a template with heavier markers than assumed stops overflowing after one
+    reply.
     """
 
     def __init__(self, initial: int) -> None:
@@ -120,7 +129,8 @@ class TokenCounter:
 class Fitted:
     messages: list[Message]
     dropped_turns: int
-    content_tokens: int
+    content_tokens: int  # the messages' contents, counted with the tokenizer
+    prompt_tokens: int  # the whole prompt as estimated: contents + template overhead
 
 
 class ContextFitter:
@@ -142,7 +152,8 @@ class ContextFitter:
     ) -> Fitted:
         """The prompt to send; ContextLengthError when even the new turn cannot fit."""
         head = [system] if system else []
-        fixed = await self.cost(head + new)
+        # the template's header for the reply costs about one message's markers too
+        fixed = await self.cost(head + new) + self.overhead.per_message
         if fixed > budget:
             raise ContextLengthError(
                 f"the system and new messages need about {fixed} tokens, more than the "
@@ -162,17 +173,37 @@ class ContextFitter:
             keep -= 1
         kept = [m for turn in turns[len(turns) - keep :] for m in turn]
         messages = head + kept + new
-        per_message = self.overhead.per_message
-        content = fixed + sum(costs[len(turns) - keep :]) - per_message * len(messages)
-        return Fitted(messages=messages, dropped_turns=len(turns) - keep, content_tokens=content)
+        prompt = fixed + sum(costs[len(turns) - keep :])
+        content = prompt - self.overhead.per_message * (len(messages) + 1)
+        return Fitted(
+            messages=messages,
+            dropped_turns=len(turns) - keep,
+            content_tokens=content,
+            prompt_tokens=prompt,
+        )
+
+
+def usable_context(context: int) -> int:
+    """Prompt + reply tokens a request may use: the context less the UTF-8 hold-back."""
+    return context - UTF8_HOLDBACK_TOKENS
 
 
 def reply_budget(context: int, max_tokens: int | None, default_reserve: int) -> int:
     """Prompt tokens available once the reply's share is set aside."""
-    reserve = max_tokens if max_tokens is not None else min(default_reserve, context // 4)
-    if reserve >= context:
+    usable = usable_context(context)
+    reserve = max_tokens if max_tokens is not None else min(default_reserve, usable // 4)
+    if reserve >= usable:
         raise ContextLengthError(
-            f"max_tokens {reserve} does not fit the model's {context}-token context window",
+            f"max_tokens {reserve} does not fit the model's {context}-token context window "
+            f"({UTF8_HOLDBACK_TOKENS} of its tokens are kept free)",
             param="max_tokens",
         )
-    return context - reserve
+    return usable - reserve
+
+
+def reply_limit(context: int, max_tokens: int | None, prompt_tokens: int) -> int:
+    """The max_tokens sent to the backend: the client's, else the rest of the usable context
+    (OpenAI's "until the context is full"), never left to the backend's own default."""
+    if max_tokens is not None:
+        return max_tokens
+    return max(1, usable_context(context) - prompt_tokens)
