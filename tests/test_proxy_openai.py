@@ -355,3 +355,30 @@ def test_replies_never_reach_the_last_context_positions(make_proxy) -> None:
     usage = reply.usage
     assert reply.choices[0].finish_reason == "length"
     assert N_CTX - 40 < usage.prompt_tokens + usage.completion_tokens <= N_CTX - 3
+
+
+def test_requests_in_one_session_run_one_after_the_other(make_proxy) -> None:
+    """Six turns sent to one session at once: each waits for the one before, so every turn
+    is sent with all earlier turns (prompts strictly grow) and the history is whole."""
+    proxy = make_proxy()
+
+    async def turn(client: openai.AsyncOpenAI, index: int) -> int:
+        reply = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"hello {index}"}],
+            max_tokens=3,
+            **session("together"),
+        )
+        return reply.usage.prompt_tokens
+
+    async def run() -> list[int]:
+        async with proxy.async_client(timeout=httpx.Timeout(60)) as client:
+            return await asyncio.gather(*(turn(client, i) for i in range(6)))
+
+    prompts = sorted(asyncio.run(run()))
+    assert len(set(prompts)) == 6  # no two turns saw the same history
+    stored = proxy.http().get("/v1/sessions/together").json()
+    assert stored["turns"] == 6
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 6
+    users = sorted(m["content"] for m in stored["messages"] if m["role"] == "user")
+    assert users == [f"hello {i}" for i in range(6)]
