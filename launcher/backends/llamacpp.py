@@ -199,10 +199,10 @@ def chat_format_flag(plan: Plan, model_path: Path) -> str | None:
 def gguf_chat_template(path: Path) -> str | None:
     """The file's `tokenizer.chat_template`, None when absent or the file is unreadable
     (an unreadable file fails at load, where the supervisor classifies it)."""
-    from gguf import GGUFReader  # numpy-heavy: only when a file is read
+    from launcher.weights.gguf_file import open_gguf
 
     try:
-        field = GGUFReader(path).get_field("tokenizer.chat_template")
+        field = open_gguf(path).get_field("tokenizer.chat_template")
         return field.contents() if field is not None else None
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         log.debug("cannot read the chat template of %s: %s", path, exc)

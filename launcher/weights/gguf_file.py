@@ -35,11 +35,39 @@ def _shards(path: Path) -> list[Path]:
     return [path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
 
 
-def _open(path: Path):
+def _reader_class():
+    """gguf's GGUFReader, reading through a plain ndarray view of its memory map.
+
+    The reader parses every array element (a 32k-token vocabulary is ~100k reads, Gemma's
+    262k ~1M) with `_get`, and slicing a numpy memmap costs far more per call than slicing a
+    plain array over the same pages: 12.7 s -> 3.4 s for Gemma 3's header, 1.5 s -> 0.4 s for
+    a Llama-2-sized vocabulary. Everything else is gguf's own parser.
+    """
+    import numpy as np
     from gguf import GGUFReader  # numpy-heavy: only when a file is read
 
+    class Reader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return Reader
+
+
+def open_gguf(path: str | Path):
+    """A GGUF reader for `path` (gguf's GGUFReader, faster); errors as gguf raises them."""
+    return _reader_class()(path)
+
+
+def _open(path: Path):
     try:
-        return GGUFReader(path)
+        return open_gguf(path)
     except FileNotFoundError:
         raise ModelFileError(f"model file {path} does not exist") from None
     except (OSError, ValueError, IndexError, KeyError) as exc:
