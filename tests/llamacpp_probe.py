@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
 
@@ -111,30 +111,8 @@ def run_load(
     return proc.stderr
 
 
-def measure_load(
-    path: str | Path,
-    *,
-    n_ctx: int,
-    n_batch: int = 512,
-    n_ubatch: int = 512,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    flash_attn: FlashAttn = None,
-    n_gpu_layers: int = 0,
-    use_extra_bufts: bool = True,
-    timeout: float = 120,
-) -> tuple[LoadBuffers, str]:
-    """Load `path` in a subprocess and return (parsed buffer sizes, raw load log)."""
-    log = run_load(
-        path,
-        n_ctx=n_ctx,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        type_k=type_k,
-        type_v=type_v,
-        flash_attn=flash_attn,
-        n_gpu_layers=n_gpu_layers,
-        use_extra_bufts=use_extra_bufts,
-        timeout=timeout,
-    )
+def measure_load(path: str | Path, **load: Any) -> tuple[LoadBuffers, str]:
+    """Load `path` in a subprocess (`run_load`'s options) and return (parsed buffer sizes,
+    raw load log)."""
+    log = run_load(path, **load)
     return parse_load_log(log), log
