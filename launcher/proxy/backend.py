@@ -1,8 +1,8 @@
 """What the proxy needs to know about the backend behind it, whoever runs it.
 
 `create_app` takes any object with `base_url`, `state` and `restarts` (the supervisor has
-them); `model_id`, `context`, `plan_summary` and `embeddings` are read when present, with
-fallbacks, so a plain supervisor works and a test can hand in a `StaticBackend`.
+them); `model_id`, `context`, `plan_summary`, `plan` and `embeddings` are read when present,
+with fallbacks, so a plain supervisor works and a test can hand in a `StaticBackend`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class StaticBackend:
     state: str = "ready"
     restarts: int = 0
     plan_summary: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
     embeddings: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +71,16 @@ def restarts_of(backend: Any) -> int:
 def plan_summary_of(backend: Any) -> dict[str, Any] | None:
     summary = getattr(backend, "plan_summary", None)
     return dict(summary) if summary else None
+
+
+def plan_of(backend: Any) -> dict[str, Any] | None:
+    """The whole plan the backend runs (JSON), less the fallback plans it carries along."""
+    plan = getattr(backend, "plan", None)
+    if plan is None:
+        return None
+    data = plan.model_dump(mode="json") if hasattr(plan, "model_dump") else dict(plan)
+    data.pop("fallbacks", None)
+    return data
 
 
 def serves_embeddings(backend: Any) -> bool:

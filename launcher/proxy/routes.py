@@ -106,6 +106,18 @@ async def delete_session(
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
+@api.get("/plan")
+async def get_plan(request: Request, owner: str = Depends(authenticate)) -> dict[str, Any]:
+    """The served model and the plan it runs (null when started without one); read-only."""
+    st = proxy_state(request)
+    return {
+        "object": "plan",
+        "model": backend_info.model_id_of(st.backend),
+        "context": st.context,
+        "plan": backend_info.plan_of(st.backend),
+    }
+
+
 ops = APIRouter()
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "sessions.sqlite3"
 PURGE_EVERY_S = 60.0
+TITLE_CHARS = 80
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -76,6 +77,15 @@ class SessionInfo:
     updated: float
     turns: int
     messages: int
+    first_user: str | None = None
+
+    @property
+    def title(self) -> str | None:
+        """The first user message on one line, cut to TITLE_CHARS (what a chat list shows)."""
+        if not self.first_user:
+            return None
+        line = " ".join(self.first_user.split())
+        return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +95,7 @@ class SessionInfo:
             "updated": int(self.updated),
             "turns": self.turns,
             "message_count": self.messages,
+            "title": self.title,
         }
 
 
@@ -165,7 +176,9 @@ class SessionStore:
     def _infos(self, owner: str, session_id: str | None) -> list[SessionInfo]:
         query = (
             "SELECT s.id, s.created, s.updated, s.turns, (s.system IS NOT NULL) + "
-            "(SELECT COUNT(*) FROM messages m WHERE m.owner=s.owner AND m.id=s.id) "
+            "(SELECT COUNT(*) FROM messages m WHERE m.owner=s.owner AND m.id=s.id), "
+            "(SELECT json_extract(m.message, '$.content') FROM messages m WHERE m.owner=s.owner "
+            "AND m.id=s.id AND json_extract(m.message, '$.role')='user' ORDER BY m.seq LIMIT 1) "
             "FROM sessions s WHERE s.owner=? AND s.updated>=?"
         )
         args: tuple[Any, ...] = (owner, self._cutoff())
