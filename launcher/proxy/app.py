@@ -21,6 +21,7 @@ from launcher.protocol import error_body
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
+from launcher.proxy.page import mount_page
 from launcher.proxy.routes import api, ops
 from launcher.proxy.sessions import SessionStore
 from launcher.proxy.state import ProxyState
@@ -51,6 +52,7 @@ def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> Fast
     app.state.proxy = state
     app.include_router(api)
     app.include_router(ops)
+    mount_page(app)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.proxy.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
