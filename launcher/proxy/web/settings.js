@@ -11,11 +11,6 @@ const FIELDS = {
   maxTokens: "max-tokens",
   extra: "extra",
 };
-const LIMITS = {
-  temperature: { min: 0, max: 2, name: "temperature" },
-  topP: { min: 0, max: 1, name: "top p" },
-  maxTokens: { min: 1, max: 1e9, name: "max tokens", integer: true },
-};
 
 function readItem(name) {
   try {
@@ -70,7 +65,7 @@ export class Settings {
   save() {
     const values = {};
     for (const name of Object.keys(FIELDS)) values[name] = this.field(name).value;
-    const problem = this.problemWith(values);
+    const problem = extraFields(values.extra).problem; // numbers: the inputs' own min/max/step
     if (problem) return problem;
     this.values = values;
     writeItem(SETTINGS_ITEM, JSON.stringify(values));
@@ -78,18 +73,6 @@ export class Settings {
     return null;
   }
 
-  problemWith(values) {
-    for (const [name, limit] of Object.entries(LIMITS)) {
-      const raw = String(values[name] ?? "").trim();
-      if (!raw) continue;
-      const n = Number(raw);
-      if (!Number.isFinite(n) || n < limit.min || n > limit.max || (limit.integer && !Number.isInteger(n))) {
-        return `${limit.name} must be ${limit.integer ? "a whole number" : "a number"} from ${limit.min}`
-          + `${limit.max < 1e9 ? ` to ${limit.max}` : " up"}`;
-      }
-    }
-    return extraFields(values.extra).problem;
-  }
 
   // The request fields the settings add to every chat completion.
   requestFields() {
