@@ -217,6 +217,8 @@ def test_markup_in_a_reply_or_a_stored_message_is_shown_as_text(served, page):
             assert page.text("#messages .msg.system .body") == SYSTEM_MARKUP
 
     shown_as_text(stored_too=False)
+    page.find("#toggle-plan").click()
+    page.screenshot("chat-markup.png")  # the README's picture
     page.reload()  # now everything comes from the session store
     shown_as_text(stored_too=True)
     messages = stored(served, page.session_id()).json()["messages"]

@@ -12,8 +12,7 @@ export class ApiError extends Error {
   }
 
   describe() {
-    const where = this.status ? `${this.status}` : "network";
-    return `${where}: ${this.message}${this.code ? ` (${this.code})` : ""}`;
+    return `${this.status ? `${this.status}: ` : ""}${this.message}${this.code ? ` (${this.code})` : ""}`;
   }
 }
 

@@ -243,7 +243,7 @@ function failTurn(err, text, userNode, reply, figures) {
   if (reply.text) reply.finish(figures());
   else reply.node.remove();
   const what = err instanceof ApiError ? err.describe() : `in the page: ${err.message}`;
-  ui.messages.append(notice(`Error ${what}. This turn was not saved.`, "error"));
+  ui.messages.append(notice(`Error${err.status ? " " : ": "}${what}. This turn was not saved.`, "error"));
   if (!ui.prompt.value) ui.prompt.value = text;
   if (err.status === 401) reportError(err, "");
 }
@@ -307,8 +307,6 @@ function onPromptKey(event) {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
     event.preventDefault();
     send();
-  } else if (event.key === "Escape") {
-    stop();
   }
 }
 
@@ -329,6 +327,7 @@ async function onSaveSettings(event) {
 function wire() {
   ui.composer.addEventListener("submit", (e) => { e.preventDefault(); send(); });
   ui.prompt.addEventListener("keydown", onPromptKey);
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
   ui.stop.addEventListener("click", stop);
   ui.settings.addEventListener("submit", onSaveSettings);
   $("new-chat").addEventListener("click", () => { newChat(); toggleSidebar(false); });
