@@ -400,3 +400,36 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
     finally:
         page.url = served_url
         proxy.stop()
+
+
+MARKDOWN = [
+    ("# Title\ntext", "<h3>Title</h3><p>text</p>"),
+    ("line one\nline two", "<p>line one<br>line two</p>"),
+    ("- a\n- b\n\n3. x\n4. y", "<ul><li>a</li><li>b</li></ul>"
+     '<ol start="3"><li>x</li><li>y</li></ol>'),
+    ("> quoted **b**", "<blockquote><p>quoted <strong>b</strong></p></blockquote>"),
+    ("`a **b**` and snake_case_name, *em*",
+     "<p><code>a **b**</code> and snake_case_name, <em>em</em></p>"),
+    ("[ok](https://example.com/x) [bad](javascript:void)",
+     '<p><a href="https://example.com/x" rel="noopener noreferrer nofollow" target="_blank">'
+     "ok</a> [bad](javascript:void)</p>"),
+    ("```py\nx = '<b>'\n",  # still streaming: the fence runs to the end
+     '<pre data-lang="py"><code class="language-py">x = \'&lt;b&gt;\'</code></pre>'),
+    ("<b>hi</b> & <script>x</script>",
+     "<p>&lt;b&gt;hi&lt;/b&gt; &amp; &lt;script&gt;x&lt;/script&gt;</p>"),
+    ("a\n\n---\n\nb", "<p>a</p><hr><p>b</p>"),
+]  # fmt: skip
+
+
+def test_markdown_renderer_builds_only_these_nodes(served, page):
+    """The page's own renderer, imported in the browser, serialized to compare (test only)."""
+    page.open(KEY)
+    rendered = page.driver.execute_async_script(
+        "const [sources, done] = arguments;"
+        "import(new URL('web/markdown.js', location.href).href).then(({ renderMarkdown }) =>"
+        "  done(sources.map((s) => {"
+        "    const box = document.createElement('div'); box.append(renderMarkdown(s));"
+        "    return box.innerHTML; })));",
+        [source for source, _ in MARKDOWN],
+    )
+    assert list(zip(*MARKDOWN))[1] == tuple(rendered)

@@ -81,6 +81,7 @@ function codeBlock(root, lines, start) {
     body.push(lines[i]);
     i += 1;
   }
+  while (body.length && !body[body.length - 1].trim()) body.pop();
   const code = el("code", body.join("\n"));
   const pre = el("pre", code);
   if (lang) {
