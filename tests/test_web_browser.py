@@ -268,7 +268,9 @@ def test_settings_reach_the_request_and_stay(served, page):
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Short answer please"},
     ]
-    assert page.text("#messages .msg.assistant .stats").startswith("5 tokens")
+    assert page.text("#messages .msg.assistant .stats").startswith("5 tokens"), page.text(
+        "#messages"
+    )
     page.reload()
     assert page.find("#temperature").get_attribute("value") == "0.3"
     assert page.text("#messages .msg.system .body") == "You are terse."

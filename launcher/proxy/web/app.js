@@ -29,7 +29,11 @@ const ui = {
 };
 const settings = new Settings(ui.settings);
 const api = new Api(() => settings.apiKey);
-const state = { sessionId: null, model: null, controller: null, known: new Map(), rendered: 0 };
+// `view` counts what changed the conversation on screen (opening one, sending), so a slow
+// GET of a session never overwrites a turn begun meanwhile.
+const state = {
+  sessionId: null, model: null, controller: null, known: new Map(), rendered: 0, view: 0, opening: null,
+};
 const HEALTH_EVERY_MS = 5000;
 const STATE_KIND = { ready: "ok", loading: "warn", starting: "warn", restarting: "warn" };
 
@@ -186,14 +190,21 @@ function setSession(id) {
 
 function newChat() {
   if (state.controller) return;
+  state.view += 1;
   setSession(newSessionId());
   state.rendered = 0;
   ui.messages.replaceChildren();
   ui.prompt.focus();
 }
 
-async function openSession(id) {
-  if (state.controller) return;
+function openSession(id) {
+  if (state.controller) return Promise.resolve();
+  state.opening = showSession(id);
+  return state.opening;
+}
+
+async function showSession(id) {
+  const view = ++state.view;
   setSession(id);
   ui.messages.replaceChildren();
   let messages = [];
@@ -202,7 +213,7 @@ async function openSession(id) {
   } catch (err) {
     if (!(err instanceof ApiError && err.status === 404)) reportError(err, "Cannot open the conversation");
   }
-  if (id !== state.sessionId) return; // another one was opened meanwhile
+  if (view !== state.view) return; // another one was opened, or a turn begun, meanwhile
   ui.messages.replaceChildren(...storedMessages(messages));
   state.rendered = messages.length;
   scrollDown(true);
@@ -255,6 +266,8 @@ async function send() {
   const reply = new Reply();
   const controller = new AbortController();
   setStreaming(controller);
+  await state.opening?.catch(() => {}); // a conversation still loading shows before the turn
+  state.view += 1;
   const run = { tokens: 0, firstMs: null, finish: null, usage: null, t0: performance.now() };
   const figures = () => statsLine({
     tokens: run.usage?.completion_tokens ?? run.tokens, firstMs: run.firstMs,
