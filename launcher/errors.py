@@ -126,7 +126,8 @@ class InsecureBindError(UsageError):
 
 
 class ProxyError(LlmupError):
-    """A request the proxy refuses or cannot serve, answered as an OpenAI-shaped error.
+    """A request an llmup HTTP server (the proxy, a worker) refuses or cannot serve,
+    answered as an OpenAI-shaped error.
 
     `status` is the HTTP status, `code` OpenAI's machine-readable `error.code`, `param` the
     request field at fault; `headers` go on the response (Retry-After on 429 and 503).
@@ -186,7 +187,14 @@ class QueueFullError(ProxyError):
     """Every slot of the bounded queue in front of the backend is taken (429)."""
 
     status = 429
-    code = "queue_full"
+    code = "rate_limit_exceeded"
+
+
+class StorageFullError(ProxyError):
+    """The session store's disk is full (507): the turn was not stored, nothing half-written."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class BackendUnavailableError(ProxyError):

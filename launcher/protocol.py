@@ -1,27 +1,79 @@
 """OpenAI wire models shared by the proxy and the backend workers.
 
-Names follow OpenAI's API reference so a reader can check a field against the spec. Requests
-allow unknown fields (``extra="allow"``): the proxy passes them through to a backend that may
-understand them, and a backend ignores what it does not. Plain data only: no FastAPI import, so
-both the proxy and a worker process can use this module without importing each other.
+Names follow OpenAI's API reference so a reader can check a field against the spec. Every
+field a server acts on is typed here, so a wrong value is a 400 naming it, never a failure
+further down. Requests accept unknown fields (``extra="allow"``, as OpenAI's clients send
+fields a server may not know) and ignore them: they are neither used nor forwarded. A body
+must be plain JSON text: no string with a lone UTF-16 surrogate (it cannot be encoded as
+UTF-8, so it could not be forwarded or stored) and no nesting deeper than `MAX_JSON_DEPTH`.
+Plain data only: no FastAPI import, so both the proxy and a worker process can use this
+module without importing each other.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
+MAX_JSON_DEPTH = 64
+# A worker's facts the proxy checks requests against (`{"n_vocab": ..., "n_ctx": ...}`).
+META_PATH = "/llmup/meta"
+MAX_TOOLS = 128
+# OpenAI's rule for function names; it also keeps them safe inside a generated grammar
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
+def check_plain_json(data: Any) -> None:
+    """Refuse a lone surrogate anywhere (keys too) or nesting past MAX_JSON_DEPTH, naming
+    the place; iterative, so a hostile body cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            _refuse(path.split(".")[0], f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(str(key), path)
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse(path, "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
+
+
+def _refuse(path: str, why: str) -> None:
+    where = f"`{path}` " if path else "the body "
+    raise PydanticCustomError("invalid_json_value", where + why, {"param": path or None})
 
 
 class _Open(BaseModel):
-    """Request side: unknown fields are kept so they can be forwarded."""
+    """Request side: unknown fields are accepted (and ignored by whoever reads the model)."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class _Request(_Open):
+    """A whole request body: checked to be plain JSON text before its fields are read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data: Any) -> Any:
+        check_plain_json(data)
+        return data
 
 
 class _Wire(BaseModel):
@@ -33,10 +85,23 @@ class _Wire(BaseModel):
 # ---- requests -----------------------------------------------------------------------------
 
 
+class FunctionCall(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Open):
     role: Role
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message as plain text; content parts other than text are an error for Llama-2."""
@@ -58,7 +123,28 @@ class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"] = "text"
 
 
-class _SamplingRequest(_Open):
+class FunctionDefinition(_Open):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Open):
+    name: FunctionName
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _SamplingRequest(_Request):
     """Fields chat and legacy completions share."""
 
     model: str
@@ -66,12 +152,13 @@ class _SamplingRequest(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
 
     def stop_list(self) -> list[str]:
@@ -87,6 +174,13 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` replaced `max_tokens` in the spec; either is honoured."""
@@ -97,12 +191,13 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
 
-class TokenizeInputRequest(_Open):
+class TokenizeInputRequest(_Request):
     """llama_cpp.server's `/extras/tokenize` body, so one proxy route serves both backends."""
 
     model: str | None = None
@@ -137,6 +232,7 @@ class Usage(_Wire):
 class ChatCompletionMessage(_Wire):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # required (nullable) in OpenAI's schema
 
 
 class Choice(_Wire):
@@ -227,16 +323,9 @@ class TokenizeInputCountResponse(_Wire):
 
 # ---- errors -------------------------------------------------------------------------------
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-}
+# `error.type` as OpenAI's API sends it: a client error is an invalid request (also a bad
+# key or an unknown model), a full queue is a "requests" rate limit, anything else a 5xx.
+_ERROR_TYPES = {429: "requests"}
 
 
 class ErrorDetail(_Wire):
@@ -251,7 +340,7 @@ class ErrorResponse(_Wire):
 
 
 def error_type_for_status(status: int) -> str:
-    """OpenAI's `error.type` for an HTTP status; any 5xx not listed is a server error."""
+    """OpenAI's `error.type` for an HTTP status."""
     return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 

@@ -31,11 +31,10 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from launcher.api_errors import error_response, install_error_handlers
 from launcher.backends.exllamav2_engine import (
     END,
     ExllamaGenerator,
@@ -50,6 +49,7 @@ from launcher.backends.exllamav2_engine import (
     first_line,
 )
 from launcher.backends.llama2_chat import build_prompt
+from launcher.errors import ProxyError
 from launcher.planning.exllamav2 import CACHE_MODES
 from launcher.protocol import (
     ChatCompletionChunk,
@@ -111,14 +111,13 @@ class GenerationError(RuntimeError):
 # ---- request handling ---------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """A client error to answer with an OpenAI-shaped body."""
+class ApiError(ProxyError):
+    """A client error to answer with an OpenAI-shaped body (status first, as HTTP reads)."""
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        super().__init__(message, status=status, param=param, code=code)
 
 
 @dataclass
@@ -408,40 +407,8 @@ async def tokenize_count(
 # ---- errors as OpenAI bodies --------------------------------------------------------------
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First validation error as (message, param); FastAPI's list is too verbose for clients."""
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    def reply(status: int, message: str, param=None, code=None) -> JSONResponse:
-        body = error_body(message, status=status, param=param, code=code)
-        return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return reply(exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return reply(400, message, param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return reply(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(GenerationError)
-    async def generation_error(_: Request, exc: GenerationError) -> JSONResponse:
-        return reply(500, str(exc), code="generation_failed")
+async def _generation_error(_: Request, exc: GenerationError) -> JSONResponse:
+    return error_response(str(exc), 500, code="generation_failed")
 
 
 def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> FastAPI:
@@ -459,7 +426,8 @@ def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> F
     app = FastAPI(title="llmup exllamav2 worker", lifespan=lifespan)
     app.state.llmup = _State(generator, worker, model_alias, max_seq_len)
     app.include_router(router)
-    _install_error_handlers(app)
+    install_error_handlers(app)
+    app.add_exception_handler(GenerationError, _generation_error)
     return app
 
 

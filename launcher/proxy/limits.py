@@ -9,30 +9,17 @@ requests; the next one gets 429 with Retry-After instead of waiting without boun
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from launcher.api_errors import send_error
 from launcher.errors import BodyTooLargeError, QueueFullError
-from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
-
-
-async def send_error(send: Send, exc: Any) -> None:
-    """An OpenAI-shaped error sent straight on the ASGI channel (no route was involved)."""
-    body = json.dumps(
-        error_body(exc.message, status=exc.status, code=exc.code, param=exc.param)
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -126,9 +113,17 @@ class MetricsMiddleware:
 class Admission:
     """The bounded queue: `max_inflight` requests at the backend, `queue_size` waiting."""
 
-    def __init__(self, *, max_inflight: int, queue_size: int, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_inflight: int,
+        queue_size: int,
+        retry_after_s: int,
+        on_reject: Callable[[], None] = lambda: None,
+    ) -> None:
         self.capacity = max_inflight + queue_size
         self.retry_after_s = retry_after_s
+        self.on_reject = on_reject
         self.admitted = 0
         self.inflight = 0
         self._slots = asyncio.Semaphore(max_inflight)
@@ -141,6 +136,7 @@ class Admission:
     async def admit(self) -> AsyncIterator[None]:
         """Take a place in the queue, or raise QueueFullError (429) when there is none."""
         if self.admitted >= self.capacity:
+            self.on_reject()
             raise QueueFullError(
                 f"the server is busy ({self.admitted} requests queued or running); retry later",
                 headers={"Retry-After": str(self.retry_after_s)},

@@ -141,6 +141,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+@ops.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request, owner: str = Depends(authenticate)) -> JSONResponse:
+    """The API's OpenAPI document; behind the key like the API it describes."""
+    return JSONResponse(request.app.openapi())
+
+
 @ops.get("/metrics", response_class=Response)
 async def metrics(request: Request, owner: str = Depends(authenticate)) -> Response:
     st = proxy_state(request)
