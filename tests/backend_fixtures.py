@@ -1,5 +1,8 @@
 """A real llama_cpp.server on a generated tiny GGUF, and the proxy served by real uvicorn.
 
+The backend is started as `llmup serve` starts it: through llmup's worker module
+(`launcher.backends.llamacpp_worker`, llama_cpp.server with llmup's additions).
+
 Test modules import the fixtures they use (`from backend_fixtures import tiny_backend`). The
 backend runs under the project's Supervisor (so a test can kill it and watch the restart);
 each proxy runs in a uvicorn thread on 127.0.0.1 with its own settings and session store.
@@ -21,7 +24,7 @@ import pytest
 import uvicorn
 from ggufgen import write_llama_gguf
 
-from launcher.backends.llamacpp import SERVER_ENV_NAMES
+from launcher.backends.llamacpp import SERVER_ENV_NAMES, SERVER_MODULE
 from launcher.backends.spec import BackendSpec, free_port
 from launcher.backends.supervisor import Supervisor
 from launcher.proxy import SessionStore, create_app
@@ -50,7 +53,7 @@ def write_tiny_model(folder: Path) -> Path:
 def llama_spec(model: Path, log_dir: Path, *, embedding: bool = True) -> BackendSpec:
     port = free_port()
     command = [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", SERVER_MODULE,
         "--model", str(model), "--model_alias", MODEL,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", str(N_CTX), "--n_threads", "1", "--n_threads_batch", "1",

@@ -1,4 +1,6 @@
-"""llama-cpp-python's OpenAI server, with the one switch its CLI lacks: weight repacking.
+"""llama-cpp-python's OpenAI server, with the one switch its CLI lacks: weight repacking,
+and llmup's additions (`launcher.backends.llamacpp_patches`: exact usage in streams, a
+grammar llama.cpp refuses answered as an error instead of a crash, `GET /llmup/meta`).
 
 Run as `python -m launcher.backends.llamacpp_worker [--repack auto|on|off] <llama_cpp.server
 args>`. llama.cpp copies CPU-resident weights into "extra buffer types" (CPU_REPACK, AMX)
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     if not repack_enabled(ours.repack, amx=cpu_has_amx()):
         disable_weight_repack()
         print("llmup worker: weight repacking off (AMX CPU or --repack off)", file=sys.stderr)
+    from launcher.backends import llamacpp_patches
+
+    llamacpp_patches.apply()  # before the server module binds create_app
     from llama_cpp.server.__main__ import main as server_main
 
     sys.argv = [sys.argv[0], *rest]
