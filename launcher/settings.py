@@ -10,7 +10,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -33,6 +40,11 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, str) and (match := _DURATION.match(value)):
         return float(match.group(1)) * _UNIT_S[match.group(2).lower()]
     return value
+
+
+# An idle session's lifetime, however it is spelled (LLMUP_SESSION_TTL or
+# LLMUP_PROXY__SESSION_TTL): seconds or "30m"/"12h"/"7d", at least 0; 0 keeps sessions forever.
+SessionTtl = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 def split_keys(value: Any) -> Any:
@@ -58,7 +70,7 @@ class ProxySettings(BaseModel):
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
     context_policy: Literal["drop", "error"] = "drop"
-    session_ttl: float = Field(default=7 * 86400.0, gt=0, description="seconds")
+    session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
     sessions_db: Path | None = None
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_inflight: int = Field(default=4, ge=1)
@@ -68,8 +80,10 @@ class ProxySettings(BaseModel):
     message_overhead_tokens: int = Field(default=8, ge=0)
     default_reserve_tokens: int = Field(default=256, ge=1)
 
+    max_request_messages: int = Field(default=1000, ge=1)
+    max_session_messages: int = Field(default=2000, ge=2)
+
     _split_keys = field_validator("api_keys", mode="before")(split_keys)
-    _ttl = field_validator("session_ttl", mode="before")(parse_duration)
 
 
 def default_home() -> Path:
@@ -92,11 +106,9 @@ class Settings(BaseSettings):
     context_policy: Literal["drop", "error"] | None = Field(
         default=None, validation_alias=AliasChoices("LLMUP_CONTEXT_POLICY")
     )
-    session_ttl: Annotated[float | None, NoDecode] = Field(
+    session_ttl: Annotated[SessionTtl | None, NoDecode] = Field(
         default=None, validation_alias=AliasChoices("LLMUP_SESSION_TTL")
     )
-
-    _ttl = field_validator("session_ttl", mode="before")(parse_duration)
 
     @model_validator(mode="after")
     def _fold_short_names(self) -> Settings:
@@ -112,6 +124,6 @@ class Settings(BaseSettings):
         proxy.api_keys = list(dict.fromkeys(keys))
         if self.context_policy and "context_policy" not in given:
             proxy.context_policy = self.context_policy
-        if self.session_ttl and "session_ttl" not in given:
+        if self.session_ttl is not None and "session_ttl" not in given:
             proxy.session_ttl = self.session_ttl
         return self

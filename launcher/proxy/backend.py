@@ -1,8 +1,8 @@
 """What the proxy needs to know about the backend behind it, whoever runs it.
 
 `create_app` takes any object with `base_url`, `state` and `restarts` (the supervisor has
-them); `model_id`, `context`, `plan_summary`, `plan` and `embeddings` are read when present,
-with fallbacks, so a plain supervisor works and a test can hand in a `StaticBackend`.
+them); `model_id`, `context`, `plan_summary`, `plan`, `embeddings` and `kind` are read when
+present, with fallbacks, so a plain supervisor works and a test can hand in a `StaticBackend`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class StaticBackend:
     context: int
     state: str = "ready"
     restarts: int = 0
+    kind: str = "llama.cpp"
     plan_summary: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     embeddings: bool = False
@@ -62,6 +63,13 @@ def context_of(backend: Any, default: int) -> int:
     """The backend's context window (n_ctx); `default` (the planned context) when unknown."""
     context = getattr(backend, "context", None)
     return int(context) if context else default
+
+
+def kind_of(backend: Any) -> str:
+    """Which engine serves: "llama.cpp" or "exllamav2" (the spec's name; llama.cpp when
+    nothing says, as for an external llama_cpp.server)."""
+    kind = getattr(backend, "kind", None) or getattr(getattr(backend, "spec", None), "name", None)
+    return str(kind) if kind else "llama.cpp"
 
 
 def restarts_of(backend: Any) -> int:

@@ -1,36 +1,38 @@
-"""The generation routes' work: admit, (for a session) lock, load, fit, forward, commit.
+"""The generation routes' work: check, admit, (for a session) lock, load, fit, forward, commit.
 
-Order matters. The queue place is taken first (429 when there is none), then the session's
-lock (one request per session at a time), then the history is fitted to the context, and
-only then a place at the backend. Everything that can refuse a request does so before a
-stream starts, so a client gets a plain JSON error instead of a broken stream.
+Order matters. Everything the request alone decides (what the backend supports, grammars,
+token ids) is checked first. Then the queue place is taken (429 when there is none), then
+the session's lock (one request per session at a time), then the history is fitted to the
+context, and only then a place at the backend. Everything that can refuse a request does
+so before a stream starts, so a client gets a plain JSON error instead of a broken stream.
+
+Only fields the proxy knows are forwarded (see `upstream_body`), and a request that was at
+the backend when it crashed is never forwarded again (`launcher.proxy.crashes`).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
-import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
 from launcher.proxy import backend as backend_info
+from launcher.proxy import turns
+from launcher.proxy.checks import check_logit_bias, check_supported
 from launcher.proxy.context import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     UTF8_HOLDBACK_TOKENS,
     Fitted,
-    NewTurn,
     normalize,
     reply_budget,
     reply_limit,
-    split_new,
     usable_context,
 )
+from launcher.proxy.crashes import request_digest
 from launcher.proxy.models import (
     SESSION_ID,
     ChatRequest,
@@ -38,19 +40,12 @@ from launcher.proxy.models import (
     TextCompletionRequest,
 )
 from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
-from launcher.proxy.sessions import Message
+from launcher.proxy.replies import conform_reply, replay_events
+from launcher.proxy.sessions import Conversation, Message
 from launcher.proxy.state import ProxyState, proxy_state
+from launcher.proxy.turns import SessionTurn
 
 SESSION_HEADER = "X-Session-Id"
-DROPPED_HEADER = "X-Llmup-Context-Dropped"
-
-
-@dataclass(frozen=True)
-class SessionTurn:
-    owner: str
-    session_id: str
-    new: NewTurn
-    fitted: Fitted
 
 
 def session_id_for(request: Request, body: ChatRequest) -> str | None:
@@ -78,13 +73,13 @@ def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
 
 
 def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str, Any]:
-    """The request as the backend gets it: unknown fields kept, `session_id` removed, and
-    usage asked for in streams (the proxy drops it again unless the client asked too)."""
-    payload = _without_nulls(
-        body.model_dump(mode="json", exclude_unset=True, exclude={"session_id"})
-    )
+    """The request as the backend gets it: the fields the proxy knows and checked (unknown
+    ones are dropped, `session_id` too), and usage asked for in streams (the proxy drops
+    it again unless the client asked too)."""
+    known = set(type(body).model_fields) - {"session_id"}
+    payload = _without_nulls(body.model_dump(mode="json", exclude_unset=True, include=known))
     if messages is not None:
-        payload["messages"] = messages
+        payload["messages"] = [{k: v for k, v in m.items() if v is not None} for m in messages]
     if payload.get("stream"):
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return payload
@@ -92,124 +87,79 @@ def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str,
 
 def _without_nulls(payload: dict[str, Any]) -> dict[str, Any]:
     """OpenAI reads an explicit null as "the default"; some backends (llama_cpp.server)
-    reject it, so nulls are left out, also inside messages."""
-    clean = {k: v for k, v in payload.items() if v is not None}
-    if isinstance(clean.get("messages"), list):
-        clean["messages"] = [
-            {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
-            for m in clean["messages"]
-        ]
-    return clean
+    reject it, so nulls are left out."""
+    return {k: v for k, v in payload.items() if v is not None}
 
 
-def _forwarded(originals: list[dict[str, Any]], normal: list[Message]) -> list[dict[str, Any]]:
-    """A stateless request's messages as sent: the client's own (unknown fields kept), with
-    the role and plain-text content the proxy validated (llama_cpp.server takes content
-    parts only in user messages)."""
-    return [
-        {**orig, "role": norm["role"], "content": norm["content"]}
-        for orig, norm in zip(originals, normal)
-    ]
-
-
-async def _prepare_session(
-    st: ProxyState,
-    stack: AsyncExitStack,
-    body: ChatRequest,
-    incoming: list[Message],
-    owner: str,
-    session_id: str,
-) -> SessionTurn:
-    await stack.enter_async_context(st.session_lock(owner, session_id))
-    history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
-    new = split_new(history, incoming)
-    budget = reply_budget(st.context, body.requested_max_tokens(), st.proxy.default_reserve_tokens)
-    system = new.system or history.system
-    fitted = await st.fitter.fit(system, history.turns, new.messages, budget=budget)
-    st.metrics.count_drop(fitted.dropped_turns)
-    return SessionTurn(owner=owner, session_id=session_id, new=new, fitted=fitted)
+async def _check_request(st: ProxyState, body: Any) -> None:
+    """What the backend cannot do, or would crash on, refused before any queueing."""
+    kind = backend_info.kind_of(st.backend)
+    check_supported(body, kind, max_messages=st.proxy.max_request_messages)
+    if body.logit_bias:
+        check_logit_bias(body, (await st.backend_meta()).get("n_vocab"))
+    await st.grammar.check_request(body)
 
 
 async def _check_fit(st: ProxyState, messages: list[Message], max_tokens: int | None) -> Fitted:
     """A stateless request that cannot fit is refused here (400), not by a backend that may
     fail on it with a 500; without max_tokens only one reply token is set aside."""
     budget = reply_budget(st.context, max_tokens or 1, st.proxy.default_reserve_tokens)
-    return await st.fitter.fit(None, [], messages, budget=budget)
+    return await st.fitter.fit(Conversation(), 0, messages, budget=budget)
 
 
-async def _commit(st: ProxyState, turn: SessionTurn, reply_text: str) -> None:
-    messages = [*turn.new.messages, {"role": "assistant", "content": reply_text}]
-    commit = partial(
-        st.sessions.commit_turn, turn.owner, turn.session_id, messages, system=turn.new.system
-    )
-    await anyio.to_thread.run_sync(commit)
-
-
-def _reply_text(reply: dict[str, Any], kind: str) -> str:
-    try:
-        choice = reply["choices"][0]
-        text = choice["message"].get("content") if kind == "chat" else choice.get("text")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return ""
-    return text if isinstance(text, str) else ""
-
-
-def _account(st: ProxyState, reply: dict[str, Any], turn: SessionTurn | None) -> None:
+def _account(st: ProxyState, reply: dict[str, Any], fitted: Fitted | None) -> None:
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
     st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
     prompt = usage.get("prompt_tokens")
-    if turn is not None and isinstance(prompt, int):
-        fitted = turn.fitted
+    if fitted is not None and isinstance(prompt, int):
         st.overhead.observe(prompt, fitted.content_tokens, len(fitted.messages) + 1)
 
 
-async def _prompt_estimate(st: ProxyState, body: Any, turn: SessionTurn | None) -> int | None:
-    """Prompt tokens for a synthesized usage chunk, counted only when the client wants one."""
-    if not body.wants_usage_chunk():
-        return None
-    if turn is not None:
-        return await st.fitter.cost(turn.fitted.messages)
-    if isinstance(body, ChatRequest):
-        return await st.fitter.cost([normalize(m) for m in body.messages])
-    prompt = body.prompt
-    return await st.fitter.counter.count(prompt) if isinstance(prompt, str) else None
-
-
-async def _stream(
+async def _forward(
     st: ProxyState,
     stack: AsyncExitStack,
     route: str,
     payload: dict[str, Any],
     *,
     body: Any,
-    kind: str,
-    headers: dict[str, str],
-    turn: SessionTurn | None,
-    started: float,
-) -> Response:
-    estimate = await _prompt_estimate(st, body, turn)
+    headers: dict[str, str] | None = None,
+    turn: SessionTurn | None = None,
+) -> dict[str, Any] | Response:
+    """Send the request (once a backend place is free): its JSON reply, or for a stream the
+    relaying response, which from then on owns what `stack` holds."""
+    digest = request_digest(route, payload)
+    st.upstream.crashes.refuse_known(digest)
+    await stack.enter_async_context(st.admission.slot())
+    stack.enter_context(st.upstream.crashes.inflight(digest))
+    if not body.stream:
+        return await st.upstream.post_json(route, payload, headers)
+    started = time.perf_counter()
     response = await st.upstream.open_stream(route, payload, headers)
     stack.push_async_callback(response.aclose)
 
     async def complete(result: StreamResult) -> None:
         if turn is not None:
-            await _commit(st, turn, result.text)
+            await turns.commit(st, turn, result.reply())
 
     relay = StreamRelay(
         response,
-        result=StreamResult(kind=kind),
+        result=StreamResult(kind="chat" if "messages" in payload else "completion"),
         metrics=st.metrics,
         started=started,
         wants_usage=body.wants_usage_chunk(),
-        prompt_estimate=estimate,
         on_complete=complete,
+        on_backend_drop=st.upstream.crashes.backend_crashed,
     )
-    reply_headers = _dropped_header(turn)
+    reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
 
 
-def _dropped_header(turn: SessionTurn | None) -> dict[str, str]:
-    return {DROPPED_HEADER: str(turn.fitted.dropped_turns)} if turn else {}
+def _replay(turn: SessionTurn, body: ChatRequest) -> Response:
+    """A retry of the session's last turn: the stored reply, nothing generated or stored."""
+    if body.stream:
+        events = replay_events(turn.retry, body.wants_usage_chunk())
+        return StreamingResponse(events, media_type="text/event-stream", headers=turn.headers())
+    return JSONResponse(turn.retry, headers=turn.headers())
 
 
 async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Response:
@@ -217,37 +167,32 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     st.require_ready()
     await st.check_model(body.model)
     session_id = session_id_for(request, body)
-    incoming = [normalize(m) for m in body.messages]  # text only: a 400 here, not a 5xx later
-    if session_id and (body.n or 1) > 1:
-        raise BadRequestError("a session keeps one reply per turn: n must be 1", param="n")
-    started = time.perf_counter()
+    await _check_request(st, body)
+    incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit())
         turn = None
         if session_id:
-            turn = await _prepare_session(st, stack, body, incoming, owner, session_id)
+            turn = await turns.prepare(st, stack, body, incoming, owner, session_id)
+            if turn.retry is not None:
+                return _replay(turn, body)
             fitted = turn.fitted
         else:
             fitted = await _check_fit(st, incoming, body.requested_max_tokens())
-        payload = upstream_body(body, turn.fitted.messages if turn else None)
-        if turn is None:
-            payload["messages"] = _forwarded(payload["messages"], incoming)
+        payload = upstream_body(body, fitted.messages)
         payload["max_tokens"] = reply_limit(
             st.context, body.requested_max_tokens(), fitted.prompt_tokens
         )
         headers = backend_headers(owner, session_id)
-        await stack.enter_async_context(st.admission.slot())
         route = "/v1/chat/completions"
-        if body.stream:
-            return await _stream(
-                st, stack, route, payload, body=body, kind="chat", headers=headers,
-                turn=turn, started=started,
-            )  # fmt: skip
-        reply = await st.upstream.post_json(route, payload, headers)
+        reply = await _forward(st, stack, route, payload, body=body, headers=headers, turn=turn)
+        if isinstance(reply, Response):
+            return reply
+        reply = conform_reply(reply, "chat")
         if turn is not None:
-            await _commit(st, turn, _reply_text(reply, "chat"))
-        _account(st, reply, turn)
-        return JSONResponse(reply, headers=_dropped_header(turn))
+            await turns.commit(st, turn, reply)
+        _account(st, reply, fitted)
+        return JSONResponse(reply, headers=turn.headers() if turn else {})
 
 
 async def completion(request: Request, body: TextCompletionRequest, owner: str) -> Response:
@@ -255,7 +200,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     st = proxy_state(request)
     st.require_ready()
     await st.check_model(body.model)
-    started = time.perf_counter()
+    await _check_request(st, body)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit())
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
@@ -267,15 +212,11 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
                 f"model's {st.context}-token context window less {UTF8_HOLDBACK_TOKENS} kept free",
                 param="prompt",
             )
-        await stack.enter_async_context(st.admission.slot())
         payload = {**upstream_body(body), "max_tokens": max_tokens}
-        route = "/v1/completions"
-        if body.stream:
-            return await _stream(
-                st, stack, route, payload, body=body, kind="completion", headers={},
-                turn=None, started=started,
-            )  # fmt: skip
-        reply = await st.upstream.post_json(route, payload)
+        reply = await _forward(st, stack, "/v1/completions", payload, body=body)
+        if isinstance(reply, Response):
+            return reply
+        reply = conform_reply(reply, "completion")
         _account(st, reply, None)
         return JSONResponse(reply)
 

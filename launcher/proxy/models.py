@@ -4,7 +4,10 @@ protocol.py's ChatMessage takes any role with optional content; a backend handed
 message without `tool_call_id`, a `user` message without content, or a token-id prompt
 answers with a 500. Here each role is its own model (as in OpenAI's spec), so such requests
 are a 400 from the proxy and the OpenAPI schema documents exactly what is accepted.
-Unknown fields are still allowed and passed through.
+
+llama.cpp's own sampling fields (`LlamaCppOptions`) are typed with llama_cpp.server's
+bounds: they are forwarded, so they are checked here first (`grammar` is then parsed by
+`launcher.proxy.grammar`). Unknown fields are accepted and ignored, never forwarded.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from launcher.protocol import ChatCompletionRequest, CompletionRequest
+from launcher.protocol import ChatCompletionRequest, CompletionRequest, ToolCall, check_plain_json
+from launcher.protocol import FunctionCall as _FunctionCall
 from launcher.protocol import ResponseFormat as _ResponseFormat
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 NonEmpty = Annotated[str, Field(min_length=1)]
+MAX_GRAMMAR_CHARS = 100_000
+# the llama.cpp-only fields, in the order the README lists them
+LLAMA_CPP_FIELDS = (
+    "grammar", "top_k", "min_p", "repeat_penalty", "mirostat_mode", "mirostat_tau",
+    "mirostat_eta", "min_tokens",
+)  # fmt: skip
 
 
 class TextPart(BaseModel):
@@ -58,6 +68,8 @@ class UserMessage(_Message):
 class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: _FunctionCall | None = None
 
 
 class ToolMessage(_Message):
@@ -86,7 +98,22 @@ class ResponseFormat(_ResponseFormat):
     type: Literal["text", "json_object"]
 
 
-class ChatRequest(ChatCompletionRequest):
+class LlamaCppOptions(BaseModel):
+    """llama.cpp's sampling fields beyond OpenAI's, with llama_cpp.server's bounds."""
+
+    grammar: str | None = Field(
+        default=None, max_length=MAX_GRAMMAR_CHARS, description="GBNF grammar the reply follows"
+    )
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0, le=100)
+    mirostat_mode: int | None = Field(default=None, ge=0, le=2)
+    mirostat_tau: float | None = Field(default=None, ge=0, le=10)
+    mirostat_eta: float | None = Field(default=None, ge=0.001, le=1)
+    min_tokens: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
+class ChatRequest(LlamaCppOptions, ChatCompletionRequest):
     """OpenAI's chat request plus `session_id`, for clients that cannot set headers."""
 
     messages: list[ChatMessage] = Field(min_length=1)  # type: ignore[assignment]
@@ -96,7 +123,7 @@ class ChatRequest(ChatCompletionRequest):
     )
 
 
-class TextCompletionRequest(CompletionRequest):
+class TextCompletionRequest(LlamaCppOptions, CompletionRequest):
     """One text prompt: llama_cpp.server takes no token-id prompts and no batch of them."""
 
     prompt: str | list[str] = Field(description="one prompt (a list of at most one)")
@@ -119,6 +146,12 @@ class EmbeddingRequest(BaseModel):
     input: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=256)]
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data: object) -> object:
+        check_plain_json(data)
+        return data
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -1,11 +1,15 @@
 """Relaying a backend's SSE stream to the client, event by event, without buffering.
 
 The relay reads each event as it arrives, notes what the session and the metrics need
-(text, finish reason, usage, time to first token) and passes the event on unchanged. A
-stream that completes (a finish reason, then `[DONE]`) runs `on_complete` (the session
-commit) *before* the client sees `[DONE]`, so the next turn always finds it stored. A stream
-that breaks ends with an OpenAI error event and commits nothing. A client that goes away
-cancels the relay, and closing the upstream response stops the backend's generation.
+(text, tool calls, finish reason, usage, time to first token) and passes the event on,
+completed to OpenAI's chunk schema (`replies.conform_chunk`). Usage is the backend's own
+count, never an estimate: llmup's workers end every stream with a usage chunk, which
+reaches only a client that asked for it. A stream that completes (a finish reason, then
+`[DONE]`) runs `on_complete` (the session commit) *before* the client sees `[DONE]`, so the
+next turn always finds it stored. A stream that breaks ends with an OpenAI error event and
+commits nothing; a backend that drops the connection is reported to `on_backend_drop` (a
+crash). A client that goes away cancels the relay, and closing the upstream response stops
+the backend's generation.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from starlette.types import Receive, Scope, Send
 from launcher.errors import ProxyError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
+from launcher.proxy.replies import Reply, conform_chunk, sse
+from launcher.proxy.upstream import DROPPED
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +46,13 @@ class StreamResult:
 
     kind: str  # "chat" or "completion"
     parts: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     chunk_id: str | None = None
     model: str | None = None
+    created: int | None = None
     first_token_at: float | None = None
-    completion_chunks: int = 0
 
     @property
     def text(self) -> str:
@@ -54,39 +61,67 @@ class StreamResult:
     def feed(self, chunk: dict[str, Any]) -> None:
         self.chunk_id = chunk.get("id") or self.chunk_id
         self.model = chunk.get("model") or self.model
+        self.created = chunk.get("created") or self.created
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            text = _choice_text(choice, self.kind)
-            if text:
-                self.parts.append(text)
-                self.completion_chunks += 1
+            delta = choice.get("delta") if self.kind == "chat" else None
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(delta, dict):
+                self._feed_calls(delta.get("tool_calls") or [])
+            if text or (isinstance(delta, dict) and delta.get("tool_calls")):
+                self.parts.append(text or "")
                 self.first_token_at = self.first_token_at or time.perf_counter()
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
+    def _feed_calls(self, deltas: list[Any]) -> None:
+        """Tool-call deltas merged by index: id and name once, arguments piece by piece."""
+        for delta in deltas:
+            if not isinstance(delta, dict):
+                continue
+            call = self.tool_calls.setdefault(
+                int(delta.get("index", 0)),
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            call["id"] = delta.get("id") or call["id"]
+            function = delta.get("function") or {}
+            call["function"]["name"] = function.get("name") or call["function"]["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
 
-def _choice_text(choice: dict[str, Any], kind: str) -> str | None:
-    if kind == "chat":
-        delta = choice.get("delta") or {}
-        return delta.get("content") if isinstance(delta, dict) else None
-    return choice.get("text")
-
-
-def sse(data: str) -> bytes:
-    return f"data: {data}\n\n".encode()
+    def reply(self) -> Reply:
+        """The stream as one chat reply (what a session stores, and replays to a retry)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["content"] = self.text or None
+        choice = {"index": 0, "message": message, "logprobs": None}
+        return {
+            "id": self.chunk_id or "",
+            "object": "chat.completion",
+            "created": self.created or int(time.time()),
+            "model": self.model or "",
+            "choices": [{**choice, "finish_reason": self.finish_reason}],
+            "usage": self.usage,
+        }
 
 
 def error_event(exc: BaseException) -> bytes:
     """The event that ends a broken stream; the openai client raises it as an APIError."""
     if isinstance(exc, ProxyError):
         body = error_body(exc.message, status=exc.status, code=exc.code)
-    else:
+    elif isinstance(exc, (httpx.HTTPError, IncompleteStream)):
         body = error_body(
             "the model backend stopped in the middle of the reply; nothing was stored, retry",
             status=503,
             code="backend_stream_broken",
+        )
+    else:
+        body = error_body(
+            "internal error in the llmup proxy; the reply was not stored, retry",
+            status=500,
+            code="internal_error",
         )
     return sse(json.dumps(body))
 
@@ -102,16 +137,16 @@ class StreamRelay:
         metrics: Metrics,
         started: float,
         wants_usage: bool,
-        prompt_estimate: int | None = None,
         on_complete: Callable[[StreamResult], Awaitable[None]] | None = None,
+        on_backend_drop: Callable[[], None] = lambda: None,
     ) -> None:
         self.response = response
         self.result = result
         self.metrics = metrics
         self.started = started
         self.wants_usage = wants_usage
-        self.prompt_estimate = prompt_estimate
         self.on_complete = on_complete
+        self.on_backend_drop = on_backend_drop
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
@@ -120,11 +155,11 @@ class StreamRelay:
             self._account()
             if self.on_complete is not None:
                 await self.on_complete(self.result)
-            if self.wants_usage and self.result.usage is None:
-                yield sse(json.dumps(self._usage_chunk()))
             yield sse("[DONE]")
         except (httpx.HTTPError, IncompleteStream, ProxyError) as exc:
             log.warning("stream ended early: %r", exc)
+            if isinstance(exc, DROPPED):
+                self.on_backend_drop()
             self.metrics.stream_errors.inc()
             yield error_event(exc)
         except Exception as exc:  # a bug must still end the stream cleanly, never hang it
@@ -147,38 +182,15 @@ class StreamRelay:
             self.result.feed(chunk)
             if _usage_only(chunk) and not self.wants_usage:
                 continue
-            yield sse(data)
+            yield sse(json.dumps(conform_chunk(chunk, self.wants_usage), ensure_ascii=False))
         if not done or self.result.finish_reason is None:
             raise IncompleteStream("the backend's stream ended before the reply was complete")
 
     def _account(self) -> None:
         usage = self.result.usage or {}
-        self.metrics.count_tokens(
-            usage.get("prompt_tokens", self.prompt_estimate),
-            usage.get("completion_tokens", self.result.completion_chunks),
-        )
+        self.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
         if self.result.first_token_at is not None:
             self.metrics.ttft.observe(self.result.first_token_at - self.started)
-
-    def _usage_chunk(self) -> dict[str, Any]:
-        """The usage chunk a client asked for, when the backend sent none: the completion
-        count is the number of text chunks (one token each from llama.cpp), the prompt
-        count the proxy's own estimate."""
-        prompt = int(self.prompt_estimate or 0)
-        completion = self.result.completion_chunks
-        chat = self.result.kind == "chat"
-        return {
-            "id": self.result.chunk_id or "",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": self.result.model or "",
-            "choices": [],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
-        }
 
 
 def _parse(data: str) -> dict[str, Any]:

@@ -12,9 +12,11 @@ import httpx
 from fastapi import Request
 
 from launcher.errors import NotFoundError
+from launcher.protocol import META_PATH
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing
 from launcher.proxy.context import ContextFitter, OverheadMeter, TokenCounter
+from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
 from launcher.proxy.sessions import SessionStore
@@ -33,8 +35,10 @@ class ProxyState:
     upstream: Upstream
     overhead: OverheadMeter
     fitter: ContextFitter
+    grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     _model_id: str | None = None
+    _meta: tuple[int, dict[str, Any]] | None = None
 
     @classmethod
     def build(
@@ -45,16 +49,18 @@ class ProxyState:
             backend, timeout_s=proxy.backend_timeout_s, retry_after_s=proxy.retry_after_s
         )
         overhead = OverheadMeter(proxy.message_overhead_tokens)
+        metrics = Metrics()
         return cls(
             settings=settings,
             backend=backend,
             sessions=sessions,
             keys=keys,
-            metrics=Metrics(),
+            metrics=metrics,
             admission=Admission(
                 max_inflight=proxy.max_inflight,
                 queue_size=proxy.queue_size,
                 retry_after_s=proxy.retry_after_s,
+                on_reject=metrics.rejected.inc,
             ),
             upstream=upstream,
             overhead=overhead,
@@ -97,6 +103,18 @@ class ProxyState:
                 param="model",
                 code="model_not_found",
             )
+
+    async def backend_meta(self) -> dict[str, Any]:
+        """The worker's facts (`n_vocab`, `n_ctx`), asked once per backend start; empty
+        when the backend does not tell (llama_cpp.server itself, exllamav2)."""
+        restarts = backend_info.restarts_of(self.backend)
+        if self._meta is None or self._meta[0] != restarts:
+            self._meta = (restarts, await self.upstream.get_json(META_PATH) or {})
+        return self._meta[1]
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+        await self.grammar.aclose()
 
     def session_lock(self, owner: str, session_id: str) -> asyncio.Lock:
         """The lock that serializes one session's requests (alive while anyone holds it)."""

@@ -3,7 +3,8 @@
 The backend listens on 127.0.0.1, so the client ignores proxy environment variables. A
 backend that cannot be reached, or that drops the connection, is "unavailable" (503, the
 supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
-502, so a backend bug is never mistaken for the proxy's own.
+502, so a backend bug is never mistaken for the proxy's own. A dropped connection is also a
+crash for `crashes` (the requests then in flight are not sent again).
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from launcher.errors import (
     NotFoundError,
     ProxyError,
 )
+from launcher.proxy.crashes import CrashMemory
 
 log = logging.getLogger(__name__)
 
+# The backend closed a connection in the middle of a request: it crashed (a timeout or a
+# refused connection is something else).
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 CONNECT_TIMEOUT_S = 5.0
 PASSED_STATUSES = {400: 400, 404: 404, 413: 413, 422: 400, 429: 429}
 
@@ -36,6 +41,7 @@ class Upstream:
         timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        self.crashes = CrashMemory()
 
     def url(self, path: str) -> str:
         return str(self.backend.base_url).rstrip("/") + path
@@ -83,7 +89,21 @@ class Upstream:
                 "the model backend did not answer in time", status=504, code="backend_timeout"
             )
         log.warning("backend request failed: %r", exc)
+        if isinstance(exc, DROPPED):
+            self.crashes.backend_crashed()
         return self.unavailable(type(exc).__name__)
+
+    async def get_json(self, path: str) -> dict[str, Any] | None:
+        """GET a JSON document; None when the backend has no such route (404)."""
+        try:
+            response = await self.client.get(self.url(path))
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc) from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 300:
+            raise error_from_reply(response.status_code, response.content)
+        return parse_json(response.content)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -123,5 +143,5 @@ def _describe(content: bytes) -> tuple[str, str | None, str | None]:
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         first = detail[0]
         loc = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return str(first.get("msg", "invalid request")), "invalid_request", loc
+        return str(first.get("msg", "invalid request")), "invalid_value", loc
     return str(detail or body)[:500], None, None

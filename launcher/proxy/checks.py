@@ -1,0 +1,91 @@
+"""What the request models cannot know: what this backend supports, and what it would
+crash on. Everything here runs before a request is admitted to the backend.
+
+- `n` above 1 and log probabilities are refused (neither backend returns them: llama.cpp
+  needs `logits_all`, which costs memory on every request, and answers a 500 without it);
+- llama.cpp's own fields, `logit_bias`, tools and functions are refused on exllamav2,
+  which ignores them;
+- `tool_choice` and `function_call` must name a tool or function of the request;
+- `logit_bias` token ids must exist in the model's vocabulary (llama-cpp-python indexes
+  its logits with them unchecked: an IndexError, a 500);
+- every grammar the backend would build is parsed first (`launcher.proxy.grammar`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.errors import BadRequestError
+from launcher.proxy.models import LLAMA_CPP_FIELDS
+
+# fields a backend kind ignores (so a request relying on them must hear it)
+UNSUPPORTED = {
+    "exllamav2": (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice", "functions",
+                  "function_call"),
+}  # fmt: skip
+
+
+def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
+    """BadRequestError for what the backend `kind` cannot do with this request."""
+    if (body.n or 1) > 1:
+        raise BadRequestError(
+            "n must be 1: this server generates one choice per request (send n requests)",
+            param="n",
+            code="unsupported_value",
+        )
+    if body.logprobs or getattr(body, "top_logprobs", None):
+        raise BadRequestError(
+            "log probabilities are not available from this server; leave `logprobs` unset",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
+    for name in UNSUPPORTED.get(kind, ()):
+        if getattr(body, name, None) is not None:
+            raise BadRequestError(
+                f"`{name}` is not supported by the {kind} backend this server runs",
+                param=name,
+                code="unsupported_parameter",
+            )
+    messages = getattr(body, "messages", None) or []
+    if len(messages) > max_messages:
+        raise BadRequestError(
+            f"{len(messages)} messages in one request, more than the {max_messages} allowed "
+            "(LLMUP_PROXY__MAX_REQUEST_MESSAGES)",
+            param="messages",
+            code="too_many_messages",
+        )
+    check_named_tools(body)
+
+
+def check_named_tools(body: Any) -> None:
+    """`tool_choice` / `function_call` naming something the request does not define."""
+    choice = getattr(body, "tool_choice", None)
+    tools = {t.function.name for t in getattr(body, "tools", None) or []}
+    if choice is not None and not isinstance(choice, str) and choice.function.name not in tools:
+        raise BadRequestError(
+            f"tool_choice names `{choice.function.name}`, which is not among `tools`",
+            param="tool_choice",
+        )
+    if choice in ("auto", "required") and not tools:
+        raise BadRequestError(f"tool_choice `{choice}` needs `tools`", param="tool_choice")
+    call = getattr(body, "function_call", None)
+    functions = {f.name for f in getattr(body, "functions", None) or []}
+    if call is not None and not isinstance(call, str) and call.name not in functions:
+        raise BadRequestError(
+            f"function_call names `{call.name}`, which is not among `functions`",
+            param="function_call",
+        )
+
+
+def check_logit_bias(body: Any, n_vocab: int | None) -> None:
+    """Token ids in `logit_bias` must be below the vocabulary size (when the backend says)."""
+    if not body.logit_bias or n_vocab is None:
+        return
+    bad = sorted(int(token) for token in body.logit_bias if int(token) >= n_vocab)
+    if bad:
+        raise BadRequestError(
+            f"`logit_bias` names token id {bad[0]}, but the model's vocabulary has {n_vocab} "
+            f"tokens (ids 0-{n_vocab - 1})",
+            param="logit_bias",
+            code="invalid_value",
+        )

@@ -1,0 +1,114 @@
+"""Grammars are parsed before they reach the backend, by llama.cpp's parser in a child.
+
+llama-cpp-python hands a grammar to `llama_sampler_init_grammar`; when llama.cpp cannot
+parse it, that returns NULL, llama-cpp-python adds the NULL to its sampler chain, and the
+backend dies with SIGSEGV on the next sample (`"grammar": "root ::= ("` or
+`"root ::= foo"`). A few such requests used to exhaust the supervisor's restart budget.
+So every grammar llmup would forward (the `grammar` field, and the grammars llama-cpp-python
+builds from `response_format.schema` and from tool or function parameters) is first parsed
+by the same parser in `launcher.proxy.gbnf_child`, a long-lived child process: a grammar it
+refuses is a 400 naming the field, and one that crashes or hangs it costs only that child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from launcher.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 10.0
+CACHE_SIZE = 1024
+CHILD = [sys.executable, "-m", "launcher.proxy.gbnf_child"]
+
+
+def grammar_requests(body: Any) -> Iterator[tuple[str, dict[str, str]]]:
+    """(param, child request) for each grammar the backend would build from `body`."""
+    if getattr(body, "grammar", None) is not None:
+        yield "grammar", {"grammar": body.grammar}
+    response_format = getattr(body, "response_format", None)
+    schema = (response_format.model_extra or {}).get("schema") if response_format else None
+    if schema is not None and response_format.type == "json_object":
+        yield "response_format.schema", {"schema": json.dumps(schema)}
+    for i, tool in enumerate(getattr(body, "tools", None) or []):
+        if tool.function.parameters is not None:
+            param = f"tools.{i}.function.parameters"
+            yield param, {"schema": json.dumps(tool.function.parameters)}
+    for i, function in enumerate(getattr(body, "functions", None) or []):
+        if function.parameters is not None:
+            yield f"functions.{i}.parameters", {"schema": json.dumps(function.parameters)}
+
+
+class GrammarChecker:
+    """One child parser at a time, started on first use and again after it dies."""
+
+    def __init__(self, *, timeout_s: float = CHECK_TIMEOUT_S, command: list[str] = CHILD) -> None:
+        self.timeout_s = timeout_s
+        self.command = command
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._verdicts: OrderedDict[str, str | None] = OrderedDict()
+
+    async def check_request(self, body: Any) -> None:
+        """BadRequestError naming the field of the first grammar llama.cpp would refuse."""
+        for param, request in grammar_requests(body):
+            error = await self.verdict(request)
+            if error is not None:
+                raise BadRequestError(
+                    f"`{param}` is not a grammar llama.cpp can use: {error}",
+                    param=param,
+                    code="invalid_grammar",
+                )
+
+    async def verdict(self, request: dict[str, str]) -> str | None:
+        """None when llama.cpp accepts the grammar, else its reason (cached by content)."""
+        key = json.dumps(request, sort_keys=True)
+        if key in self._verdicts:
+            self._verdicts.move_to_end(key)
+            return self._verdicts[key]
+        async with self._lock:
+            error = await self._ask(key)
+        self._verdicts[key] = error
+        if len(self._verdicts) > CACHE_SIZE:
+            self._verdicts.popitem(last=False)
+        return error
+
+    async def _ask(self, line: str) -> str | None:
+        proc = await self._child()
+        try:
+            proc.stdin.write(line.encode("utf-8") + b"\n")
+            await proc.stdin.drain()
+            answer = await asyncio.wait_for(proc.stdout.readline(), self.timeout_s)
+            reply = json.loads(answer)
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            log.warning("the grammar parser failed on a grammar (%r); starting a new one", exc)
+            await self._stop()
+            return "it crashed or hung llama.cpp's grammar parser"
+        return None if reply.get("ok") else str(reply.get("error") or "refused")
+
+    async def _child(self) -> asyncio.subprocess.Process:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        return self._proc
+
+    async def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await self._stop()

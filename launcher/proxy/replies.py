@@ -1,0 +1,90 @@
+"""Replies as OpenAI's schemas have them, and the reply a session keeps of a turn.
+
+A backend's reply or stream chunk is passed on with what OpenAI's response schemas require
+and the backend left out: a chat message's `refusal` (required, nullable), each choice's
+`logprobs`, and, in a stream whose client asked for usage, `"usage": null` on every chunk
+but the last. A session stores the reply as it was sent, so a retry of the same request gets
+exactly that reply again (`replay_events` re-streams it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+Reply = dict[str, Any]
+
+
+def conform_reply(reply: Reply, kind: str) -> Reply:
+    """A non-streamed reply with every field OpenAI's schema requires."""
+    for choice in reply.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        choice.setdefault("logprobs", None)
+        message = choice.get("message")
+        if kind == "chat" and isinstance(message, dict):
+            message.setdefault("refusal", None)
+            message.setdefault("content", None)
+    return reply
+
+
+def conform_chunk(chunk: Reply, wants_usage: bool) -> Reply:
+    """A stream chunk as OpenAI sends it; `usage` is null until the last chunk."""
+    for choice in chunk.get("choices") or []:
+        if isinstance(choice, dict):
+            choice.setdefault("logprobs", None)
+            choice.setdefault("finish_reason", None)
+    if wants_usage:
+        chunk.setdefault("usage", None)
+    return chunk
+
+
+def assistant_message(reply: Reply) -> dict[str, Any]:
+    """The assistant message a session stores from a chat reply (tool calls included)."""
+    try:
+        message = reply["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        message = {}
+    stored: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    for name in ("tool_calls", "function_call"):
+        if message.get(name):
+            stored[name] = message[name]
+    if stored["content"] is None and len(stored) == 2:
+        stored["content"] = ""
+    return stored
+
+
+def completion_tokens(reply: Reply) -> int | None:
+    usage = reply.get("usage")
+    value = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def replay_events(reply: Reply, wants_usage: bool) -> Iterator[bytes]:
+    """A stored chat reply streamed again: role and content, the finish, usage if asked."""
+    choice = reply["choices"][0]
+    message = choice["message"]
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    head = {key: reply[key] for key in ("id", "created", "model")}
+    chunks = [
+        _chunk(head, delta, None),
+        _chunk(head, {}, choice.get("finish_reason") or "stop"),
+    ]
+    for chunk in chunks:
+        yield sse(json.dumps(conform_chunk(chunk, wants_usage)))
+    if wants_usage and reply.get("usage"):
+        last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": reply["usage"]}
+        yield sse(json.dumps(last))
+    yield sse("[DONE]")
+
+
+def _chunk(head: Reply, delta: dict[str, Any], finish: str | None) -> Reply:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+def sse(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()

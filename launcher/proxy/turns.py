@@ -1,0 +1,126 @@
+"""One chat turn in a session: take the session, line the request up with it, fit the
+prompt, and commit the reply (or, for a retry, find the reply already stored).
+
+The session's lock is held from loading to committing, so one session's turns never
+interleave. A turn that would push the session past its message cap is refused, and one
+that could not be stored (the disk is full) is refused before anything is generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import anyio
+
+from launcher.errors import BadRequestError
+from launcher.proxy.context import (
+    Fitted,
+    TurnPlan,
+    estimate_tokens,
+    message_text,
+    plan_turn,
+    reply_budget,
+)
+from launcher.proxy.replies import Reply, assistant_message, completion_tokens
+from launcher.proxy.sessions import Conversation, Message, NewTurn, TurnRecord
+from launcher.proxy.state import ProxyState
+
+DROPPED_HEADER = "X-Llmup-Context-Dropped"
+REWOUND_HEADER = "X-Llmup-Session-Rewound"
+REPLAYED_HEADER = "X-Llmup-Session-Replayed"
+
+
+@dataclass(frozen=True)
+class SessionTurn:
+    owner: str
+    session_id: str
+    history: Conversation
+    plan: TurnPlan
+    request: str  # digest of the client's request, kept to recognise a retry
+    fitted: Fitted | None = None  # None for a retry: nothing is sent
+
+    @property
+    def retry(self) -> Reply | None:
+        return self.plan.retry
+
+    def headers(self) -> dict[str, str]:
+        """What the response says about the session: turns left out of the prompt, turns
+        replaced by the client's edited history, or a stored reply sent again."""
+        if self.retry is not None:
+            return {REPLAYED_HEADER: "1"}
+        headers = {DROPPED_HEADER: str(self.fitted.dropped_turns if self.fitted else 0)}
+        rewound = self.plan.rewound(self.history)
+        if rewound:
+            headers[REWOUND_HEADER] = str(rewound)
+        return headers
+
+
+def request_digest(body: Any) -> str:
+    """The client's request as sent (the session id aside): the same digest for a retry."""
+    fields = body.model_dump(mode="json", exclude_unset=True, exclude={"session_id"})
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def prepare(
+    st: ProxyState,
+    stack: AsyncExitStack,
+    body: Any,
+    incoming: list[Message],
+    owner: str,
+    session_id: str,
+) -> SessionTurn:
+    """The turn to run, with the session locked (for as long as `stack` stays open)."""
+    await stack.enter_async_context(st.session_lock(owner, session_id))
+    history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
+    request = request_digest(body)
+    plan = plan_turn(history, incoming, request)
+    turn = SessionTurn(owner, session_id, history, plan, request)
+    if plan.retry is not None:
+        return turn
+    _check_size(st, history, plan)
+    await anyio.to_thread.run_sync(st.sessions.check_space)
+    budget = reply_budget(st.context, body.requested_max_tokens(), st.proxy.default_reserve_tokens)
+    base = replace(history, system=plan.system or history.system)
+    fitted = await st.fitter.fit(base, plan.keep, plan.messages, budget=budget)
+    st.metrics.count_drop(fitted.dropped_turns)
+    return replace(turn, fitted=fitted)
+
+
+def _check_size(st: ProxyState, history: Conversation, plan: TurnPlan) -> None:
+    cap = st.proxy.max_session_messages
+    kept = sum(len(turn) for turn in history.turns[: plan.keep])
+    total = kept + len(plan.messages) + 1  # and the reply
+    if total > cap:
+        raise BadRequestError(
+            f"this turn would make the session {total} messages long, more than the {cap} "
+            "a session may hold (LLMUP_PROXY__MAX_SESSION_MESSAGES); delete it "
+            "(DELETE /v1/sessions/{id}) or start a new one",
+            param="messages",
+            code="session_too_long",
+        )
+
+
+async def commit(st: ProxyState, turn: SessionTurn, reply: Reply) -> bool:
+    """Store the turn with its reply; False when the session was deleted meanwhile."""
+    message = assistant_message(reply)
+    reply_tokens = completion_tokens(reply)
+    if reply_tokens is None:
+        reply_tokens = estimate_tokens(message_text(message))
+    record = TurnRecord(
+        tokens=turn.fitted.new_tokens + reply_tokens, request=turn.request, reply=reply
+    )
+    new = NewTurn(
+        base=turn.history,
+        keep=turn.plan.keep,
+        messages=[*turn.plan.messages, message],
+        system=turn.plan.system,
+        record=record,
+    )
+    store = partial(st.sessions.commit, turn.owner, turn.session_id, new)
+    return await anyio.to_thread.run_sync(store)
