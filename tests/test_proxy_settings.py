@@ -57,3 +57,20 @@ def test_keys_file(monkeypatch, tmp_path) -> None:
 
 def test_default_ttl_is_seven_days() -> None:
     assert Settings().proxy.session_ttl == 7 * 86400
+
+
+@pytest.mark.parametrize("name", ["LLMUP_SESSION_TTL", "LLMUP_PROXY__SESSION_TTL"])
+def test_session_ttl_one_validation_for_both_spellings(monkeypatch, name) -> None:
+    monkeypatch.setenv(name, "-60")
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        Settings()
+    monkeypatch.setenv(name, "0")  # 0: sessions never expire (no longer ignored)
+    assert Settings().proxy.session_ttl == 0
+    monkeypatch.setenv(name, "30m")
+    assert Settings().proxy.session_ttl == 1800
+
+
+def test_the_explicit_nested_ttl_wins_over_the_short_name(monkeypatch) -> None:
+    monkeypatch.setenv("LLMUP_SESSION_TTL", "0")
+    monkeypatch.setenv("LLMUP_PROXY__SESSION_TTL", "1h")
+    assert Settings().proxy.session_ttl == 3600

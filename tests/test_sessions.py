@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from launcher.errors import BadRequestError
-from launcher.proxy.context import split_new
-from launcher.proxy.sessions import Conversation, SessionStore
+from launcher.proxy.context import TurnPlan, plan_turn
+from launcher.proxy.sessions import Conversation, NewTurn, SessionStore, TurnRecord
 
 
 class Clock:
@@ -104,17 +104,59 @@ def test_delete(store) -> None:
     assert store.load("", "s") == Conversation() and store.delete("", "s") is False
 
 
-def test_split_new_accepts_only_the_new_part_or_the_whole_history() -> None:
+def test_a_turn_is_not_stored_into_a_session_deleted_meanwhile(store) -> None:
+    store.commit_turn("", "s", turn("one", "1"))
+    loaded = store.load("", "s")
+    assert store.delete("", "s")
+    late = NewTurn(base=loaded, keep=1, messages=turn("two", "2"))
+    assert store.commit("", "s", late) is False
+    assert store.load("", "s") == Conversation() and store.info("", "s") is None
+    # nor into one deleted and started again (a new epoch)
+    store.commit_turn("", "s", turn("fresh", "f"))
+    assert store.commit("", "s", late) is False
+    assert store.load("", "s").turns == [turn("fresh", "f")]
+
+
+def test_a_rewinding_commit_replaces_the_later_turns_atomically(store) -> None:
+    for word in ("one", "two", "three"):
+        store.commit_turn("", "s", turn(word, word[0]))
+    base = store.load("", "s")
+    record = TurnRecord(tokens=9, request="digest", reply={"id": "x"})
+    store.commit("", "s", NewTurn(base=base, keep=1, messages=turn("TWO", "T"), record=record))
+    history = store.load("", "s")
+    assert history.turns == [turn("one", "o"), turn("TWO", "T")]
+    assert history.records[1] == record and history.records[0].tokens is None
+    assert store.info("", "s").turns == 2 and store.info("", "s").messages == 4
+
+
+def test_ttl_zero_keeps_sessions_forever(tmp_path, clock) -> None:
+    forever = SessionStore(tmp_path / "forever.sqlite3", ttl_s=0, clock=clock)
+    forever.commit_turn("", "s", turn("hi", "hello"))
+    clock.now += 10 * 365 * 86400
+    assert forever.purge_expired() == 0 and forever.load("", "s").turns == [turn("hi", "hello")]
+    forever.close()
+
+
+def test_plan_turn_lines_requests_up_with_the_history() -> None:
     system = {"role": "system", "content": "sys"}
-    history = Conversation(system=system, turns=[turn("one", "1")])
-    new = {"role": "user", "content": "two"}
-    assert split_new(history, [new]).messages == [new]
-    whole = split_new(history, [system, *turn("one", "1"), new])
-    assert whole.messages == [new] and whole.system is None  # unchanged system not re-sent
-    changed = split_new(history, [{"role": "system", "content": "other"}, new])
-    assert changed.system == {"role": "system", "content": "other"}
-    # a different past is new content, kept as sent (nothing silently merged)
-    diverged = [*turn("not one", "x"), new]
-    assert split_new(history, diverged).messages == diverged
+    history = Conversation(
+        system=system, turns=[turn("one", " 1"), turn("two", "2")], epoch="e",
+        records=[TurnRecord(), TurnRecord(request="last", reply={"id": "r"})],
+    )  # fmt: skip
+    new = {"role": "user", "content": "three"}
+    assert plan_turn(history, [new], "x") == TurnPlan(None, [new], keep=2)
+    # the whole history resent, the reply's whitespace trimmed: only the new message is new
+    trimmed = [system, *turn("one", "1"), *turn("two", "2 "), new]
+    assert plan_turn(history, trimmed, "x") == TurnPlan(None, [new], keep=2)
+    # an edited earlier message: the client's version from that turn on
+    edited = [*turn("one", "1"), {"role": "user", "content": "TWO"}]
+    assert plan_turn(history, edited, "x") == TurnPlan(None, edited[2:], keep=1)
+    # a changed system message replaces the stored one
+    other = {"role": "system", "content": "other"}
+    assert plan_turn(history, [other, new], "x").system == other
+    # the request that made the last turn, again: its stored reply
+    assert plan_turn(history, [new], "last").retry == {"id": "r"}
+    # one message is always new, even one that repeats the first
+    assert plan_turn(history, [{"role": "user", "content": "one"}], "x").keep == 2
     with pytest.raises(BadRequestError, match="no new message"):
-        split_new(history, [system, *turn("one", "1")])
+        plan_turn(history, [system, *turn("one", "1"), *turn("two", "2")], "x")

@@ -8,6 +8,7 @@ its proper status (see `launcher.api_errors`); request validation failures are 4
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,7 +61,10 @@ def _watch_gauges(state: ProxyState) -> None:
     metrics = state.metrics
 
     def refresh() -> None:
-        metrics.sessions.set(state.sessions.count())
+        try:
+            metrics.sessions.set(state.sessions.count())
+        except sqlite3.Error as exc:  # a broken store must not take the metrics with it
+            log.warning("cannot count sessions: %s", exc)
         metrics.restarts.set(backend_info.restarts_of(state.backend))
         metrics.backend_up.set(1 if backend_info.is_ready(state.backend) else 0)
         metrics.queue_depth.set(state.admission.waiting)
