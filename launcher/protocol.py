@@ -61,13 +61,16 @@ def _refuse(path: str, why: str) -> None:
 
 
 class _Open(BaseModel):
-    """Request side: unknown fields are accepted (and ignored by whoever reads the model)."""
+    """A part of a request: unknown fields are dropped."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class _Request(_Open):
-    """A whole request body: checked to be plain JSON text before its fields are read."""
+    """A whole request body: unknown fields are accepted (and ignored by whoever reads the
+    model); checked to be plain JSON text before its fields are read."""
+
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +124,9 @@ class StreamOptions(_Open):
 
 class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="llama.cpp: the JSON schema a json_object follows"
+    )
 
 
 class FunctionDefinition(_Open):
@@ -128,6 +134,14 @@ class FunctionDefinition(_Open):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _no_parameters_is_an_empty_list(self) -> FunctionDefinition:
+        """OpenAI reads a function without `parameters` as one that takes none; llama.cpp
+        requires the field, so it is always set (and forwarded)."""
+        if self.parameters is None:
+            self.parameters = {"type": "object", "properties": {}}
+        return self
 
 
 class Tool(_Open):

@@ -3,7 +3,10 @@
 Schemathesis generates valid and invalid requests for every operation (its pytest plugin does
 not support pytest 9 yet, so hypothesis drives its strategies here) and sends them to the
 proxy served by uvicorn in front of the real tiny backend. Generated bodies name the served
-model and ask for few tokens, so most reach the backend instead of stopping at a 404.
+model and ask for few tokens, so most reach the backend instead of stopping at a 404. The
+schema types llama.cpp's own fields (`grammar`, `top_k`, `min_p`, `mirostat_*`, ...),
+tools, functions and `logit_bias`, so generated bodies carry them to the backend too; the
+backend must never be restarted by any of them.
 """
 
 from __future__ import annotations
@@ -44,13 +47,17 @@ def aim(body: Any) -> Any:
         body.setdefault("max_tokens", 4)
         # No byte tokens: the random tiny model strings lead bytes into endless invalid UTF-8,
         # which llama-cpp-python holds back past max_tokens (a real model's output is valid).
-        body["logit_bias"] = BYTE_TOKENS
+        # Generated biases for other token ids stay.
+        generated = body.get("logit_bias")
+        body["logit_bias"] = {**(generated if isinstance(generated, dict) else {}), **BYTE_TOKENS}
     return body
 
 
 def check(case: Any, seen: Counter) -> None:
     if hasattr(case, "body"):
         case.body = aim(case.body)
+        if isinstance(case.body, dict):
+            seen.update(f"field:{name}" for name in case.body)
     response = case.call()
     seen[(case.path, response.status_code // 100)] += 1
     assert response.status_code < 500, (case.method, case.path, response.text[:300], case.body)
@@ -64,7 +71,8 @@ def operations(api_schema) -> list:
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_server_error(api_schema, mode) -> None:
+def test_no_server_error(api_schema, tiny_backend, mode) -> None:
+    restarts = tiny_backend.restarts
     ops = operations(api_schema)
     assert {op.path for op in ops} >= {"/v1/chat/completions", "/v1/sessions/{session_id}"}
     exercised, seen = [], Counter()
@@ -88,5 +96,8 @@ def test_no_server_error(api_schema, mode) -> None:
     assert "/v1/chat/completions" in exercised and "/v1/completions" in exercised
     if mode == GenerationMode.POSITIVE:  # valid requests did reach the model
         assert seen[("/v1/chat/completions", 2)] > 0 and seen[("/v1/completions", 2)] > 0
+        backend_fields = ("grammar", "top_k", "min_p", "mirostat_mode", "tools", "repeat_penalty")
+        assert all(seen[f"field:{name}"] > 0 for name in backend_fields), seen
     else:
         assert seen[("/v1/chat/completions", 4)] > 0
+    assert tiny_backend.restarts == restarts and tiny_backend.state == "ready"

@@ -74,21 +74,18 @@ def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
 
 def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str, Any]:
     """The request as the backend gets it: the fields the proxy knows and checked (unknown
-    ones are dropped, `session_id` too), and usage asked for in streams (the proxy drops
-    it again unless the client asked too)."""
+    ones are dropped, `session_id` too), without nulls (OpenAI reads an explicit null as
+    "the default"; llama_cpp.server refuses it), and usage asked for in streams (the proxy
+    drops it again unless the client asked too)."""
     known = set(type(body).model_fields) - {"session_id"}
-    payload = _without_nulls(body.model_dump(mode="json", exclude_unset=True, include=known))
+    payload = body.model_dump(
+        mode="json", exclude_unset=True, exclude_none=True, by_alias=True, include=known
+    )
     if messages is not None:
         payload["messages"] = [{k: v for k, v in m.items() if v is not None} for m in messages]
     if payload.get("stream"):
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return payload
-
-
-def _without_nulls(payload: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI reads an explicit null as "the default"; some backends (llama_cpp.server)
-    reject it, so nulls are left out."""
-    return {k: v for k, v in payload.items() if v is not None}
 
 
 async def _check_request(st: ProxyState, body: Any) -> None:

@@ -34,16 +34,14 @@ def grammar_requests(body: Any) -> Iterator[tuple[str, dict[str, str]]]:
     if getattr(body, "grammar", None) is not None:
         yield "grammar", {"grammar": body.grammar}
     response_format = getattr(body, "response_format", None)
-    schema = (response_format.model_extra or {}).get("schema") if response_format else None
+    schema = response_format.json_schema_ if response_format else None
     if schema is not None and response_format.type == "json_object":
         yield "response_format.schema", {"schema": json.dumps(schema)}
     for i, tool in enumerate(getattr(body, "tools", None) or []):
-        if tool.function.parameters is not None:
-            param = f"tools.{i}.function.parameters"
-            yield param, {"schema": json.dumps(tool.function.parameters)}
+        param = f"tools.{i}.function.parameters"
+        yield param, {"schema": json.dumps(tool.function.parameters)}
     for i, function in enumerate(getattr(body, "functions", None) or []):
-        if function.parameters is not None:
-            yield f"functions.{i}.parameters", {"schema": json.dumps(function.parameters)}
+        yield f"functions.{i}.parameters", {"schema": json.dumps(function.parameters)}
 
 
 class GrammarChecker:

@@ -91,9 +91,9 @@ ChatMessage = Annotated[
 
 
 class ResponseFormat(_ResponseFormat):
-    """`text` or `json_object` (llama.cpp constrains the reply to JSON with a grammar);
-    `type` is required on the wire. OpenAI's `json_schema` is not offered: llama_cpp.server
-    does not accept it."""
+    """`text` or `json_object` (llama.cpp constrains the reply to JSON with a grammar, built
+    from `schema` when given); `type` is required on the wire. OpenAI's `json_schema` is not
+    offered: llama_cpp.server does not accept it."""
 
     type: Literal["text", "json_object"]
 

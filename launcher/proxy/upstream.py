@@ -122,9 +122,11 @@ def parse_json(content: bytes) -> dict[str, Any]:
 def error_from_reply(status: int, content: bytes) -> ProxyError:
     """A backend error reply as a ProxyError, keeping its message and OpenAI code."""
     message, code, param = _describe(content)
-    if status >= 500:
+    if status >= 500:  # its details stay in the log: they are the backend's internals
         log.warning("backend error %d: %s", status, message)
-        return BackendFailedError(f"the model backend failed: {message}")
+        return BackendFailedError(
+            f"the model backend failed on this request (HTTP {status}); its log has the details"
+        )
     if status == 404:
         return NotFoundError(message, code=code or "not_found", param=param)
     return ProxyError(message, code=code, param=param, status=PASSED_STATUSES.get(status, 400))
