@@ -28,17 +28,22 @@ def sid(name: str) -> dict:
     return {"extra_headers": {"X-Session-Id": name}}
 
 
-def test_resent_history_with_trimmed_replies_is_not_stored_again(make_proxy) -> None:
-    proxy = make_proxy()
-    client = proxy.client()
+def converse(client, session: str, turns: int, reshape=lambda text: text) -> list[dict]:
+    """`turns` turns, each resending the whole conversation (replies passed via `reshape`)."""
     history: list[dict] = []
-    for turn in range(6):
+    for turn in range(turns):
         history.append({"role": "user", "content": f"what time {turn}"})
         reply = client.chat.completions.create(
-            model=MODEL, messages=history, max_tokens=4, seed=turn, **sid("trim")
+            model=MODEL, messages=history, max_tokens=4, seed=turn, **sid(session)
         )
-        text = reply.choices[0].message.content  # a UI trims it, then pads it differently
-        history.append({"role": "assistant", "content": "  " + text.strip() + "\n"})
+        history.append({"role": "assistant", "content": reshape(reply.choices[0].message.content)})
+    return history
+
+
+def test_resent_history_with_trimmed_replies_is_not_stored_again(make_proxy) -> None:
+    proxy = make_proxy()
+    # a UI trims each reply, then pads it differently
+    history = converse(proxy.client(), "trim", 6, lambda text: "  " + text.strip() + "\n")
     stored = proxy.http().get("/v1/sessions/trim").json()
     assert stored["turns"] == 6 and len(stored["messages"]) == 12
     # what the session holds is what the client holds (replies as the backend sent them)
@@ -52,13 +57,7 @@ def test_resent_history_with_trimmed_replies_is_not_stored_again(make_proxy) -> 
 def test_an_edited_earlier_message_rewinds_the_session(make_proxy) -> None:
     proxy = make_proxy()
     client = proxy.client()
-    history: list[dict] = []
-    for turn in range(3):
-        history.append({"role": "user", "content": f"hello {turn}"})
-        reply = client.chat.completions.create(
-            model=MODEL, messages=history, max_tokens=3, **sid("edit")
-        )
-        history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    history = converse(client, "edit", 3)
     edited = [history[0], history[1], {"role": "user", "content": "something else"}]
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=edited, max_tokens=3, **sid("edit")
@@ -66,10 +65,10 @@ def test_an_edited_earlier_message_rewinds_the_session(make_proxy) -> None:
     assert raw.headers["X-Llmup-Session-Rewound"] == "2"  # turns 2 and 3 replaced
     stored = proxy.http().get("/v1/sessions/edit").json()
     users = [m["content"] for m in stored["messages"] if m["role"] == "user"]
-    assert stored["turns"] == 2 and users == ["hello 0", "something else"]
+    assert stored["turns"] == 2 and users == ["what time 0", "something else"]
     # sending only the next message still appends (nothing rewound)
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello 0"}], max_tokens=3,
+        model=MODEL, messages=[{"role": "user", "content": "what time 0"}], max_tokens=3,
         **sid("edit"),
     )  # fmt: skip
     assert "X-Llmup-Session-Rewound" not in raw.headers
