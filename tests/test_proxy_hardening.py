@@ -54,6 +54,8 @@ def test_bad_fields_are_400_naming_the_field(make_proxy) -> None:
         ({**OK, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
          "tool_choice"),
         ({**OK, "seed": 2**70}, "seed"),
+        ({**OK, "functions": [{"name": "f", "parameters": {"x": 9.2e18}}]},
+         "functions.0.parameters"),
     ]  # fmt: skip
     for body, param in cases:
         content = json.dumps(body).encode()  # \ud800 stays an escape, as a client sends it

@@ -17,7 +17,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from launcher.protocol import ChatCompletionRequest, CompletionRequest, ToolCall, check_plain_json
+from launcher.protocol import (
+    MAX_TOOLS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    FunctionDefinition,
+    Tool,
+    ToolCall,
+    check_plain_json,
+)
 from launcher.protocol import FunctionCall as _FunctionCall
 from launcher.protocol import ResponseFormat as _ResponseFormat
 
@@ -98,6 +106,26 @@ class ResponseFormat(_ResponseFormat):
     type: Literal["text", "json_object"]
 
 
+class LlamaFunction(FunctionDefinition):
+    """llama_cpp.server types a parameters schema's top-level values as JSON without
+    decimal numbers (a 500 otherwise): `{"minimum": 0.5}` must sit inside a property."""
+
+    @field_validator("parameters")
+    @classmethod
+    def _no_top_level_decimals(cls, parameters: dict | None) -> dict | None:
+        for key, value in (parameters or {}).items():
+            if isinstance(value, float):
+                raise ValueError(
+                    f"`{key}` is a decimal number; the backend takes none at the top level of a "
+                    "parameters schema (put it inside a property)"
+                )
+        return parameters
+
+
+class LlamaTool(Tool):
+    function: LlamaFunction
+
+
 class LlamaCppOptions(BaseModel):
     """llama.cpp's sampling fields beyond OpenAI's, with llama_cpp.server's bounds."""
 
@@ -118,6 +146,8 @@ class ChatRequest(LlamaCppOptions, ChatCompletionRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)  # type: ignore[assignment]
     response_format: ResponseFormat | None = None
+    tools: list[LlamaTool] | None = Field(default=None, max_length=MAX_TOOLS)  # type: ignore[assignment]
+    functions: list[LlamaFunction] | None = Field(default=None, max_length=MAX_TOOLS)  # type: ignore[assignment]
     session_id: str | None = Field(
         default=None, pattern=SESSION_ID.pattern, description="X-Session-Id, in the body"
     )
