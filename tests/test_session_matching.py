@@ -81,16 +81,23 @@ def test_an_exact_retry_gets_the_stored_reply(make_proxy) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
             "temperature": 1.5, "logit_bias": NO_EOS}  # fmt: skip
     headers = {"X-Session-Id": "retry"}
+    retry = {**headers, "x-stainless-retry-count": "1"}  # what the openai SDKs send on a retry
     first = http.post(CHAT, json=body, headers=headers)
-    again = http.post(CHAT, json=body, headers=headers)  # the reply was "lost": sent again
+    again = http.post(CHAT, json=body, headers=retry)  # the reply was "lost": sent again
     assert again.json() == first.json() and again.headers["X-Llmup-Session-Replayed"] == "1"
     check_chat(again.json())
     assert http.get("/v1/sessions/retry").json()["turns"] == 1
+    # the whole conversation resent exactly as before is a retry without any header
+    whole = {**body, "messages": [*body["messages"], first.json()["choices"][0]["message"],
+                                  {"role": "user", "content": "more"}]}  # fmt: skip
+    second = http.post(CHAT, json=whole, headers=headers).json()
+    assert http.post(CHAT, json=whole, headers=headers).json() == second
+    assert http.get("/v1/sessions/retry").json()["turns"] == 2
     # a streamed turn, retried streamed: the same text again, as OpenAI chunks
-    stream = {**body, "messages": [{"role": "user", "content": "more"}], "stream": True,
+    stream = {**body, "messages": [{"role": "user", "content": "again"}], "stream": True,
               "stream_options": {"include_usage": True}}  # fmt: skip
     original = sse_events(http.post(CHAT, json=stream, headers=headers).text)
-    replayed = sse_events(http.post(CHAT, json=stream, headers=headers).text)
+    replayed = sse_events(http.post(CHAT, json=stream, headers=retry).text)
     for chunk in replayed[:-1]:
         check_chunk(chunk)
 
@@ -100,11 +107,13 @@ def test_an_exact_retry_gets_the_stored_reply(make_proxy) -> None:
         )
 
     assert text(replayed) == text(original) and replayed[-2]["usage"] == original[-2]["usage"]
-    assert http.get("/v1/sessions/retry").json()["turns"] == 2
-    # the same message with any other setting is a new turn, generated anew
-    other = http.post(CHAT, json={**stream, "stream": False, "seed": 5}, headers=headers)
-    assert "X-Llmup-Session-Replayed" not in other.headers
     assert http.get("/v1/sessions/retry").json()["turns"] == 3
+    # the same single message sent again, not as a retry ("hello", twice), is a new turn
+    repeated = http.post(CHAT, json={**stream, "stream": False}, headers=headers)
+    assert "X-Llmup-Session-Replayed" not in repeated.headers
+    repeated = http.post(CHAT, json={**stream, "stream": False}, headers=headers)
+    assert "X-Llmup-Session-Replayed" not in repeated.headers
+    assert http.get("/v1/sessions/retry").json()["turns"] == 5
 
 
 def test_delete_during_a_turn_is_never_undone(make_proxy) -> None:

@@ -154,8 +154,10 @@ def test_plan_turn_lines_requests_up_with_the_history() -> None:
     # a changed system message replaces the stored one
     other = {"role": "system", "content": "other"}
     assert plan_turn(history, [other, new], "x").system == other
-    # the request that made the last turn, again: its stored reply
-    assert plan_turn(history, [new], "last").retry == {"id": "r"}
+    # the request that made the last turn, again, as a retry: its stored reply
+    assert plan_turn(history, [new], "last", retrying=True).retry == {"id": "r"}
+    assert plan_turn(history, [new], "last").retry is None  # the same message, sent again
+    assert plan_turn(history, [*turn("one", "1"), new], "last").retry == {"id": "r"}
     # one message is always new, even one that repeats the first
     assert plan_turn(history, [{"role": "user", "content": "one"}], "x").keep == 2
     with pytest.raises(BadRequestError, match="no new message"):

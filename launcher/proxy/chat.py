@@ -170,7 +170,10 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
         await stack.enter_async_context(st.admission.admit())
         turn = None
         if session_id:
-            turn = await turns.prepare(st, stack, body, incoming, owner, session_id)
+            turn = await turns.prepare(
+                st, stack, body, incoming,
+                owner=owner, session_id=session_id, headers=request.headers,
+            )  # fmt: skip
             if turn.retry is not None:
                 return _replay(turn, body)
             fitted = turn.fitted

@@ -5,8 +5,7 @@ the request up with the stored history by longest common prefix (assistant messa
 compared with their whitespace normalised, as many UIs trim replies): what matches is not
 stored again, and from the first real difference the client's version is the truth (the
 session is rewound to the start of that turn, as "edit and resend" does in chat UIs). A
-request identical to the one that made the last stored turn is a retry: it gets the stored
-reply again.
+retry of the request that made the last stored turn gets the stored reply again.
 
 Tokens are counted with the backend's own tokenizer (`/extras/tokenize/count`): once per
 request for the new messages together (and the system message, cached), never once per
@@ -118,17 +117,25 @@ class TurnPlan:
         return len(history.turns) - self.keep
 
 
-def plan_turn(history: Conversation, incoming: list[Message], request: str) -> TurnPlan:
-    """Line a request's messages up with the session's history (see the module's doc)."""
+def plan_turn(
+    history: Conversation, incoming: list[Message], request: str, *, retrying: bool = False
+) -> TurnPlan:
+    """Line a request's messages up with the session's history (see the module's doc).
+
+    A request identical to the one that made the last turn is a retry when it resends the
+    history (its messages then are exactly that turn's) or says it is one (`retrying`: the
+    openai SDKs' retry header, or an Idempotency-Key); otherwise one new message sent again
+    ("hello", twice) is a new turn."""
     turns = history.turns
-    last = history.record(len(turns) - 1) if turns else None
-    if last is not None and last.request == request and last.reply is not None:
-        return TurnPlan(system=None, messages=[], keep=len(turns), retry=last.reply)
     system = incoming[0] if incoming and incoming[0]["role"] == "system" else None
     rest = incoming[1:] if system else list(incoming)
-    keep, new = len(turns), rest
     stored = history.body()
-    if stored and _resends_history(stored, rest):
+    resends = bool(stored) and _resends_history(stored, rest)
+    last = history.record(len(turns) - 1) if turns else None
+    if last and last.request == request and last.reply is not None and (retrying or resends):
+        return TurnPlan(system=None, messages=[], keep=len(turns), retry=last.reply)
+    keep, new = len(turns), rest
+    if resends:
         matched = common_prefix(stored, rest)
         keep = _turn_of(turns, matched)
         new = rest[sum(len(t) for t in turns[:keep]) :]

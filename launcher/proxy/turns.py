@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from functools import partial
@@ -60,11 +61,23 @@ class SessionTurn:
         return headers
 
 
-def request_digest(body: Any) -> str:
-    """The client's request as sent (the session id aside): the same digest for a retry."""
+RETRY_COUNT_HEADER = "x-stainless-retry-count"  # sent by the openai SDKs, 1 on a first retry
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+def request_digest(body: Any, headers: Mapping[str, str]) -> str:
+    """The client's request as sent (the session id aside) and its Idempotency-Key: the
+    same digest for a retry."""
     fields = body.model_dump(mode="json", exclude_unset=True, exclude={"session_id"})
+    fields[IDEMPOTENCY_HEADER] = headers.get(IDEMPOTENCY_HEADER)
     text = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def says_retry(headers: Mapping[str, str]) -> bool:
+    """Whether the client marks the request as a retry of an earlier one."""
+    count = headers.get(RETRY_COUNT_HEADER, "0")
+    return IDEMPOTENCY_HEADER in headers or (count.isdigit() and int(count) > 0)
 
 
 async def prepare(
@@ -72,14 +85,16 @@ async def prepare(
     stack: AsyncExitStack,
     body: Any,
     incoming: list[Message],
+    *,
     owner: str,
     session_id: str,
+    headers: Mapping[str, str],
 ) -> SessionTurn:
     """The turn to run, with the session locked (for as long as `stack` stays open)."""
     await stack.enter_async_context(st.session_lock(owner, session_id))
     history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
-    request = request_digest(body)
-    plan = plan_turn(history, incoming, request)
+    request = request_digest(body, headers)
+    plan = plan_turn(history, incoming, request, retrying=says_retry(headers))
     turn = SessionTurn(owner, session_id, history, plan, request)
     if plan.retry is not None:
         return turn
