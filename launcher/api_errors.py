@@ -28,7 +28,7 @@ from launcher.protocol import error_body
 
 log = logging.getLogger(__name__)
 
-HTTP_CODES = {401: "invalid_api_key", 404: "unknown_url", 405: "method_not_allowed"}
+HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 INTERNAL_MESSAGE = "internal error in the llmup server; the request was not completed, retry"
 # pydantic error types -> OpenAI's `error.code` for an invalid parameter
 _TYPE_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}

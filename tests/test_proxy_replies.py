@@ -75,7 +75,7 @@ def test_errors_follow_the_schema_with_openai_types_and_codes(make_proxy) -> Non
          "invalid_value"),
         (http.post(CHAT, json={"model": MODEL}), 400, "invalid_request_error",
          "missing_required_parameter"),
-        (http.get("/v1/nowhere"), 404, "invalid_request_error", "unknown_url"),
+        (http.get("/v1/nowhere"), 404, "invalid_request_error", "not_found"),
     ]  # fmt: skip
     for response, status, kind, code in cases:
         assert response.status_code == status, response.text
