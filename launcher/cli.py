@@ -68,7 +68,7 @@ def plan_request(
     *, hardware, model, backend, context, kv_cache, reserve_mib, allow_offload, model_file
 ):
     """Merge CLI flags over the settings tree (env LLMUP_PLANNING__*) into a PlanRequest."""
-    from launcher.planning.planner import PlanRequest
+    from launcher.planning import PlanRequest
 
     if context is not None and context <= 0:
         raise UsageError(f"--context must be a positive number of tokens, got {context}")

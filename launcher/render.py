@@ -11,6 +11,7 @@ from rich.table import Table
 
 from launcher.hardware.snapshot import HardwareSnapshot
 from launcher.planning.plan import Plan, Rejected
+from launcher.units import MIB, gib_text
 
 out = Console()
 err = Console(stderr=True)
@@ -22,7 +23,7 @@ def print_json(value: BaseModel | dict) -> None:
 
 
 def gib(mib: int) -> str:
-    return f"{mib / 1024:.1f} GiB"
+    return gib_text(mib * MIB)
 
 
 def snapshot(snap: HardwareSnapshot) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.backends.llamacpp_log import MIB, LoadBuffers, parse_load_log
+from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+from launcher.units import MIB
 from tests.ggufgen import model_tensor_bytes, write_llama_gguf
 
 LOGS = Path(__file__).parent / "data" / "llamacpp-logs"

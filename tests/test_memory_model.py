@@ -6,8 +6,8 @@ import pytest
 
 from launcher.catalog.loader import load_catalog
 from launcher.catalog.models import Architecture
+from launcher.catalog.shape import ModelShape, WeightLayout, layout_from_catalog
 from launcher.planning import exllamav2 as exl
-from launcher.planning.layout import ModelShape, WeightLayout, layout_from_catalog
 from launcher.planning.llamacpp import (
     MIB,
     LlamaCppSettings,

@@ -29,7 +29,6 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
-MIB = 1024 * 1024
 _NUM = r"(-?\d+(?:\.\d+)?)"
 
 

@@ -14,11 +14,10 @@ import subprocess
 from launcher.errors import DetectionError
 from launcher.hardware.runner import Runner, run_command
 from launcher.hardware.snapshot import Gpu, UnifiedMemory
+from launcher.units import GIB, MIB
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-GIB = 1024 * MIB
 # Metal's default: 2/3 of RAM up to this size, 3/4 above. Matches the budgets ggml logs:
 # 16 GiB -> 10922.67 MiB, 32 GiB -> 21845.34 MiB, 64 GiB -> 49152 MiB.
 TWO_THIRDS_UP_TO_BYTES = 36 * GIB

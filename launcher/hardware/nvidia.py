@@ -16,10 +16,10 @@ from pydantic import ValidationError
 from launcher.errors import DetectionError
 from launcher.hardware.runner import Runner, run_command
 from launcher.hardware.snapshot import Gpu
+from launcher.units import MIB
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 NA = "[N/A]"
 BASE_FIELDS = ("index", "name", "memory.total", "memory.used", "memory.free")
 FULL_FIELDS = (*BASE_FIELDS, "compute_cap")

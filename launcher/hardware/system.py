@@ -8,8 +8,7 @@ import sys
 import psutil
 
 from launcher.hardware.snapshot import SystemInfo
-
-MIB = 1024 * 1024
+from launcher.units import MIB
 
 _ARCH_ALIASES = {
     "amd64": "x86_64",

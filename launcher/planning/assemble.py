@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from launcher.planning.candidates import Candidate
-from launcher.planning.llamacpp import MIB
 from launcher.planning.plan import (
     DeviceNeed,
     JoinSpec,
@@ -16,14 +13,8 @@ from launcher.planning.plan import (
     Settings,
     Source,
 )
-
-if TYPE_CHECKING:
-    from launcher.planning.planner import PlanRequest
-
-
-def mib(n: int) -> int:
-    """Round up: a plan that under-counts by a fraction of a MiB is still an under-count."""
-    return -(-n // MIB)
+from launcher.planning.request import PlanRequest
+from launcher.units import MIB, ceil_mib
 
 
 def _source(c: Candidate) -> Source:
@@ -54,11 +45,11 @@ def _memory(c: Candidate) -> MemoryMiB:
     compute = sum(d.compute for d in devices)
     overhead = sum(d.overhead + sum(d.extra.values()) for d in devices)
     return MemoryMiB(
-        weights=mib(weights),
-        kv_cache=mib(kv),
-        compute=mib(compute),
-        overhead=mib(overhead),
-        total=mib(weights + kv + compute + overhead),
+        weights=ceil_mib(weights),
+        kv_cache=ceil_mib(kv),
+        compute=ceil_mib(compute),
+        overhead=ceil_mib(overhead),
+        total=ceil_mib(weights + kv + compute + overhead),
     )
 
 
@@ -66,14 +57,14 @@ def _placement(c: Candidate) -> Placement:
     devices = [
         DeviceNeed(
             device=d.device,
-            need_mib=mib(d.total),
+            need_mib=ceil_mib(d.total),
             budget_mib=budget // MIB,
             layers=d.layers,
             breakdown_mib={
-                "weights": mib(d.weights),
-                "kv_cache": mib(d.kv_cache),
-                "compute": mib(d.compute),
-                "overhead": mib(d.overhead + sum(d.extra.values())),
+                "weights": ceil_mib(d.weights),
+                "kv_cache": ceil_mib(d.kv_cache),
+                "compute": ceil_mib(d.compute),
+                "overhead": ceil_mib(d.overhead + sum(d.extra.values())),
             },
         )
         for d, budget in zip(c.gpus, c.gpu_budgets)
@@ -82,7 +73,7 @@ def _placement(c: Candidate) -> Placement:
         n_gpu_layers=c.n_gpu_layers,
         tensor_split=c.tensor_split,
         devices=devices,
-        ram_need_mib=mib(c.host.total),
+        ram_need_mib=ceil_mib(c.host.total),
         ram_budget_mib=c.host_budget // MIB,
         offload=c.offload,
     )

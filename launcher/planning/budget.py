@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.hardware.snapshot import HardwareSnapshot
-from launcher.planning.llamacpp import MIB
+from launcher.units import MIB
 
 
 @dataclass(frozen=True)

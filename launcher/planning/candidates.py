@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from launcher.catalog.shape import ModelShape
+from launcher.planning import exllamav2 as exl
 from launcher.planning.budget import Budgets
-from launcher.planning.layout import ModelShape
 from launcher.planning.llamacpp import (
-    MIB,
-    DeviceMemory,
+    DEVICE_OVERHEAD,
     LlamaCppSettings,
     compute_bytes,
     kv_bytes_per_layer,
     memory_by_device,
 )
+from launcher.planning.memory import DeviceMemory
 from launcher.planning.placement import split_units
+from launcher.units import gib_text
 
 CLASS_RANK = {"full": 2, "partial": 1, "cpu": 0}
 
@@ -55,10 +57,6 @@ class Candidate:
         )
 
 
-def gib(n: int) -> str:
-    return f"{n / (1024 * MIB):.1f} GiB"
-
-
 def check_devices(cand: Candidate, budgets: Budgets) -> None:
     """Set fits/reason/miss from the per-device needs already placed on the candidate."""
     misses = []
@@ -67,7 +65,8 @@ def check_devices(cand: Candidate, budgets: Budgets) -> None:
             misses.append(
                 (
                     dev.total - budget,
-                    f"needs {gib(dev.total)} on {dev.device}, {gib(budget)} free after reserve",
+                    f"needs {gib_text(dev.total)} on {dev.device}, "
+                    f"{gib_text(budget)} free after reserve",
                 )
             )
     host_need = cand.host.total if cand.host else 0
@@ -77,7 +76,8 @@ def check_devices(cand: Candidate, budgets: Budgets) -> None:
         misses.append(
             (
                 host_need - budgets.host,
-                f"needs {gib(host_need)} of RAM, {gib(budgets.host)} available after reserve",
+                f"needs {gib_text(host_need)} of RAM, "
+                f"{gib_text(budgets.host)} available after reserve",
             )
         )
     cand.fits = not misses
@@ -125,8 +125,6 @@ def _apply(cand, shape, settings, kinds, k, split) -> None:
 
 def _llamacpp_split(shape, settings, budgets: Budgets, k: int) -> list[int] | None:
     """Layer counts per GPU for the last k units (blocks, then the output layer)."""
-    from launcher.planning.llamacpp import DEVICE_OVERHEAD
-
     n_layer = shape.arch.n_layer
     kv = kv_bytes_per_layer(shape, settings)
     units = [shape.layout.layers[i] + kv for i in range(max(n_layer - k, 0), n_layer)]
@@ -149,13 +147,11 @@ def _report_full_offload_miss(cand, shape, settings, budgets: Budgets, kinds) ->
         names = "+".join(d.device for d in cand.gpus)
         cand.fits = False
         cand.miss = max(need - have, cand.miss, 1)
-        cand.reason = f"needs {gib(need)} on {names}, {gib(have)} free after reserve"
+        cand.reason = f"needs {gib_text(need)} on {names}, {gib_text(have)} free after reserve"
 
 
 def place_exllamav2(cand: Candidate, spec, variant, settings, budgets: Budgets) -> None:
     """GPTQ runs on NVIDIA GPUs only, every layer on a GPU (exllamav2 has no CPU path)."""
-    from launcher.planning import exllamav2 as exl
-
     arch = spec.architecture
     emb = spec.gptq.embedding_bytes
     cuda = [g for g in budgets.gpus if g.kind == "cuda"]
@@ -180,7 +176,7 @@ def place_exllamav2(cand: Candidate, spec, variant, settings, budgets: Budgets) 
         need, have = sum(d.total for d in cand.gpus), sum(cand.gpu_budgets)
         cand.miss = max(need - have, cand.miss)
         names = "+".join(d.device for d in cand.gpus)
-        cand.reason = f"needs {gib(need)} on {names}, {gib(have)} free after reserve"
+        cand.reason = f"needs {gib_text(need)} on {names}, {gib_text(have)} free after reserve"
 
 
 def _even(n: int, budgets: list[int]) -> list[int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.catalog.models import Architecture, GptqVariant
-from launcher.planning.llamacpp import MIB, DeviceMemory
+from launcher.planning.memory import DeviceMemory
+from launcher.units import MIB
 
 CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
 _CACHE_BITS = {"Q8": 8, "Q6": 6, "Q4": 4}

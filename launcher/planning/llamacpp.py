@@ -8,11 +8,11 @@ and are checked against the buffer sizes llama.cpp logs when it loads a model
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from launcher.planning.layout import ModelShape
-
-MIB = 1024 * 1024
+from launcher.catalog.shape import ModelShape
+from launcher.planning.memory import DeviceMemory
+from launcher.units import MIB
 
 # bytes per element of each KV cache type (block size / block bytes)
 KV_TYPE_BYTES = {
@@ -47,25 +47,6 @@ class LlamaCppSettings:
     def kv_size(self) -> int:
         """Cells in the KV cache: n_ctx padded up to a multiple of 256, as llama.cpp does."""
         return -(-self.n_ctx // KV_PAD) * KV_PAD
-
-
-@dataclass
-class DeviceMemory:
-    """What one device (or the host, device 'cpu') holds, in bytes."""
-
-    device: str
-    weights: int = 0
-    kv_cache: int = 0
-    compute: int = 0
-    overhead: int = 0
-    layers: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return (
-            self.weights + self.kv_cache + self.compute + self.overhead + sum(self.extra.values())
-        )
 
 
 def kv_bytes_per_layer(shape: ModelShape, settings: LlamaCppSettings) -> int:

@@ -8,56 +8,21 @@ faster backend for the hardware. The context is never cut below what was asked.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from launcher.catalog.loader import Catalog, load_catalog
-from launcher.errors import NothingFitsError, UsageError
-from launcher.hardware.snapshot import HardwareSnapshot
+from launcher.catalog.shape import ModelShape, layout_from_catalog
+from launcher.errors import NothingFitsError
 from launcher.planning import exllamav2 as exl
 from launcher.planning.assemble import candidate_to_plan
 from launcher.planning.budget import Budgets, budgets_for
 from launcher.planning.candidates import Candidate, place_exllamav2, place_llamacpp
-from launcher.planning.layout import ModelShape, layout_from_catalog
 from launcher.planning.llamacpp import KV_TYPE_BYTES, LlamaCppSettings
 from launcher.planning.plan import Plan, Rejected
+from launcher.planning.request import KV_TO_EXL, PlanRequest
+from launcher.weights.gguf_file import read_model_file
 
 log = logging.getLogger(__name__)
-
-KV_TO_EXL = {"f16": "FP16", "q8_0": "Q8", "q4_0": "Q4"}
-BackendChoice = Literal["auto", "llama.cpp", "exllamav2"]
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    hardware: HardwareSnapshot
-    model: str | None = None
-    backend: BackendChoice = "auto"
-    context: int = 4096
-    kv_cache: str = "f16"
-    reserve_mib: int = 1024
-    ram_reserve_mib: int = 1024
-    allow_offload: bool = False
-    model_file: Path | None = None
-    n_batch: int = 512
-    n_ubatch: int = 512
-
-    def validate(self) -> None:
-        if self.context <= 0:
-            raise UsageError(f"--context must be a positive number of tokens, got {self.context}")
-        if self.kv_cache not in KV_TO_EXL:
-            raise UsageError(
-                f"--kv-cache must be one of {', '.join(KV_TO_EXL)}, got {self.kv_cache!r}"
-            )
-        if self.reserve_mib < 0 or self.ram_reserve_mib < 0:
-            raise UsageError("--reserve-mib must not be negative")
-        if self.backend not in ("auto", "llama.cpp", "exllamav2"):
-            raise UsageError(
-                f"--backend must be auto, llama.cpp or exllamav2, got {self.backend!r}"
-            )
-        if self.model_file and self.backend == "exllamav2":
-            raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")
 
 
 def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
@@ -180,8 +145,6 @@ def _gptq_candidates(spec, req: PlanRequest, budgets: Budgets):
 
 
 def _file_candidate(req: PlanRequest, budgets: Budgets) -> Candidate:
-    from launcher.weights.gguf_file import read_model_file
-
     shape = read_model_file(req.model_file)
     settings = llamacpp_settings(req)
     params = shape.n_params or 1

@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from launcher.catalog.models import Architecture
+from launcher.catalog.shape import ModelShape, WeightLayout
 from launcher.errors import ModelFileError
-from launcher.planning.layout import ModelShape, WeightLayout
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")

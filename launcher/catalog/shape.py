@@ -1,7 +1,8 @@
 """Where a model's bytes are: the weight layout the memory models place on devices.
 
 A layout comes from the catalog (file size and the quant's tensor types, an estimate)
-or from a GGUF header (exact tensor sizes); the memory models only see this value.
+or from a GGUF header (exact tensor sizes, `weights.gguf_file`); the memory models in
+`planning` only see this value. It lives here, below both, so neither imports the other.
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""What a plan is asked for: the hardware and every option `llmup plan` takes.
+
+It sits beside the plan contract (`plan.py`) so the planner and the code that turns a
+candidate into a Plan both read it without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from launcher.errors import UsageError
+from launcher.hardware.snapshot import HardwareSnapshot
+
+# llama.cpp KV cache type -> the exllamav2 cache mode of the same precision
+KV_TO_EXL = {"f16": "FP16", "q8_0": "Q8", "q4_0": "Q4"}
+BackendChoice = Literal["auto", "llama.cpp", "exllamav2"]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    hardware: HardwareSnapshot
+    model: str | None = None
+    backend: BackendChoice = "auto"
+    context: int = 4096
+    kv_cache: str = "f16"
+    reserve_mib: int = 1024
+    ram_reserve_mib: int = 1024
+    allow_offload: bool = False
+    model_file: Path | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+
+    def validate(self) -> None:
+        if self.context <= 0:
+            raise UsageError(f"--context must be a positive number of tokens, got {self.context}")
+        if self.kv_cache not in KV_TO_EXL:
+            raise UsageError(
+                f"--kv-cache must be one of {', '.join(KV_TO_EXL)}, got {self.kv_cache!r}"
+            )
+        if self.reserve_mib < 0 or self.ram_reserve_mib < 0:
+            raise UsageError("--reserve-mib must not be negative")
+        if self.backend not in ("auto", "llama.cpp", "exllamav2"):
+            raise UsageError(
+                f"--backend must be auto, llama.cpp or exllamav2, got {self.backend!r}"
+            )
+        if self.model_file and self.backend == "exllamav2":
+            raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")
