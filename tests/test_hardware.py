@@ -64,6 +64,9 @@ MACHINE_SPECS: dict[str, tuple[Path | None, SystemInfo]] = {
     "a6000-48gb": (SMI / "a6000-idle.csv", linux(16, 32, 128000, 120000)),
     "a6000x2-busy": (SMI / "a6000x2-busy.csv", linux(32, 64, 257560, 231000)),
     "a100-80gb": (SMI / "a100-80gb.csv", linux(32, 64, 257560, 248000)),
+    "a6000x2-second-full": (SMI / "a6000x2-second-full.csv", linux(32, 64, 257560, 231000)),
+    "gt1030-rtx4090": (SMI / "gt1030-rtx4090.csv", linux(8, 16, 64215, 58000)),
+    "rtx3090-3060-a4000": (SMI / "rtx3090-3060-a4000.csv", linux(16, 32, 128000, 118000)),
 }
 
 
@@ -115,6 +118,8 @@ def test_parse_single_a6000_matches_design_example():
         "memory_free_mib": 48335,
         "memory_used_mib": 4,
         "compute_capability": "8.6",
+        "uuid": None,  # NVML gives it; the nvidia-smi fallback does not ask
+        "pci_bus_id": None,
     }
     assert gpu.device == "cuda:0"
 
@@ -253,6 +258,12 @@ class FakeNvml:
     def nvmlDeviceGetCudaComputeCapability(self, handle: str) -> tuple[int, int]:
         return (8, 6)
 
+    def nvmlDeviceGetUUID(self, handle: str) -> str:
+        return "GPU-8f3a6d1c-2b4e-4c1a-9e7f-0123456789ab"
+
+    def nvmlDeviceGetPciInfo(self, handle: str) -> SimpleNamespace:
+        return SimpleNamespace(busId=b"00000000:01:00.0")
+
 
 def test_nvml_is_preferred_over_nvidia_smi():
     nvml = FakeNvml()
@@ -266,6 +277,8 @@ def test_nvml_is_preferred_over_nvidia_smi():
         48335,
         "8.6",
     )
+    assert gpu.uuid == "GPU-8f3a6d1c-2b4e-4c1a-9e7f-0123456789ab"
+    assert gpu.pci_bus_id == "00000000:01:00.0"
     assert nvml.shut_down
 
 

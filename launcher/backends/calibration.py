@@ -8,17 +8,15 @@ up as figures outside the tolerance (3%, or 8 MiB for small buffers).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
 from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+from launcher.jsonfile import read_json, write_json_atomic
 from launcher.planning.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -121,7 +119,7 @@ def save_record(home: Path, record: CalibrationRecord) -> Path:
     path = Path(home) / CALIBRATION_FILE
     records = _read(path)
     records[record.key] = record.model_dump(mode="json")
-    _write_atomic(path, {"version": FORMAT_VERSION, "records": records})
+    write_json_atomic(path, {"version": FORMAT_VERSION, "records": records})
     return path
 
 
@@ -217,26 +215,6 @@ def _measured_devices(plan: Plan, b: LoadBuffers) -> dict[str, dict[str, float]]
 
 
 def _read(path: Path) -> dict[str, dict]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable calibration file %s: %s", path, exc)
-        return {}
+    data = read_json(path)
     records = data.get("records") if isinstance(data, dict) else None
     return records if isinstance(records, dict) else {}
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

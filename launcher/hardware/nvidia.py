@@ -72,7 +72,19 @@ def _nvml_gpu(nvml: ModuleType, index: int) -> Gpu:
         memory_used_mib=mem.used // MIB,
         memory_free_mib=mem.free // MIB,
         compute_capability=_nvml_compute_capability(nvml, handle),
+        uuid=_nvml_text(nvml, nvml.nvmlDeviceGetUUID, handle),
+        # '00000000:01:00.0': the address CUDA_DEVICE_ORDER=PCI_BUS_ID sorts by
+        pci_bus_id=_nvml_text(nvml, lambda h: nvml.nvmlDeviceGetPciInfo(h).busId, handle),
     )
+
+
+def _nvml_text(nvml: ModuleType, query, handle: object) -> str | None:
+    """A string NVML may answer as bytes (older pynvml) or not at all (older drivers)."""
+    try:
+        value = query(handle)
+    except nvml.NVMLError:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _nvml_compute_capability(nvml: ModuleType, handle: object) -> str | None:

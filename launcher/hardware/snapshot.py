@@ -25,10 +25,16 @@ class Gpu(BaseModel):
     memory_free_mib: int = Field(ge=0)
     memory_used_mib: int | None = Field(default=None, ge=0)
     compute_capability: str | None = None
+    uuid: str | None = None
+    pci_bus_id: str | None = None
 
     @property
     def device(self) -> str:
-        """The device name used in plans: cuda:N for NVIDIA, metal:N for Apple."""
+        """The device name used in plans: cuda:N for NVIDIA, metal:N for Apple.
+
+        N is the physical index (nvidia-smi's, which is PCI bus order), never a position in
+        a filtered list: the launch makes exactly these indices visible, in plan order.
+        """
         return f"{'cuda' if self.vendor == 'nvidia' else 'metal'}:{self.index}"
 
 
@@ -41,6 +47,10 @@ class SystemInfo(BaseModel):
     ram_total_mib: int = Field(ge=0)
     ram_available_mib: int = Field(ge=0)
     cpu_threads: int | None = Field(default=None, ge=1)
+    cpu_name: str | None = None
+    # measured once by `llmup detect` (cached in the llmup home); None when not measured
+    memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
+    cpu_gflops: float | None = Field(default=None, gt=0)
 
 
 class UnifiedMemory(BaseModel):
@@ -50,12 +60,56 @@ class UnifiedMemory(BaseModel):
     gpu_budget_mib: int = Field(ge=0)
 
 
+class LlamaCppInstall(BaseModel):
+    """The installed llama-cpp-python: which accelerators its llama.cpp was built with.
+
+    `gpu_offload` is llama.cpp's own answer (llama_supports_gpu_offload): a GPU (or RPC)
+    device is usable right now. `gpu_backends` names the compiled-in accelerators
+    (cuda, metal, vulkan, hip, sycl...), from the shared libraries the package ships.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    installed: bool = False
+    version: str | None = None
+    gpu_offload: bool = False
+    gpu_backends: list[str] = Field(default_factory=list)
+    rpc: bool = False
+    error: str | None = None
+
+
+class ExllamaInstall(BaseModel):
+    """exllamav2 and the torch under it; `torch_cuda` is the CUDA torch was built for."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    installed: bool = False
+    version: str | None = None
+    torch: str | None = None
+    torch_cuda: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.installed and self.torch_cuda is not None
+
+
+class InstalledBackends(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    llama_cpp: LlamaCppInstall = Field(default_factory=LlamaCppInstall)
+    exllamav2: ExllamaInstall = Field(default_factory=ExllamaInstall)
+
+
 class HardwareSnapshot(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     gpus: list[Gpu] = Field(default_factory=list)
     system: SystemInfo
     unified_memory: UnifiedMemory | None = None
+    # what is installed to use the hardware; None in a snapshot of another machine
+    backends: InstalledBackends | None = None
+    # how the GPU list was narrowed: "CUDA_VISIBLE_DEVICES=1" or "--gpus 0,2"
+    gpus_selected_by: str | None = None
 
     @property
     def nvidia_gpus(self) -> list[Gpu]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 
 import psutil
 
+from launcher.hardware.runner import run_command
 from launcher.hardware.snapshot import SystemInfo
 from launcher.units import MIB
 
@@ -29,9 +31,27 @@ def detect_system() -> SystemInfo:
         arch=normalise_arch(platform.machine()),
         cpu_cores=psutil.cpu_count(logical=False) or threads,
         cpu_threads=threads,
+        cpu_name=cpu_name(),
         ram_total_mib=memory.total // MIB,
         ram_available_mib=memory.available // MIB,
     )
+
+
+def cpu_name() -> str | None:
+    """'AMD EPYC 9654 96-Core Processor', 'Apple M2 Max': the name speed figures key on."""
+    if sys.platform == "darwin":
+        try:
+            return run_command(["sysctl", "-n", "machdep.cpu.brand_string"]).strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def normalise_os(sys_platform: str) -> str:
