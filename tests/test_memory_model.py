@@ -168,7 +168,7 @@ def test_layer_devices_matches_llama_cpp_rules():
 def test_token_embedding_stays_on_host():
     s = shape("7b")
     gpus, host = memory_by_device(
-        s, LlamaCppSettings(n_ctx=4096), gpu_kinds=["cuda"], n_gpu_layers=33, tensor_split=[1.0]
+        s, LlamaCppSettings(n_ctx=4096), gpus=["cuda:0"], n_gpu_layers=33, tensor_split=[1.0]
     )
     assert host.weights == s.layout.token_embd
     assert gpus[0].weights == sum(s.layout.layers) + s.layout.output

@@ -158,21 +158,21 @@ def server_args(
 
 
 def backend_env(plan: Plan) -> dict[str, str]:
-    """CUDA devices in nvidia-smi (PCI bus) order, as the plan numbers them.
+    """The launch environment: exactly the planned GPUs visible, in plan order.
 
-    A multi-GPU plan's tensor_split covers exactly its devices, so only those are made
-    visible (unless the user restricted them already); a CPU-only plan hides every GPU, so
-    llama.cpp allocates nothing the plan did not count.
+    Plan devices name physical GPUs by nvidia-smi's index, which is PCI bus order, so the
+    backend gets CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES listing those indices
+    (an inherited CUDA_VISIBLE_DEVICES was already honoured when the machine was detected,
+    so the planned GPUs are among the ones it allowed). The backend then sees the plan's
+    i-th GPU as its device i, which is what tensor_split and gpu_split are written for. A
+    plan without CUDA devices hides every GPU, so nothing is allocated that was not planned.
     """
-    env = {"PYTHONUNBUFFERED": "1"}
     cuda = [d.device for d in plan.placement.devices if d.device.startswith("cuda:")]
-    if cuda:
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        if "CUDA_VISIBLE_DEVICES" not in os.environ:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(d.split(":", 1)[1] for d in cuda)
-    elif not plan.placement.devices and plan.placement.n_gpu_layers == 0:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in cuda),
+    }
 
 
 def kv_type_id(name: str) -> int:

@@ -6,12 +6,14 @@ from launcher.planning.candidates import Candidate
 from launcher.planning.plan import (
     DeviceNeed,
     JoinSpec,
+    LeftOut,
     MemoryMiB,
     Placement,
     Plan,
     PlannedModel,
     Settings,
     Source,
+    Speed,
 )
 from launcher.planning.request import PlanRequest
 from launcher.units import MIB, ceil_mib
@@ -58,7 +60,7 @@ def _placement(c: Candidate) -> Placement:
         DeviceNeed(
             device=d.device,
             need_mib=ceil_mib(d.total),
-            budget_mib=budget // MIB,
+            budget_mib=gpu.budget // MIB,
             layers=d.layers,
             breakdown_mib={
                 "weights": ceil_mib(d.weights),
@@ -66,8 +68,10 @@ def _placement(c: Candidate) -> Placement:
                 "compute": ceil_mib(d.compute),
                 "overhead": ceil_mib(d.overhead + sum(d.extra.values())),
             },
+            name=gpu.name or None,
+            uuid=gpu.uuid,
         )
-        for d, budget in zip(c.gpus, c.gpu_budgets)
+        for d, gpu in zip(c.gpus, c.gpu_devices)
     ]
     return Placement(
         n_gpu_layers=c.n_gpu_layers,
@@ -76,6 +80,17 @@ def _placement(c: Candidate) -> Placement:
         ram_need_mib=ceil_mib(c.host.total),
         ram_budget_mib=c.host_budget // MIB,
         offload=c.offload,
+        left_out=[LeftOut(device=k, reason=v) for k, v in sorted(c.excluded.items())],
+    )
+
+
+def _speed(c: Candidate) -> Speed | None:
+    if c.speed is None:
+        return None
+    return Speed(
+        decode_tokens_per_s=c.speed.decode_tokens_per_s,
+        prompt_tokens_per_s=c.speed.prompt_tokens_per_s,
+        basis=list(c.speed.basis),
     )
 
 
@@ -91,14 +106,15 @@ def _settings(c: Candidate) -> Settings:
 
 
 def _llamacpp_buffers(c: Candidate) -> dict[str, dict[str, float]] | None:
-    """The buffer sizes llama.cpp should log at load, by its own device names."""
+    """The buffer sizes llama.cpp should log at load, by its own device names: the launch
+    makes exactly the planned GPUs visible, in plan order, so the i-th is CUDA<i>."""
     if c.backend != "llama.cpp":
         return None
-    names = {"cuda": "CUDA", "metal": "Metal"}
     out: dict[str, dict[str, float]] = {"model": {}, "kv": {}, "compute": {}}
+    cuda = [d.device for d in c.gpus if d.device.startswith("cuda:")]
     for d in [*c.gpus, c.host]:
-        kind, _, index = d.device.partition(":")
-        name = "CPU" if kind == "cpu" else names[kind] + ("" if kind == "metal" else index)
+        kind = d.device.partition(":")[0]
+        name = {"cpu": "CPU", "metal": "Metal"}.get(kind) or f"CUDA{cuda.index(d.device)}"
         for key, value in (("model", d.weights), ("kv", d.kv_cache), ("compute", d.compute)):
             if value:
                 out[key][name] = round(value / MIB, 2)
@@ -125,4 +141,5 @@ def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
         placement=_placement(c),
         memory_mib=_memory(c),
         settings=_settings(c),
+        speed=_speed(c),
     )

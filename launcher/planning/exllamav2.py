@@ -70,13 +70,16 @@ def memory_by_device(
     embedding_bytes: int,
     settings: ExllamaSettings,
     layer_counts: list[int],
+    devices: list[str] | None = None,
 ) -> tuple[list[DeviceMemory], DeviceMemory]:
-    """Per-GPU needs for `layer_counts[i]` consecutive layers on cuda:i, and the host's."""
+    """Per-GPU needs for `layer_counts[i]` consecutive layers on `devices[i]` (the physical
+    GPUs, in the order exllamav2 will see them; cuda:0, cuda:1... by default), and the host's."""
+    devices = devices or [f"cuda:{i}" for i in range(len(layer_counts))]
     per_layer = layer_weight_bytes(arch, variant, embedding_bytes)
     cache_layer = cache_bytes_per_token_layer(arch, settings.cache_mode) * settings.max_seq_len
     gpus = []
-    for i, count in enumerate(layer_counts):
-        dev = DeviceMemory(device=f"cuda:{i}", layers=count)
+    for i, (name, count) in enumerate(zip(devices, layer_counts)):
+        dev = DeviceMemory(device=name, layers=count)
         dev.weights = per_layer * count
         dev.kv_cache = cache_layer * count
         reserve = FIRST_DEVICE_RESERVE if i == 0 else OTHER_DEVICE_RESERVE

@@ -31,6 +31,8 @@ DEVICE_OVERHEAD = {"cuda": 457 * MIB, "metal": 512 * MIB, "cpu": 0}
 # The serving process itself: Python, llama-cpp-python, uvicorn (measured RSS before load).
 HOST_PROCESS = 160 * MIB
 KV_PAD = 256
+# GGML_SCHED_MAX_COPIES, ggml/src/ggml-backend.cpp: input copies under pipeline parallelism
+N_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -130,29 +132,55 @@ def memory_by_device(
     shape: ModelShape,
     settings: LlamaCppSettings,
     *,
-    gpu_kinds: list[str],
+    gpus: list[str],
     n_gpu_layers: int,
     tensor_split: list[float],
 ) -> tuple[list[DeviceMemory], DeviceMemory]:
-    """Per-GPU needs (in gpu_kinds order, e.g. ["cuda", "cuda"]) and the host's need."""
-    placement = layer_devices(shape.arch.n_layer, n_gpu_layers, tensor_split if gpu_kinds else [])
-    gpus = [DeviceMemory(device=f"{kind}:{i}") for i, kind in enumerate(gpu_kinds)]
+    """Per-GPU needs (for the physical devices `gpus`, e.g. ["cuda:1", "cuda:0"], in the
+    order llama.cpp will see them) and the host's need."""
+    placement = layer_devices(shape.arch.n_layer, n_gpu_layers, tensor_split if gpus else [])
+    devices = [DeviceMemory(device=name) for name in gpus]
     host = DeviceMemory(device="cpu", weights=shape.layout.token_embd, overhead=HOST_PROCESS)
     kv_layer = kv_bytes_per_layer(shape, settings)
     for il, dev in enumerate(placement[:-1]):
-        target = host if dev < 0 else gpus[dev]
+        target = host if dev < 0 else devices[dev]
         target.weights += shape.layout.layers[il]
         target.kv_cache += kv_layer
         target.layers += 1
     out_dev = placement[-1]
-    (host if out_dev < 0 else gpus[out_dev]).weights += shape.layout.output
+    (host if out_dev < 0 else devices[out_dev]).weights += shape.layout.output
     compute = compute_bytes(shape, settings)
-    for gpu, kind in zip(gpus, gpu_kinds):
-        gpu.overhead = DEVICE_OVERHEAD[kind]
+    if pipeline_parallel(len(devices), n_gpu_layers, shape.arch.n_layer):
+        compute += pipeline_copies_bytes(shape, settings)
+    for gpu in devices:
+        gpu.overhead = DEVICE_OVERHEAD[gpu.device.partition(":")[0]]
         gpu.compute = compute if gpu.layers else 0
-    host.compute = compute if host.layers or not gpus else _host_compute(shape, settings)
+    host.compute = compute if host.layers or not devices else _host_compute(shape, settings)
     host.extra["output"] = output_bytes(shape, settings)
-    return gpus, host
+    return devices, host
+
+
+def pipeline_parallel(n_devices: int, n_gpu_layers: int, n_layer: int) -> bool:
+    """llama.cpp pipelines the layer split when the model spans several GPUs with every layer
+    (and the output) offloaded: llama_context's constructor, src/llama-context.cpp."""
+    return n_devices > 1 and (n_gpu_layers < 0 or n_gpu_layers > n_layer)
+
+
+def pipeline_copies_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
+    """Extra compute-buffer bytes per GPU when llama.cpp pipelines a multi-GPU split.
+
+    Pipeline parallelism makes the scheduler keep N_COPIES = GGML_SCHED_MAX_COPIES (4, a
+    build option) copies of every input of each device's graph, so the host can upload the
+    next micro-batch while the GPUs still read the last one; the copies are flagged input
+    and output, so the graph allocator never reuses their memory (ggml-backend.cpp,
+    ggml_backend_sched_split_graph). A device's inputs are the KQ mask (kv_size x n_ubatch,
+    f32, f16 with flash attention) and the activations arriving from the previous device
+    (n_ubatch x n_embd, f32); the single copy of them is already in compute_bytes.
+    """
+    u = min(settings.n_ubatch, settings.n_batch, settings.n_ctx)
+    mask = settings.kv_size * u * (2 if settings.flash_attn else 4)
+    activations = u * shape.arch.n_embd * 4
+    return (N_COPIES - 1) * (mask + activations)
 
 
 def _host_compute(shape: ModelShape, settings: LlamaCppSettings) -> int:

@@ -44,11 +44,23 @@ class Source(BaseModel):
 
 
 class DeviceNeed(BaseModel):
+    """One GPU of the placement; `device` names the physical GPU (cuda:N is nvidia-smi's
+    index N), which the launch makes visible, in this order."""
+
     device: str
     need_mib: int
     budget_mib: int
     layers: int = 0
     breakdown_mib: dict[str, int] = Field(default_factory=dict)
+    name: str | None = None
+    uuid: str | None = None
+
+
+class LeftOut(BaseModel):
+    """A GPU of the machine the plan does not use, and why."""
+
+    device: str
+    reason: str
 
 
 class Placement(BaseModel):
@@ -58,6 +70,18 @@ class Placement(BaseModel):
     ram_need_mib: int = 0
     ram_budget_mib: int = 0
     offload: Literal["full", "partial", "cpu"] = "full"
+    left_out: list[LeftOut] = Field(default_factory=list)
+
+
+class Speed(BaseModel):
+    """Expected speed: decode at the start of a conversation (batch 1), a 512-token prompt.
+
+    None where a device's figures are unknown; `basis` says which figures were used.
+    """
+
+    decode_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    basis: list[str] = Field(default_factory=list)
 
 
 class MemoryMiB(BaseModel):
@@ -74,6 +98,8 @@ class Rejected(BaseModel):
     backend: Backend
     reason: str
     miss_mib: int = 0
+    decode_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
 
 
 class Settings(BaseModel):
@@ -99,6 +125,8 @@ class Plan(BaseModel):
     placement: Placement
     memory_mib: MemoryMiB
     settings: Settings = Field(default_factory=Settings)
+    speed: Speed | None = None
+    notes: list[str] = Field(default_factory=list)
     rejected: list[Rejected] = Field(default_factory=list)
     fallbacks: list[Plan] = Field(default_factory=list)
 

@@ -2,71 +2,100 @@
 
 Policy (DESIGN.md): full accelerator fit, then partial offload (only when allowed), then
 CPU only; within a class the larger model, then the higher bits per weight, then the
-faster backend for the hardware. The context is never cut below what was asked.
+faster backend for the hardware. The context is never cut below what was asked. With
+`min_tokens_per_s` a candidate expected to decode slower is passed over.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from launcher.catalog.loader import Catalog, load_catalog
-from launcher.catalog.shape import ModelShape, layout_from_catalog
 from launcher.errors import NothingFitsError
-from launcher.planning import exllamav2 as exl
 from launcher.planning.assemble import candidate_to_plan
-from launcher.planning.budget import Budgets, budgets_for
-from launcher.planning.candidates import Candidate, place_exllamav2, place_llamacpp
-from launcher.planning.llamacpp import KV_TYPE_BYTES, LlamaCppSettings
+from launcher.planning.candidates import Candidate
+from launcher.planning.catalog_candidates import catalog_candidates, file_candidate
+from launcher.planning.llamacpp import KV_TYPE_BYTES
+from launcher.planning.machine import machine_for
 from launcher.planning.plan import Plan, Rejected
-from launcher.planning.request import KV_TO_EXL, PlanRequest
-from launcher.weights.gguf_file import read_model_file
+from launcher.planning.request import PlanRequest
+from launcher.units import ceil_mib
 
 log = logging.getLogger(__name__)
 
-
-def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
-    """A quantized V cache needs flash attention in llama.cpp, so it turns it on."""
-    return LlamaCppSettings(
-        n_ctx=req.context,
-        n_batch=req.n_batch,
-        n_ubatch=req.n_ubatch,
-        type_k=req.kv_cache,
-        type_v=req.kv_cache,
-        flash_attn=req.kv_cache != "f16",
-    )
+FALLBACKS_IN_RANK = 4  # next candidates in rank kept for an out-of-memory load...
+FALLBACKS_MAX = 8  # ...plus the best of each smaller model, up to this many
 
 
 def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     """The best candidate as a Plan; NothingFitsError (with the closest misses) otherwise."""
     req.validate()
-    budgets = budgets_for(
-        req.hardware, reserve_mib=req.reserve_mib, ram_reserve_mib=req.ram_reserve_mib
-    )
+    machine = machine_for(req)
     if req.model_file:
-        candidates = [_file_candidate(req, budgets)]
+        candidates = [file_candidate(req, machine)]
     else:
-        candidates = list(_catalog_candidates(req, budgets, catalog or load_catalog()))
+        candidates = list(catalog_candidates(req, machine, catalog or load_catalog()))
     fitting = sorted((c for c in candidates if c.fits), key=Candidate.rank_key, reverse=True)
-    rejected = [c for c in candidates if not c.fits]
-    if not fitting:
-        closest = sorted(rejected, key=lambda c: c.miss)[:5]
-        raise NothingFitsError(
-            f"no candidate fits this machine with a {req.context}-token context",
-            closest=[_rejection(c) for c in closest],
-        )
-    best, *others = fitting
+    fast, slow = _by_speed(fitting, req.min_tokens_per_s)
+    rejected = sorted((c for c in candidates if not c.fits), key=lambda c: c.miss)
+    if not fast:
+        raise NothingFitsError(_nothing_message(req, slow), closest=_closest(rejected, slow))
+    best, *others = fast
     plan = candidate_to_plan(best, req)
-    plan.rejected = [_rejection(c) for c in sorted(rejected, key=lambda c: c.miss)]
+    plan.notes = list(machine.access.notes)
+    plan.rejected = [_rejection(c) for c in rejected] + [_too_slow(c, req) for c in slow]
     plan.rejected += [_outranked(c, best) for c in others]
-    # on an out-of-memory load, serve falls back to these: next in rank, needing less
-    smaller = [c for c in others if _need(c) < _need(best)]
-    plan.fallbacks = [candidate_to_plan(c, req) for c in smaller[:2]]
+    plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(best, others)]
     return plan
 
 
-def _need(c: Candidate) -> int:
+def _by_speed(fitting: list[Candidate], floor: float | None):
+    """(fast enough or of unknown speed, too slow) for --min-tokens-per-s."""
+    if not floor:
+        return fitting, []
+    slow = [c for c in fitting if c.decode_tps is not None and c.decode_tps < floor]
+    return [c for c in fitting if c not in slow], slow
+
+
+def _nothing_message(req: PlanRequest, slow: list[Candidate]) -> str:
+    if slow:
+        best = max(c.decode_tps for c in slow)
+        return (
+            f"nothing that fits decodes at {req.min_tokens_per_s:g} tokens/s or more "
+            f"(the fastest that fits: {best:g} tokens/s); lower --min-tokens-per-s"
+        )
+    return f"no candidate fits this machine with a {req.context}-token context"
+
+
+def _closest(rejected: list[Candidate], slow: list[Candidate]) -> list[Rejected]:
+    if slow:
+        return [_rejection(c) for c in sorted(slow, key=lambda c: -(c.decode_tps or 0))[:5]]
+    return [_rejection(c) for c in rejected[:5]]
+
+
+def fallbacks(best: Candidate, others: list[Candidate]) -> list[Candidate]:
+    """What serve may load after an out-of-memory failure: needing less than `best`, in rank;
+    the next few quants and the best of every smaller model, so a large measured shortfall
+    still finds a candidate."""
+    smaller = [c for c in others if need(c) < need(best)]
+    chosen = smaller[:FALLBACKS_IN_RANK]
+    for c in smaller[FALLBACKS_IN_RANK:]:
+        if len(chosen) < FALLBACKS_MAX and all(c.model_id != k.model_id for k in chosen):
+            chosen.append(c)
+    return chosen
+
+
+def need(c: Candidate) -> int:
     return sum(d.total for d in c.gpus) + (c.host.total if c.host else 0)
+
+
+def _speeds(c: Candidate) -> dict:
+    if c.speed is None:
+        return {}
+    return {
+        "decode_tokens_per_s": c.speed.decode_tokens_per_s,
+        "prompt_tokens_per_s": c.speed.prompt_tokens_per_s,
+    }
 
 
 def _rejection(c: Candidate) -> Rejected:
@@ -75,8 +104,17 @@ def _rejection(c: Candidate) -> Rejected:
         quant=c.quant,
         backend=c.backend,
         reason=c.reason,
-        miss_mib=-(-c.miss // (1024 * 1024)),
+        miss_mib=ceil_mib(c.miss),
+        **_speeds(c),
     )
+
+
+def _too_slow(c: Candidate, req: PlanRequest) -> Rejected:
+    reason = (
+        f"fits, but decodes at about {c.decode_tps:g} tokens/s, "
+        f"below --min-tokens-per-s {req.min_tokens_per_s:g}"
+    )
+    return Rejected(model=c.model_id, quant=c.quant, backend=c.backend, reason=reason, **_speeds(c))
 
 
 def _outranked(c: Candidate, best: Candidate) -> Rejected:
@@ -85,82 +123,9 @@ def _outranked(c: Candidate, best: Candidate) -> Rejected:
         why = "same size, ranked lower by backend or quant quality"
     if c.offload != best.offload:
         why = f"{c.offload} offload ranks below {best.offload}"
-    return Rejected(model=c.model_id, quant=c.quant, backend=c.backend, reason=f"fits; {why}")
-
-
-def _catalog_candidates(req: PlanRequest, budgets: Budgets, catalog: Catalog):
-    specs = [catalog.get(req.model)] if req.model else list(catalog.models)
-    for spec in specs:
-        if req.backend in ("auto", "llama.cpp") and spec.gguf:
-            yield from _gguf_candidates(spec, req, budgets, catalog)
-        if req.backend in ("auto", "exllamav2") and spec.gptq:
-            yield from _gptq_candidates(spec, req, budgets)
-
-
-def _gguf_candidates(spec, req: PlanRequest, budgets: Budgets, catalog: Catalog):
-    settings = llamacpp_settings(req)
-    for variant in spec.gguf.variants:
-        quant = catalog.quant(variant.quant)
-        shape = ModelShape(
-            arch=spec.architecture, layout=layout_from_catalog(spec.architecture, variant, quant)
-        )
-        cand = Candidate(
-            model_id=spec.id,
-            params=spec.params,
-            backend="llama.cpp",
-            fmt="gguf",
-            quant=variant.quant,
-            bits_per_weight=variant.bytes * 8 / spec.params,
-            legacy=quant.legacy,
-            recommended=quant.recommended,
-            meta={"spec": spec, "variant": variant, "shape": shape, "settings": settings},
-        )
-        place_llamacpp(cand, shape, settings, budgets, allow_offload=req.allow_offload)
-        yield cand
-
-
-def _gptq_candidates(spec, req: PlanRequest, budgets: Budgets):
-    settings = exl.ExllamaSettings(max_seq_len=req.context, cache_mode=KV_TO_EXL[req.kv_cache])
-    for variant in spec.gptq.variants:
-        cand = Candidate(
-            model_id=spec.id,
-            params=spec.params,
-            backend="exllamav2",
-            fmt="gptq",
-            quant=variant.label,
-            bits_per_weight=variant.bytes * 8 / spec.params,
-            meta={"spec": spec, "variant": variant, "settings": settings},
-        )
-        if not budgets.has_nvidia:
-            if req.backend != "exllamav2":
-                continue  # not a candidate on this hardware at all
-            cand.reason = "exllamav2 needs an NVIDIA GPU"
-            cand.miss = variant.bytes
-        elif not variant.exllamav2:
-            cand.reason = f"{variant.bits}-bit GPTQ is not supported by exllamav2"
-            cand.miss = variant.bytes
-        else:
-            place_exllamav2(cand, spec, variant, settings, budgets)
-        yield cand
-
-
-def _file_candidate(req: PlanRequest, budgets: Budgets) -> Candidate:
-    shape = read_model_file(req.model_file)
-    settings = llamacpp_settings(req)
-    params = shape.n_params or 1
-    types = shape.layout.tensor_types
-    quant = shape.quant or max(types, key=types.get, default="?")
-    cand = Candidate(
-        model_id=Path(req.model_file).stem,
-        params=params,
-        backend="llama.cpp",
-        fmt="gguf",
-        quant=quant,
-        bits_per_weight=shape.layout.tensor_bytes * 8 / params,
-        meta={"shape": shape, "settings": settings, "model_file": str(req.model_file)},
+    return Rejected(
+        model=c.model_id, quant=c.quant, backend=c.backend, reason=f"fits; {why}", **_speeds(c)
     )
-    place_llamacpp(cand, shape, settings, budgets, allow_offload=req.allow_offload)
-    return cand
 
 
 __all__ = ["KV_TYPE_BYTES", "PlanRequest", "make_plan"]

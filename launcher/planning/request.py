@@ -31,6 +31,7 @@ class PlanRequest:
     model_file: Path | None = None
     n_batch: int = 512
     n_ubatch: int = 512
+    min_tokens_per_s: float | None = None
 
     def validate(self) -> None:
         if self.context <= 0:
@@ -44,6 +45,10 @@ class PlanRequest:
         if self.backend not in ("auto", "llama.cpp", "exllamav2"):
             raise UsageError(
                 f"--backend must be auto, llama.cpp or exllamav2, got {self.backend!r}"
+            )
+        if self.min_tokens_per_s is not None and self.min_tokens_per_s < 0:
+            raise UsageError(
+                f"--min-tokens-per-s must not be negative, got {self.min_tokens_per_s:g}"
             )
         if self.model_file and self.backend == "exllamav2":
             raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")

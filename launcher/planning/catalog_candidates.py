@@ -1,0 +1,133 @@
+"""Every candidate to rank: each GGUF and GPTQ variant of the catalog, or one local file,
+placed on the machine and given its expected speed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from launcher.catalog.loader import Catalog
+from launcher.catalog.models import Architecture, ModelSpec
+from launcher.catalog.shape import ModelShape, layout_from_catalog
+from launcher.planning import exllamav2 as exl
+from launcher.planning.candidates import Candidate
+from launcher.planning.llamacpp import LlamaCppSettings
+from launcher.planning.machine import Machine, ModelCost
+from launcher.planning.place_exllamav2 import place_exllamav2
+from launcher.planning.place_llamacpp import place_llamacpp
+from launcher.planning.request import KV_TO_EXL, PlanRequest
+from launcher.weights.gguf_file import read_model_file
+
+
+def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
+    """A quantized V cache needs flash attention in llama.cpp, so it turns it on."""
+    return LlamaCppSettings(
+        n_ctx=req.context,
+        n_batch=req.n_batch,
+        n_ubatch=req.n_ubatch,
+        type_k=req.kv_cache,
+        type_v=req.kv_cache,
+        flash_attn=req.kv_cache != "f16",
+    )
+
+
+def catalog_candidates(req: PlanRequest, machine: Machine, catalog: Catalog) -> Iterator[Candidate]:
+    specs = [catalog.get(req.model)] if req.model else list(catalog.models)
+    for spec in specs:
+        if req.backend in ("auto", "llama.cpp") and spec.gguf:
+            yield from _gguf_candidates(spec, req, machine, catalog)
+        if req.backend in ("auto", "exllamav2") and spec.gptq:
+            yield from _gptq_candidates(spec, req, machine)
+
+
+def _cost(arch: Architecture, params: int, token_embd_bytes: int) -> ModelCost:
+    """Untied models read one row of the input embedding per token; tied ones multiply by
+    the whole matrix as their output layer."""
+    embedding = 0 if arch.tied_embeddings else arch.n_vocab * arch.n_embd
+    unread = 0 if arch.tied_embeddings else token_embd_bytes
+    return ModelCost(matmul_params=params - embedding, host_unread=unread, n_embd=arch.n_embd)
+
+
+def _gguf_candidates(spec: ModelSpec, req: PlanRequest, machine: Machine, catalog: Catalog):
+    settings = llamacpp_settings(req)
+    for variant in spec.gguf.variants:
+        quant = catalog.quant(variant.quant)
+        layout = layout_from_catalog(spec.architecture, variant, quant)
+        shape = ModelShape(arch=spec.architecture, layout=layout)
+        cand = Candidate(
+            model_id=spec.id,
+            params=spec.params,
+            backend="llama.cpp",
+            fmt="gguf",
+            quant=variant.quant,
+            bits_per_weight=variant.bytes * 8 / spec.params,
+            legacy=quant.legacy,
+            recommended=quant.recommended,
+            meta={"spec": spec, "variant": variant, "shape": shape, "settings": settings},
+        )
+        yield _placed_gguf(cand, shape, settings, req, machine)
+
+
+def _placed_gguf(cand, shape: ModelShape, settings, req: PlanRequest, machine: Machine):
+    cost = _cost(shape.arch, cand.params, shape.layout.token_embd)
+    place_llamacpp(
+        cand,
+        shape,
+        settings,
+        machine.llamacpp_budgets,
+        allow_offload=req.allow_offload,
+        score=machine.score(cost),
+    )
+    machine.attach_speed(cand, cost)
+    return cand
+
+
+def _gptq_candidates(spec: ModelSpec, req: PlanRequest, machine: Machine):
+    settings = exl.ExllamaSettings(max_seq_len=req.context, cache_mode=KV_TO_EXL[req.kv_cache])
+    why_not = _exllamav2_why_not(machine)
+    for variant in spec.gptq.variants:
+        cand = Candidate(
+            model_id=spec.id,
+            params=spec.params,
+            backend="exllamav2",
+            fmt="gptq",
+            quant=variant.label,
+            bits_per_weight=variant.bytes * 8 / spec.params,
+            meta={"spec": spec, "variant": variant, "settings": settings},
+        )
+        if why_not:
+            if req.backend != "exllamav2":
+                continue  # not a candidate on this machine; only a pinned backend says why
+            cand.reason, cand.miss = why_not, variant.bytes
+        elif not variant.exllamav2:
+            cand.reason = f"{variant.bits}-bit GPTQ is not supported by exllamav2"
+            cand.miss = variant.bytes
+        else:
+            cost = _cost(spec.architecture, spec.params, spec.gptq.embedding_bytes)
+            place_exllamav2(cand, spec, variant, settings, machine.budgets, machine.score(cost))
+            machine.attach_speed(cand, cost)
+        yield cand
+
+
+def _exllamav2_why_not(machine: Machine) -> str | None:
+    if not machine.budgets.has_nvidia:
+        return "exllamav2 needs an NVIDIA GPU"
+    return machine.access.exllamav2_why_not
+
+
+def file_candidate(req: PlanRequest, machine: Machine) -> Candidate:
+    shape = read_model_file(req.model_file)
+    settings = llamacpp_settings(req)
+    params = shape.n_params or 1
+    types = shape.layout.tensor_types
+    quant = shape.quant or max(types, key=types.get, default="?")
+    cand = Candidate(
+        model_id=Path(req.model_file).stem,
+        params=params,
+        backend="llama.cpp",
+        fmt="gguf",
+        quant=quant,
+        bits_per_weight=shape.layout.tensor_bytes * 8 / params,
+        meta={"shape": shape, "settings": settings, "model_file": str(req.model_file)},
+    )
+    return _placed_gguf(cand, shape, settings, req, machine)
