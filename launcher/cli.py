@@ -51,21 +51,48 @@ ModelFileOpt = Annotated[
     Path | None,
     typer.Option("--model-file", help="Plan a local GGUF file instead of the catalog."),
 ]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        help="Use only these GPUs: indices or UUIDs as nvidia-smi lists them, e.g. 0,2 "
+        "(default: CUDA_VISIBLE_DEVICES, else all).",
+    ),
+]
+MinSpeedOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-tokens-per-s",
+        help="Pick the largest model expected to decode at least this many tokens/s.",
+    ),
+]
 
 
-def hardware_snapshot(hardware: Path | None):
-    """A snapshot file when given, else this machine's (what --auto asks for)."""
+def hardware_snapshot(hardware: Path | None, gpus: str | None = None):
+    """A snapshot file when given (never probed: it may be another machine), else this
+    machine's (what --auto asks for), narrowed to `--gpus`."""
     if hardware is not None:
         from launcher.hardware.snapshot import load_snapshot
+        from launcher.hardware.visible import select_gpus
 
-        return load_snapshot(hardware)
+        return select_gpus(load_snapshot(hardware), gpus=gpus)
     from launcher.hardware.detect import detect
 
-    return detect()
+    return detect(home=Settings().home, gpus=gpus)
 
 
 def plan_request(
-    *, hardware, model, backend, context, kv_cache, reserve_mib, allow_offload, model_file
+    *,
+    hardware,
+    model,
+    backend,
+    context,
+    kv_cache,
+    reserve_mib,
+    allow_offload,
+    model_file,
+    gpus=None,
+    min_tokens_per_s=None,
 ):
     """Merge CLI flags over the settings tree (env LLMUP_PLANNING__*) into a PlanRequest."""
     from launcher.planning import PlanRequest
@@ -74,7 +101,7 @@ def plan_request(
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
     cfg = Settings().planning
     return PlanRequest(
-        hardware=hardware_snapshot(hardware),
+        hardware=hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus),
         model=model,
         backend=backend or cfg.backend,
         context=context if context is not None else cfg.context,
@@ -83,15 +110,14 @@ def plan_request(
         ram_reserve_mib=cfg.ram_reserve_mib,
         allow_offload=allow_offload or cfg.allow_offload,
         model_file=model_file,
+        min_tokens_per_s=min_tokens_per_s if min_tokens_per_s is not None else cfg.min_tokens_per_s,
     )
 
 
 @app.command()
-def detect(json_out: JsonOpt = False) -> None:
-    """Show this machine's GPUs, unified memory, RAM and cores."""
-    from launcher.hardware.detect import detect as run_detect
-
-    snap = run_detect()
+def detect(gpus: GpusOpt = None, json_out: JsonOpt = False) -> None:
+    """Show this machine's GPUs, unified memory, RAM, cores, CPU speed and installed backends."""
+    snap = hardware_snapshot(None, gpus if gpus is not None else Settings().planning.gpus)
     render.print_json(snap) if json_out else render.snapshot(snap)
 
 
@@ -106,9 +132,11 @@ def plan(
     reserve_mib: ReserveOpt = None,
     allow_offload: OffloadOpt = False,
     model_file: ModelFileOpt = None,
+    gpus: GpusOpt = None,
+    min_tokens_per_s: MinSpeedOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pick the largest model and highest precision that fit, with a memory breakdown."""
+    """Pick the largest model and highest precision that fit, with memory and speed."""
     from launcher.planning.planner import make_plan
 
     req = plan_request(
@@ -120,6 +148,8 @@ def plan(
         reserve_mib=reserve_mib,
         allow_offload=allow_offload,
         model_file=model_file,
+        gpus=gpus,
+        min_tokens_per_s=min_tokens_per_s,
     )
     try:
         result = make_plan(req)
@@ -142,6 +172,7 @@ def attach_measurement(plan, home: Path) -> None:
         plan.measured = {
             "recorded_at": record.recorded_at,
             "figures": [f.model_dump() for f in compare(record)],
+            "speed": record.speed,
         }
 
 
@@ -178,6 +209,8 @@ def pull(
     reserve_mib: ReserveOpt = None,
     allow_offload: OffloadOpt = False,
     model_file: ModelFileOpt = None,
+    gpus: GpusOpt = None,
+    min_tokens_per_s: MinSpeedOpt = None,
     plan_file: PlanFileOpt = None,
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the local cache (like HF_HUB_OFFLINE=1).")
@@ -201,6 +234,8 @@ def pull(
         reserve_mib=reserve_mib,
         allow_offload=allow_offload,
         model_file=model_file,
+        gpus=gpus,
+        min_tokens_per_s=min_tokens_per_s,
     )
     if not json_out and not quiet:
         render.out.print(
@@ -223,6 +258,8 @@ def serve(
     reserve_mib: ReserveOpt = None,
     allow_offload: OffloadOpt = False,
     model_file: ModelFileOpt = None,
+    gpus: GpusOpt = None,
+    min_tokens_per_s: MinSpeedOpt = None,
     plan_file: PlanFileOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
@@ -250,6 +287,8 @@ def serve(
         reserve_mib=reserve_mib,
         allow_offload=allow_offload,
         model_file=model_file,
+        gpus=gpus,
+        min_tokens_per_s=min_tokens_per_s,
     )
     render.plan(chosen, rejected=3)
     first_key = (settings.proxy.api_keys or [None])[0]

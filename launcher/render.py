@@ -27,6 +27,37 @@ def gib(mib: int) -> str:
 
 
 def snapshot(snap: HardwareSnapshot) -> None:
+    _devices(snap)
+    s = snap.system
+    if s.memory_bandwidth_gbs:
+        out.print(
+            f"CPU speed (measured once, cached): {s.memory_bandwidth_gbs:g} GB/s read, "
+            f"{s.cpu_gflops or 0:g} GFLOPS",
+            highlight=False,
+        )
+    if snap.gpus_selected_by:
+        out.print(f"GPUs narrowed by {snap.gpus_selected_by}", highlight=False)
+    if snap.backends is not None:
+        installed_backends(snap.backends)
+
+
+def installed_backends(backends) -> None:
+    lc, ex = backends.llama_cpp, backends.exllamav2
+    table = Table(title="Installed backends")
+    for col in ("backend", "version", "GPU", "detail"):
+        table.add_column(col)
+    gpu = ", ".join(lc.gpu_backends) or "none (CPU build)"
+    detail = lc.error or ("offload works" if lc.gpu_offload else "cannot offload")
+    table.add_row("llama-cpp-python", lc.version or "-", gpu, detail + (", RPC" if lc.rpc else ""))
+    torch = f"torch {ex.torch}" if ex.torch else "no torch"
+    cuda = f"CUDA {ex.torch_cuda}" if ex.torch_cuda else "no CUDA"
+    table.add_row(
+        "exllamav2", ex.version or ("-" if ex.installed else "not installed"), cuda, torch
+    )
+    out.print(table)
+
+
+def _devices(snap: HardwareSnapshot) -> None:
     table = Table(title="Hardware")
     for col in ("device", "name", "total", "free", "compute"):
         table.add_column(col)
@@ -98,6 +129,11 @@ def plan(p: Plan, *, rejected: int = 8) -> None:
         "",
     )
     out.print(table)
+    _speed(p)
+    for left in p.placement.left_out:
+        out.print(f"not used: {left.reason}", highlight=False, soft_wrap=True)
+    for line in p.notes:
+        out.print(f"[yellow]note:[/yellow] {line}", highlight=False, soft_wrap=True)
     measured = getattr(p, "measured", None)
     if measured:
         calibration(measured)
@@ -120,14 +156,49 @@ def calibration(measured: dict) -> None:
             "yes" if ok else "no",
         )
     out.print(table)
+    speed = measured.get("speed") or {}
+    if speed.get("measured_decode"):
+        out.print(
+            f"speed measured after the serve: {tokens_per_s(speed['measured_decode'])} decode "
+            f"(predicted {tokens_per_s(speed.get('predicted_decode'))}), "
+            f"{tokens_per_s(speed.get('measured_prompt'))} prompt "
+            f"(predicted {tokens_per_s(speed.get('predicted_prompt'))})",
+            highlight=False,
+        )
+
+
+def _speed(p: Plan) -> None:
+    if p.speed is None:
+        return
+    s = p.speed
+    out.print(
+        f"expected speed: {tokens_per_s(s.decode_tokens_per_s)} decode, "
+        f"{tokens_per_s(s.prompt_tokens_per_s)} prompt (512 tokens)",
+        highlight=False,
+    )
+    for line in s.basis:
+        out.print(f"  from {line}", highlight=False, soft_wrap=True)
+
+
+def tokens_per_s(value: float | None) -> str:
+    if value is None:
+        return "? tokens/s"
+    return f"{value:.3g} tokens/s" if value < 100 else f"{value:.0f} tokens/s"
 
 
 def rejections(items: list[Rejected], *, title: str) -> None:
     table = Table(title=title)
-    for col in ("model", "quant", "backend", "misses by", "reason"):
+    for col in ("model", "quant", "backend", "misses by", "decode", "reason"):
         table.add_column(col)
     for r in items:
-        table.add_row(r.model, r.quant, r.backend, gib(r.miss_mib) if r.miss_mib else "-", r.reason)
+        table.add_row(
+            r.model,
+            r.quant,
+            r.backend,
+            gib(r.miss_mib) if r.miss_mib else "-",
+            tokens_per_s(r.decode_tokens_per_s) if r.decode_tokens_per_s else "-",
+            r.reason,
+        )
     out.print(table)
 
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.backends.oom_fallback import choose_fallback, is_cached, last_attempt
 from launcher.backends.spec import BackendSpec, port_is_free
+from launcher.backends.speedcheck import check_speed
 from launcher.backends.supervisor import Progress, Supervisor
 from launcher.errors import BackendLoadError, UsageError
 from launcher.planning.plan import Plan
@@ -22,6 +24,7 @@ from launcher.settings import Settings
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str], None]
+MAX_OOM_FALLBACKS = 2
 
 
 @dataclass
@@ -84,22 +87,34 @@ def start_backend(
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
 ) -> ServedBackend:
-    """Pull, start and wait for the backend; out of memory falls back to the plan's next
-    candidate once (and says so) instead of failing."""
-    candidates = [plan, *plan.fallbacks[:1]]
-    for attempt, candidate in enumerate(candidates):
+    """Pull, start and wait for the backend, then check its speed against the plan.
+
+    Out of memory at load falls back (at most MAX_OOM_FALLBACKS times, each said in a notice
+    with its arithmetic) to the best of the plan's fallbacks whose need is below the
+    shortfall the load log measured (see launcher.backends.oom_fallback).
+    """
+    candidate, tried = plan, []
+    while True:
         try:
-            return _start_one(candidate, settings, offline=offline, quiet=quiet, progress=progress)
-        except BackendLoadError as exc:
-            last = attempt == len(candidates) - 1
-            if exc.kind != "out_of_memory" or last:
-                raise
-            nxt = candidates[attempt + 1]
-            notify(
-                f"{candidate.model.id} {candidate.quant} ran out of memory while loading; "
-                f"falling back to {nxt.model.id} {nxt.quant} ({nxt.memory_mib.total} MiB)"
+            served = _start_one(
+                candidate, settings, offline=offline, quiet=quiet, progress=progress
             )
-    raise AssertionError("unreachable")  # pragma: no cover
+        except BackendLoadError as exc:
+            if exc.kind != "out_of_memory" or len(tried) >= MAX_OOM_FALLBACKS:
+                raise
+            tried.append(candidate)
+            choice = choose_fallback(
+                plan, candidate, last_attempt(exc.log_path or ""), tried=tried, cached=is_cached
+            )
+            if choice.plan is None:
+                raise BackendLoadError(
+                    f"{exc}\n  {choice.notice}", kind=exc.kind, log_path=exc.log_path
+                ) from exc
+            notify(choice.notice)
+            candidate = choice.plan
+            continue
+        check_speed(served, settings.home, notify=notify)
+        return served
 
 
 def _start_one(

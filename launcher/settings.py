@@ -28,6 +28,8 @@ class PlanningSettings(BaseModel):
     reserve_mib: int = Field(default=1024, ge=0)
     ram_reserve_mib: int = Field(default=1024, ge=0)
     allow_offload: bool = False
+    gpus: str | None = None  # like --gpus / CUDA_VISIBLE_DEVICES: "0,2"
+    min_tokens_per_s: float | None = Field(default=None, ge=0)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.I)

@@ -257,28 +257,34 @@ def test_port_in_use_is_refused_before_loading(tiny_model):
     assert res.returncode == 2 and "already in use" in res.stderr
 
 
+def oom_spec(tmp_path: Path, output: str) -> BackendSpec:
+    """A backend that prints `output` (a load log) and exits as a failed load does."""
+    script = f"import sys; sys.stdout.write({output!r}); sys.exit(1)"
+    return BackendSpec(
+        name="oom",
+        command=[sys.executable, "-c", script],
+        port=free_port(),
+        log_path=tmp_path / "oom.log",
+        ready_timeout_s=20,
+    )
+
+
 def test_out_of_memory_falls_back_to_the_next_candidate(tiny_model, tmp_path, monkeypatch):
-    """A backend whose load ends in a CUDA out-of-memory message makes serve try the plan's
-    next candidate (once), and say so."""
+    """A backend whose load ends in an out-of-memory message without sizes makes serve try
+    the plan's next candidate needing less, and say so."""
     from launcher import serve as serve_mod
 
     hw = load_snapshot(MACHINES / "cpu-2core-24gb.json")
     plan = make_plan(PlanRequest(hardware=hw, model_file=tiny_model, context=512))
     fallback = plan.model_copy(deep=True)
     fallback.quant = "fallback"
+    fallback.memory_mib.total -= 1
     plan.fallbacks = [fallback]
     real_spec = serve_mod.launch_spec
 
     def spec(p, path, home):
         if p.quant != "fallback":
-            oom = "import sys; print('CUDA error: out of memory (cudaMalloc failed)'); sys.exit(1)"
-            return BackendSpec(
-                name="oom",
-                command=[sys.executable, "-c", oom],
-                port=free_port(),
-                log_path=tmp_path / "oom.log",
-                ready_timeout_s=20,
-            )
+            return oom_spec(tmp_path, "CUDA error: out of memory (cudaMalloc failed)\n")
         return real_spec(p, path, home)
 
     monkeypatch.setattr(serve_mod, "launch_spec", spec)
@@ -289,5 +295,42 @@ def test_out_of_memory_falls_back_to_the_next_candidate(tiny_model, tmp_path, mo
         assert backend.plan.quant == "fallback"
         assert said and "out of memory" in said[0] and "falling back" in said[0]
         assert httpx.get(backend.base_url + "/v1/models", timeout=5).status_code == 200
+    finally:
+        backend.supervisor.stop()
+
+
+def _on_gpu(plan, quant: str, need_mib: int):
+    """The tiny CPU plan relabelled as needing `need_mib` on cuda:0 (it still loads on the
+    CPU: n_gpu_layers stays 0), for the sized fallback's arithmetic."""
+    from launcher.planning.plan import DeviceNeed
+
+    out = plan.model_copy(deep=True)
+    out.quant = quant
+    out.placement.devices = [DeviceNeed(device="cuda:0", need_mib=need_mib, budget_mib=47311)]
+    out.memory_mib.total = need_mib + 300
+    return out
+
+
+def test_out_of_memory_falls_back_by_the_measured_shortfall(tiny_model, tmp_path, monkeypatch):
+    """The KV cache did not fit (1280 MiB asked, 39361 MiB allocated, 40312 MiB free): the
+    candidate saving only 202 MiB is passed over for the one saving enough."""
+    from launcher import serve as serve_mod
+
+    hw = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    tiny = make_plan(PlanRequest(hardware=hw, model_file=tiny_model, context=512))
+    plan = _on_gpu(tiny, "Q4_K_M", 41702)
+    plan.fallbacks = [_on_gpu(tiny, "too-little", 41500), _on_gpu(tiny, "enough", 39000)]
+    kv_log = (Path(__file__).parent / "data/llamacpp-logs/cuda-oom-kv.log").read_text()
+    real_spec = serve_mod.launch_spec
+
+    def spec(p, path, home):
+        return oom_spec(tmp_path, kv_log) if p.quant == "Q4_K_M" else real_spec(p, path, home)
+
+    monkeypatch.setattr(serve_mod, "launch_spec", spec)
+    said: list[str] = []
+    backend = serve_mod.start_backend(plan, Settings(home=tmp_path), quiet=True, notify=said.append)
+    try:
+        assert backend.plan.quant == "enough"
+        assert "329 MiB short" in said[0] and "needs 39000 MiB there instead of 41702" in said[0]
     finally:
         backend.supervisor.stop()

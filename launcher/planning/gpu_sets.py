@@ -72,3 +72,12 @@ def not_needed(all_gpus, chosen, left_out: dict[str, str]) -> dict[str, str]:
             names = "+".join(sorted(used)) or "the CPU"
             out[gpu.device] = f"{gpu.device} not needed: the model runs best on {names}"
     return out
+
+
+def left_out_suffix(budgets, left_out: dict[str, str]) -> str:
+    """'; cuda:1 left out (600 MiB free)': the short form a rejected candidate's reason ends
+    with (the plan's placement.left_out has the whole reason)."""
+    short = [
+        f"{g.device} left out ({g.free_mib} MiB free)" for g in budgets.gpus if g.device in left_out
+    ]
+    return "".join(f"; {s}" for s in short)

@@ -13,7 +13,7 @@ from launcher.planning.candidates import (
     misses,
     report_aggregate,
 )
-from launcher.planning.gpu_sets import gpu_subsets, not_needed, usable_gpus
+from launcher.planning.gpu_sets import gpu_subsets, left_out_suffix, not_needed, usable_gpus
 from launcher.planning.llamacpp import (
     DEVICE_OVERHEAD,
     LlamaCppSettings,
@@ -136,5 +136,4 @@ def _report_miss(cand, shape, settings, budgets: Budgets, usable, left_out) -> N
     if cand.fits or len(tried) > 1:
         report_aggregate(cand, budgets)
     cand.excluded = dict(left_out)
-    if left_out:
-        cand.reason += "; " + "; ".join(left_out.values())
+    cand.reason += left_out_suffix(budgets, left_out)

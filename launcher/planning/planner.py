@@ -23,8 +23,8 @@ from launcher.units import ceil_mib
 
 log = logging.getLogger(__name__)
 
-FALLBACKS_IN_RANK = 4  # next candidates in rank kept for an out-of-memory load...
-FALLBACKS_MAX = 8  # ...plus the best of each smaller model, up to this many
+FALLBACKS_PER_MODEL = 4  # candidates of each model kept for an out-of-memory load
+FALLBACK_STEP = 0.93  # past two of a model, the next kept needs at least 7% less than those
 
 
 def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
@@ -74,13 +74,15 @@ def _closest(rejected: list[Candidate], slow: list[Candidate]) -> list[Rejected]
 
 
 def fallbacks(best: Candidate, others: list[Candidate]) -> list[Candidate]:
-    """What serve may load after an out-of-memory failure: needing less than `best`, in rank;
-    the next few quants and the best of every smaller model, so a large measured shortfall
-    still finds a candidate."""
-    smaller = [c for c in others if need(c) < need(best)]
-    chosen = smaller[:FALLBACKS_IN_RANK]
-    for c in smaller[FALLBACKS_IN_RANK:]:
-        if len(chosen) < FALLBACKS_MAX and all(c.model_id != k.model_id for k in chosen):
+    """What serve may load after an out-of-memory failure: candidates needing less than
+    `best`, in rank. Of each model the next two are kept, then only ones needing clearly less,
+    so the list spans small and large savings and a measured shortfall finds its match."""
+    chosen: list[Candidate] = []
+    for c in (c for c in others if need(c) < need(best)):
+        same = [need(k) for k in chosen if k.model_id == c.model_id]
+        if len(same) < 2 or (
+            len(same) < FALLBACKS_PER_MODEL and need(c) < FALLBACK_STEP * min(same)
+        ):
             chosen.append(c)
     return chosen
 

