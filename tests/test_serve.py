@@ -137,6 +137,10 @@ def test_calibration_record_matches_the_plan(served, tiny_model):
     record = lookup(served.home, plan)
     assert record is not None and record.measured_totals["kv"] > 0
     assert all(f.within_tolerance for f in compare(record)), compare(record)
+    # the speed check after the serve, beside the plan's prediction
+    assert record.speed["measured_decode"] > 0 and record.speed["measured_prompt"] > 0
+    assert record.speed["predicted_decode"] > 0
+    assert "measured speed:" in served.output()
     shown = run_cli(
         "plan",
         "--model-file",
@@ -146,6 +150,7 @@ def test_calibration_record_matches_the_plan(served, tiny_model):
         env={"LLMUP_HOME": str(served.home)},
     )
     assert "Measured on this machine" in shown.stdout
+    assert "speed measured after the serve" in shown.stdout
 
 
 def test_session_through_serve_keeps_the_conversation(served):
