@@ -28,7 +28,7 @@ class Machine:
         work = placement_work(
             devices, params=model.matmul_params, host_unread=model.host_unread, n_embd=model.n_embd
         )
-        return estimate(work, self.rates, n_ubatch=self.n_ubatch)
+        return estimate(work, self.rates, n_ubatch=self.n_ubatch, unified=self.budgets.unified)
 
     def score(self, model: ModelCost) -> Score:
         """Decode tokens/s of a placement (0 when unknown): what placements are chosen by."""

@@ -42,11 +42,16 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
         raise NothingFitsError(_nothing_message(req, slow), closest=_closest(rejected, slow))
     best, *others = fast
     plan = candidate_to_plan(best, req)
-    plan.notes = list(machine.access.notes)
+    plan.notes = _notes(req, machine)
     plan.rejected = [_rejection(c) for c in rejected] + [_too_slow(c, req) for c in slow]
     plan.rejected += [_outranked(c, best) for c in others]
     plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(best, others)]
     return plan
+
+
+def _notes(req: PlanRequest, machine) -> list[str]:
+    selected = req.hardware.gpus_selected_by
+    return ([f"GPUs narrowed by {selected}"] if selected else []) + list(machine.access.notes)
 
 
 def _by_speed(fitting: list[Candidate], floor: float | None):

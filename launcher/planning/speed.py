@@ -143,13 +143,18 @@ def placement_work(
     return out
 
 
-def estimate(work: list[Work], rates: dict[str, DeviceRate], *, n_ubatch: int) -> Speed:
-    """Tokens per second for decode and for a 512-token prompt; None when a rate is unknown."""
+def estimate(
+    work: list[Work], rates: dict[str, DeviceRate], *, n_ubatch: int, unified: bool = False
+) -> Speed:
+    """Tokens per second for decode and for a 512-token prompt; None when a rate is unknown.
+
+    `unified`: the GPU reads host memory in place (Apple), so host layers are no PCIe copy.
+    """
     used = [w for w in work if w.read_bytes]
     basis = tuple(dict.fromkeys(rates[w.device].basis for w in used))
     decode = _total(_decode_time(w, rates[w.device]) for w in used)
-    on_gpu = any(w.device != "cpu" for w in used)
-    prompt = _total(_prompt_time(w, rates[w.device], on_gpu, n_ubatch) for w in used)
+    over_pcie = not unified and any(w.device != "cpu" for w in used)
+    prompt = _total(_prompt_time(w, rates[w.device], over_pcie, n_ubatch) for w in used)
     return Speed(_per_s(decode), _per_s(prompt), basis)
 
 
@@ -161,10 +166,10 @@ def _decode_time(w: Work, rate: DeviceRate) -> float | None:
     return max(memory, compute)
 
 
-def _prompt_time(w: Work, rate: DeviceRate, on_gpu: bool, n_ubatch: int) -> float | None:
-    """Host layers beside a GPU: llama.cpp copies their weights to the GPU for each batch of
-    prompt tokens (it offloads batches of 32 or more), so PCIe, not the CPU, bounds them."""
-    if w.device == "cpu" and on_gpu:
+def _prompt_time(w: Work, rate: DeviceRate, over_pcie: bool, n_ubatch: int) -> float | None:
+    """Host layers beside a discrete GPU: llama.cpp copies their weights to the GPU for each
+    batch of prompt tokens (it offloads batches of 32 or more), so PCIe bounds them."""
+    if w.device == "cpu" and over_pcie:
         return w.read_bytes / (PCIE_GBS * 1e9) / min(PROMPT_TOKENS, n_ubatch)
     if rate.flops_per_s is None:
         return None
