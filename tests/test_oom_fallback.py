@@ -14,7 +14,7 @@ from launcher.backends.oom_fallback import (
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
 
-LOGS = DATA / "llamacpp-logs"
+LOGS = DATA / "llamacpp-oom"
 KV_LOG = (LOGS / "cuda-oom-kv.log").read_text()
 
 

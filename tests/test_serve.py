@@ -325,7 +325,7 @@ def test_out_of_memory_falls_back_by_the_measured_shortfall(tiny_model, tmp_path
     tiny = make_plan(PlanRequest(hardware=hw, model_file=tiny_model, context=512))
     plan = _on_gpu(tiny, "Q4_K_M", 41702)
     plan.fallbacks = [_on_gpu(tiny, "too-little", 41500), _on_gpu(tiny, "enough", 39000)]
-    kv_log = (Path(__file__).parent / "data/llamacpp-logs/cuda-oom-kv.log").read_text()
+    kv_log = (Path(__file__).parent / "data/llamacpp-oom/cuda-oom-kv.log").read_text()
     real_spec = serve_mod.launch_spec
 
     def spec(p, path, home):
