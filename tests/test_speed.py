@@ -149,4 +149,3 @@ def test_detect_reports_backends_and_cpu_speed(tmp_path):
     assert snap["backends"]["llama_cpp"]["gpu_offload"] is False
     assert snap["system"]["memory_bandwidth_gbs"] > 0
     assert (tmp_path / cpuspeed.CACHE_FILE).exists()
-

@@ -1,17 +1,25 @@
 """The CPU's memory bandwidth and matrix throughput, measured once and cached in the home.
 
 Decoding on the CPU is bound by how fast the cores can stream weights from RAM; prompt
-processing by how fast they multiply. Both are measured here in well under a second with
-numpy, which releases the GIL: every physical core (llama.cpp's thread count) sums its own
-slice of a buffer far larger than any cache, and a float32 matrix product gives the
-multiply rate. The best of a few passes counts, since a busy machine only ever slows a pass.
-The figures are cached per CPU model and core count, so later runs read them back.
+processing by how fast they multiply. Both are measured in well under a second with numpy,
+which releases the GIL. Bandwidth: every physical core (llama.cpp's thread count) sums its
+own slice of a buffer far larger than any cache, the best of a few passes, and never less
+than one core alone reads in CPU time. Multiply rate: one core's float32 matrix product in
+CPU time, times the physical cores. CPU time does not count the time other processes run,
+so a busy machine does not leave a wrong figure in the cache; llama.cpp's prompt speed
+scales with the cores it is given. The matrix product runs in a child Python whose BLAS is
+held to one thread (idle BLAS threads spin, which CPU time would count). The figures are
+cached per CPU model and core count.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +33,33 @@ from launcher.units import MIB
 
 log = logging.getLogger(__name__)
 
+Clock = Callable[[], float]
 CACHE_FILE = "cpu-speed.json"
+PROBE_TIMEOUT_S = 30.0
+CORE_GFLOPS_PROBE = """
+import sys, time
+import numpy as np
+n, repeat = int(sys.argv[1]), int(sys.argv[2])
+a = np.full((n, n), 0.5, dtype=np.float32)
+a @ a
+best = 1e9
+for _ in range(6):
+    start = time.process_time()
+    for _ in range(repeat):
+        a @ a
+    best = min(best, max(time.process_time() - start, 1e-9))
+print(2 * n**3 * repeat / best / 1e9)
+"""
+ONE_BLAS_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+}
 PROBE_BYTES = 256 * MIB  # well past the last-level cache of desktop and most server CPUs
 PASSES = 6
-MATMUL_N = 512
-MATMUL_PASSES = 8
+MATMUL_N = 256
+MATMUL_REPEAT = 8
 
 
 class CpuSpeed(BaseModel):
@@ -60,8 +90,10 @@ def cache_key(system: SystemInfo) -> str:
 
 
 def measure_cpu_speed(threads: int) -> CpuSpeed:
-    bandwidth = measure_bandwidth_gbs(threads)
-    gflops = measure_gflops()
+    threads = max(threads, 1)
+    one_core = measure_bandwidth_gbs(1, clock=time.process_time)
+    bandwidth = max(measure_bandwidth_gbs(threads), one_core)
+    gflops = measure_core_gflops() * threads
     log.info("CPU: %.1f GB/s read bandwidth, %.0f GFLOPS (%d threads)", bandwidth, gflops, threads)
     return CpuSpeed(
         memory_bandwidth_gbs=round(bandwidth, 2),
@@ -71,24 +103,31 @@ def measure_cpu_speed(threads: int) -> CpuSpeed:
     )
 
 
-def measure_bandwidth_gbs(threads: int) -> float:
+def measure_bandwidth_gbs(threads: int, *, clock: Clock = time.perf_counter) -> float:
     """GB/s (1e9) that `threads` threads read, each summing its own slice as uint64."""
     threads = max(threads, 1)
     slices = np.array_split(np.ones(PROBE_BYTES // 8, dtype=np.uint64), threads)
     with ThreadPoolExecutor(threads) as pool:
-        best = min(_timed(lambda: list(pool.map(np.sum, slices))) for _ in range(PASSES))
+        passes = (_timed(lambda: list(pool.map(np.sum, slices)), clock) for _ in range(PASSES))
+        best = min(passes)
     return PROBE_BYTES / best / 1e9
 
 
-def measure_gflops() -> float:
-    """float32 matrix product rate (numpy's BLAS, all its threads)."""
-    a = np.full((MATMUL_N, MATMUL_N), 0.5, dtype=np.float32)
-    a @ a  # warm up: BLAS thread pool start, page faults
-    best = min(_timed(lambda: a @ a) for _ in range(MATMUL_PASSES))
-    return 2 * MATMUL_N**3 / best / 1e9
+def measure_core_gflops() -> float:
+    """One core's float32 matrix product rate, in CPU time, from a child Python whose BLAS
+    is held to one thread."""
+    out = subprocess.run(
+        [sys.executable, "-c", CORE_GFLOPS_PROBE, str(MATMUL_N), str(MATMUL_REPEAT)],
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=True,
+        env={**os.environ, **ONE_BLAS_THREAD},
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn, clock: Clock) -> float:
+    start = clock()
     fn()
-    return max(time.perf_counter() - start, 1e-9)
+    return max(clock() - start, 1e-9)

@@ -149,6 +149,9 @@ def read_model_file(path: str | Path) -> ModelShape:
         raise ModelFileError(f"model file {path} does not exist or is not a file")
     readers = [_open(p) for p in _shards(path)]
     arch_name, arch, extra = _architecture(readers[0], path)
+    # no output matrix: llama.cpp multiplies by token_embd as the output layer (Gemma)
+    tied = not any(t.name == "output.weight" for r in readers for t in r.tensors)
+    arch = arch.model_copy(update={"tied_embeddings": tied})
     token_embd, output, layers, types, n_params = _tensor_bytes(readers)
     if not layers:
         raise ModelFileError(f"{path} has no blk.N tensors; llmup plans transformer GGUF models")
