@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import MACHINES, run_cli
@@ -149,3 +151,20 @@ def test_detect_reports_backends_and_cpu_speed(tmp_path):
     assert snap["backends"]["llama_cpp"]["gpu_offload"] is False
     assert snap["system"]["memory_bandwidth_gbs"] > 0
     assert (tmp_path / cpuspeed.CACHE_FILE).exists()
+
+
+def test_planning_a_file_loads_neither_llama_cpp_nor_the_hub_client():
+    """`llmup plan --hardware FILE` stays fast: no llama.cpp library, no huggingface_hub."""
+    code = (
+        "import sys\n"
+        "from launcher.cli import app\n"
+        "try:\n    app(['plan', '--hardware', sys.argv[1], '--json'])\n"
+        "except SystemExit:\n    pass\n"
+        "print('LOADED', [m for m in ('llama_cpp', 'huggingface_hub') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(MACHINES / "a6000-48gb.json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert '"llama-2-70b-chat"' in out.stdout
+    assert "LOADED []" in out.stdout, out.stdout[-300:] + out.stderr[-300:]
