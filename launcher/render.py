@@ -7,6 +7,7 @@ import sys
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher.hardware.snapshot import HardwareSnapshot
@@ -131,9 +132,9 @@ def plan(p: Plan, *, rejected: int = 8) -> None:
     out.print(table)
     _speed(p)
     for left in p.placement.left_out:
-        out.print(f"not used: {left.reason}", highlight=False, soft_wrap=True)
+        out.print(f"not used: {left.reason}", highlight=False, soft_wrap=True, markup=False)
     for line in p.notes:
-        out.print(f"[yellow]note:[/yellow] {line}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     measured = getattr(p, "measured", None)
     if measured:
         calibration(measured)
@@ -177,7 +178,7 @@ def _speed(p: Plan) -> None:
         highlight=False,
     )
     for line in s.basis:
-        out.print(f"  from {line}", highlight=False, soft_wrap=True)
+        out.print(f"  from {line}", highlight=False, soft_wrap=True, markup=False)
 
 
 def tokens_per_s(value: float | None) -> str:
@@ -197,7 +198,7 @@ def rejections(items: list[Rejected], *, title: str) -> None:
             r.backend,
             gib(r.miss_mib) if r.miss_mib else "-",
             tokens_per_s(r.decode_tokens_per_s) if r.decode_tokens_per_s else "-",
-            r.reason,
+            escape(r.reason),
         )
     out.print(table)
 

@@ -4,7 +4,7 @@ and the environment the backend is launched with."""
 from __future__ import annotations
 
 import pytest
-from conftest import MACHINES
+from conftest import MACHINES, run_cli
 from test_gpu_selection import recorded
 
 from launcher.backends.llamacpp import backend_env
@@ -144,3 +144,17 @@ def test_every_planned_gpu_gets_layers_and_fits(machine):
     used = {d.device for d in plan.placement.devices}
     assert not used & {lo.device for lo in plan.placement.left_out}
     assert plan.placement.ram_need_mib * MIB <= plan.placement.ram_budget_mib * MIB
+
+
+def test_the_install_hint_is_printed_whole(tmp_path):
+    """`llmup plan` prints the notes as they are (brackets included, one line each)."""
+    snap = load_snapshot(MACHINES / "a6000-48gb.json")
+    path = tmp_path / "here.json"
+    path.write_text(snap.model_copy(update={"backends": detect_backends()}).model_dump_json())
+    res = run_cli("plan", "--hardware", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "note: the installed llama-cpp-python" in res.stdout
+    assert "pip install 'llmup[exllamav2]'" in res.stdout
+    pinned = run_cli("plan", "--hardware", str(path), "--backend", "exllamav2")
+    assert pinned.returncode == 3
+    assert "no candidate can run here: exllamav2 is not installed" in pinned.stderr

@@ -39,7 +39,8 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     fast, slow = _by_speed(fitting, req.min_tokens_per_s)
     rejected = sorted((c for c in candidates if not c.fits), key=lambda c: c.miss)
     if not fast:
-        raise NothingFitsError(_nothing_message(req, slow), closest=_closest(rejected, slow))
+        message = _nothing_message(req, slow, rejected)
+        raise NothingFitsError(message, closest=_closest(rejected, slow))
     best, *others = fast
     plan = candidate_to_plan(best, req)
     plan.notes = _notes(req, machine)
@@ -62,7 +63,10 @@ def _by_speed(fitting: list[Candidate], floor: float | None):
     return [c for c in fitting if c not in slow], slow
 
 
-def _nothing_message(req: PlanRequest, slow: list[Candidate]) -> str:
+def _nothing_message(req: PlanRequest, slow: list[Candidate], rejected: list[Candidate]) -> str:
+    reasons = {c.reason for c in rejected}
+    if not slow and len(reasons) == 1 and not next(iter(reasons)).startswith("needs"):
+        return f"no candidate can run here: {next(iter(reasons))}"
     if slow:
         best = max(c.decode_tps for c in slow)
         return (
