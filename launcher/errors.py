@@ -65,6 +65,10 @@ class ChecksumError(DownloadError):
     """A downloaded file does not match the hub's sha256; its blob has been deleted."""
 
 
+class UnverifiableFileError(DownloadError):
+    """The hub gives no checksum for a file, so its download could not be verified."""
+
+
 class JoinError(DownloadError):
     """Concatenating split halves did not produce a valid GGUF file; the halves are kept."""
 

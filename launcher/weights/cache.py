@@ -96,6 +96,25 @@ def cached_file(cache_dir: Path, repo_id: str, name: str, revision: str) -> Path
     return Path(found) if isinstance(found, str) else None
 
 
+def link_blob(cache_dir: Path, repo_id: str, name: str, commit: str, blob_name: str) -> Path | None:
+    """Make `name` of snapshot `commit` point at an existing blob, as the hub client would.
+
+    The hub names a blob by its ETag: the sha256 for LFS files, the git blob id otherwise,
+    i.e. the checksum the listing gives. A file unchanged across commits is the same blob, so
+    a new commit's snapshot can link it without a request. None when no such blob is here.
+    """
+    blob = repo_folder(cache_dir, repo_id) / "blobs" / blob_name
+    if not blob.is_file():
+        return None
+    pointer = snapshot_folder(cache_dir, repo_id, commit) / name
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex[:8]}.link")
+    os.symlink(os.path.relpath(blob, pointer.parent), tmp)
+    os.replace(tmp, pointer)
+    log.info("%s of %s is the blob an earlier commit fetched; linked, not downloaded", name, commit)
+    return pointer
+
+
 def remove_cached_file(pointer: Path) -> Path:
     """Delete a snapshot entry and its blob; return the blob path.
 

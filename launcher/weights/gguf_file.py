@@ -26,8 +26,9 @@ def _field(reader, key: str, default=None):
     return value
 
 
-def _shards(path: Path) -> list[Path]:
-    """gguf-split shards are planned together; llama.cpp loads them from the first."""
+def shard_paths(path: Path) -> list[Path]:
+    """Every file of a gguf-split set (`name-00001-of-00003.gguf`) given any one of them, or
+    just `path`: shards are planned and sized together; llama.cpp loads them from the first."""
     m = _SHARD.match(path.name)
     if not m:
         return [path]
@@ -147,7 +148,7 @@ def read_model_file(path: str | Path) -> ModelShape:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist or is not a file")
-    readers = [_open(p) for p in _shards(path)]
+    readers = [_open(p) for p in shard_paths(path)]
     arch_name, arch, extra = _architecture(readers[0], path)
     # no output matrix: llama.cpp multiplies by token_embd as the output layer (Gemma)
     tied = not any(t.name == "output.weight" for r in readers for t in r.tensors)
@@ -159,7 +160,7 @@ def read_model_file(path: str | Path) -> ModelShape:
         token_embd=token_embd,
         output=output,
         layers=tuple(layers.get(i, 0) for i in range(arch.n_layer)),
-        file_bytes=sum(p.stat().st_size for p in _shards(path)),
+        file_bytes=sum(p.stat().st_size for p in shard_paths(path)),
         tensor_types=types,
     )
     return ModelShape(

@@ -3,7 +3,9 @@
 `pull()` is what `llmup pull` prints and what `llmup serve` calls before starting a backend:
 it returns the one path the backend loads (a `.gguf` file, the joined `.gguf` of split halves,
 or a GPTQ snapshot folder). Downloads, resume and the cache layout are huggingface_hub's;
-llmup adds the disk check before, the checksum after, the join, and clear errors.
+llmup adds the pinned commit (`catalog.pins`), the disk check before, the checksum after
+(a file the hub gives no checksum for is refused unless `verify=False`), the join, the reuse
+of what an earlier commit already fetched (same checksum, same blob), and clear errors.
 """
 
 from __future__ import annotations
@@ -11,148 +13,40 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
+from launcher.catalog.pins import Pins
 from launcher.errors import (
     DiskSpaceError,
     DownloadError,
     HubUnreachableError,
     ModelFileError,
     OfflineMissError,
+    UnverifiableFileError,
     UsageError,
 )
 from launcher.planning.plan import Source
 from launcher.weights import cache
 from launcher.weights.diskspace import Need, check_disk_space
-from launcher.weights.join import join_parts
+from launcher.weights.joined import (
+    join_into_snapshot,
+    joined_if_current,
+    output_path,
+    unrecorded_ok,
+)
 from launcher.weights.remote import (
     RemoteFile,
     fetch_listing,
     hub_errors,
     is_pattern_selection,
 )
+from launcher.weights.result import GB, PullContext, PulledFile, PullResult
 from launcher.weights.verify import Digest, VerifiedRecords, check_or_discard, has_gguf_magic
 
 log = logging.getLogger(__name__)
-
-GB = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class PulledFile:
-    """One file of the pull. `cached`: it was already there before this pull."""
-
-    name: str
-    size: int | None
-    cached: bool
-    path: Path | None = None
-
-
-@dataclass(frozen=True)
-class PullResult:
-    """Where the weights are and what it took; `path` is what the backend loads."""
-
-    repo_id: str | None
-    revision: str
-    commit: str | None
-    path: Path | None
-    files: tuple[PulledFile, ...]
-    downloaded_bytes: int
-    cache_dir: Path
-    dry_run: bool = False
-    offline: bool = False
-    joined: bool = False
-    notes: tuple[str, ...] = field(default=())
-    catalog_bytes: int | None = None  # offline dry run: the catalog's total, sizes unknown
-
-    @property
-    def total_bytes(self) -> int:
-        if self.catalog_bytes is not None and any(f.size is None for f in self.files):
-            return self.catalog_bytes
-        return sum(f.size or 0 for f in self.files)
-
-    @property
-    def missing_bytes(self) -> int:
-        """Bytes a real pull would still fetch."""
-        return self.total_bytes - sum(f.size or 0 for f in self.files if f.cached)
-
-    def to_dict(self) -> dict:
-        """JSON-ready, for `llmup pull --json`."""
-        files = [
-            {
-                "name": f.name,
-                "size": f.size,
-                "cached": f.cached,
-                "path": str(f.path) if f.path else None,
-            }
-            for f in self.files
-        ]
-        return {
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "commit": self.commit,
-            "path": str(self.path) if self.path else None,
-            "files": files,
-            "total_bytes": self.total_bytes,
-            "missing_bytes": self.missing_bytes,
-            "downloaded_bytes": self.downloaded_bytes,
-            "cache_dir": str(self.cache_dir),
-            "dry_run": self.dry_run,
-            "offline": self.offline,
-            "joined": self.joined,
-            "notes": list(self.notes),
-        }
-
-    def summary(self) -> str:
-        """The closing lines the CLI prints."""
-        if self.dry_run:
-            head = (
-                f"dry run: {len(self.files)} file(s), {self.total_bytes / GB:.2f} GB, "
-                f"{self.missing_bytes / GB:.2f} GB to download"
-            )
-        else:
-            head = (
-                f"{len(self.files)} file(s), {self.total_bytes / GB:.2f} GB "
-                f"({self.downloaded_bytes / GB:.2f} GB downloaded)"
-            )
-        where = self.path or "(known once the hub has been reached)"
-        lines = [head, f"model: {where}", f"cache: {self.cache_dir}"]
-        return "\n".join(lines + list(self.notes))
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    """Everything one pull needs, resolved once from arguments and the environment."""
-
-    source: Source
-    repo_id: str
-    cache_dir: Path
-    home: Path
-    token: str | None
-    progress: bool
-
-    @property
-    def repo_folder(self) -> Path:
-        return cache.repo_folder(self.cache_dir, self.repo_id)
-
-    def result(
-        self, commit: str | None, path: Path | None, files: list[PulledFile], **kw
-    ) -> PullResult:
-        downloaded = sum(f.size or 0 for f in files if not f.cached)
-        kw.setdefault("downloaded_bytes", downloaded)
-        return PullResult(
-            repo_id=self.repo_id,
-            revision=self.source.revision,
-            commit=commit,
-            path=path,
-            files=tuple(files),
-            cache_dir=self.cache_dir,
-            **kw,
-        )
 
 
 def pull(
@@ -163,23 +57,30 @@ def pull(
     progress: bool = True,
     token: str | None = None,
     cache_dir: str | Path | None = None,
+    verify: bool = True,
 ) -> PullResult:
     """Make the plan's weights present and verified; return where they are.
 
     offline (or HF_HUB_OFFLINE=1): use only the cache. dry_run: report files, sizes and
-    what is cached without downloading (from the catalog's sizes when offline).
+    what is cached without downloading (from the catalog's sizes when offline). verify
+    False accepts a file the hub gives no checksum for (and says so in the result).
     """
     if source.local_path:
         return _local(source, cache.hub_cache_dir(cache_dir))
     if not source.repo_id or not source.files:
         raise UsageError("the plan's source names no hub repository and files to pull")
-    ctx = _Ctx(
+    home = cache.llmup_home()
+    pins = Pins.load(home)
+    ctx = PullContext(
         source=source,
         repo_id=source.repo_id,
         cache_dir=cache.hub_cache_dir(cache_dir),
-        home=cache.llmup_home(),
+        home=home,
         token=token,
         progress=progress,
+        verify=verify,
+        pins=pins,
+        pin=pins.commit(source.repo_id, source.revision),
     )
     offline = offline or cache.offline_from_env()
     if dry_run:
@@ -207,15 +108,16 @@ def _local(source: Source, cache_dir: Path) -> PullResult:
 # --- online ---------------------------------------------------------------------------------
 
 
-def _pull_online(ctx: _Ctx) -> PullResult:
-    listing = fetch_listing(ctx.source, ctx.token)
+def _pull_online(ctx: PullContext) -> PullResult:
+    listing = fetch_listing(ctx.source, ctx.token, revision=ctx.revision)
     commit, wanted = listing.commit, listing.files
+    unverified = _unverifiable(ctx, wanted)
     cache.record_ref(ctx.cache_dir, ctx.repo_id, ctx.source.revision, commit)
     records = VerifiedRecords.load(ctx.home, ctx.repo_folder.name, commit)
-    join = ctx.source.join
-    if join:
-        joined = _joined_if_current(ctx, commit, wanted, records)
+    if ctx.source.join:
+        joined = joined_if_current(ctx, commit, wanted, records)
         if joined is not None:
+            _pin_on_first_use(ctx, commit)
             return joined
     try:
         present = {f.name: _verified_cached(ctx, f, commit, records) for f in wanted}
@@ -226,15 +128,45 @@ def _pull_online(ctx: _Ctx) -> PullResult:
     finally:
         if records.data["files"]:
             records.save()  # what did verify stays verified, even when a later file failed
-    return ctx.result(commit, path, files, joined=joined_now)
+    _pin_on_first_use(ctx, commit)
+    return ctx.result(commit, path, files, joined=joined_now, unverified=unverified)
+
+
+def _unverifiable(ctx: PullContext, wanted: list[RemoteFile]) -> tuple[str, ...]:
+    """Files the hub gave no checksum for: refused (before any byte) unless verify is off."""
+    bare = tuple(f.name for f in wanted if f.digest is None)
+    if bare and ctx.verify:
+        raise UnverifiableFileError(
+            f"the hub at {cache.endpoint_label()} gives no checksum for {', '.join(bare)} "
+            f"({ctx.repo_id}), neither in its file listing nor in paths-info, so a corrupted "
+            "copy could not be told from a good one; nothing was downloaded. Use another hub "
+            "endpoint, or pass --no-verify to accept the file unverified"
+        )
+    for name in bare:
+        log.warning("%s has no checksum on the hub; accepted unverified (--no-verify)", name)
+    return bare
+
+
+def _pin_on_first_use(ctx: PullContext, commit: str) -> None:
+    """A source without a pin stays on the commit its first pull used."""
+    if ctx.pin is None:
+        ctx.pins.record(ctx.repo_id, ctx.source.revision, commit)
+        log.info("pinned %s@%s to %s", ctx.repo_id, ctx.source.revision, commit)
 
 
 def _verified_cached(
-    ctx: _Ctx, f: RemoteFile, commit: str, records: VerifiedRecords
+    ctx: PullContext, f: RemoteFile, commit: str, records: VerifiedRecords
 ) -> Path | None:
-    """The cached copy of `f` if it verifies; a corrupt cached copy is deleted and refetched."""
+    """The cached copy of `f` if it verifies; a corrupt cached copy is deleted and refetched.
+
+    A file whose blob an earlier commit fetched (same checksum) is linked, not downloaded."""
     pointer = cache.cached_file(ctx.cache_dir, ctx.repo_id, f.name, commit)
-    if pointer is None or f.digest is None or records.is_verified(f.name, pointer, f.digest):
+    if pointer is None and f.digest is not None:
+        pointer = cache.link_blob(ctx.cache_dir, ctx.repo_id, f.name, commit, f.digest.value)
+    if pointer is None or f.digest is None:
+        return pointer
+    if records.is_verified(f.name, pointer, f.digest):
+        records.add(f.name, pointer, f.digest)
         return pointer
     try:
         check_or_discard(pointer, f.name, f.digest, f.size)
@@ -246,7 +178,7 @@ def _verified_cached(
 
 
 def _needs(
-    ctx: _Ctx, wanted: list[RemoteFile], present: dict[str, Path | None], commit: str
+    ctx: PullContext, wanted: list[RemoteFile], present: dict[str, Path | None], commit: str
 ) -> list[Need]:
     missing = sum(f.size for f in wanted if present[f.name] is None)
     blobs = ctx.repo_folder / "blobs"
@@ -264,7 +196,7 @@ def _needs(
 
 
 def _fetch(
-    ctx: _Ctx, f: RemoteFile, commit: str, records: VerifiedRecords, present: Path | None
+    ctx: PullContext, f: RemoteFile, commit: str, records: VerifiedRecords, present: Path | None
 ) -> PulledFile:
     """Download one file through the hub client (which resumes after a dropped connection)."""
     if present is not None:
@@ -278,7 +210,7 @@ def _fetch(
     return PulledFile(f.name, f.size, False, pointer)
 
 
-def _download(ctx: _Ctx, name: str, commit: str) -> Path:
+def _download(ctx: PullContext, name: str, commit: str) -> Path:
     try:
         with hub_errors(ctx.source, name):
             return Path(
@@ -330,51 +262,17 @@ def _bar_class(label: str, quiet: bool) -> type:
 
 
 def _finish(
-    ctx: _Ctx, commit: str, files: list[PulledFile], records: VerifiedRecords
+    ctx: PullContext, commit: str, files: list[PulledFile], records: VerifiedRecords
 ) -> tuple[Path, bool]:
     """Join split halves, or pick the single file, or the snapshot folder for GPTQ."""
     if ctx.source.join:
-        return _join(ctx, commit, files, records), True
+        return join_into_snapshot(ctx, commit, files, records), True
     if len(files) == 1 and not is_pattern_selection(ctx.source.files):
         path = files[0].path
         if path.name.endswith(".gguf") and not has_gguf_magic(path):
             raise ModelFileError(f"{path} is not a GGUF file (no GGUF magic); check the plan")
         return path, False
     return cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit), False
-
-
-def _join(ctx: _Ctx, commit: str, files: list[PulledFile], records: VerifiedRecords) -> Path:
-    spec = ctx.source.join
-    by_name = {f.name: f for f in files}
-    parts = [by_name[name].path for name in spec.parts]
-    output = cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit) / spec.output
-    join_parts(parts, output, tmp_dir=ctx.repo_folder / "blobs", progress=ctx.progress)
-    records.add_joined(spec.output, output, _part_digests(spec.parts, records))
-    records.save()  # the halves go next: the joined file must be on record first
-    for part in parts:
-        cache.remove_cached_file(part)
-    return output
-
-
-def _part_digests(parts: list[str], records: VerifiedRecords) -> dict[str, str]:
-    return {name: records.data["files"].get(name, {}).get("digest", "") for name in parts}
-
-
-def _joined_if_current(
-    ctx: _Ctx, commit: str, wanted: list[RemoteFile], records: VerifiedRecords
-) -> PullResult | None:
-    """The joined file from an earlier pull, if the hub's halves are still the same."""
-    spec = ctx.source.join
-    output = cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit) / spec.output
-    parts = {f.name: f.digest.value if f.digest else "" for f in wanted}
-    if not records.is_joined(spec.output, output, parts):
-        if not _joined_unrecorded_ok(output, sum(f.size for f in wanted)):
-            return None
-        records.add_joined(spec.output, output, parts)  # llmup home was wiped; size+magic hold
-        records.save()
-    log.info("%s already joined", output)
-    joined = PulledFile(ctx.source.join.output, output.stat().st_size, True, output)
-    return ctx.result(commit, output, [joined], joined=True)
 
 
 def _selection_key(source: Source) -> str:
@@ -384,15 +282,15 @@ def _selection_key(source: Source) -> str:
 # --- offline --------------------------------------------------------------------------------
 
 
-def _pull_offline(ctx: _Ctx) -> PullResult:
+def _pull_offline(ctx: PullContext) -> PullResult:
     """Cache only; a miss names the file and writes nothing."""
-    commit = cache.resolve_commit(ctx.cache_dir, ctx.repo_id, ctx.source.revision)
+    commit = ctx.pin or cache.resolve_commit(ctx.cache_dir, ctx.repo_id, ctx.source.revision)
     if commit is None:
         raise _offline_miss(ctx, ctx.source.join.output if ctx.source.join else ctx.source.files[0])
     records = VerifiedRecords.load(ctx.home, ctx.repo_folder.name, commit)
     if ctx.source.join:
-        output = cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit) / ctx.source.join.output
-        if records.is_joined(ctx.source.join.output, output) or _joined_unrecorded_ok(output):
+        output = output_path(ctx, commit)
+        if records.is_joined(ctx.source.join.output, output) or unrecorded_ok(output):
             joined = PulledFile(output.name, output.stat().st_size, True, output)
             return ctx.result(commit, output, [joined], offline=True, joined=True)
     files = [
@@ -413,14 +311,7 @@ def _pull_offline(ctx: _Ctx) -> PullResult:
     return ctx.result(commit, path, files, offline=True, joined=joined)
 
 
-def _joined_unrecorded_ok(output: Path, size: int | None = None) -> bool:
-    """A joined file without a record (llmup home wiped): the join's own checks, size and magic."""
-    if not output.is_file() or (size is not None and output.stat().st_size != size):
-        return False
-    return has_gguf_magic(output)
-
-
-def _offline_names(ctx: _Ctx, commit: str, records: VerifiedRecords) -> list[str]:
+def _offline_names(ctx: PullContext, commit: str, records: VerifiedRecords) -> list[str]:
     """Exact names as planned; for patterns, what an earlier pull (or the hub) recorded."""
     if not is_pattern_selection(ctx.source.files):
         return list(ctx.source.files)
@@ -436,7 +327,7 @@ def _offline_names(ctx: _Ctx, commit: str, records: VerifiedRecords) -> list[str
     return list(filter_repo_objects([t.path for t in tree], allow_patterns=ctx.source.files))
 
 
-def _offline_file(ctx: _Ctx, name: str, commit: str, records: VerifiedRecords) -> PulledFile:
+def _offline_file(ctx: PullContext, name: str, commit: str, records: VerifiedRecords) -> PulledFile:
     pointer = cache.cached_file(ctx.cache_dir, ctx.repo_id, name, commit)
     if pointer is None:
         raise _offline_miss(ctx, name)
@@ -452,7 +343,7 @@ def _offline_file(ctx: _Ctx, name: str, commit: str, records: VerifiedRecords) -
     return PulledFile(name, pointer.stat().st_size, True, pointer)
 
 
-def _offline_miss(ctx: _Ctx, name: str) -> OfflineMissError:
+def _offline_miss(ctx: PullContext, name: str) -> OfflineMissError:
     return OfflineMissError(
         f"offline: {name} ({ctx.repo_id}, revision {ctx.source.revision}) is not in the hub "
         f"cache at {ctx.cache_dir}; run `llmup pull` with network access first "
@@ -463,18 +354,18 @@ def _offline_miss(ctx: _Ctx, name: str) -> OfflineMissError:
 # --- dry run --------------------------------------------------------------------------------
 
 
-def _dry_run(ctx: _Ctx, offline: bool) -> PullResult:
+def _dry_run(ctx: PullContext, offline: bool) -> PullResult:
     """What a pull would fetch; never writes. Offline or unreachable: catalog sizes."""
     if not offline:
         try:
-            listing = fetch_listing(ctx.source, ctx.token)
+            listing = fetch_listing(ctx.source, ctx.token, revision=ctx.revision)
         except HubUnreachableError as exc:
             return _dry_run_catalog(ctx, f"hub unreachable, sizes from the catalog: {exc}")
         return _dry_run_listing(ctx, listing.commit, listing.files)
     return _dry_run_catalog(ctx, "offline: sizes from the catalog")
 
 
-def _dry_run_listing(ctx: _Ctx, commit: str, wanted: list[RemoteFile]) -> PullResult:
+def _dry_run_listing(ctx: PullContext, commit: str, wanted: list[RemoteFile]) -> PullResult:
     snapshot = cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit)
     if ctx.source.join and (snapshot / ctx.source.join.output).is_file():
         output = snapshot / ctx.source.join.output
@@ -486,14 +377,14 @@ def _dry_run_listing(ctx: _Ctx, commit: str, wanted: list[RemoteFile]) -> PullRe
     )
 
 
-def _dry_entry(ctx: _Ctx, name: str, revision: str, size: int | None) -> PulledFile:
+def _dry_entry(ctx: PullContext, name: str, revision: str, size: int | None) -> PulledFile:
     pointer = cache.cached_file(ctx.cache_dir, ctx.repo_id, name, revision)
     if pointer is not None:
         size = pointer.stat().st_size
     return PulledFile(name, size, pointer is not None, pointer)
 
 
-def _would_load(ctx: _Ctx, snapshot: Path, files: list[PulledFile]) -> Path:
+def _would_load(ctx: PullContext, snapshot: Path, files: list[PulledFile]) -> Path:
     if ctx.source.join:
         return snapshot / ctx.source.join.output
     if len(files) == 1 and not is_pattern_selection(ctx.source.files):
@@ -501,10 +392,10 @@ def _would_load(ctx: _Ctx, snapshot: Path, files: list[PulledFile]) -> Path:
     return snapshot
 
 
-def _dry_run_catalog(ctx: _Ctx, note: str) -> PullResult:
+def _dry_run_catalog(ctx: PullContext, note: str) -> PullResult:
     """File names as planned; sizes from the cache where present, else the catalog's total."""
-    revision = ctx.source.revision
-    commit = cache.resolve_commit(ctx.cache_dir, ctx.repo_id, revision)
+    revision = ctx.revision
+    commit = ctx.pin or cache.resolve_commit(ctx.cache_dir, ctx.repo_id, revision)
     single = len(ctx.source.files) == 1 and not is_pattern_selection(ctx.source.files)
     size = ctx.source.download_bytes if single else None
     files = [_dry_entry(ctx, name, revision, size) for name in ctx.source.files]

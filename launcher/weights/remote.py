@@ -1,9 +1,13 @@
 """What the hub holds for a source: the commit, and each file's size and checksum.
 
 One `model_info(files_metadata=True)` call answers both the GGUF case (exact names) and the
-GPTQ case (allow-patterns over a branch), and pins the commit every later download uses,
-so metadata and bytes always come from the same revision. Hub exceptions are translated
-here into llmup errors whose messages say what to do.
+GPTQ case (allow-patterns over a branch), and fixes the commit every later download uses,
+so metadata and bytes always come from the same revision. Not every server that speaks the
+hub's API puts checksums there: a mirror (olah serving a local repository) lists files by
+name only, but answers `paths-info` (`HfApi.get_paths_info(..., expand=True)`) with each
+LFS file's sha256. Files the listing gives no checksum for are asked about there; a file
+that still has none is marked unverifiable, and `pull` refuses it unless told not to verify.
+Hub exceptions are translated here into llmup errors whose messages say what to do.
 """
 
 from __future__ import annotations
@@ -132,15 +136,28 @@ def _auth_message(repo: str | None, status: int | None, gated: bool) -> str:
     )
 
 
-def fetch_listing(source: Source, token: str | None) -> Listing:
-    """The commit of `source.revision` and the files of the source, with sizes and checksums."""
+def fetch_listing(source: Source, token: str | None, revision: str | None = None) -> Listing:
+    """The commit of `revision` (default `source.revision`) and the files of the source,
+    with sizes and checksums (from paths-info for files the listing gives none for)."""
     api = HfApi(endpoint=hub_endpoint(), token=token)
     with hub_errors(source):
-        info = api.model_info(source.repo_id, revision=source.revision, files_metadata=True)
+        info = api.model_info(
+            source.repo_id, revision=revision or source.revision, files_metadata=True
+        )
     if not info.sha:
         raise DownloadError(f"the hub at {endpoint_label()} gave no commit for {source.repo_id}")
-    files = [_remote_file(s) for s in info.siblings or []]
-    return Listing(commit=info.sha, files=select(source, files))
+    files = select(source, [_remote_file(s) for s in info.siblings or []])
+    return Listing(commit=info.sha, files=_with_checksums(api, source, info.sha, files))
+
+
+def commit_of(repo_id: str, revision: str, token: str | None = None) -> str:
+    """The commit `revision` of `repo_id` points to now (what `llmup pins refresh` pins)."""
+    api = HfApi(endpoint=hub_endpoint(), token=token)
+    with hub_errors(Source(repo_id=repo_id, revision=revision)):
+        sha = api.model_info(repo_id, revision=revision).sha
+    if not sha:
+        raise DownloadError(f"the hub at {endpoint_label()} gave no commit for {repo_id}")
+    return sha
 
 
 def _remote_file(sibling) -> RemoteFile:
@@ -150,6 +167,30 @@ def _remote_file(sibling) -> RemoteFile:
         )
     digest = Digest("git-sha1", sibling.blob_id) if sibling.blob_id else None
     return RemoteFile(sibling.rfilename, sibling.size or 0, digest, lfs=False)
+
+
+def _with_checksums(
+    api: HfApi, source: Source, commit: str, files: list[RemoteFile]
+) -> list[RemoteFile]:
+    """Fill in, from paths-info, the size and checksum of files listed without one."""
+    bare = [f.name for f in files if f.digest is None]
+    if not bare:
+        return files
+    try:
+        with hub_errors(source):
+            infos = api.get_paths_info(source.repo_id, bare, revision=commit, expand=True)
+    except DownloadError as exc:  # a server without paths-info: the files stay bare
+        log.warning("the hub at %s has no paths-info for %s: %s", endpoint_label(), bare, exc)
+        return files
+    found = {i.path: _from_path_info(i) for i in infos if getattr(i, "size", None) is not None}
+    return [found.get(f.name, f) if f.digest is None else f for f in files]
+
+
+def _from_path_info(info) -> RemoteFile:
+    if info.lfs is not None:
+        return RemoteFile(info.path, info.lfs.size, Digest("sha256", info.lfs.sha256), lfs=True)
+    digest = Digest("git-sha1", info.blob_id) if info.blob_id else None
+    return RemoteFile(info.path, info.size or 0, digest, lfs=False)
 
 
 def select(source: Source, files: list[RemoteFile]) -> list[RemoteFile]:

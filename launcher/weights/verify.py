@@ -94,7 +94,10 @@ class VerifiedRecords:
     """Which files of one repo commit llmup has verified, and what it joined.
 
     Stored as `<llmup home>/verified/<models--org--name>/<commit>.json`. A record is valid
-    only while the blob keeps the recorded size and mtime.
+    only while the blob keeps the recorded size and mtime. A blob is content-addressed and
+    shared by every commit that has the same file, so a blob another commit's record
+    verified (same digest, same size and mtime) counts as verified here too: a new commit
+    that changes only a README re-hashes nothing.
     """
 
     def __init__(self, path: Path, data: dict) -> None:
@@ -106,20 +109,42 @@ class VerifiedRecords:
 
     @classmethod
     def load(cls, home: Path, repo_folder_name: str, commit: str) -> VerifiedRecords:
-        path = home / "verified" / repo_folder_name / f"{commit}.json"
+        return cls.read(home / "verified" / repo_folder_name / f"{commit}.json")
+
+    @classmethod
+    def read(cls, path: Path) -> VerifiedRecords:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = {}
         return cls(path, data if isinstance(data, dict) else {})
 
+    @property
+    def commit(self) -> str:
+        return self.path.stem
+
+    def others(self) -> list[VerifiedRecords]:
+        """The records of the repo's other commits, newest file first."""
+        paths = [p for p in self.path.parent.glob("*.json") if p != self.path]
+        paths.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        return [VerifiedRecords.read(p) for p in paths]
+
     def is_verified(self, name: str, path: Path, digest: Digest | None = None) -> bool:
+        if not path.exists():
+            return False
         entry = self.data["files"].get(name)
-        if not entry or not path.exists():
-            return False
-        if digest is not None and entry.get("digest") != digest.value:
-            return False
-        return {k: entry.get(k) for k in ("size", "mtime_ns")} == _stamp(path)
+        if entry and (digest is None or entry.get("digest") == digest.value):
+            return {k: entry.get(k) for k in ("size", "mtime_ns")} == _stamp(path)
+        return digest is not None and self._verified_elsewhere(path, digest)
+
+    def _verified_elsewhere(self, path: Path, digest: Digest) -> bool:
+        stamp = _stamp(path)
+        for other in self.others():
+            for entry in other.data["files"].values():
+                same = entry.get("digest") == digest.value
+                if same and {k: entry.get(k) for k in ("size", "mtime_ns")} == stamp:
+                    return True
+        return False
 
     def add(self, name: str, path: Path, digest: Digest) -> None:
         self.data["files"][name] = {**_stamp(path), "digest": digest.value, "algo": digest.algo}
