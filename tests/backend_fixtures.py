@@ -1,11 +1,10 @@
 """A real llama_cpp.server on a generated tiny GGUF, and the proxy served by real uvicorn.
 
-The backend is started as `llmup serve` starts it: through llmup's worker module
-(`launcher.backends.llamacpp_worker`, llama_cpp.server with llmup's additions).
-
 Test modules import the fixtures they use (`from backend_fixtures import tiny_backend`). The
-backend runs under the project's Supervisor (so a test can kill it and watch the restart);
-each proxy runs in a uvicorn thread on 127.0.0.1 with its own settings and session store.
+backend is started as `llmup serve` starts it: llmup's llama.cpp worker
+(`launcher.backends.llamacpp_worker`: llama_cpp.server with llmup's additions, /health and
+the per-run key) under the project's Supervisor (so a test can kill it and watch the restart); each
+proxy runs in a uvicorn thread on 127.0.0.1 with its own settings and session store.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import uvicorn
 from ggufgen import write_llama_gguf
 
 from launcher.backends.llamacpp import SERVER_ENV_NAMES, SERVER_MODULE
-from launcher.backends.spec import BackendSpec, free_port
+from launcher.backends.spec import BackendSpec, free_port, new_backend_key
 from launcher.backends.supervisor import Supervisor
 from launcher.proxy import SessionStore, create_app
 from launcher.settings import Settings
@@ -67,9 +66,10 @@ def llama_spec(model: Path, log_dir: Path, *, embedding: bool = True) -> Backend
         log_path=log_dir / "backend.log",
         env={"PYTHONUNBUFFERED": "1"},
         env_unset=SERVER_ENV_NAMES,
-        health_path="/v1/models",
+        health_path="/health",
         ready_timeout_s=60,
         model_alias=MODEL,
+        api_key=new_backend_key(),
     )
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import MACHINES
 
-from launcher.backends.exllamav2 import exllamav2_spec
+from launcher.backends.launch import backend_spec
 from launcher.backends.exllamav2_server import build_parser
 from launcher.errors import ModelFileError, UsageError
 from launcher.hardware.snapshot import load_snapshot
@@ -27,9 +27,12 @@ def plan_for(machine: str, **kw):
 
 def test_single_gpu_plan(tmp_path):
     plan = plan_for("a6000-48gb", kv_cache="q8_0")
-    spec = exllamav2_spec(plan, gptq_folder(tmp_path), home=tmp_path)
+    spec = backend_spec(plan, gptq_folder(tmp_path), home=tmp_path)
     args = build_parser().parse_args(spec.command[3:])
     assert spec.command[1:3] == ["-m", "launcher.backends.exllamav2_server"]
+    assert spec.health_path == "/health" and spec.auth_headers["Authorization"].startswith(
+        "Bearer "
+    )
     assert args.max_seq_len == 4096 and args.cache_mode == "Q8"
     assert args.model_alias == "llama-2-70b-chat" and args.gpu_split is None
     assert args.host == "127.0.0.1" and args.port == spec.port
@@ -39,7 +42,7 @@ def test_single_gpu_plan(tmp_path):
 def test_multi_gpu_plan_passes_the_split(tmp_path):
     plan = plan_for("rtx3090-3060-a4000")  # 24, 12 and 16 GB: 70B needs all three
     assert [d.layers for d in plan.placement.devices] == [39, 17, 24]
-    spec = exllamav2_spec(plan, gptq_folder(tmp_path), home=tmp_path)
+    spec = backend_spec(plan, gptq_folder(tmp_path), home=tmp_path)
     args = build_parser().parse_args(spec.command[3:])
     assert args.gpu_split == pytest.approx(plan.placement.tensor_split)
     assert all(g > 0 for g in args.gpu_split)
@@ -47,7 +50,9 @@ def test_multi_gpu_plan_passes_the_split(tmp_path):
 
 def test_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(ModelFileError):
-        exllamav2_spec(plan_for("a6000-48gb"), tmp_path, home=tmp_path)
+        backend_spec(plan_for("a6000-48gb"), tmp_path, home=tmp_path)
     gguf_plan = make_plan(PlanRequest(hardware=load_snapshot(MACHINES / "a6000-48gb.json")))
+    with pytest.raises(ModelFileError):  # a GGUF plan needs a GGUF file, not a folder
+        backend_spec(gguf_plan, gptq_folder(tmp_path), home=tmp_path)
     with pytest.raises(UsageError):
-        exllamav2_spec(gguf_plan, gptq_folder(tmp_path), home=tmp_path)
+        backend_spec(gguf_plan.model_copy(update={"backend": "vllm"}), tmp_path, home=tmp_path)

@@ -14,10 +14,10 @@ from conftest import MACHINES
 from ggufgen import write_llama_gguf
 
 from launcher.backends import calibration
+from launcher.backends.launch import backend_spec
 from launcher.backends.llamacpp import (
     GGML_TYPES,
     SERVER_ENV_NAMES,
-    llamacpp_spec,
     physical_cores,
     ready_timeout_s,
 )
@@ -55,8 +55,11 @@ def server_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def post(base: str, path: str, body: dict) -> dict:
-    response = httpx.post(base + path, json=body, timeout=60, trust_env=False)
+def post(sup: Supervisor, path: str, body: dict) -> dict:
+    """A direct call to the backend, with its per-run key (as the proxy sends it)."""
+    response = httpx.post(
+        sup.base_url + path, json=body, headers=sup.auth_headers, timeout=60, trust_env=False
+    )
     response.raise_for_status()
     return response.json()
 
@@ -66,7 +69,7 @@ def post(base: str, path: str, body: dict) -> dict:
 
 def test_flags_are_the_plans_and_the_server_accepts_them(tiny):
     plan = cpu_plan(tiny)
-    spec = llamacpp_spec(plan, tiny, home=home(), port=12345)
+    spec = backend_spec(plan, tiny, home=home(), port=12345)
     assert spec.command[1:3] == ["-m", "launcher.backends.llamacpp_worker"]
     args = server_parser().parse_args(spec.command[3:])
     assert args.model == str(tiny) and args.model_alias == plan.model.id == spec.model_alias
@@ -78,14 +81,15 @@ def test_flags_are_the_plans_and_the_server_accepts_them(tiny):
     assert args.cache is False and args.logits_all is False and args.use_mlock is False
     assert args.interrupt_requests is False and args.verbose is True
     assert args.chat_format == "llama-2"  # no template in the file: llama-2, said explicitly
-    assert spec.health_path == "/v1/models" and spec.base_url == "http://127.0.0.1:12345"
+    assert spec.health_path == "/health" and spec.base_url == "http://127.0.0.1:12345"
+    assert spec.api_key and spec.api_key not in " ".join(spec.command)  # env only, never argv
     assert spec.log_path.parent == home() / "logs"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU plan allocates nothing on a GPU
     assert spec.ready_timeout_s == pytest.approx(30 + 10 * tiny.stat().st_size / 1e9)
 
 
 def test_threads_configured_and_chat_format_override(tiny):
-    spec = llamacpp_spec(cpu_plan(tiny), tiny, home=home(), threads=7, chat_format="chatml")
+    spec = backend_spec(cpu_plan(tiny), tiny, home=home(), threads=7, chat_format="chatml")
     args = server_parser().parse_args(spec.command[3:])
     assert args.n_threads == args.n_threads_batch == 7 and args.chat_format == "chatml"
 
@@ -95,7 +99,7 @@ def test_two_gpu_plan_splits_tensors_over_exactly_its_devices(tiny, monkeypatch)
     hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
     plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
     assert len(plan.placement.devices) == 2 and plan.settings.flash_attn
-    spec = llamacpp_spec(plan, tiny, home=home(), port=12345)
+    spec = backend_spec(plan, tiny, home=home(), port=12345)
     args = server_parser().parse_args(spec.command[3:])
     assert args.tensor_split == plan.placement.tensor_split
     assert args.n_gpu_layers == plan.placement.n_gpu_layers
@@ -121,17 +125,17 @@ def test_no_server_setting_leaks_in_from_the_environment(tiny, monkeypatch):
     assert {f.upper() for f in fields} <= SERVER_ENV_NAMES
     monkeypatch.setenv("PORT", "9999")
     monkeypatch.setenv("api_key", "x")
-    spec = llamacpp_spec(cpu_plan(tiny), tiny, home=home())
+    spec = backend_spec(cpu_plan(tiny), tiny, home=home())
     env = spec.child_env()
     assert "PORT" not in env and "api_key" not in env and env["PYTHONUNBUFFERED"] == "1"
 
 
 def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(ModelFileError):
-        llamacpp_spec(cpu_plan(tiny), tmp_path / "absent.gguf", home=home())
-    plan = cpu_plan(tiny).model_copy(update={"backend": "exllamav2"})
+        backend_spec(cpu_plan(tiny), tmp_path / "absent.gguf", home=home())
+    plan = cpu_plan(tiny).model_copy(update={"backend": "vllm"})
     with pytest.raises(UsageError):
-        llamacpp_spec(plan, tiny, home=home())
+        backend_spec(plan, tiny, home=home())
     assert ready_timeout_s(40e9) == pytest.approx(430)
 
 
@@ -140,21 +144,21 @@ def test_bad_inputs(tiny, tmp_path):
 
 def test_serves_the_alias_chat_and_completions_and_records_calibration(tiny):
     plan = cpu_plan(tiny)
-    spec = llamacpp_spec(plan, tiny, home=home())
+    spec = backend_spec(plan, tiny, home=home())
     started = time.monotonic()
     with Supervisor(spec) as sup:
         load_s = time.monotonic() - started
-        models = httpx.get(sup.base_url + "/v1/models", trust_env=False).json()
+        models = httpx.get(sup.base_url + "/v1/models", headers=sup.auth_headers, trust_env=False).json()
         assert [m["id"] for m in models["data"]] == [plan.model.id]
         chat = post(
-            sup.base_url,
+            sup,
             "/v1/chat/completions",
             {"model": plan.model.id, "messages": [{"role": "user", "content": "hello"}],
              "max_tokens": 8, "temperature": 0},
         )  # fmt: skip
         assert chat["choices"][0]["message"]["role"] == "assistant"
         assert chat["usage"]["completion_tokens"] > 0
-        text = post(sup.base_url, "/v1/completions", {"prompt": "the", "max_tokens": 8})
+        text = post(sup, "/v1/completions", {"prompt": "the", "max_tokens": 8})
         assert text["choices"][0]["text"] and text["usage"]["completion_tokens"] > 0
         record = calibration.record_load(home(), plan, sup.attempt_log())
     assert load_s < 20
@@ -174,7 +178,7 @@ def test_kv_cache_type_and_flash_attention_reach_llama_cpp(tmp_path):
     model = write_llama_gguf(tmp_path / "wide.gguf", n_layer=2, n_embd=128, n_ff=256)
     plan = cpu_plan(model, kv_cache="q8_0")
     assert plan.settings.flash_attn is True
-    with Supervisor(llamacpp_spec(plan, model, home=home())) as sup:
+    with Supervisor(backend_spec(plan, model, home=home())) as sup:
         buffers = parse_load_log(sup.attempt_log())
     assert (buffers.type_k, buffers.type_v) == ("q8_0", "q8_0")
     assert buffers.flash_attn is True and buffers.n_ctx == 512
@@ -185,19 +189,19 @@ def test_a_quantized_model_answers(tmp_path):
     model = write_llama_gguf(
         tmp_path / "q8.gguf", n_layer=2, n_embd=128, n_ff=256, tensor_type="Q8_0"
     )
-    with Supervisor(llamacpp_spec(cpu_plan(model), model, home=home()), max_restarts=0) as sup:
-        text = post(sup.base_url, "/v1/completions", {"prompt": "hello", "max_tokens": 4})
+    with Supervisor(backend_spec(cpu_plan(model), model, home=home()), max_restarts=0) as sup:
+        text = post(sup, "/v1/completions", {"prompt": "hello", "max_tokens": 4})
         assert text["choices"][0]["text"] and sup.restarts == 0
 
 
 def test_the_gguf_chat_template_is_used_when_present(tmp_path):
     model = write_llama_gguf(tmp_path / "templated.gguf", n_layer=2, chat_template=TEMPLATE)
     plan = cpu_plan(model)
-    spec = llamacpp_spec(plan, model, home=home())
+    spec = backend_spec(plan, model, home=home())
     assert "--chat_format" not in spec.command
     with Supervisor(spec) as sup:
         chat = post(
-            sup.base_url,
+            sup,
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
         )
@@ -209,7 +213,7 @@ def test_the_gguf_chat_template_is_used_when_present(tmp_path):
 
 def test_killed_backend_is_restarted_and_serves_again(tiny):
     plan = cpu_plan(tiny)
-    spec = llamacpp_spec(plan, tiny, home=home())
+    spec = backend_spec(plan, tiny, home=home())
     with Supervisor(spec, backoff_initial=0.2) as sup:
         old = sup.pid
         os.kill(old, signal.SIGKILL)
@@ -218,14 +222,14 @@ def test_killed_backend_is_restarted_and_serves_again(tiny):
             time.sleep(0.01)
         assert sup.wait_ready(60)
         assert sup.restarts == 1 and sup.pid not in (None, old)
-        text = post(sup.base_url, "/v1/completions", {"prompt": "hello", "max_tokens": 4})
+        text = post(sup, "/v1/completions", {"prompt": "hello", "max_tokens": 4})
         assert text["choices"][0]["text"]
 
 
 def test_settings_llama_cpp_refuses_name_its_reason(tiny):
     plan = cpu_plan(tiny, kv_cache="q8_0")  # head size 16 cannot hold q8_0 blocks
     with pytest.raises(BackendLoadError) as err:
-        Supervisor(llamacpp_spec(plan, tiny, home=home())).start()
+        Supervisor(backend_spec(plan, tiny, home=home())).start()
     assert err.value.kind == "unknown"
     assert "does not divide" in err.value.line and "llama_context" in err.value.line
 
@@ -235,7 +239,7 @@ def test_corrupt_model_is_classified(tiny, tmp_path, damage):
     bad = tmp_path / f"{damage}.gguf"
     data = tiny.read_bytes()
     bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(100_000))
-    spec = llamacpp_spec(cpu_plan(tiny), bad, home=home())
+    spec = backend_spec(cpu_plan(tiny), bad, home=home())
     sup = Supervisor(spec)
     with pytest.raises(BackendLoadError) as err:
         sup.start()

@@ -1,5 +1,5 @@
 """Stage 4: the backend process. Entry point: `Supervisor(spec).start()` on the BackendSpec
-of a plan (`launcher.serve.launch_spec`).
+of a plan (`launcher.backends.launch.backend_spec`).
 
 Both are resolved on first use: the supervisor imports httpx, which planning and the
 workers that import `launcher.backends.*` modules should not pay for.

@@ -2,7 +2,8 @@
 
 exllamav2 ships no OpenAI server, so this module is one. It is started by the supervisor as
 ``python -m launcher.backends.exllamav2_server --model-dir DIR --port N`` on 127.0.0.1; the
-proxy is the public surface. Argument parsing and ``--help`` never import torch or exllamav2,
+proxy is the public surface, and the worker answers only requests that carry the run's
+backend key (`backend_key`). Argument parsing and ``--help`` never import torch or exllamav2,
 and a missing package or GPU ends the process with exit code 2 and one log line that says what
 to install, so the supervisor can classify the failure as a missing dependency.
 
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from launcher.api_errors import error_response, install_error_handlers
+from launcher.backends.backend_key import require_backend_key
 from launcher.backends.exllamav2_engine import (
     END,
     ExllamaGenerator,
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving %s on http://%s:%d/v1", alias, args.host, args.port)
     # a stream in flight must not hold off the supervisor's SIGTERM for long
     uvicorn.run(
-        app,
+        require_backend_key(app),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

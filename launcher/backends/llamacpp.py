@@ -1,9 +1,11 @@
 """The llama.cpp backend: llama-cpp-python's OpenAI server, launched with the plan's settings.
 
-The command runs `launcher.backends.llamacpp_worker`, which is `llama_cpp.server` with weight
-repacking turned off on AMX CPUs (there this llama.cpp build segfaults on the first token of
-a quantized model: measured here with a Q8_0 model, exit -11 under plain llama_cpp.server,
-answers under the worker); it takes exactly llama_cpp.server's flags.
+The command runs `launcher.backends.llamacpp_worker`: `llama_cpp.server`'s app and flags, plus
+a `/health` route that answers while a generation holds the model, the per-run backend key,
+and weight repacking turned off on AMX CPUs (there this llama.cpp build segfaults on the first
+token of a quantized model: measured here with a Q8_0 model, exit -11 under plain
+llama_cpp.server, answers under the worker). The common parts of the launch (host, port,
+environment, key) are `launch.backend_spec`'s.
 
 Flags checked against `python -m llama_cpp.server --help` of llama-cpp-python 0.3.36, whose
 defaults differ from what a plan assumes in ways that matter:
@@ -31,22 +33,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
 from pathlib import Path
 
 import psutil
 
-from launcher.backends.spec import BackendSpec, free_port
+from launcher.backends.spec import WorkerLaunch
 from launcher.errors import ModelFileError, UsageError
 from launcher.planning.plan import Plan
+from launcher.weights.gguf_file import open_gguf, shard_paths
 
 log = logging.getLogger(__name__)
 
 READY_BASE_S = 30.0
 READY_PER_GB_S = 10.0
-HEALTH_PATH = "/v1/models"
-SERVER_MODULE = "launcher.backends.llamacpp_worker"  # or "llama_cpp.server" itself
+SERVER_MODULE = "launcher.backends.llamacpp_worker"
 FALLBACK_CHAT_FORMAT = "llama-2"
 
 # ggml_type ids, as llama_cpp.GGML_TYPE_* (a test checks them against the installed module;
@@ -77,64 +77,42 @@ SERVER_ENV_NAMES = frozenset(
     disable_ping_events root_path config_file models""".upper().split()
 )
 
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
+def launch(
+    plan: Plan, model_path: Path, *, threads: int | None = None, chat_format: str | None = None
+) -> WorkerLaunch:
+    """The worker's part of the launch: llama_cpp.server's flags for `model_path` as planned.
 
-def llamacpp_spec(
-    plan: Plan,
-    model_path: Path,
-    *,
-    home: Path,
-    port: int | None = None,
-    threads: int | None = None,
-    chat_format: str | None = None,
-    python: str = sys.executable,
-    module: str = SERVER_MODULE,
-) -> BackendSpec:
-    """The launch of llama_cpp.server (through `module`) serving `model_path` as planned.
-
-    `port` None picks a free one; `threads` None uses every physical core; `chat_format`
-    None takes the GGUF's own chat template when it has one, else the plan's format
-    (llama-2 for the catalog's models).
+    `threads` None uses every physical core; `chat_format` None takes the GGUF's own chat
+    template when it has one, else the plan's format (llama-2 for the catalog's models).
     """
-    if plan.backend != "llama.cpp":
-        raise UsageError(f"the plan is for {plan.backend}, not llama.cpp")
-    model_path = Path(model_path)
     if not model_path.is_file():
         raise ModelFileError(f"model file {model_path} does not exist; run `llmup pull` first")
-    port = free_port() if port is None else port
-    alias = plan.model.id
     args = server_args(
         plan,
         model_path,
-        port=port,
         threads=threads or physical_cores(),
         chat_format=chat_format or chat_format_flag(plan, model_path),
     )
-    return BackendSpec(
+    return WorkerLaunch(
         name="llama.cpp",
-        command=[python, "-m", module, *args],
-        env=backend_env(plan),
-        env_unset=SERVER_ENV_NAMES,
-        port=port,
-        health_path=HEALTH_PATH,
+        module=SERVER_MODULE,
+        args=args,
         ready_timeout_s=ready_timeout_s(model_bytes(model_path)),
-        log_path=home / "logs" / f"llamacpp-{_slug(alias)}.log",
-        model_alias=alias,
-        devices=tuple(d.device for d in plan.placement.devices),
+        log_stem="llamacpp",
+        env_unset=SERVER_ENV_NAMES,
     )
 
 
 def server_args(
-    plan: Plan, model_path: Path, *, port: int, threads: int, chat_format: str | None
+    plan: Plan, model_path: Path, *, threads: int, chat_format: str | None
 ) -> list[str]:
-    """The server's command-line flags for a plan (every value explicit, never --cache)."""
+    """The server's command-line flags for a plan (every value explicit, never --cache);
+    --host and --port are the common launch's."""
     s, placement = plan.settings, plan.placement
     args = [
         "--model", str(model_path),
         "--model_alias", plan.model.id,
-        "--host", "127.0.0.1",
-        "--port", str(port),
         "--n_ctx", str(plan.context),
         "--n_batch", str(s.n_batch),
         "--n_ubatch", str(s.n_ubatch),
@@ -155,24 +133,6 @@ def server_args(
     if chat_format:
         args += ["--chat_format", chat_format]
     return args
-
-
-def backend_env(plan: Plan) -> dict[str, str]:
-    """The launch environment: exactly the planned GPUs visible, in plan order.
-
-    Plan devices name physical GPUs by nvidia-smi's index, which is PCI bus order, so the
-    backend gets CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES listing those indices
-    (an inherited CUDA_VISIBLE_DEVICES was already honoured when the machine was detected,
-    so the planned GPUs are among the ones it allowed). The backend then sees the plan's
-    i-th GPU as its device i, which is what tensor_split and gpu_split are written for. A
-    plan without CUDA devices hides every GPU, so nothing is allocated that was not planned.
-    """
-    cuda = [d.device for d in plan.placement.devices if d.device.startswith("cuda:")]
-    return {
-        "PYTHONUNBUFFERED": "1",
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in cuda),
-    }
 
 
 def kv_type_id(name: str) -> int:
@@ -199,8 +159,6 @@ def chat_format_flag(plan: Plan, model_path: Path) -> str | None:
 def gguf_chat_template(path: Path) -> str | None:
     """The file's `tokenizer.chat_template`, None when absent or the file is unreadable
     (an unreadable file fails at load, where the supervisor classifies it)."""
-    from launcher.weights.gguf_file import open_gguf
-
     try:
         field = open_gguf(path).get_field("tokenizer.chat_template")
         return field.contents() if field is not None else None
@@ -219,13 +177,7 @@ def physical_cores() -> int:
 
 def model_bytes(path: Path) -> int:
     """Size of the model, all shards of a gguf-split set counted."""
-    m = _SHARD.match(path.name)
-    if not m:
-        return path.stat().st_size
-    shards = [
-        path.with_name(f"{m['stem']}-{i:05d}-of-{m['n']}.gguf") for i in range(1, int(m["n"]) + 1)
-    ]
-    return sum(p.stat().st_size for p in shards if p.exists())
+    return sum(p.stat().st_size for p in shard_paths(path) if p.exists())
 
 
 def ready_timeout_s(size_bytes: int) -> float:
@@ -235,7 +187,3 @@ def ready_timeout_s(size_bytes: int) -> float:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

@@ -1,18 +1,48 @@
-"""A backend launch as a plain value: command, environment, port, devices, readiness.
+"""A backend launch as a plain value: command, environment, port, devices, readiness, key.
 
 The supervisor runs a BackendSpec as a local child process; a container runtime can run the
-same value (its command in the image, `env` as the container's environment, `port` published
-on 127.0.0.1, `devices` as the GPUs to expose). Nothing here touches the file system.
+same value (its command in the image, `launch_env()` as the container's environment, `port`
+published on 127.0.0.1, `devices` as the GPUs to expose). Nothing here touches the file
+system.
+
+Every backend llmup starts gets a random per-run key (`api_key`): the child reads it from the
+environment variable `KEY_ENV` (never from its command line, which any local user can read
+in /proc) and refuses every request without `Authorization: Bearer <key>`; only the proxy
+and the supervisor's health checks send it (`auth_headers`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+KEY_ENV = "LLMUP_BACKEND_KEY"
+LOOPBACK = "127.0.0.1"
+
+
+def new_backend_key() -> str:
+    """256 random bits, URL-safe: one per backend run, known only to the proxy."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerLaunch:
+    """What one backend kind adds to the common launch: its module, flags and timeouts.
+
+    `args` are the worker's flags except --host and --port, which every worker takes alike.
+    """
+
+    name: str
+    module: str
+    args: list[str]
+    ready_timeout_s: float
+    log_stem: str
+    env_unset: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,7 +51,8 @@ class BackendSpec:
 
     `env` is set on top of the inherited environment, after the names in `env_unset` are
     removed from it (compared case-insensitively: llama_cpp.server reads its settings from
-    any environment variable named like a setting, e.g. HOST, PORT or API_KEY).
+    any environment variable named like a setting, e.g. HOST, PORT or API_KEY). `api_key`,
+    when set, reaches the child as `KEY_ENV` and never shows in a repr or a log line.
     """
 
     name: str
@@ -30,44 +61,76 @@ class BackendSpec:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     env_unset: frozenset[str] = frozenset()
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     health_path: str = "/health"
     ready_timeout_s: float = 60.0
     model_alias: str | None = None
     devices: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def health_url(self) -> str:
         return self.base_url + self.health_path
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What a caller of this backend sends with every request (empty without a key)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def launch_env(self) -> dict[str, str]:
+        """The variables the launch sets: `env`, plus the per-run key under KEY_ENV."""
+        return self.env | ({KEY_ENV: self.api_key} if self.api_key else {})
+
     def child_env(self, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment of a local child: inherited minus `env_unset`, plus `env`."""
+        """The environment of a local child: inherited minus `env_unset` and any stale
+        KEY_ENV, plus `launch_env()`."""
         base = os.environ if inherited is None else inherited
-        drop = {name.upper() for name in self.env_unset}
-        return {k: v for k, v in base.items() if k.upper() not in drop} | self.env
+        drop = {name.upper() for name in self.env_unset} | {KEY_ENV}
+        return {k: v for k, v in base.items() if k.upper() not in drop} | self.launch_env()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, IPv4 or IPv6 as the address says, with SO_REUSEADDR
+    as uvicorn sets it (so a port in TIME_WAIT after a crash binds, a listening one does not).
+
+    Raises OSError (socket.gaierror for a name that does not resolve); the caller words it.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def free_port(host: str = LOOPBACK) -> int:
     """A port nothing listens on right now (the kernel's pick); racy by nature, so the
     supervisor checks it again just before it starts the backend."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+    with bind_socket(host, 0) as sock:
         return sock.getsockname()[1]
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could bind host:port now, with SO_REUSEADDR as uvicorn binds it
-    (so a port in TIME_WAIT after a crash counts as free, a listening one does not)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-        return True
+    """Whether a server could bind host:port now; other bind errors are raised."""
+    try:
+        bind_socket(host, port).close()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return False
+        raise
+    return True
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, with an IPv6 address in brackets."""
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,26 +1,28 @@
 """Run one backend as a supervised child process.
 
 The supervisor starts the spec's command in its own process group, appends its output to a
-log file, waits until the health URL answers, restarts it with exponential backoff when it
-crashes, and stops it (SIGTERM to the group, wait, SIGKILL) without leaving a process behind,
-also when the supervising process itself is killed (Linux parent-death signal).
+log file, waits until the health URL answers, and then keeps watching: it polls the health URL
+while the child runs, and a child that exits, or fails `health_failures` polls in a row (it
+answers 503, or it hangs and answers nothing), is stopped and restarted with exponential
+backoff. The restart budget is a rate: more than `max_restarts` crashes within
+`restart_window_s` and it gives up (state FAILED, `on_failure` called), so a crash a week
+never exhausts it but a crash loop ends. `stop()` takes the child down (SIGTERM to the group,
+wait, SIGKILL) without leaving a process behind, also when the supervising process itself is
+killed (the child arms the Linux parent-death signal itself: `deathsig`).
 
-A child that exits before it was ready is a load failure, classified from its output
-(out of memory, corrupt model, missing dependency, port in use) so `serve` can react:
-fall back to a smaller candidate on out of memory, stop with a clear message otherwise.
+Health polls and every other call to the backend carry the spec's per-run key.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import ctypes
 import logging
 import os
-import re
 import shlex
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,75 +30,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from launcher.backends.deathsig import guarded
+from launcher.backends.failure import KIND_TEXT, classify_failure, exit_text, load_error
 from launcher.backends.spec import BackendSpec, port_is_free
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
-TAIL_LINES = 200
-
-# Order matters: an allocation failure is followed by "failed to load model", and a failed
-# import can mention anything, so the more specific causes are looked for first.
-FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("port_in_use", re.compile(r"address already in use|errno 98\b|EADDRINUSE", re.I)),
-    (
-        "missing_dependency",
-        re.compile(
-            r"ModuleNotFoundError|ImportError|No module named|cannot open shared object file"
-            r"|Failed to load shared library|Library not loaded",
-            re.I,
-        ),
-    ),
-    (
-        "out_of_memory",
-        re.compile(
-            r"out of memory|failed to allocate|unable to allocate|cudaMalloc failed"
-            r"|ggml_backend_cuda_buffer_type_alloc_buffer|std::bad_alloc|MemoryError"
-            r"|Cannot allocate memory|^Killed$",
-            re.I,
-        ),
-    ),
-    (
-        "corrupt_model",
-        re.compile(
-            r"failed to load model|invalid magic|unknown model architecture|unsupported model"
-            r"|not within the file bounds|model is corrupted|gguf_init_from|invalid gguf"
-            r"|wrong number of tensors|has wrong shape|unknown pre-tokenizer",
-            re.I,
-        ),
-    ),
-)
-ERRORISH = re.compile(
-    r"error|failed|does not|cannot|can't|invalid|unsupported|requires|not supported", re.I
-)
-# Warnings that look like failures but are not (llama.cpp's mlock warning names ENOMEM).
-BENIGN = re.compile(r"mlock", re.I)
-
-KIND_TEXT = {
-    "out_of_memory": "out of memory",
-    "corrupt_model": "corrupt or unsupported model file",
-    "missing_dependency": "missing dependency",
-    "port_in_use": "port in use",
-    "timeout": "not ready in time",
-    "unknown": "cause not recognised",
-}
-ADVICE = {
-    "out_of_memory": "The model, its KV cache or its buffers did not fit: pick a smaller quant "
-    "or a shorter context (`llmup plan --context N`), or free memory other processes hold.",
-    "corrupt_model": "The model file is damaged or not one this llama.cpp can load: delete it "
-    "and download it again (`llmup pull`).",
-    "missing_dependency": "A package or shared library the backend needs is missing: "
-    "reinstall llmup with the backend's extra (e.g. `pip install 'llmup[exllamav2]'`).",
-    "port_in_use": "Another process listens on {address}: stop it, or let llmup pick a port.",
-    "timeout": "It did not answer within {timeout:.0f} s: read the log; a slow disk needs a "
-    "longer ready timeout.",
-    "unknown": "Read the log for the cause.",
-}
+UNHEALTHY_GRACE_S = 2.0  # a sick child gets this long after SIGTERM before SIGKILL
 
 
 class State(str, Enum):
@@ -120,85 +66,6 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def classify_failure(output: str, returncode: int | None = None) -> tuple[str, str]:
-    """(kind, most relevant line) of a backend that exited before it was ready.
-
-    The first matching line of the output's tail is the root cause; what follows it is
-    usually the same error propagated ("failed to load model", a Python traceback).
-    """
-    lines = [ln.strip() for ln in output.splitlines()[-TAIL_LINES:]]
-    lines = [ln for ln in lines if ln and not BENIGN.search(ln)]
-    for kind, pattern in FAILURE_PATTERNS:
-        hit = next((ln for ln in lines if pattern.search(ln)), None)
-        if hit is not None:
-            return kind, hit
-    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        return "out_of_memory", f"killed by SIGKILL (exit {returncode}), most likely the OOM killer"
-    return "unknown", _unknown_cause(lines, returncode)
-
-
-def _unknown_cause(lines: list[str], returncode: int | None) -> str:
-    """The last line, preceded by the error-like line just before a Python traceback
-    (llama.cpp says why, e.g. "K cache type q8_0 ... does not divide", then Python raises
-    "Failed to create llama_context")."""
-    if not lines:
-        return f"exit code {returncode} and no output"
-    last = lines[-1]
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("Traceback")), None)
-    if start is None:
-        return last
-    cause = next(
-        (ln for ln in reversed(lines[max(start - 5, 0) : start]) if ERRORISH.search(ln)), None
-    )
-    return f"{cause} | {last}" if cause else last
-
-
-def exit_text(returncode: int | None) -> str:
-    """'exit code 3' or 'killed by SIGSEGV' (a negative code is the signal's number)."""
-    if returncode is not None and returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            pass
-    return f"exit code {returncode}"
-
-
-def load_error(spec: BackendSpec, kind: str, line: str, returncode: int | None) -> BackendLoadError:
-    """A BackendLoadError whose message names the cause, the log and what to do next."""
-    advice = ADVICE[kind].format(address=f"{spec.host}:{spec.port}", timeout=spec.ready_timeout_s)
-    code = "" if returncode is None else f" ({exit_text(returncode)})"
-    message = (
-        f"the {spec.name} backend failed to start: {KIND_TEXT[kind]}{code}.\n"
-        f"  {line}\n  log: {spec.log_path}\n  {advice}"
-    )
-    return BackendLoadError(
-        message, kind=kind, log_path=str(spec.log_path), line=line, returncode=returncode
-    )
-
-
-def parent_death_guard() -> Callable[[], None] | None:
-    """A preexec_fn making Linux SIGKILL the child when its supervising thread dies.
-
-    PR_SET_PDEATHSIG fires when the thread that forked the child exits, which is why the
-    supervisor forks only from its own monitor thread. None off Linux.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        log.warning("prctl is unavailable: a killed llmup may leave its backend running")
-        return None
-    parent, sig = os.getpid(), int(signal.SIGKILL)
-
-    def guard() -> None:
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the guard was armed
-            os._exit(1)
-
-    return guard
-
-
 def terminate_group(proc: subprocess.Popen, grace_s: float) -> int | None:
     """SIGTERM the child's process group, wait up to grace_s, then SIGKILL the group.
 
@@ -212,7 +79,7 @@ def terminate_group(proc: subprocess.Popen, grace_s: float) -> int | None:
         try:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            log.warning("pid %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace_s)
+            log.warning("pid %d ignored SIGTERM for %.1f s; killing it", proc.pid, grace_s)
     _signal_group(proc.pid, signal.SIGKILL)  # the leader, or what it left in its group
     return proc.wait()
 
@@ -222,11 +89,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _answers(client: httpx.Client, url: str) -> bool:
+def health_problem(client: httpx.Client, url: str) -> str | None:
+    """None when the health URL answers 200, else what went wrong, in a few words."""
     try:
-        return client.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
+        status = client.get(url).status_code
+    except httpx.TimeoutException:
+        return "no answer in time"
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return None if status == 200 else f"HTTP {status}"
 
 
 def _rotate(path: Path) -> None:
@@ -236,11 +107,10 @@ def _rotate(path: Path) -> None:
 
 
 class Supervisor:
-    """One backend child: start and wait until ready, restart on crash, stop cleanly.
+    """One backend child: start and wait until ready, watch, restart, stop cleanly.
 
-    `max_restarts` bounds the crashes *in a row*: a child that stayed ready for
-    `stable_after_s` resets the count, so a crash a day never exhausts it. The progress
-    callback runs on the monitor thread about once a second while a child loads.
+    The progress callback runs on the monitor thread about once a second while a child
+    loads; `on_failure` runs there once, when the supervisor gives up after start().
     """
 
     def __init__(
@@ -248,36 +118,49 @@ class Supervisor:
         spec: BackendSpec,
         *,
         max_restarts: int = 5,
+        restart_window_s: float = 600.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
-        stable_after_s: float = 60.0,
+        health_interval_s: float = 5.0,
+        health_timeout_s: float = 5.0,
+        health_failures: int = 3,
         stop_timeout_s: float = 10.0,
         poll_interval_s: float = 0.1,
         progress: ProgressFn | None = None,
         progress_interval_s: float = 1.0,
+        on_failure: Callable[[BackendError], None] | None = None,
     ) -> None:
         self.spec = spec
         self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.stable_after_s = stable_after_s
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.health_failures = health_failures
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
         self.progress = progress
         self.progress_interval_s = progress_interval_s
+        self.on_failure = on_failure
         self.restarts = 0
+        self.failed_health_checks = 0
+        self.unhealthy_kills = 0
+        self.last_problem: str | None = None
         self.failure: BackendError | None = None
         self._state = State.STOPPED
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._settled = threading.Event()
-        self._guard = parent_death_guard()
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
         self._attempt = 0
         self._log_offset = 0
         self._ready_at: float | None = None
+        self._crashes: collections.deque[float] = collections.deque()
+        self._launch_failure: BackendLoadError | None = None
+        self._serving = False  # start() returned: a later failure goes to on_failure
 
     # ----- what callers see
 
@@ -296,8 +179,24 @@ class Supervisor:
         return self.spec.base_url
 
     @property
+    def auth_headers(self) -> dict[str, str]:
+        """The headers every call to the backend needs (its per-run key)."""
+        return self.spec.auth_headers
+
+    @property
     def log_path(self) -> Path:
         return self.spec.log_path
+
+    @property
+    def supervision(self) -> dict[str, Any]:
+        """What /health and /metrics show of the supervision."""
+        return {
+            "state": self._state.value,
+            "restarts": self.restarts,
+            "failed_health_checks": self.failed_health_checks,
+            "unhealthy_restarts": self.unhealthy_kills,
+            "last_problem": self.last_problem,
+        }
 
     def __enter__(self) -> Supervisor:
         return self.start()
@@ -318,7 +217,7 @@ class Supervisor:
         self._thread.start()
         try:
             self._settled.wait()
-        except BaseException:  # Ctrl-C while loading still takes the child down
+        except BaseException:  # Ctrl-C or SIGTERM while loading still takes the child down
             self.stop()
             raise
         if self.failure is not None:
@@ -334,17 +233,20 @@ class Supervisor:
             raise self.failure
         return self._state is State.READY
 
-    def stop(self) -> None:
-        """SIGTERM the child's group, wait, SIGKILL; no restart follows. Idempotent."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the child's group, wait (grace_s, default stop_timeout_s), SIGKILL; no
+        restart follows. Idempotent, and safe from any thread."""
         self._stopping.set()
+        grace = self.stop_timeout_s if grace_s is None else grace_s
         with self._lock:
             proc = self._proc
         if proc is not None:
-            terminate_group(proc, self.stop_timeout_s)
+            terminate_group(proc, grace)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.stop_timeout_s + 5)
-        self._set_state(State.STOPPED)
+            thread.join(grace + 5)
+        if self._state is not State.FAILED:
+            self._set_state(State.STOPPED)
         self._settled.set()
 
     def attempt_log(self) -> str:
@@ -363,21 +265,23 @@ class Supervisor:
         if failure is not None:
             self._fail(failure)
             return
+        self._serving = True
         self._settled.set()
-        crashes = 0
         while True:
-            crashes = self._await_crash(crashes)
-            if crashes is None or self._stopping.is_set():
+            why = self._watch()
+            if why is None or self._stopping.is_set():
                 return
-            if crashes > self.max_restarts:
-                self._fail(self._gave_up(crashes))
+            if self._over_budget():
+                self._fail(self._gave_up(why))
                 return
-            if self._stopping.wait(self._backoff(crashes)):
+            self._set_state(State.RESTARTING)
+            if self._stopping.wait(self._backoff()):
                 return
             self.restarts += 1
-            failure = self._launch()
-            if failure is not None and not self._stopping.is_set():
-                log.warning("restart %d of %s failed: %s", self.restarts, self.spec.name, failure)
+            self._launch_failure = self._launch()
+            if self._launch_failure is not None and not self._stopping.is_set():
+                log.warning("restart %d of %s failed: %s", self.restarts, self.spec.name,
+                            self._launch_failure.line)  # fmt: skip
 
     def _launch(self) -> BackendLoadError | None:
         """One attempt: spawn, wait for readiness; the classified error when it fails."""
@@ -406,6 +310,9 @@ class Supervisor:
         return load_error(self.spec, kind, line, code)
 
     def _spawn(self) -> subprocess.Popen | None:
+        if shutil.which(self.spec.command[0]) is None:
+            line = f"cannot run {self.spec.command[0]}: no such program"
+            raise load_error(self.spec, "missing_dependency", line, None)
         with self._lock:
             if self._stopping.is_set():
                 return None
@@ -420,13 +327,12 @@ class Supervisor:
     def _popen(self, out) -> subprocess.Popen:
         try:
             return subprocess.Popen(
-                self.spec.command,
+                guarded(self.spec.command),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.spec.child_env(),
                 start_new_session=True,
-                preexec_fn=self._guard,
                 close_fds=True,
             )
         except OSError as exc:
@@ -440,19 +346,22 @@ class Supervisor:
             f"==== {shlex.join(self.spec.command)}\n"
         )
 
+    def _client(self, timeout: float) -> httpx.Client:
+        return httpx.Client(timeout=timeout, trust_env=False, headers=self.spec.auth_headers)
+
     def _await_ready(self, proc: subprocess.Popen) -> str:
         """'ready', 'exited', 'timeout' or 'stopped', polling the health URL."""
         started = time.monotonic()
         deadline = started + self.spec.ready_timeout_s
         next_report = started + self.progress_interval_s
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
+        with self._client(2.0) as client:
             while True:
                 if self._stopping.is_set():
                     return "stopped"
                 if proc.poll() is not None:
                     _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
                     return "exited"
-                if _answers(client, self.spec.health_url):
+                if health_problem(client, self.spec.health_url) is None:
                     return "ready" if proc.poll() is None else "exited"
                 now = time.monotonic()
                 if now >= deadline:
@@ -478,37 +387,80 @@ class Supervisor:
 
     def _mark_ready(self) -> None:
         self._ready_at = time.monotonic()
+        self.last_problem = None
         self._set_state(State.READY)
         log.info("%s ready at %s (attempt %d)", self.spec.name, self.base_url, self._attempt)
 
-    def _await_crash(self, crashes: int) -> int | None:
-        """Wait for the child to exit; the new count of crashes in a row, None if stopped."""
+    def _watch(self) -> str | None:
+        """Watch a ready child until it ends; why it ended, None when stopping."""
         proc = self._proc
-        if proc is not None and self._ready_at is not None:  # else the last launch failed
-            code = proc.wait()
-            if self._stopping.is_set():
-                return None
-            _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
-            uptime = time.monotonic() - self._ready_at
-            log.warning("%s exited with code %s after %.1f s up", self.spec.name, code, uptime)
-        else:
-            uptime = 0.0
-        self._set_state(State.RESTARTING)
-        return 1 if uptime >= self.stable_after_s else crashes + 1
+        if proc is None or self._ready_at is None:  # the last launch failed
+            self._crashes.append(time.monotonic())
+            failure = self._launch_failure
+            return failure.line if failure is not None else "it did not start"
+        why = self._poll_until_gone(proc)
+        if why is None or self._stopping.is_set():
+            return None
+        _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
+        uptime = time.monotonic() - self._ready_at
+        log.warning("%s ended after %.1f s up: %s", self.spec.name, uptime, why)
+        self._crashes.append(time.monotonic())
+        self.last_problem = why
+        return why
 
-    def _backoff(self, crashes: int) -> float:
-        return min(self.backoff_initial * 2 ** (crashes - 1), self.backoff_max)
+    def _poll_until_gone(self, proc: subprocess.Popen) -> str | None:
+        """Wait for the child to exit, polling its health in between; a child that fails
+        `health_failures` polls in a row is stopped here. Why it went, None when stopping."""
+        failed = 0
+        with self._client(self.health_timeout_s) as client:
+            while True:
+                try:
+                    return exit_text(proc.wait(self.health_interval_s))
+                except subprocess.TimeoutExpired:
+                    pass
+                problem = health_problem(client, self.spec.health_url)
+                if self._stopping.is_set():
+                    return None
+                failed = 0 if problem is None else failed + 1
+                if problem is not None:
+                    self._note_unhealthy(problem, failed)
+                if failed >= self.health_failures:
+                    self.unhealthy_kills += 1
+                    code = terminate_group(proc, UNHEALTHY_GRACE_S)
+                    return f"stopped after {failed} failed health checks ({problem}); " + (
+                        exit_text(code)
+                    )
 
-    def _gave_up(self, crashes: int) -> BackendCrashError:
+    def _note_unhealthy(self, problem: str, in_a_row: int) -> None:
+        self.failed_health_checks += 1
+        self.last_problem = f"health check: {problem}"
+        log.warning(
+            "%s health check failed (%s), %d of %d in a row",
+            self.spec.name, problem, in_a_row, self.health_failures,
+        )  # fmt: skip
+
+    def _over_budget(self) -> bool:
+        """More than max_restarts crashes within the window (older ones are forgotten)."""
+        now = time.monotonic()
+        while self._crashes and now - self._crashes[0] > self.restart_window_s:
+            self._crashes.popleft()
+        return len(self._crashes) > self.max_restarts
+
+    def _backoff(self) -> float:
+        recent = max(len(self._crashes), 1)
+        return min(self.backoff_initial * 2 ** (recent - 1), self.backoff_max)
+
+    def _gave_up(self, why: str) -> BackendCrashError:
+        """One line: how often, why the last one went, what the log said, where the log is."""
         proc = self._proc
         code = proc.returncode if proc is not None else None
         kind, line = classify_failure(self.attempt_log(), code)
-        if kind == "unknown":
-            line = f"{exit_text(code)}; last output: {self._last_line() or '(none)'}"
-        times = "once" if crashes == 1 else f"{crashes} times in a row"
+        detail = f"{KIND_TEXT[kind]}: {line}" if kind != "unknown" else line or "(no output)"
+        crashes = len(self._crashes)
         return BackendCrashError(
-            f"the {self.spec.name} backend crashed {times} ({KIND_TEXT[kind]}); llmup stopped "
-            f"restarting it.\n  {line}\n  log: {self.log_path}",
+            f"the {self.spec.name} backend failed {crashes} times within "
+            f"{self.restart_window_s:.0f} s, so llmup stopped restarting it; last: {why}; "
+            f"its output: {detail}; log: {self.log_path}",
             log_path=str(self.log_path),
         )
 
@@ -517,6 +469,11 @@ class Supervisor:
         self._set_state(State.FAILED)
         self._settled.set()
         log.error("%s", failure)
+        if self.on_failure is not None and self._serving:
+            try:
+                self.on_failure(failure)
+            except Exception:
+                log.exception("on_failure callback failed")
 
     def _set_state(self, state: State) -> None:
         with self._changed:

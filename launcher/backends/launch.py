@@ -1,0 +1,93 @@
+"""A plan's backend launch as one BackendSpec value, whichever backend the plan names.
+
+The parts every backend shares live here once: the Python module run as the child, the
+loopback address and private port, the child's environment (`backend_env`), the log file,
+the model alias, the devices and the per-run key. Each backend module adds only what is its
+own (`llamacpp.launch`, `exllamav2.launch`: flags, ready timeout, names to scrub from the
+environment).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from launcher.backends import exllamav2, llamacpp
+from launcher.backends.spec import (
+    LOOPBACK,
+    BackendSpec,
+    WorkerLaunch,
+    free_port,
+    new_backend_key,
+)
+from launcher.errors import UsageError
+from launcher.planning.plan import Plan
+
+HEALTH_PATH = "/health"  # both workers answer it without touching the model
+
+
+def backend_spec(
+    plan: Plan,
+    model_path: Path,
+    *,
+    home: Path,
+    port: int | None = None,
+    python: str = sys.executable,
+    threads: int | None = None,
+    chat_format: str | None = None,
+) -> BackendSpec:
+    """The launch of the plan's backend serving `model_path` (a GGUF file, a GPTQ folder).
+
+    `port` None picks a free one; `threads` and `chat_format` are llama.cpp's (see
+    `llamacpp.launch`).
+    """
+    worker = _worker(plan, Path(model_path), threads=threads, chat_format=chat_format)
+    port = free_port() if port is None else port
+    alias = plan.model.id
+    return BackendSpec(
+        name=worker.name,
+        command=[python, "-m", worker.module, *worker.args]
+        + ["--host", LOOPBACK, "--port", str(port)],
+        env=backend_env(plan),
+        env_unset=worker.env_unset,
+        port=port,
+        health_path=HEALTH_PATH,
+        ready_timeout_s=worker.ready_timeout_s,
+        log_path=home / "logs" / f"{worker.log_stem}-{_slug(alias)}.log",
+        model_alias=alias,
+        devices=tuple(d.device for d in plan.placement.devices),
+        api_key=new_backend_key(),
+    )
+
+
+def _worker(
+    plan: Plan, model_path: Path, *, threads: int | None, chat_format: str | None
+) -> WorkerLaunch:
+    if plan.backend == "llama.cpp":
+        return llamacpp.launch(plan, model_path, threads=threads, chat_format=chat_format)
+    if plan.backend == "exllamav2":
+        return exllamav2.launch(plan, model_path)
+    raise UsageError(f"llmup cannot launch the {plan.backend!r} backend")
+
+
+def backend_env(plan: Plan) -> dict[str, str]:
+    """The launch environment: exactly the planned GPUs visible, in plan order.
+
+    Plan devices name physical GPUs by nvidia-smi's index, which is PCI bus order, so the
+    backend gets CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES listing those indices
+    (an inherited CUDA_VISIBLE_DEVICES was already honoured when the machine was detected,
+    so the planned GPUs are among the ones it allowed). The backend then sees the plan's
+    i-th GPU as its device i, which is what tensor_split and gpu_split are written for. A
+    plan without CUDA devices hides every GPU, so nothing is allocated that was not planned.
+    """
+    cuda = [d.device for d in plan.placement.devices if d.device.startswith("cuda:")]
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in cuda),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
