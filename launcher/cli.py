@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +47,12 @@ ReserveOpt = Annotated[
 OffloadOpt = Annotated[
     bool,
     typer.Option("--allow-offload", help="Allow layers on the CPU when the GPUs are too small."),
+]
+NoVerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify", help="Accept files the hub gives no checksum for (refused otherwise)."
+    ),
 ]
 ModelFileOpt = Annotated[
     Path | None,
@@ -219,6 +226,7 @@ def pull(
         bool, typer.Option("--dry-run", help="List files, sizes and what is cached; fetch nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    no_verify: NoVerifyOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Download the planned weights into the Hugging Face cache, verified; print where."""
@@ -243,7 +251,9 @@ def pull(
             f"{chosen.source.repo_id or chosen.source.local_path}",
             highlight=False,
         )
-    result = run_pull(chosen.source, offline=offline, dry_run=dry_run, progress=not quiet)
+    result = run_pull(
+        chosen.source, offline=offline, dry_run=dry_run, progress=not quiet, verify=not no_verify
+    )
     render.print_json(result.to_dict()) if json_out else render.pull_result(result)
 
 
@@ -272,11 +282,15 @@ def serve(
     ] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached weights.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No download bars.")] = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Detect, plan, pull, start the backend and serve the OpenAI-compatible API."""
+    from launcher.proxy.auth import configured_keys
+    from launcher.serve import prepare_listener
     from launcher.serve import serve as run_serve
 
     settings = serve_settings(host, port, api_key, insecure_no_auth)
+    listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
         hardware=hardware,
@@ -291,15 +305,17 @@ def serve(
         min_tokens_per_s=min_tokens_per_s,
     )
     render.plan(chosen, rejected=3)
-    first_key = (settings.proxy.api_keys or [None])[0]
+    keyed = bool(configured_keys(settings.proxy))
     run_serve(
         chosen,
         settings,
+        listener=listener,
         offline=offline,
+        verify=not no_verify,
         quiet=quiet,
         notify=render.note,
         progress=render.LoadingLine(),
-        ready=lambda url, b: render.serving(url, b.model_id, first_key),
+        ready=lambda url, b: render.serving(url, b.model_id, keyed=keyed),
     )
 
 
@@ -344,6 +360,71 @@ def estimate(
     models = [EstimateInput.from_params(parse_params(params))] if params else None
     report = run_estimate(models, context=context, exact=exact)
     render.print_json(report) if json_out else render.out.print(estimate_table(report))
+
+
+pins_app = typer.Typer(
+    help="The commit each hub source is pinned to: what `pull` downloads, whatever the branch "
+    "does meanwhile.",
+    no_args_is_help=True,
+)
+app.add_typer(pins_app, name="pins")
+
+
+@pins_app.command("show")
+def pins_show(json_out: JsonOpt = False) -> None:
+    """Every catalog source (and any other pulled one) with its pinned commit."""
+    from launcher.catalog.pins import Pins
+    from launcher.weights.cache import llmup_home
+
+    pins = Pins.load(llmup_home())
+    rows = [(repo, rev, pins.commit(repo, rev)) for repo, rev in pin_sources(pins)]
+    if json_out:
+        keys = ("repo_id", "revision", "commit")
+        render.print_json({"pins": [dict(zip(keys, row)) for row in rows]})
+    else:
+        render.pins(rows)
+
+
+@pins_app.command("refresh")
+def pins_refresh(
+    repo: Annotated[
+        list[str] | None, typer.Argument(help="Only these repositories (default: all).")
+    ] = None,
+    catalog: Annotated[
+        bool, typer.Option("--catalog", help="Write the package's shipped pins (maintainers).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ask the hub where each source's branch points now and pin it there."""
+    from launcher.catalog.pins import SHIPPED, Pins, refresh
+    from launcher.weights.cache import llmup_home
+    from launcher.weights.remote import commit_of
+
+    pins = Pins.load(llmup_home())
+    sources = [s for s in pin_sources(pins) if not repo or s[0] in repo]
+    unknown = sorted(set(repo or ()) - {s[0] for s in sources})
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)}: not a source of the catalog or of a past pull")
+    changes = refresh(pins, sources, commit_of, into=SHIPPED if catalog else None)
+    if json_out:
+        render.print_json({"changes": [asdict(c) for c in changes]})
+    else:
+        render.pin_changes(changes)
+    failed = [c for c in changes if c.error]
+    if failed:
+        raise LlmupError(
+            f"{len(failed)} of {len(changes)} sources kept their old pin: "
+            f"{failed[0].repo_id}@{failed[0].revision}: {failed[0].error}"
+        )
+
+
+def pin_sources(pins) -> list[tuple[str, str]]:
+    """The catalog's sources, then any other source a pull pinned."""
+    from launcher.catalog.loader import load_catalog
+    from launcher.catalog.pins import catalog_sources
+
+    pulled = [(repo, rev) for repo, revs in sorted(pins.local.items()) for rev in sorted(revs)]
+    return list(dict.fromkeys(catalog_sources(load_catalog()) + pulled))
 
 
 def main() -> None:

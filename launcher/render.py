@@ -235,11 +235,17 @@ class LoadingLine:
         )
 
 
-def serving(url: str, model_id: str, api_key: str | None) -> None:
-    """The ready line with a curl and an openai snippet to paste."""
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
-    key = api_key or "none"
+def serving(url: str, model_id: str, *, keyed: bool) -> None:
+    """The ready line with a curl and an openai snippet to paste.
+
+    The key itself is never printed (this line ends up in journald and docker logs): the
+    snippets read it from $LLMUP_API_KEY in the shell they are pasted into.
+    """
     out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
+    auth = ' -H "Authorization: Bearer $LLMUP_API_KEY"' if keyed else ""
+    key = "$LLMUP_API_KEY" if keyed else "none"
+    if keyed:
+        out.print("  (set LLMUP_API_KEY in your shell to one of the configured keys)")
     out.print(
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f'-H \'X-Session-Id: demo\' -d \'{{"model": "{model_id}", "messages": '
@@ -256,6 +262,26 @@ def serving(url: str, model_id: str, api_key: str | None) -> None:
         soft_wrap=True,
         markup=False,
     )
+
+
+def pins(rows: list[tuple[str, str, str | None]]) -> None:
+    table = Table(title="Pinned sources (what `llmup pull` downloads)")
+    for col in ("repository", "revision", "commit"):
+        table.add_column(col)
+    for repo, revision, commit in rows:
+        table.add_row(repo, revision, commit or "(not pinned yet: the first pull pins it)")
+    out.print(table)
+
+
+def pin_changes(changes: list) -> None:
+    table = Table(title="Pins refreshed from the hub")
+    for col in ("repository", "revision", "was", "now"):
+        table.add_column(col)
+    for c in changes:
+        now = c.new if c.error is None else f"kept: {c.error}"
+        was = (c.old or "-")[:12]
+        table.add_row(c.repo_id, c.revision, was, now if c.new == c.old else f"{now} (new)")
+    out.print(table)
 
 
 def error(message: str) -> None:

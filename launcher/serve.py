@@ -2,24 +2,44 @@
 
 `serve()` is what `llmup serve` calls once it has a plan. It prints nothing itself: the CLI
 hands in `notify` (one line per event) and `progress` (a loading line) and renders them.
+
+Process life, as an operator running it under systemd or docker needs it:
+
+- the listening socket is bound first (`prepare_listener`), so a bad address, a busy port, a
+  public bind without a key or a blank key is one line before anything is downloaded or loaded;
+- SIGTERM or SIGINT stops it within seconds in every state: while loading, the load is
+  abandoned and the child killed; while serving, the backend is stopped first (SIGTERM, then
+  SIGKILL after `serve.stop_grace_s`), so requests in flight end with an error at once, and
+  the session store is closed cleanly;
+- when the supervisor gives up on the backend (too many crashes within its window), serve
+  raises the supervisor's BackendCrashError: the CLI prints one line and exits non-zero, and
+  `Restart=on-failure` or `restart: unless-stopped` can act.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
+from launcher.backends.launch import backend_spec
 from launcher.backends.oom_fallback import choose_fallback, is_cached, last_attempt
-from launcher.backends.spec import BackendSpec, port_is_free
+from launcher.backends.spec import http_url
 from launcher.backends.speedcheck import check_speed
-from launcher.backends.supervisor import Progress, Supervisor
+from launcher.backends.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendLoadError, UsageError
+from launcher.listen import StoppingServer, deadline_protocol, open_listener
 from launcher.planning.plan import Plan
-from launcher.settings import Settings
+from launcher.proxy import SessionStore, check_bind, create_app
+from launcher.proxy.auth import configured_keys
+from launcher.settings import ServeSettings, Settings
+from launcher.weights.pull import pull
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +59,20 @@ class ServedBackend:
         return self.supervisor.base_url
 
     @property
+    def auth_headers(self) -> dict[str, str]:
+        return self.supervisor.auth_headers
+
+    @property
     def state(self) -> Any:
         return self.supervisor.state
 
     @property
     def restarts(self) -> int:
         return self.supervisor.restarts
+
+    @property
+    def supervision(self) -> dict[str, Any]:
+        return self.supervisor.supervision
 
     @property
     def model_id(self) -> str:
@@ -67,15 +95,16 @@ class ServedBackend:
         }
 
 
-def launch_spec(plan: Plan, model_path: Path, home: Path) -> BackendSpec:
-    """The backend launch for a plan, as a value a process or a container can run."""
-    if plan.backend == "exllamav2":
-        from launcher.backends.exllamav2 import exllamav2_spec
-
-        return exllamav2_spec(plan, model_path, home=home)
-    from launcher.backends.llamacpp import llamacpp_spec
-
-    return llamacpp_spec(plan, model_path, home=home)
+def supervisor_options(s: ServeSettings) -> dict[str, Any]:
+    """The Supervisor's keyword arguments from the serve settings."""
+    return {
+        "max_restarts": s.max_restarts,
+        "restart_window_s": s.restart_window_s,
+        "health_interval_s": s.health_interval_s,
+        "health_timeout_s": s.health_timeout_s,
+        "health_failures": s.health_failures,
+        "stop_timeout_s": s.stop_grace_s,
+    }
 
 
 def start_backend(
@@ -83,6 +112,7 @@ def start_backend(
     settings: Settings,
     *,
     offline: bool = False,
+    verify: bool = True,
     quiet: bool = False,
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
@@ -97,7 +127,7 @@ def start_backend(
     while True:
         try:
             served = _start_one(
-                candidate, settings, offline=offline, quiet=quiet, progress=progress
+                candidate, settings, offline=offline, verify=verify, quiet=quiet, progress=progress
             )
         except BackendLoadError as exc:
             if exc.kind != "out_of_memory" or len(tried) >= MAX_OOM_FALLBACKS:
@@ -118,12 +148,11 @@ def start_backend(
 
 
 def _start_one(
-    plan: Plan, settings: Settings, *, offline: bool, quiet: bool, progress
+    plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
 ) -> ServedBackend:
-    from launcher.weights.pull import pull
-
-    pulled = pull(plan.source, offline=offline, progress=not quiet)
-    supervisor = Supervisor(launch_spec(plan, Path(pulled.path), settings.home), progress=progress)
+    pulled = pull(plan.source, offline=offline, verify=verify, progress=not quiet)
+    spec = backend_spec(plan, Path(pulled.path), home=settings.home)
+    supervisor = Supervisor(spec, progress=progress, **supervisor_options(settings.serve))
     supervisor.start()
     if plan.backend == "llama.cpp":
         _record_calibration(plan, supervisor, settings.home)
@@ -143,14 +172,33 @@ def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:
         log.warning("the backend log held no buffer sizes to compare with the plan")
 
 
-def check_listen(settings: Settings, host: str, port: int) -> None:
-    """Refuse a public bind without a key, and a busy port, before anything is loaded."""
-    from launcher.proxy import check_bind
-    from launcher.proxy.auth import configured_keys
+def check_keys(keys: list[str]) -> None:
+    """Refuse a key no client could send: empty, blank, or padded with whitespace (HTTP
+    strips it from header values)."""
+    for key in keys:
+        if not key.strip():
+            raise UsageError(
+                "an API key is empty or only whitespace (from --api-key, LLMUP_API_KEY or "
+                "LLMUP_API_KEYS): no client can send it; give a real key"
+            )
+        if key != key.strip():
+            raise UsageError(
+                "an API key starts or ends with whitespace, which HTTP clients strip, so it "
+                "could never match: remove the spaces"
+            )
 
-    check_bind(host, configured_keys(settings.proxy), settings.proxy.insecure_no_auth)
-    if not port_is_free(host, port):
-        raise UsageError(f"port {port} on {host} is already in use; pick another with --port")
+
+def prepare_listener(settings: Settings) -> socket.socket:
+    """Everything about listening that can fail, checked before anything is loaded: blank
+    keys, a public bind without a key, the address, the port. Returns the bound socket."""
+    proxy = settings.proxy
+    check_keys(proxy.api_keys)
+    check_bind(proxy.host, configured_keys(proxy), proxy.insecure_no_auth)
+    return open_listener(proxy.host, proxy.port)
+
+
+def public_url(settings: Settings, listener: socket.socket) -> str:
+    return http_url(settings.proxy.host, listener.getsockname()[1])
 
 
 def _terminate_as_exit(signum, frame) -> None:
@@ -161,35 +209,58 @@ def serve(
     plan: Plan,
     settings: Settings,
     *,
+    listener: socket.socket | None = None,
     offline: bool = False,
+    verify: bool = True,
     quiet: bool = False,
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
     ready: Callable[[str, ServedBackend], None] | None = None,
 ) -> None:
-    """Serve `plan` on settings.proxy.host:port until SIGINT/SIGTERM; the backend always stops."""
-    import uvicorn
-
-    from launcher.proxy import SessionStore, create_app
-
-    host, port = settings.proxy.host, settings.proxy.port
-    check_listen(settings, host, port)
+    """Serve `plan` until SIGINT/SIGTERM (or until the backend cannot be kept up, raised as
+    BackendCrashError); the backend always stops and the session store always closes."""
+    listener = listener or prepare_listener(settings)
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
-    backend = None
-    sessions = None
+    backend = sessions = None
     try:
         backend = start_backend(
-            plan, settings, offline=offline, quiet=quiet, notify=notify, progress=progress
-        )
+            plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
+            progress=progress,
+        )  # fmt: skip
         sessions = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
-        app = create_app(settings, backend, sessions)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        server = _server(settings, create_app(settings, backend, sessions), backend.supervisor)
         if ready:
-            ready(f"http://{host}:{port}", backend)
-        server.run()
+            ready(public_url(settings, listener), backend)
+        _run_until_stopped(server, listener, backend.supervisor)
     finally:
+        listener.close()
         if backend is not None:
-            backend.supervisor.stop()
+            backend.supervisor.stop(settings.serve.stop_grace_s)
         if sessions is not None:
             sessions.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _server(settings: Settings, app: Any, supervisor: Supervisor) -> StoppingServer:
+    s = settings.serve
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        timeout_graceful_shutdown=s.shutdown_timeout_s,  # type: ignore[arg-type]
+    )
+    return StoppingServer(config, on_shutdown=lambda: supervisor.stop(s.stop_grace_s))
+
+
+def _run_until_stopped(server: StoppingServer, listener: socket.socket, sup: Supervisor) -> None:
+    """Serve until a signal, or until the supervisor gives up (then raise its failure)."""
+
+    def gave_up(_: Exception) -> None:
+        server.should_exit = True
+
+    sup.on_failure = gave_up
+    if sup.state is State.FAILED:  # it gave up before the callback was in place
+        server.should_exit = True
+    server.run(sockets=[listener])
+    if sup.state is State.FAILED and sup.failure is not None:
+        raise sup.failure

@@ -88,6 +88,30 @@ class ProxySettings(BaseModel):
     _split_keys = field_validator("api_keys", mode="before")(split_keys)
 
 
+class ServeSettings(BaseModel):
+    """`llmup serve`'s process life: the backend's health checks and restart budget, how a
+    stop proceeds, and the read timeouts of the public listener.
+
+    A backend failing `health_failures` checks in a row (one every `health_interval_s`, each
+    given `health_timeout_s`) is restarted; more than `max_restarts` restarts within
+    `restart_window_s` and serve exits non-zero. On SIGTERM the backend gets `stop_grace_s`
+    before SIGKILL and requests in flight `shutdown_timeout_s` in all. A client must send its
+    request headers within `header_timeout_s` and its body within `body_timeout_s`.
+    """
+
+    health_interval_s: float = Field(default=5.0, gt=0)
+    health_timeout_s: float = Field(default=5.0, gt=0)
+    health_failures: int = Field(default=3, ge=1)
+    max_restarts: int = Field(default=5, ge=0)
+    restart_window_s: float = Field(default=600.0, gt=0, description="seconds")
+    stop_grace_s: float = Field(default=3.0, ge=0)
+    shutdown_timeout_s: float = Field(default=5.0, gt=0)
+    header_timeout_s: float = Field(default=20.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+
+    _window = field_validator("restart_window_s", mode="before")(parse_duration)
+
+
 def default_home() -> Path:
     return Path.home() / ".local" / "share" / "llmup"
 
@@ -100,6 +124,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     # The issue's short environment names, folded into `proxy` (they win over its defaults,
     # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS may also name a file.

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import MACHINES
 
-from launcher.backends.launch import backend_spec
 from launcher.backends.exllamav2_server import build_parser
+from launcher.backends.launch import backend_spec
 from launcher.errors import ModelFileError, UsageError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.planner import PlanRequest, make_plan

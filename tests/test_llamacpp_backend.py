@@ -148,7 +148,9 @@ def test_serves_the_alias_chat_and_completions_and_records_calibration(tiny):
     started = time.monotonic()
     with Supervisor(spec) as sup:
         load_s = time.monotonic() - started
-        models = httpx.get(sup.base_url + "/v1/models", headers=sup.auth_headers, trust_env=False).json()
+        models = httpx.get(
+            sup.base_url + "/v1/models", headers=sup.auth_headers, trust_env=False
+        ).json()
         assert [m["id"] for m in models["data"]] == [plan.model.id]
         chat = post(
             sup,

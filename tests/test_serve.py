@@ -285,21 +285,22 @@ def test_out_of_memory_falls_back_to_the_next_candidate(tiny_model, tmp_path, mo
     fallback.quant = "fallback"
     fallback.memory_mib.total -= 1
     plan.fallbacks = [fallback]
-    real_spec = serve_mod.launch_spec
+    real_spec = serve_mod.backend_spec
 
     def spec(p, path, home):
         if p.quant != "fallback":
             return oom_spec(tmp_path, "CUDA error: out of memory (cudaMalloc failed)\n")
-        return real_spec(p, path, home)
+        return real_spec(p, path, home=home)
 
-    monkeypatch.setattr(serve_mod, "launch_spec", spec)
+    monkeypatch.setattr(serve_mod, "backend_spec", spec)
     said: list[str] = []
     settings = Settings(home=tmp_path)
     backend = serve_mod.start_backend(plan, settings, quiet=True, notify=said.append)
     try:
         assert backend.plan.quant == "fallback"
         assert said and "out of memory" in said[0] and "falling back" in said[0]
-        assert httpx.get(backend.base_url + "/v1/models", timeout=5).status_code == 200
+        models = httpx.get(backend.base_url + "/v1/models", headers=backend.auth_headers, timeout=5)
+        assert models.status_code == 200
     finally:
         backend.supervisor.stop()
 
@@ -326,12 +327,12 @@ def test_out_of_memory_falls_back_by_the_measured_shortfall(tiny_model, tmp_path
     plan = _on_gpu(tiny, "Q4_K_M", 41702)
     plan.fallbacks = [_on_gpu(tiny, "too-little", 41500), _on_gpu(tiny, "enough", 39000)]
     kv_log = (Path(__file__).parent / "data/llamacpp-oom/cuda-oom-kv.log").read_text()
-    real_spec = serve_mod.launch_spec
+    real_spec = serve_mod.backend_spec
 
     def spec(p, path, home):
-        return oom_spec(tmp_path, kv_log) if p.quant == "Q4_K_M" else real_spec(p, path, home)
+        return oom_spec(tmp_path, kv_log) if p.quant == "Q4_K_M" else real_spec(p, path, home=home)
 
-    monkeypatch.setattr(serve_mod, "launch_spec", spec)
+    monkeypatch.setattr(serve_mod, "backend_spec", spec)
     said: list[str] = []
     backend = serve_mod.start_backend(plan, Settings(home=tmp_path), quiet=True, notify=said.append)
     try:

@@ -21,8 +21,8 @@ import httpx
 import psutil
 import pytest
 
-from launcher.backends.spec import BackendSpec, free_port, port_is_free
 from launcher.backends.failure import classify_failure
+from launcher.backends.spec import BackendSpec, free_port, port_is_free
 from launcher.backends.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendCrashError, BackendLoadError
 

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.backends.calibration import plan_device
+from launcher.backends.failure import OWN_LINE
 from launcher.backends.llamacpp_log import parse_load_log
 from launcher.planning.plan import Plan, Source
 
 log = logging.getLogger(__name__)
 
 MARGIN_MIB = 256
-BANNER = "\n==== llmup: "  # the supervisor's line before each attempt's output
+BANNER = f"\n{OWN_LINE} "  # the supervisor's line before each attempt's output
 FREE_RE = re.compile(r"using device (?P<dev>\S+) \(.*\) - (?P<free>\d+) MiB free")
 CUDA_MALLOC_RE = re.compile(
     r"allocating (?P<mib>[\d.]+) MiB on device (?P<index>\d+): cudaMalloc failed"

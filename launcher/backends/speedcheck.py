@@ -49,7 +49,9 @@ def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> No
         log.info("speed check skipped: predicted to take %s s", predicted)
         return
     try:
-        measured = measure_speed(served.base_url, plan.model.id)
+        measured = measure_speed(
+            served.base_url, plan.model.id, headers=getattr(served, "auth_headers", None)
+        )
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         log.warning("could not measure the backend's speed: %s", exc)
         return
@@ -72,8 +74,11 @@ def _predicted_seconds(speed) -> float | None:
     return 2 * prompt + (DECODE_TOKENS + 1) / speed.decode_tokens_per_s
 
 
-def measure_speed(base_url: str, model: str, *, timeout: float = 60.0) -> MeasuredSpeed:
-    with httpx.Client(base_url=base_url, timeout=timeout) as client:
+def measure_speed(
+    base_url: str, model: str, *, timeout: float = 60.0, headers: dict[str, str] | None = None
+) -> MeasuredSpeed:
+    """`headers` carry the backend's per-run key."""
+    with httpx.Client(base_url=base_url, timeout=timeout, headers=headers) as client:
         body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
         start = time.perf_counter()
         reply = client.post("/v1/completions", json=body)

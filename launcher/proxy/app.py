@@ -67,6 +67,11 @@ def _watch_gauges(state: ProxyState) -> None:
             log.warning("cannot count sessions: %s", exc)
         metrics.restarts.set(backend_info.restarts_of(state.backend))
         metrics.backend_up.set(1 if backend_info.is_ready(state.backend) else 0)
+        metrics.backend_state.clear()  # one series: the state it is in now
+        metrics.backend_state.labels(backend_info.state_of(state.backend)).set(1)
+        supervision = backend_info.supervision_of(state.backend)
+        metrics.health_failures.set(supervision.get("failed_health_checks", 0))
+        metrics.unhealthy_restarts.set(supervision.get("unhealthy_restarts", 0))
         metrics.queue_depth.set(state.admission.waiting)
 
     metrics.on_scrape(refresh)

@@ -76,6 +76,11 @@ def restarts_of(backend: Any) -> int:
     return int(getattr(backend, "restarts", 0) or 0)
 
 
+def supervision_of(backend: Any) -> dict[str, Any]:
+    """The supervisor's health-check counters and last problem, empty when unsupervised."""
+    return dict(getattr(backend, "supervision", None) or {})
+
+
 def plan_summary_of(backend: Any) -> dict[str, Any] | None:
     summary = getattr(backend, "plan_summary", None)
     return dict(summary) if summary else None

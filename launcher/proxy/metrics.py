@@ -64,6 +64,17 @@ class Metrics:
         self.sessions = Gauge("llmup_sessions", "Live (unexpired) sessions", registry=r)
         self.restarts = Gauge("llmup_backend_restarts", "Backend restarts so far", registry=r)
         self.backend_up = Gauge("llmup_backend_up", "1 when the backend is ready", registry=r)
+        self.backend_state = Gauge(
+            "llmup_backend_state", "1 for the backend's current state", ["state"], registry=r
+        )
+        self.health_failures = Gauge(
+            "llmup_backend_failed_health_checks", "Backend health checks failed so far", registry=r
+        )
+        self.unhealthy_restarts = Gauge(
+            "llmup_backend_unhealthy_restarts",
+            "Backend restarts after failed health checks (hung or sick)",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "llmup_queue_depth", "Requests admitted and waiting for the backend", registry=r
         )

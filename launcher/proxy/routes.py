@@ -130,6 +130,7 @@ async def health(request: Request) -> JSONResponse:
     body = {
         "status": "ok" if ready else "unavailable",
         "backend": {
+            **backend_info.supervision_of(backend),
             "state": backend_info.state_of(backend),
             "restarts": backend_info.restarts_of(backend),
         },

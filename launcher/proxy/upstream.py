@@ -1,6 +1,8 @@
 """HTTP calls to the backend, and the mapping of its failures to proxy errors.
 
-The backend listens on 127.0.0.1, so the client ignores proxy environment variables. A
+The backend listens on 127.0.0.1, so the client ignores proxy environment variables, and it
+answers only requests that carry its per-run key: every call sends the backend's
+`auth_headers` (a backend without them, e.g. a test's StaticBackend, gets none). A
 backend that cannot be reached, or that drops the connection, is "unavailable" (503, the
 supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
 502, so a backend bug is never mistaken for the proxy's own. A dropped connection is also a
@@ -40,7 +42,10 @@ class Upstream:
         self.retry_after_s = retry_after_s
         timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        headers = dict(getattr(backend, "auth_headers", None) or {})  # the per-run backend key
+        self.client = httpx.AsyncClient(
+            timeout=timeout, limits=limits, trust_env=False, headers=headers
+        )
         self.crashes = CrashMemory()
 
     def url(self, path: str) -> str:
