@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import openai
-import psutil
 import pytest
 from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
+from serving import FAST_HEALTH, Served, descendants, gone
 
 from launcher.backends.calibration import compare, lookup
 from launcher.backends.spec import BackendSpec, free_port
@@ -23,68 +20,11 @@ from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.planner import PlanRequest, make_plan
 from launcher.settings import Settings
 
+READ_DEADLINE_S = 2.0
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-class Served:
-    """`llmup serve` in a subprocess of its own process group, with its output captured."""
-
-    def __init__(self, args: list[str], home: Path, port: int) -> None:
-        self.port, self.home = port, home
-        self.log = open(home / "serve.out", "w+")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "LLMUP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "serve", *args, "--port", str(port), "--quiet"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.url = f"http://127.0.0.1:{port}"
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("not ready in time:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def backend(self) -> psutil.Process:
-        kids = psutil.Process(self.proc.pid).children(recursive=True)
-        return next(p for p in kids if "llamacpp_worker" in " ".join(p.cmdline()))
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        self.log.close()
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def gone(procs: list[psutil.Process], timeout: float = 15) -> bool:
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return not alive
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +39,11 @@ def served(tiny_model, tmp_path_factory):
         ["--model-file", str(tiny_model), "--context", "1024"],
         tmp_path_factory.mktemp("home"),
         free_port(),
+        env={
+            **FAST_HEALTH,
+            "LLMUP_SERVE__HEADER_TIMEOUT_S": str(READ_DEADLINE_S),
+            "LLMUP_SERVE__BODY_TIMEOUT_S": str(READ_DEADLINE_S),
+        },
     )
     server.wait_ready()
     yield server
@@ -194,6 +139,74 @@ def test_killed_backend_is_restarted(served):
     )
     assert reply.choices[0].message.content is not None
     assert served.backend().pid != backend.pid
+
+
+def test_hung_backend_is_replaced_and_shown_in_health_and_metrics(served):
+    """A backend that stops answering (SIGSTOP: alive, silent, its port still open) is killed
+    after 3 failed health checks and started again; /health and /metrics say so."""
+    backend = served.backend()
+    before = served.health()["backend"]
+    backend.suspend()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = served.health()["backend"]
+        if now["unhealthy_restarts"] > before["unhealthy_restarts"] and now["state"] == "ready":
+            break
+        time.sleep(0.3)
+    assert now["unhealthy_restarts"] == before["unhealthy_restarts"] + 1, now
+    assert now["failed_health_checks"] >= before["failed_health_checks"] + 3
+    assert now["restarts"] == before["restarts"] + 1
+    assert gone([backend]) and served.backend().pid != backend.pid
+    metrics = httpx.get(served.url + "/metrics", timeout=5).text
+    assert f"llmup_backend_unhealthy_restarts {now['unhealthy_restarts']:.1f}" in metrics
+    assert 'llmup_backend_state{state="ready"} 1.0' in metrics
+    reply = served.client().completions.create(model="tiny-chat", prompt="hello", max_tokens=3)
+    assert reply.choices[0].text is not None
+
+
+def _trickle(served, first: bytes, drip: bytes) -> tuple[bytes, float]:
+    """Send `first`, then `drip` a byte every 0.3 s; what the server answered and when it
+    closed the connection (seconds), or what it had answered after 15 s."""
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=15) as sock:
+        sock.sendall(first)
+        sock.settimeout(0.3)
+        answer = b""
+        for byte in drip * 50:
+            if time.monotonic() - started > 15:
+                break
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                chunk = None
+            except OSError:  # reset: closed with our bytes unread
+                chunk = b""
+            if chunk == b"":
+                return answer, time.monotonic() - started
+            answer += chunk or b""
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return answer, time.monotonic() - started
+    return answer, time.monotonic() - started
+
+
+def test_trickled_headers_get_408_and_the_connection_closes(served):
+    answer, closed_after = _trickle(served, b"GET /health HTTP/1.1\r\n", b"X-Slow: abcdefghij")
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert READ_DEADLINE_S <= closed_after < READ_DEADLINE_S + 3
+
+
+def test_a_trickled_body_closes_the_connection(served):
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 400\r\n\r\n"
+    )
+    answer, closed_after = _trickle(served, head, b'{"model": "tiny-chat", "prompt": "hi"')
+    assert closed_after < READ_DEADLINE_S + 3, answer
+    assert served.health()["status"] == "ok"  # the server itself is unharmed
 
 
 def test_sigterm_leaves_no_process(tiny_model, tmp_path):

@@ -45,12 +45,21 @@ if env("CHILD_GRANDCHILD"):
 time.sleep(float(env("CHILD_DELAY", "0")))
 if env("CHILD_EXIT_AFTER"):
     threading.Timer(float(env("CHILD_EXIT_AFTER")), lambda: os._exit(3)).start()
+sick_at = time.monotonic() + float(env("CHILD_SICK_AFTER", "inf"))
+if env("CHILD_PDEATHSIG"):
+    import ctypes
+    sig = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+    print("pdeathsig", sig.value)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = b'{"ok": true}'
-        self.send_response(200 if self.path == "/health" else 404)
+        if self.path == "/health" and time.monotonic() > sick_at:
+            self.send_response(503)  # like the exllamav2 worker after a CUDA fault
+        else:
+            self.send_response(200 if self.path == "/health" else 404)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -245,6 +254,48 @@ def test_started_from_a_short_lived_thread_the_child_survives_it(make_spec):
         assert healthy(sup) and sup.restarts == 0
     finally:
         sup.stop()
+
+
+def test_a_sick_child_is_restarted_after_failed_health_checks(make_spec):
+    """/health turning 503 after ready: killed after 2 failed polls and started again."""
+    spec = make_spec({"CHILD_SICK_AFTER": "1.0"})
+    options = dict(health_interval_s=0.2, health_timeout_s=1.0, health_failures=2)
+    with Supervisor(spec, backoff_initial=0.05, **options) as sup:
+        first = sup.pid
+        assert wait_until(lambda: sup.pid not in (None, first) and sup.state is State.READY, 20)
+        assert gone(first) and sup.restarts >= 1
+        seen = sup.supervision
+        assert seen["failed_health_checks"] >= 2 and seen["unhealthy_restarts"] >= 1
+        assert "stopped after 2 failed health checks (HTTP 503)" in sup.log_path.read_text()
+
+
+def test_a_hung_child_is_restarted(make_spec):
+    """A child that stops answering (SIGSTOP: alive, silent) is killed and replaced."""
+    options = dict(health_interval_s=0.2, health_timeout_s=0.5, health_failures=2)
+    with Supervisor(make_spec(), backoff_initial=0.05, **options) as sup:
+        first = sup.pid
+        os.kill(first, signal.SIGSTOP)
+        assert wait_until(lambda: sup.pid not in (None, first) and sup.state is State.READY, 20)
+        assert gone(first) and sup.unhealthy_kills == 1
+        assert sup.supervision["last_problem"] is None  # the new child is healthy
+
+
+def test_the_child_arms_the_parent_death_signal_itself(make_spec, monkeypatch):
+    """No preexec_fn (unsafe when forking from a thread): the child runs prctl itself."""
+    from launcher.backends import supervisor as supervisor_module
+
+    seen: list[dict] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor_module.subprocess, "Popen", popen)
+    with Supervisor(make_spec({"CHILD_PDEATHSIG": "1"})) as sup:
+        assert f"pdeathsig {int(signal.SIGKILL)}" in sup.attempt_log()
+        assert psutil.Process(sup.pid).cmdline()[-2:] == sup.spec.command[-2:]  # exec'd
+    assert seen and all(kw.get("preexec_fn") is None for kw in seen)
 
 
 def _read_line(stream, timeout: float) -> str:

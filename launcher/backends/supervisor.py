@@ -339,6 +339,11 @@ class Supervisor:
             line = f"cannot run {self.spec.command[0]}: {exc}"
             raise load_error(self.spec, "missing_dependency", line, None) from exc
 
+    def _log_line(self, text: str) -> None:
+        """A line of llmup's own in the backend's log, where an operator reads its story."""
+        with contextlib.suppress(OSError), open(self.spec.log_path, "a") as out:
+            out.write(f"==== llmup: {self.spec.name} {text}\n")
+
     def _banner(self) -> str:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return (
@@ -401,9 +406,11 @@ class Supervisor:
         why = self._poll_until_gone(proc)
         if why is None or self._stopping.is_set():
             return None
+        self._set_state(State.RESTARTING)
         _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
         uptime = time.monotonic() - self._ready_at
         log.warning("%s ended after %.1f s up: %s", self.spec.name, uptime, why)
+        self._log_line(f"ended after {uptime:.1f} s up: {why}")
         self._crashes.append(time.monotonic())
         self.last_problem = why
         return why
@@ -425,6 +432,7 @@ class Supervisor:
                 if problem is not None:
                     self._note_unhealthy(problem, failed)
                 if failed >= self.health_failures:
+                    self._set_state(State.RESTARTING)  # not "ready" a moment longer
                     self.unhealthy_kills += 1
                     code = terminate_group(proc, UNHEALTHY_GRACE_S)
                     return f"stopped after {failed} failed health checks ({problem}); " + (
@@ -457,8 +465,9 @@ class Supervisor:
         kind, line = classify_failure(self.attempt_log(), code)
         detail = f"{KIND_TEXT[kind]}: {line}" if kind != "unknown" else line or "(no output)"
         crashes = len(self._crashes)
+        times = "once" if crashes == 1 else f"{crashes} times"
         return BackendCrashError(
-            f"the {self.spec.name} backend failed {crashes} times within "
+            f"the {self.spec.name} backend failed {times} within "
             f"{self.restart_window_s:.0f} s, so llmup stopped restarting it; last: {why}; "
             f"its output: {detail}; log: {self.log_path}",
             log_path=str(self.log_path),
