@@ -13,7 +13,7 @@ DATA = Path(__file__).parent / "data"
 MACHINES = DATA / "machines"
 
 # The real-backend fixtures (tiny_backend, make_proxy) for every module that asks for them.
-pytest_plugins = ["backend_fixtures"]
+pytest_plugins = ["backend_fixtures", "hub_fixtures"]
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +24,8 @@ def _isolated_homes(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     for key in [k for k in os.environ if k.startswith("LLMUP_") and k != "LLMUP_HOME"]:
         monkeypatch.delenv(key)
+    # The shipped pins name commits of the real hub; the local test hub has its own.
+    monkeypatch.setattr("launcher.catalog.pins.SHIPPED", home / "no-shipped-pins.json")
 
 
 def run_cli(

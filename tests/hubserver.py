@@ -4,15 +4,19 @@ It serves the endpoints the installed huggingface_hub calls for a download:
 
 - `GET /api/models/{repo}[/revision/{rev}][?blobs=true]`: model info, siblings with size,
   blob id and LFS sha256 (what `HfApi.model_info(files_metadata=True)` reads);
+- `POST /api/models/{repo}/paths-info/{rev}`: size, blob id and LFS sha256 of the named paths
+  (what `HfApi.get_paths_info` reads);
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: ETag (sha256 for LFS files, git blob id otherwise),
   X-Linked-Etag, X-Linked-Size, X-Repo-Commit, Content-Length, ranged GETs (206);
 - the hub's error headers (X-Error-Code: RepoNotFound / RevisionNotFound / EntryNotFound /
   GatedRepo) so the client raises its typed exceptions.
 
 No Xet headers are ever sent, so the client uses plain HTTP (and its own resume logic).
-Knobs for tests: `cut_after` (drop the connection once after N body bytes), `corrupt` (flip a
-byte while advertising the true sha256), `require_token`, and `requests` (a log of every
-request with its Range header and the body bytes sent).
+Every commit published stays reachable by its id after a branch moves on. Knobs for tests:
+`cut_after` (drop the connection once after N body bytes), `corrupt` (flip a byte while
+advertising the true sha256), `bare_listing` (model info names the files only, as a mirror
+like olah does), `paths_info` (False: no such endpoint), `require_token`, and `requests` (a
+log of every request with its Range header and the body bytes sent).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _LFS_SUFFIXES = (".gguf", ".safetensors", ".bin")
 _MODEL_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?$")
+_PATHS_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -72,6 +77,9 @@ class HubState:
     require_token: str | None = None
     cut_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes, used once
     corrupt: set[str] = field(default_factory=set)
+    bare_listing: bool = False
+    paths_info: bool = True
+    history: dict[str, list[Revision]] = field(default_factory=dict)
     requests: list[Logged] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,7 +87,7 @@ class HubState:
         revisions = self.repos.get(repo, {})
         if rev in revisions:
             return revisions[rev]
-        return next((r for r in revisions.values() if r.commit == rev), None)
+        return next((r for r in self.history.get(repo, []) if r.commit == rev), None)
 
 
 class HubServer:
@@ -119,7 +127,9 @@ class HubServer:
             name: HubFile(data, name in lfs if lfs is not None else _is_lfs(name))
             for name, data in files.items()
         }
-        self.state.repos.setdefault(repo_id, {})[revision] = Revision(commit, entries)
+        published = Revision(commit, entries)
+        self.state.repos.setdefault(repo_id, {})[revision] = published
+        self.state.history.setdefault(repo_id, []).append(published)
         return commit
 
     @property
@@ -153,6 +163,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._dispatch(body=True)
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        entry = Logged("POST", unquote(url.path), None, self.headers.get("Authorization"))
+        with self.state.lock:
+            self.state.requests.append(entry)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode())
+        m = _PATHS_INFO.match(entry.path)
+        if not self._authorized(entry):
+            return
+        if m is None or not self.state.paths_info:
+            return self._error(entry, 404, None, "Not found")
+        self._paths_info(entry, m["repo"], m["rev"], form.get("paths", []))
 
     def _dispatch(self, body: bool) -> None:
         url = urlsplit(self.path)
@@ -192,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         revision = self.state.find(repo, rev)
         if revision is None:
             return self._error(entry, 404, "RevisionNotFound", "Invalid rev id: " + rev)
-        blobs = query.get("blobs", ["false"])[0].lower() == "true"
+        blobs = query.get("blobs", ["false"])[0].lower() == "true" and not self.state.bare_listing
         siblings = [_sibling(name, f, blobs) for name, f in revision.files.items()]
         data = {
             "id": repo,
@@ -204,6 +228,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(
             entry, 200, json.dumps(data).encode(), {"Content-Type": "application/json"}, body=True
         )
+
+    def _paths_info(self, entry: Logged, repo: str, rev: str, paths: list[str]) -> None:
+        revision = self.state.find(repo, rev)
+        if revision is None:
+            return self._error(entry, 404, "RevisionNotFound", "Invalid rev id: " + rev)
+        infos = [_path_info(p, revision.files[p]) for p in paths if p in revision.files]
+        payload = json.dumps(infos).encode()
+        self._send(entry, 200, payload, {"Content-Type": "application/json"}, body=True)
 
     def _resolve(self, entry: Logged, repo: str, rev: str, name: str, body: bool) -> None:
         if repo not in self.state.repos:
@@ -288,15 +320,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(entry, status, payload, headers, body=self.command != "HEAD")
 
 
+def _pointer(f: HubFile) -> bytes:
+    """The git-lfs pointer file git stores in place of an LFS file's content."""
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{f.sha256}\n"
+        f"size {len(f.content)}\n"
+    ).encode()
+
+
 def _sibling(name: str, f: HubFile, blobs: bool) -> dict:
     if not blobs:
         return {"rfilename": name}
     entry: dict = {"rfilename": name, "size": len(f.content), "blobId": git_blob_sha1(f.content)}
     if f.lfs:
-        pointer = (
-            f"version https://git-lfs.github.com/spec/v1\noid sha256:{f.sha256}\n"
-            f"size {len(f.content)}\n"
-        ).encode()
+        pointer = _pointer(f)
         entry["blobId"] = git_blob_sha1(pointer)
         entry["lfs"] = {"size": len(f.content), "sha256": f.sha256, "pointerSize": len(pointer)}
+    return entry
+
+
+def _path_info(name: str, f: HubFile) -> dict:
+    """One entry of paths-info, as the hub (and olah) answer it."""
+    entry: dict = {"type": "file", "path": name, "size": len(f.content)}
+    entry["oid"] = git_blob_sha1(_pointer(f) if f.lfs else f.content)
+    if f.lfs:
+        entry["lfs"] = {"oid": f.sha256, "size": len(f.content), "pointerSize": len(_pointer(f))}
     return entry

@@ -180,7 +180,7 @@ def _with_checksums(
         with hub_errors(source):
             infos = api.get_paths_info(source.repo_id, bare, revision=commit, expand=True)
     except DownloadError as exc:  # a server without paths-info: the files stay bare
-        log.warning("the hub at %s has no paths-info for %s: %s", endpoint_label(), bare, exc)
+        log.info("the hub at %s has no paths-info for %s: %s", endpoint_label(), bare, exc)
         return files
     found = {i.path: _from_path_info(i) for i in infos if getattr(i, "size", None) is not None}
     return [found.get(f.name, f) if f.digest is None else f for f in files]
