@@ -97,8 +97,14 @@ def decode(ids: list[int]) -> str:
 
 @contextmanager
 def serving(generator: FakeGenerator, max_seq_len: int = 4096) -> Iterator[str]:
+    """The worker's app for `generator`, served (see serving_app); yields the base URL."""
+    with serving_app(create_app(generator, model_alias=MODEL, max_seq_len=max_seq_len)) as url:
+        yield url
+
+
+@contextmanager
+def serving_app(app) -> Iterator[str]:
     """Real uvicorn on a pre-bound 127.0.0.1 socket in a thread; yields the base URL."""
-    app = create_app(generator, model_alias=MODEL, max_seq_len=max_seq_len)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
