@@ -1,6 +1,6 @@
 """The hardware snapshot: the value detection produces and planning consumes.
 
-Field names are the contract of DESIGN.md ("Hardware snapshot"); `llmup detect --json`
+Field names are the contract of docs/architecture.md ("Hardware snapshot"); `llmup detect --json`
 writes it and every planning command reads it back with `--hardware FILE`.
 """
 

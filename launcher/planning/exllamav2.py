@@ -1,6 +1,8 @@
 """exllamav2 memory model (GPTQ on NVIDIA): weights, cache, scratch, reserves per device.
 
-Figures follow exllamav2's allocation code (reference facts, section 5): the input
+Figures follow exllamav2's allocation code (https://github.com/turboderp-org/exllamav2:
+exllamav2/model.py for the autosplit reserves and scratch, exllamav2/cache.py for the
+cache, exllamav2/attn.py for the attention temp buffer): the input
 embedding stays in system RAM, lm_head is fp16 on the last device, every device that
 holds layers needs the largest module's scratch and the attention temp buffer.
 """

@@ -1,7 +1,9 @@
 """llama.cpp memory model: what each device will hold for a given placement.
 
-Figures follow llama.cpp's own allocation code paths (see the reference facts, section 4)
-and are checked against the buffer sizes llama.cpp logs when it loads a model
+Figures follow llama.cpp's own allocation code paths (https://github.com/ggml-org/llama.cpp:
+src/llama-kv-cache.cpp for the KV cache and its padding, src/llama-context.cpp for the
+compute and output buffers, src/llama-model.cpp for which device holds each layer) and are
+checked against the buffer sizes llama.cpp logs when it loads a model
 (tests/test_calibration.py). Units are bytes until the plan rounds to MiB.
 """
 

@@ -1,6 +1,6 @@
 """The plan: what `llmup plan --json` prints and `pull`/`serve` consume.
 
-Field names follow DESIGN.md ("Plan"); add fields freely, rename none.
+Field names follow docs/architecture.md ("Plan"); add fields freely, rename none.
 """
 
 from __future__ import annotations

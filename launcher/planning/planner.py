@@ -1,6 +1,6 @@
 """The planner: every candidate of the catalog (or one local file), ranked by policy.
 
-Policy (DESIGN.md): full accelerator fit, then partial offload (only when allowed), then
+Policy (docs/architecture.md): full accelerator fit, then partial offload (only when allowed), then
 CPU only; within a class the larger model, then the higher bits per weight, then the
 faster backend for the hardware. The context is never cut below what was asked. With
 `min_tokens_per_s` a candidate expected to decode slower is passed over.
