@@ -27,6 +27,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from launcher.backends.spec import KEY_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gemma-3-270m-q4_k_m"
 PROMPT = "The capital of France is"
@@ -57,11 +59,13 @@ def start_serve(home: Path, port: int) -> subprocess.Popen:
     raise SystemExit("llmup serve was not ready in 180 s")
 
 
-def backend_port(proc: subprocess.Popen) -> int:
+def backend_address(proc: subprocess.Popen) -> tuple[int, str]:
+    """The backend's port and its per-run key (in its environment, which the user who
+    started it may read: that is the only way around the proxy)."""
     for child in psutil.Process(proc.pid).children(recursive=True):
         match = re.search(r"--port (\d+)", " ".join(child.cmdline()))
         if match:
-            return int(match.group(1))
+            return int(match.group(1)), child.environ().get(KEY_ENV, "none")
     raise SystemExit("no backend process found")
 
 
@@ -98,16 +102,17 @@ def measure(runs: int) -> list[dict]:
         port = 18000 + os.getpid() % 1000
         proc = start_serve(Path(home), port)
         try:
+            backend_port, backend_key = backend_address(proc)
             targets = {
-                "backend": f"http://127.0.0.1:{backend_port(proc)}/v1",
-                "proxy": f"http://127.0.0.1:{port}/v1",
+                "backend": (f"http://127.0.0.1:{backend_port}/v1", backend_key),
+                "proxy": (f"http://127.0.0.1:{port}/v1", "none"),
             }
             cases = [("completion", {}), ("chat", {}), ("chat-session", {})]
             for case, _ in cases:
-                for target, url in targets.items():
+                for target, (url, key) in targets.items():
                     if case == "chat-session" and target == "backend":
                         continue  # the backend keeps no sessions
-                    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+                    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
                     kind = "completion" if case == "completion" else "chat"
                     stream(client, kind, {})  # warm-up
                     for run in range(runs):

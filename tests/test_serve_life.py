@@ -130,6 +130,23 @@ def test_sigterm_stops_a_runaway_generation_within_10_s(long_model, tmp_path):
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def test_sigterm_while_the_backend_loads_stops_at_once(long_model, tmp_path):
+    args = ["--model-file", str(long_model), "--context", str(LONG_CONTEXT)]
+    server = Served(args, tmp_path, free_port())
+    deadline = time.monotonic() + 60
+    while not (children := descendants(server.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children
+    with pytest.raises(httpx.ConnectError):  # bound, not listening yet: still loading
+        httpx.get(server.url + "/health", timeout=5)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=30)
+    assert time.monotonic() - started < 10 and code != 0
+    assert gone(children, timeout=5)
+    server.log.close()
+
+
 def test_ipv6_keys_never_printed_and_the_backend_refuses_strangers(long_model, tmp_path):
     key = "k-" + "7" * 30
     args = ["--model-file", str(long_model), "--host", "::1", "--api-key", key]

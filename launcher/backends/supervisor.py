@@ -402,7 +402,8 @@ class Supervisor:
         if proc is None or self._ready_at is None:  # the last launch failed
             self._crashes.append(time.monotonic())
             failure = self._launch_failure
-            return failure.line if failure is not None else "it did not start"
+            self.last_problem = failure.line if failure is not None else "it did not start"
+            return self.last_problem
         why = self._poll_until_gone(proc)
         if why is None or self._stopping.is_set():
             return None
