@@ -51,6 +51,7 @@ ERRORISH = re.compile(
 )
 # Warnings that look like failures but are not (llama.cpp's mlock warning names ENOMEM).
 BENIGN = re.compile(r"mlock", re.I)
+OWN_LINE = "==== llmup:"  # the supervisor's own lines in the log, not the backend's output
 
 KIND_TEXT = {
     "out_of_memory": "out of memory",
@@ -83,7 +84,7 @@ def classify_failure(output: str, returncode: int | None = None) -> tuple[str, s
     usually the same error propagated ("failed to load model", a Python traceback).
     """
     lines = [ln.strip() for ln in output.splitlines()[-TAIL_LINES:]]
-    lines = [ln for ln in lines if ln and not BENIGN.search(ln)]
+    lines = [ln for ln in lines if ln and not BENIGN.search(ln) and not ln.startswith(OWN_LINE)]
     for kind, pattern in FAILURE_PATTERNS:
         hit = next((ln for ln in lines if pattern.search(ln)), None)
         if hit is not None:

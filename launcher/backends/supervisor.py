@@ -35,7 +35,13 @@ from typing import Any
 import httpx
 
 from launcher.backends.deathsig import guarded
-from launcher.backends.failure import KIND_TEXT, classify_failure, exit_text, load_error
+from launcher.backends.failure import (
+    KIND_TEXT,
+    OWN_LINE,
+    classify_failure,
+    exit_text,
+    load_error,
+)
 from launcher.backends.spec import BackendSpec, port_is_free
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
 
@@ -342,12 +348,12 @@ class Supervisor:
     def _log_line(self, text: str) -> None:
         """A line of llmup's own in the backend's log, where an operator reads its story."""
         with contextlib.suppress(OSError), open(self.spec.log_path, "a") as out:
-            out.write(f"==== llmup: {self.spec.name} {text}\n")
+            out.write(f"{OWN_LINE} {self.spec.name} {text}\n")
 
     def _banner(self) -> str:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return (
-            f"\n==== llmup: {self.spec.name} attempt {self._attempt} at {now}\n"
+            f"\n{OWN_LINE} {self.spec.name} attempt {self._attempt} at {now}\n"
             f"==== {shlex.join(self.spec.command)}\n"
         )
 
