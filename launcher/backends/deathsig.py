@@ -35,20 +35,20 @@ def arm(parent: int) -> bool:
     """Ask for SIGKILL on the parent's death; False when the parent is gone already."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        print(f"llmup: prctl failed (errno {ctypes.get_errno()})", file=sys.stderr)
+        sys.stderr.write(f"llmup: prctl failed (errno {ctypes.get_errno()})\n")
     return os.getppid() == parent
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or not argv[0].isdigit():
-        print(f"usage: python -m {MODULE} PARENT_PID COMMAND...", file=sys.stderr)
+        sys.stderr.write(f"usage: python -m {MODULE} PARENT_PID COMMAND...\n")
         return 2
     if sys.platform.startswith("linux") and not arm(int(argv[0])):
         return 1
     try:
         os.execvp(argv[1], argv[1:])
     except OSError as exc:
-        print(f"llmup: cannot run {argv[1]}: {exc}", file=sys.stderr)
+        sys.stderr.write(f"llmup: cannot run {argv[1]}: {exc}\n")
     return 127
 
 
