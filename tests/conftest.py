@@ -25,7 +25,7 @@ def _isolated_homes(tmp_path_factory, monkeypatch):
     for key in [k for k in os.environ if k.startswith("LLMUP_") and k != "LLMUP_HOME"]:
         monkeypatch.delenv(key)
     # The shipped pins name commits of the real hub; the local test hub has its own.
-    monkeypatch.setattr("launcher.catalog.pins.SHIPPED", home / "no-shipped-pins.json")
+    monkeypatch.setenv("LLMUP_PINS_FILE", str(home / "no-shipped-pins.json"))
 
 
 def run_cli(

@@ -132,5 +132,9 @@ def test_pins_show_lists_catalog_sources_and_pulled_ones(hub):
     rows = {(r["repo_id"], r["revision"]): r["commit"] for r in json.loads(shown.stdout)["pins"]}
     assert rows[(GGUF_REPO, "main")] == pinned
     assert rows[("TheBloke/Llama-2-70B-Chat-GPTQ", "gptq-4bit-32g-actorder_True")] is None
+    shipped = home().parent / "shipped.json"  # LLMUP_PINS_FILE: pins to start from
+    shipped.write_text(json.dumps({"pins": {GGUF_REPO: {"main": "a" * 40}}}))
+    assert Pins.load(home(), shipped).commit(GGUF_REPO, "main") == pinned  # the home's wins
+    assert Pins.load(home(), shipped).commit(GGUF_REPO, "other") is None
     unknown = run_cli("pins", "refresh", "nobody/nothing")
     assert unknown.returncode == 2 and "not a source" in unknown.stderr

@@ -6,7 +6,8 @@ commit. So every source (repository, revision) is pinned to a commit, and downlo
 pin, never the branch head:
 
 - the package ships `pins.json` next to this module (filled by a maintainer with
-  `llmup pins refresh --catalog`);
+  `llmup pins refresh --catalog`); `LLMUP_PINS_FILE` names another file to start from
+  instead (an organisation's vetted commits, or none at all);
 - a pin in the llmup home's `pins.json` overrides it; `llmup pins refresh` writes there
   after asking the hub where each branch points now;
 - a source with no pin at all is pinned on its first successful pull to the commit that
@@ -41,6 +42,11 @@ ABOUT = (
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 Lookup = Callable[[str, str], str]  # (repo_id, revision) -> commit the hub has now
+
+
+def shipped_path() -> Path:
+    """The pins to start from: LLMUP_PINS_FILE as set now, else the package's."""
+    return Path(os.environ.get("LLMUP_PINS_FILE") or SHIPPED)
 
 
 def is_commit(revision: str) -> bool:
@@ -84,7 +90,7 @@ class Pins:
     @classmethod
     def load(cls, home: Path, shipped: Path | None = None) -> Pins:
         path = Path(home) / PINS_FILE
-        return cls(path, read_pins(shipped or SHIPPED), read_pins(path))
+        return cls(path, read_pins(shipped or shipped_path()), read_pins(path))
 
     def commit(self, repo_id: str, revision: str) -> str | None:
         """The pinned commit of repo_id@revision; a revision that is a commit pins itself."""
