@@ -16,7 +16,7 @@ import pytest
 from backend_fixtures import NO_EOS
 from conftest import run_cli
 from ggufgen import write_llama_gguf
-from serving import Served, descendants, gone
+from serving import FAST_HEALTH, Served, descendants, gone
 
 from launcher.backends.spec import KEY_ENV, free_port
 
@@ -93,7 +93,7 @@ def test_sigterm_stops_a_runaway_generation_within_10_s(long_model, tmp_path):
     SIGTERM ends serve within 10 s, the stream with an error event, the queued request with
     an error reply, the backend with it, and the session store closes cleanly."""
     args = ["--model-file", str(long_model), "--context", str(LONG_CONTEXT)]
-    server = Served(args, tmp_path, free_port())
+    server = Served(args, tmp_path, free_port(), env=FAST_HEALTH)
     server.wait_ready()
     children = descendants(server.proc.pid)
     seen: list[float] = []
@@ -112,6 +112,8 @@ def test_sigterm_stops_a_runaway_generation_within_10_s(long_model, tmp_path):
     assert len(seen) >= 30, server.output()
     rate = 20 / (seen[29] - seen[9])
     assert (LONG_CONTEXT - 100) / rate > 60, f"{rate:.0f} tokens/s would finish within a minute"
+    busy = server.health()["backend"]  # polled every 0.5 s while generating: busy, not hung
+    assert busy["failed_health_checks"] == 0 and busy["restarts"] == 0, busy
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(timeout=30)

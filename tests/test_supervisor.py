@@ -271,7 +271,7 @@ def test_a_sick_child_is_restarted_after_failed_health_checks(make_spec):
 
 def test_a_hung_child_is_restarted(make_spec):
     """A child that stops answering (SIGSTOP: alive, silent) is killed and replaced."""
-    options = dict(health_interval_s=0.2, health_timeout_s=0.5, health_failures=2)
+    options = dict(health_interval_s=0.2, health_timeout_s=1.5, health_failures=2)
     with Supervisor(make_spec(), backoff_initial=0.05, **options) as sup:
         first = sup.pid
         os.kill(first, signal.SIGSTOP)
