@@ -107,10 +107,10 @@ def test_sigterm_stops_a_runaway_generation_within_10_s(long_model, tmp_path):
         thread.start()
         time.sleep(0.5)
     deadline = time.monotonic() + 60
-    while len(seen) < 30 and time.monotonic() < deadline:
+    while not (seen and seen[-1] - seen[0] > 3) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(seen) >= 30, server.output()
-    rate = 20 / (seen[29] - seen[9])
+    assert len(seen) >= 10, server.output()
+    rate = (len(seen) - 1) / (seen[-1] - seen[0])  # over 3 s: events may come in bursts
     assert (LONG_CONTEXT - 100) / rate > 60, f"{rate:.0f} tokens/s would finish within a minute"
     busy = server.health()["backend"]  # polled every 0.5 s while generating: busy, not hung
     assert busy["failed_health_checks"] == 0 and busy["restarts"] == 0, busy
