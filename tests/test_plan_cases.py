@@ -7,7 +7,7 @@ import pytest
 from conftest import MACHINES, run_cli
 from test_gpu_selection import recorded
 
-from launcher.backends.llamacpp import backend_env
+from launcher.backends.launch import backend_env
 from launcher.catalog.loader import load_catalog
 from launcher.catalog.shape import ModelShape, layout_from_catalog
 from launcher.hardware.installed import detect_backends
