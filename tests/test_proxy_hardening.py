@@ -100,11 +100,12 @@ def test_the_worker_itself_survives_a_bad_grammar(tiny_backend) -> None:
     """The second line of defence: sent straight to llmup's worker, a grammar llama.cpp
     cannot parse is an error reply, not a segfault."""
     restarts = tiny_backend.restarts
-    response = httpx.post(
-        tiny_backend.base_url + CHAT, json={**OK, "grammar": "root ::= ("}, timeout=30
-    )
+    key = tiny_backend.auth_headers  # the per-run backend key, as the proxy sends it
+    body = {**OK, "grammar": "root ::= ("}
+    response = httpx.post(tiny_backend.base_url + CHAT, json=body, headers=key, timeout=30)
     assert response.status_code == 500 and "could not parse the grammar" in response.text
-    assert httpx.get(tiny_backend.base_url + "/v1/models", timeout=30).status_code == 200
+    models = httpx.get(tiny_backend.base_url + "/v1/models", headers=key, timeout=30)
+    assert models.status_code == 200
     assert tiny_backend.restarts == restarts
 
 
