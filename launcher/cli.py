@@ -16,7 +16,7 @@ import typer
 
 from launcher import render
 from launcher.errors import LlmupError, NothingFitsError, UsageError
-from launcher.settings import Settings
+from launcher.settings import Settings, load_settings
 
 app = typer.Typer(
     help="Serve the largest Llama-2 this machine can hold behind an OpenAI-compatible API.",
@@ -31,10 +31,25 @@ AutoOpt = Annotated[
 ]
 HardwareOpt = Annotated[
     Path | None,
-    typer.Option("--hardware", help="Plan for a snapshot from `llmup detect --json`."),
+    typer.Option(
+        "--hardware",
+        help="Plan for a snapshot from `llmup detect --json`, or `profile`: the --profile's own.",
+    ),
 ]
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="Pin a model id (llama-2-70b-chat) or size (70b).")
+]
+MaxModelOpt = Annotated[
+    str | None,
+    typer.Option("--max-model", help="Cap the model size (13b): the largest up to it that fits."),
+]
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="A machine profile (see `llmup profiles`) or a .toml file: its settings apply "
+        "under the environment and the flags.",
+    ),
 ]
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto | llama.cpp | exllamav2")]
 ContextOpt = Annotated[
@@ -75,50 +90,61 @@ MinSpeedOpt = Annotated[
 ]
 
 
-def hardware_snapshot(hardware: Path | None, gpus: str | None = None):
-    """A snapshot file when given (never probed: it may be another machine), else this
-    machine's (what --auto asks for), narrowed to `--gpus`."""
+PROFILE_HARDWARE = Path("profile")
+
+
+def command_settings(profile_name: str | None):
+    """(settings, profile): defaults < the profile's pinned settings < the environment."""
+    if profile_name is None:
+        return Settings(), None
+    from launcher.profiles import find_profile
+
+    profile = find_profile(profile_name, Settings().home)
+    return load_settings(profile.pinned), profile
+
+
+def hardware_snapshot(hardware: Path | None, gpus: str | None = None, profile=None):
+    """A snapshot file when given (never probed: it may be another machine), the profile's
+    own for `--hardware profile`, else this machine's (what --auto asks for); narrowed to
+    `--gpus`, with a warning when it is not the profile's machine."""
+    from launcher.hardware.visible import select_gpus
+
+    if hardware == PROFILE_HARDWARE:
+        if profile is None:
+            raise UsageError("--hardware profile plans a profile's own machine: add --profile NAME")
+        return select_gpus(profile.hardware, gpus=gpus)
     if hardware is not None:
         from launcher.hardware.snapshot import load_snapshot
-        from launcher.hardware.visible import select_gpus
 
-        return select_gpus(load_snapshot(hardware), gpus=gpus)
-    from launcher.hardware.detect import detect
+        snap = select_gpus(load_snapshot(hardware), gpus=gpus)
+    else:
+        from launcher.hardware.detect import detect
 
-    return detect(home=Settings().home, gpus=gpus)
+        snap = detect(home=Settings().home, gpus=gpus)
+    if profile is not None:
+        warn_if_not_profile_machine(profile, snap)
+    return snap
 
 
-def plan_request(
-    *,
-    hardware,
-    model,
-    backend,
-    context,
-    kv_cache,
-    reserve_mib,
-    allow_offload,
-    model_file,
-    gpus=None,
-    min_tokens_per_s=None,
-):
-    """Merge CLI flags over the settings tree (env LLMUP_PLANNING__*) into a PlanRequest."""
-    from launcher.planning import PlanRequest
+def warn_if_not_profile_machine(profile, snap) -> None:
+    from launcher.profiles import differences, mismatch_warning
 
+    found = differences(profile.hardware, snap)
+    if found:
+        render.warning(mismatch_warning(profile.name, found))
+
+
+def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **flags):
+    """Merge CLI flags over the settings tree (profile < env LLMUP_PLANNING__*) into a
+    PlanRequest. A pinned model (flag, env or profile) lifts any size cap."""
+    from launcher.planning.request import request_from_settings
+
+    context = flags.get("context")
     if context is not None and context <= 0:
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
-    cfg = Settings().planning
-    return PlanRequest(
-        hardware=hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus),
-        model=model,
-        backend=backend or cfg.backend,
-        context=context if context is not None else cfg.context,
-        kv_cache=kv_cache or cfg.kv_cache,
-        reserve_mib=reserve_mib if reserve_mib is not None else cfg.reserve_mib,
-        ram_reserve_mib=cfg.ram_reserve_mib,
-        allow_offload=allow_offload or cfg.allow_offload,
-        model_file=model_file,
-        min_tokens_per_s=min_tokens_per_s if min_tokens_per_s is not None else cfg.min_tokens_per_s,
-    )
+    cfg = settings.planning
+    snap = hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus, profile)
+    return request_from_settings(cfg, snap, **flags)
 
 
 @app.command()
@@ -132,7 +158,9 @@ def detect(gpus: GpusOpt = None, json_out: JsonOpt = False) -> None:
 def plan(
     auto: AutoOpt = False,
     hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
     model: ModelOpt = None,
+    max_model: MaxModelOpt = None,
     backend: BackendOpt = None,
     context: ContextOpt = None,
     kv_cache: KvOpt = None,
@@ -146,9 +174,13 @@ def plan(
     """Pick the largest model and highest precision that fit, with memory and speed."""
     from launcher.planning.planner import make_plan
 
+    settings, chosen_profile = command_settings(profile)
     req = plan_request(
+        settings,
+        profile=chosen_profile,
         hardware=hardware,
         model=model,
+        max_model=max_model,
         backend=backend,
         context=context,
         kv_cache=kv_cache,
@@ -166,7 +198,7 @@ def plan(
         else:
             render.rejections(exc.closest, title="Nothing fits; the closest candidates")
         raise
-    attach_measurement(result, Settings().home)
+    attach_measurement(result, settings.home)
     render.print_json(result) if json_out else render.plan(result)
 
 
@@ -189,7 +221,7 @@ PlanFileOpt = Annotated[
 ]
 
 
-def chosen_plan(plan_file: Path | None, **planning):
+def chosen_plan(plan_file: Path | None, settings: Settings, profile=None, **planning):
     """The saved plan when given, else a fresh one from the same options `llmup plan` takes."""
     from launcher.planning.plan import load_plan
     from launcher.planning.planner import make_plan
@@ -202,14 +234,16 @@ def chosen_plan(plan_file: Path | None, **planning):
                 "the saved plan already fixes them"
             )
         return load_plan(plan_file)
-    return make_plan(plan_request(**planning))
+    return make_plan(plan_request(settings, profile=profile, **planning))
 
 
 @app.command()
 def pull(
     auto: AutoOpt = False,
     hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
     model: ModelOpt = None,
+    max_model: MaxModelOpt = None,
     backend: BackendOpt = None,
     context: ContextOpt = None,
     kv_cache: KvOpt = None,
@@ -232,10 +266,14 @@ def pull(
     """Download the planned weights into the Hugging Face cache, verified; print where."""
     from launcher.weights.pull import pull as run_pull
 
+    settings, chosen_profile = command_settings(profile)
     chosen = chosen_plan(
         plan_file,
+        settings,
+        chosen_profile,
         hardware=hardware,
         model=model,
+        max_model=max_model,
         backend=backend,
         context=context,
         kv_cache=kv_cache,
@@ -261,7 +299,9 @@ def pull(
 def serve(
     auto: AutoOpt = False,
     hardware: HardwareOpt = None,
+    profile: ProfileOpt = None,
     model: ModelOpt = None,
+    max_model: MaxModelOpt = None,
     backend: BackendOpt = None,
     context: ContextOpt = None,
     kv_cache: KvOpt = None,
@@ -271,6 +311,12 @@ def serve(
     gpus: GpusOpt = None,
     min_tokens_per_s: MinSpeedOpt = None,
     plan_file: PlanFileOpt = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--runtime", help="local (a child process, the default) or docker (a container)."
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     api_key: Annotated[
@@ -289,12 +335,16 @@ def serve(
     from launcher.serve import prepare_listener
     from launcher.serve import serve as run_serve
 
-    settings = serve_settings(host, port, api_key, insecure_no_auth)
+    settings, chosen_profile = command_settings(profile)
+    serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
+        settings,
+        chosen_profile,
         hardware=hardware,
         model=model,
+        max_model=max_model,
         backend=backend,
         context=context,
         kv_cache=kv_cache,
@@ -319,9 +369,15 @@ def serve(
     )
 
 
-def serve_settings(host, port, api_keys, insecure_no_auth) -> Settings:
-    """The settings tree with serve's flags laid over it (flags win over the environment)."""
-    settings = Settings()
+RUNTIMES = ("local", "docker")
+
+
+def serve_settings(settings: Settings, host, port, api_keys, insecure_no_auth, runtime) -> None:
+    """Lay serve's flags over the settings tree (flags win over environment and profile)."""
+    if runtime is not None:
+        if runtime not in RUNTIMES:
+            raise UsageError(f"--runtime must be local or docker, got {runtime!r}")
+        settings.runtime = runtime
     proxy = settings.proxy
     if host is not None:
         proxy.host = host
@@ -331,7 +387,18 @@ def serve_settings(host, port, api_keys, insecure_no_auth) -> Settings:
         proxy.port = port
     proxy.api_keys = list(dict.fromkeys([*proxy.api_keys, *(api_keys or [])]))
     proxy.insecure_no_auth = proxy.insecure_no_auth or insecure_no_auth
-    return settings
+
+
+@app.command()
+def profiles(json_out: JsonOpt = False) -> None:
+    """List the machine profiles with the plan each gets on its own hardware."""
+    from launcher.profiles.listing import profile_plans
+
+    rows = profile_plans(Settings().home)
+    if json_out:
+        render.print_json({"profiles": [row.to_dict() for row in rows]})
+    else:
+        render.profiles(rows)
 
 
 @app.command()

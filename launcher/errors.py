@@ -31,6 +31,10 @@ class ModelFileError(UsageError):
     """A local model file is missing, unreadable, or not a GGUF file llmup understands."""
 
 
+class ProfileError(UsageError):
+    """A machine profile is unknown, malformed, or names a setting llmup does not have."""
+
+
 class DetectionError(LlmupError):
     """A hardware probe failed in a way that leaves the snapshot incomplete."""
 
@@ -123,6 +127,10 @@ LOAD_FAILURE_KINDS = (
     "timeout",
     "unknown",
 )
+
+
+class DockerRuntimeError(BackendError):
+    """The docker runtime cannot run a backend: no engine, no SDK, no image, no GPU."""
 
 
 class InsecureBindError(UsageError):

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from launcher.hardware.snapshot import HardwareSnapshot
 from launcher.planning.plan import Plan, Rejected
-from launcher.units import MIB, gib_text
+from launcher.units import mib_gib_text as gib
 
 out = Console()
 err = Console(stderr=True)
@@ -21,10 +21,6 @@ err = Console(stderr=True)
 def print_json(value: BaseModel | dict) -> None:
     data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-def gib(mib: int) -> str:
-    return gib_text(mib * MIB)
 
 
 def snapshot(snap: HardwareSnapshot) -> None:
@@ -281,6 +277,42 @@ def pin_changes(changes: list) -> None:
         now = c.new if c.error is None else f"kept: {c.error}"
         was = (c.old or "-")[:12]
         table.add_row(c.repo_id, c.revision, was, now if c.new == c.old else f"{now} (new)")
+    out.print(table)
+
+
+def warning(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def device_memory(p: Plan) -> str:
+    """Need of budget per device: "cuda:0 15.2/22.6 GiB, RAM 0.9/118.2 GiB"."""
+    parts = [f"{d.device} {d.need_mib / 1024:.1f}/{gib(d.budget_mib)}" for d in p.placement.devices]
+    if p.placement.ram_need_mib:
+        pl = p.placement
+        parts.append(f"RAM {pl.ram_need_mib / 1024:.1f}/{gib(pl.ram_budget_mib)}")
+    return ", ".join(parts)
+
+
+def profiles(rows) -> None:
+    """`llmup profiles`: each machine profile and what it plans on its own hardware."""
+    table = Table(title="Machine profiles (each planned on its own hardware)")
+    for col in ("profile", "machine", "model", "quant", "backend", "memory per device", "decode"):
+        table.add_column(col)
+    for row in rows:
+        p, plan_ = row.profile, row.plan
+        if plan_ is None:
+            table.add_row(p.name, p.description, "nothing fits", "", "", row.error or "", "")
+            continue
+        decode = plan_.speed.decode_tokens_per_s if plan_.speed else None
+        table.add_row(
+            p.name,
+            p.description,
+            plan_.model.id,
+            plan_.quant,
+            plan_.backend,
+            device_memory(plan_),
+            tokens_per_s(decode),
+        )
     out.print(table)
 
 

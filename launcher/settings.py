@@ -18,10 +18,21 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 
 class PlanningSettings(BaseModel):
+    """What the planner is asked for. `model` pins one model (an id or a size: "13b");
+    `max_model` caps the size instead (the largest model up to it that fits wins)."""
+
+    model: str | None = None
+    max_model: str | None = None
+    model_file: Path | None = None
     backend: Literal["auto", "llama.cpp", "exllamav2"] = "auto"
     context: int = Field(default=4096, gt=0)
     kv_cache: Literal["f16", "q8_0", "q4_0"] = "f16"
@@ -112,6 +123,13 @@ class ServeSettings(BaseModel):
     _window = field_validator("restart_window_s", mode="before")(parse_duration)
 
 
+class DockerSettings(BaseModel):
+    """The images `llmup serve --runtime docker` runs a backend in, per accelerator."""
+
+    cpu_image: str = "llmup:cpu"
+    cuda_image: str = "llmup:cuda"
+
+
 def default_home() -> Path:
     return Path.home() / ".local" / "share" / "llmup"
 
@@ -125,6 +143,8 @@ class Settings(BaseSettings):
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    docker: DockerSettings = Field(default_factory=DockerSettings)
+    runtime: Literal["local", "docker"] = "local"
 
     # The issue's short environment names, folded into `proxy` (they win over its defaults,
     # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS may also name a file.
@@ -154,3 +174,35 @@ class Settings(BaseSettings):
         if self.session_ttl is not None and "session_ttl" not in given:
             proxy.session_ttl = self.session_ttl
         return self
+
+
+class ProfileSource(PydanticBaseSettingsSource):
+    """A machine profile's pinned settings: one layer above the defaults, below the
+    environment (and so below the CLI flags, which the CLI lays over the result)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.values
+
+
+def load_settings(profile_values: dict[str, Any] | None = None) -> Settings:
+    """The settings tree: defaults < profile (`profile_values`) < environment."""
+    if not profile_values:
+        return Settings()
+    values = profile_values
+
+    class ProfiledSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            profile = ProfileSource(settings_cls, values)
+            return init_settings, env_settings, dotenv_settings, file_secret_settings, profile
+
+    return ProfiledSettings()

@@ -18,3 +18,8 @@ def ceil_mib(n_bytes: int) -> int:
 def gib_text(n_bytes: float) -> str:
     """'45.2 GiB', the precision plans and tables print."""
     return f"{n_bytes / GIB:.1f} GiB"
+
+
+def mib_gib_text(mib: int) -> str:
+    """The same for a MiB figure, the unit snapshots and plans count in."""
+    return gib_text(mib * MIB)

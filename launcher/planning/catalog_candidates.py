@@ -33,6 +33,9 @@ def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
 
 def catalog_candidates(req: PlanRequest, machine: Machine, catalog: Catalog) -> Iterator[Candidate]:
     specs = [catalog.get(req.model)] if req.model else list(catalog.models)
+    if req.max_model and not req.model:
+        cap = catalog.get(req.max_model).params
+        specs = [spec for spec in specs if spec.params <= cap]
     for spec in specs:
         if req.backend in ("auto", "llama.cpp") and spec.gguf:
             yield from _gguf_candidates(spec, req, machine, catalog)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from launcher.errors import UsageError
 from launcher.hardware.snapshot import HardwareSnapshot
+from launcher.settings import PlanningSettings
 
 # llama.cpp KV cache type -> the exllamav2 cache mode of the same precision
 KV_TO_EXL = {"f16": "FP16", "q8_0": "Q8", "q4_0": "Q4"}
@@ -22,6 +23,7 @@ BackendChoice = Literal["auto", "llama.cpp", "exllamav2"]
 class PlanRequest:
     hardware: HardwareSnapshot
     model: str | None = None
+    max_model: str | None = None  # a size cap ("13b"), ignored when `model` pins one
     backend: BackendChoice = "auto"
     context: int = 4096
     kv_cache: str = "f16"
@@ -52,3 +54,13 @@ class PlanRequest:
             )
         if self.model_file and self.backend == "exllamav2":
             raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")
+
+
+def request_from_settings(
+    cfg: PlanningSettings, hardware: HardwareSnapshot, **flags: Any
+) -> PlanRequest:
+    """The settings tree's planning values (defaults < profile < environment) with the
+    CLI's flags over them; a flag left unset (None or False) does not count. `gpus` is not
+    part of the request: it already narrowed `hardware`."""
+    given = {name: v for name, v in flags.items() if v is not None and v is not False}
+    return PlanRequest(hardware=hardware, **(cfg.model_dump(exclude={"gpus"}) | given))
