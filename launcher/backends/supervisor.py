@@ -1,14 +1,16 @@
-"""Run one backend as a supervised child process.
+"""Run one backend as a supervised child: a local process, or a container.
 
-The supervisor starts the spec's command in its own process group, appends its output to a
+The supervisor starts the spec's command through a runtime (backends/process.py: a local
+process group by default; backends/container.py: a docker container), appends its output to a
 log file, waits until the health URL answers, and then keeps watching: it polls the health URL
 while the child runs, and a child that exits, or fails `health_failures` polls in a row (it
 answers 503, or it hangs and answers nothing), is stopped and restarted with exponential
 backoff. The restart budget is a rate: more than `max_restarts` crashes within
 `restart_window_s` and it gives up (state FAILED, `on_failure` called), so a crash a week
 never exhausts it but a crash loop ends. `stop()` takes the child down (SIGTERM to the group,
-wait, SIGKILL) without leaving a process behind, also when the supervising process itself is
-killed (the child arms the Linux parent-death signal itself: `deathsig`).
+wait, SIGKILL; docker stop for a container) without leaving a process behind, also when the
+supervising process itself is killed (a local child arms the Linux parent-death signal itself:
+`deathsig`; a container left behind is removed by the next llmup that starts one).
 
 Health polls and every other call to the backend carry the spec's per-run key.
 """
@@ -20,8 +22,6 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -34,7 +34,6 @@ from typing import Any
 
 import httpx
 
-from launcher.backends.deathsig import guarded
 from launcher.backends.failure import (
     KIND_TEXT,
     OWN_LINE,
@@ -42,6 +41,7 @@ from launcher.backends.failure import (
     exit_text,
     load_error,
 )
+from launcher.backends.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.backends.spec import BackendSpec, port_is_free
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
 
@@ -72,29 +72,6 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def terminate_group(proc: subprocess.Popen, grace_s: float) -> int | None:
-    """SIGTERM the child's process group, wait up to grace_s, then SIGKILL the group.
-
-    A child reaped before this call is left alone: whoever saw it exit killed its group
-    then, and its pid may since belong to someone else.
-    """
-    if proc.returncode is not None:
-        return proc.returncode
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("pid %d ignored SIGTERM for %.1f s; killing it", proc.pid, grace_s)
-    _signal_group(proc.pid, signal.SIGKILL)  # the leader, or what it left in its group
-    return proc.wait()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 def health_problem(client: httpx.Client, url: str) -> str | None:
     """None when the health URL answers 200, else what went wrong, in a few words."""
     try:
@@ -114,6 +91,9 @@ def _rotate(path: Path) -> None:
 
 class Supervisor:
     """One backend child: start and wait until ready, watch, restart, stop cleanly.
+
+    The child runs where `runtime` puts it: a local process group by default, a container
+    with the docker runtime; the supervision is the same.
 
     The progress callback runs on the monitor thread about once a second while a child
     loads; `on_failure` runs there once, when the supervisor gives up after start().
@@ -135,8 +115,10 @@ class Supervisor:
         progress: ProgressFn | None = None,
         progress_interval_s: float = 1.0,
         on_failure: Callable[[BackendError], None] | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.spec = spec
+        self.runtime = runtime if runtime is not None else LocalRuntime()
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.backoff_initial = backoff_initial
@@ -159,7 +141,7 @@ class Supervisor:
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._settled = threading.Event()
-        self._proc: subprocess.Popen | None = None
+        self._proc: Child | None = None
         self._thread: threading.Thread | None = None
         self._attempt = 0
         self._log_offset = 0
@@ -176,7 +158,8 @@ class Supervisor:
 
     @property
     def pid(self) -> int | None:
-        """The running child's pid (also its process group id), None between children."""
+        """The running child's pid (a local child's is also its process group id; a
+        container's is its init process on the host), None between children."""
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
 
@@ -247,7 +230,7 @@ class Supervisor:
         with self._lock:
             proc = self._proc
         if proc is not None:
-            terminate_group(proc, grace)
+            proc.stop(grace)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(grace + 5)
@@ -306,7 +289,7 @@ class Supervisor:
         if outcome == "ready":
             self._mark_ready()
             return None
-        code = terminate_group(proc, 2.0)
+        code = proc.stop(2.0)
         if outcome == "stopped":
             return None
         if outcome == "timeout":
@@ -315,10 +298,7 @@ class Supervisor:
         kind, line = classify_failure(self.attempt_log(), code)
         return load_error(self.spec, kind, line, code)
 
-    def _spawn(self) -> subprocess.Popen | None:
-        if shutil.which(self.spec.command[0]) is None:
-            line = f"cannot run {self.spec.command[0]}: no such program"
-            raise load_error(self.spec, "missing_dependency", line, None)
+    def _spawn(self) -> Child | None:
         with self._lock:
             if self._stopping.is_set():
                 return None
@@ -326,24 +306,15 @@ class Supervisor:
                 out.write(self._banner().encode())
                 out.flush()
                 self._log_offset = out.tell()
-                self._proc = self._popen(out)
-        log.info("started %s (pid %d), log %s", self.spec.name, self._proc.pid, self.log_path)
+                self._proc = self._start_child(out)
+        log.info("started %s (pid %s), log %s", self.spec.name, self._proc.pid, self.log_path)
         return self._proc
 
-    def _popen(self, out) -> subprocess.Popen:
+    def _start_child(self, out) -> Child:
         try:
-            return subprocess.Popen(
-                guarded(self.spec.command),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.spec.child_env(),
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            line = f"cannot run {self.spec.command[0]}: {exc}"
-            raise load_error(self.spec, "missing_dependency", line, None) from exc
+            return self.runtime.spawn(self.spec, out)
+        except SpawnError as exc:
+            raise load_error(self.spec, exc.kind, str(exc), None) from exc
 
     def _log_line(self, text: str) -> None:
         """A line of llmup's own in the backend's log, where an operator reads its story."""
@@ -360,7 +331,7 @@ class Supervisor:
     def _client(self, timeout: float) -> httpx.Client:
         return httpx.Client(timeout=timeout, trust_env=False, headers=self.spec.auth_headers)
 
-    def _await_ready(self, proc: subprocess.Popen) -> str:
+    def _await_ready(self, proc: Child) -> str:
         """'ready', 'exited', 'timeout' or 'stopped', polling the health URL."""
         started = time.monotonic()
         deadline = started + self.spec.ready_timeout_s
@@ -370,7 +341,7 @@ class Supervisor:
                 if self._stopping.is_set():
                     return "stopped"
                 if proc.poll() is not None:
-                    _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
+                    proc.reap()
                     return "exited"
                 if health_problem(client, self.spec.health_url) is None:
                     return "ready" if proc.poll() is None else "exited"
@@ -414,7 +385,7 @@ class Supervisor:
         if why is None or self._stopping.is_set():
             return None
         self._set_state(State.RESTARTING)
-        _signal_group(proc.pid, signal.SIGKILL)  # what it left in its group
+        proc.reap()
         uptime = time.monotonic() - self._ready_at
         log.warning("%s ended after %.1f s up: %s", self.spec.name, uptime, why)
         self._log_line(f"ended after {uptime:.1f} s up: {why}")
@@ -422,7 +393,7 @@ class Supervisor:
         self.last_problem = why
         return why
 
-    def _poll_until_gone(self, proc: subprocess.Popen) -> str | None:
+    def _poll_until_gone(self, proc: Child) -> str | None:
         """Wait for the child to exit, polling its health in between; a child that fails
         `health_failures` polls in a row is stopped here. Why it went, None when stopping."""
         failed = 0
@@ -441,7 +412,7 @@ class Supervisor:
                 if failed >= self.health_failures:
                     self._set_state(State.RESTARTING)  # not "ready" a moment longer
                     self.unhealthy_kills += 1
-                    code = terminate_group(proc, UNHEALTHY_GRACE_S)
+                    code = proc.stop(UNHEALTHY_GRACE_S)
                     return f"stopped after {failed} failed health checks ({problem}); " + (
                         exit_text(code)
                     )
