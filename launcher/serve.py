@@ -28,8 +28,10 @@ from typing import Any
 
 import uvicorn
 
+from launcher.backends import container
 from launcher.backends.launch import backend_spec
 from launcher.backends.oom_fallback import choose_fallback, is_cached, last_attempt
+from launcher.backends.process import Runtime
 from launcher.backends.spec import http_url
 from launcher.backends.speedcheck import check_speed
 from launcher.backends.supervisor import Progress, State, Supervisor
@@ -39,6 +41,7 @@ from launcher.planning.plan import Plan
 from launcher.proxy import SessionStore, check_bind, create_app
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
+from launcher.weights.gguf_file import shard_paths
 from launcher.weights.pull import pull
 
 log = logging.getLogger(__name__)
@@ -151,12 +154,29 @@ def _start_one(
     plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
 ) -> ServedBackend:
     pulled = pull(plan.source, offline=offline, verify=verify, progress=not quiet)
-    spec = backend_spec(plan, Path(pulled.path), home=settings.home)
-    supervisor = Supervisor(spec, progress=progress, **supervisor_options(settings.serve))
+    model_path = Path(pulled.path)
+    spec = backend_spec(plan, model_path, home=settings.home)
+    supervisor = Supervisor(
+        spec,
+        progress=progress,
+        runtime=backend_runtime(settings, plan, model_path),
+        **supervisor_options(settings.serve),
+    )
     supervisor.start()
     if plan.backend == "llama.cpp":
         _record_calibration(plan, supervisor, settings.home)
     return ServedBackend(supervisor, plan)
+
+
+def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime | None:
+    """Where the backend runs: None for a local process, or a container (--runtime docker)
+    of the plan's image with the model's files mounted read-only."""
+    if settings.runtime != "docker":
+        return None
+    client = container.check_engine(plan, settings.docker)
+    weights = shard_paths(model_path) if model_path.is_file() else [model_path]
+    image = container.image_for(plan, settings.docker)
+    return container.DockerRuntime(client, image=image, weights=weights)
 
 
 def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:
@@ -220,6 +240,8 @@ def serve(
     """Serve `plan` until SIGINT/SIGTERM (or until the backend cannot be kept up, raised as
     BackendCrashError); the backend always stops and the session store always closes."""
     listener = listener or prepare_listener(settings)
+    if settings.runtime == "docker":  # no engine or no image: say so before any download
+        container.check_engine(plan, settings.docker)
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
     backend = sessions = None
     try:
