@@ -190,7 +190,7 @@ def remove_orphans(client: Any) -> None:
             continue
         log.warning("removing %s, left running by llmup pid %s", container.name, pid)
         try:
-            container.remove(force=True)
+            container.remove(force=True, v=True)
         except docker.errors.DockerException as exc:
             log.warning("could not remove %s: %s", container.name, _short(exc))
 
@@ -293,12 +293,13 @@ class ContainerChild:
         return self._code
 
     def reap(self) -> None:
-        """Let the log follower drain, then remove the container (it exited)."""
+        """Let the log follower drain, then remove the container (it exited) and the
+        anonymous volumes the image's VOLUME lines gave it (a backend keeps nothing there)."""
         if self._reaped:
             return
         self._logs.join(timeout=10)
         try:
-            self.container.remove(force=True)
+            self.container.remove(force=True, v=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.DockerException as exc:
