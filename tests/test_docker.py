@@ -125,11 +125,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_image_runs_as_a_non_root_user_without_compilers(engine, cpu_image):
-    out = engine.containers.run(
+    container = engine.containers.run(
         cpu_image,
         entrypoint=["sh", "-c", "id -u; command -v gcc cc cmake || echo no-compiler; llmup --help"],
-        remove=True,
-    ).decode()
+        detach=True,
+    )
+    try:
+        assert container.wait(timeout=60)["StatusCode"] == 0
+        out = container.logs().decode()
+    finally:
+        container.remove(v=True)  # with the anonymous volumes of the image's VOLUME lines
     uid, *rest = out.splitlines()
     assert uid == "1000"
     assert "no-compiler" in rest and "profiles" in out  # llmup profiles is a command
