@@ -339,9 +339,18 @@ def test_runtime_docker_serves_supervises_and_keeps_sessions(
     try:
         again.ready()
         assert len(session_messages(again.url, "runtime-1")) == 6
+        (orphan,) = again.containers(engine)
+        again.proc.kill()  # SIGKILL: llmup cannot stop its container
+        again.proc.wait(timeout=30)
     finally:
         again.stop()
-    assert not again.containers(engine)
+    third = DockerServe(tiny_model, home, free_port())
+    try:
+        third.ready()  # its first container start removed the orphan
+        assert orphan.id not in [c.id for c in engine.containers.list(all=True)]
+    finally:
+        third.stop()
+    assert not third.containers(engine)
 
 
 def test_runtime_docker_without_the_image_is_one_line(engine, tiny_model):
