@@ -29,7 +29,7 @@ from conftest import run_cli
 from ggufgen import write_llama_gguf
 
 from launcher.backends.container import BACKEND_LABEL, OWNER_LABEL
-from launcher.backends.spec import free_port
+from launcher.backends.spec import KEY_ENV, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -187,6 +187,8 @@ class Compose:
                     "environment": {
                         "LLMUP_PLANNING__MODEL_FILE": f"/models/{model.name}",
                         "LLMUP_PLANNING__CONTEXT": "1024",
+                        # give up at the first crash: the restart policy brings it back
+                        "LLMUP_SERVE__MAX_RESTARTS": "0",
                     },
                 }
             }
@@ -254,8 +256,46 @@ def test_compose_profile_serves_and_keeps_sessions_across_down_and_up(
         assert len(session_messages(compose.url, "compose-1")) == 4  # the volume kept it
         chat_turn(compose.url, "compose-1", "Third")
         assert len(session_messages(compose.url, "compose-1")) == 6
+        logs = compose("logs")  # the ready line: keys from the secret, never printed
+        assert "'$LLMUP_API_KEY'" in logs and "keys file: /run/secrets/llmup_api_keys" in logs
+        assert KEY not in logs and "api_key='none'" not in logs
+        assert_restarted_after_giving_up(engine, compose.container(engine))
+        wait_healthy(compose.url)
+        assert len(session_messages(compose.url, "compose-1")) == 6
+        assert "llmup stopped restarting it" in compose("logs")
     finally:
         compose("down", "-v")
+
+
+KILL_WORKER = """
+import os, signal
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if int(pid) != os.getpid() and b"-m\\0launcher.backends.llamacpp" in cmd:
+        os.kill(int(pid), signal.SIGKILL)
+        print(pid)
+"""
+
+
+def assert_restarted_after_giving_up(engine, container) -> None:
+    """Kill the backend in the container: serve (MAX_RESTARTS 0) gives up and exits 1, and
+    `restart: unless-stopped` starts the container again."""
+    since = int(time.time()) - 1
+    code, killed = container.exec_run(["python", "-c", KILL_WORKER])
+    assert code == 0 and killed.split(), killed
+    deadline = time.monotonic() + 120
+    while container.attrs["RestartCount"] < 1:
+        assert time.monotonic() < deadline, container.logs()[-4000:]
+        time.sleep(1)
+        container.reload()
+    events = engine.events(
+        since=since, until=int(time.time()) + 1, decode=True,
+        filters={"container": container.id, "event": "die"},
+    )  # fmt: skip
+    assert [e["Actor"]["Attributes"]["exitCode"] for e in events][:1] == ["1"]
 
 
 def test_compose_without_a_key_refuses_to_start(engine, cpu_image, tiny_model, tmp_path):
@@ -318,6 +358,11 @@ def test_runtime_docker_serves_supervises_and_keeps_sessions(
         assert [(m["Destination"], m["RW"]) for m in binds] == [(str(tiny_model), False)]
         volumes = [m["Name"] for m in backend.attrs["Mounts"] if m["Type"] == "volume"]
         assert not backend.attrs["HostConfig"].get("DeviceRequests")
+        key = dict(e.split("=", 1) for e in backend.attrs["Config"]["Env"])[KEY_ENV]
+        (direct,) = [f"http://127.0.0.1:{b['HostPort']}" for bs in ports.values() for b in bs]
+        assert key != KEY and httpx.get(direct + "/v1/models", timeout=5).status_code == 401
+        bearer = {"Authorization": f"Bearer {key}"}  # the run's key, which the proxy sends
+        assert httpx.get(direct + "/v1/models", headers=bearer, timeout=5).status_code == 200
         chat_turn(served.url, "runtime-1", "Hello")
         chat_turn(served.url, "runtime-1", "Again")
         log = next((home / "logs").glob("llamacpp-*.log")).read_text()

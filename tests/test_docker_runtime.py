@@ -17,11 +17,11 @@ from launcher.backends.container import (
     image_for,
     weight_mounts,
 )
-from launcher.backends.llamacpp import llamacpp_spec
-from launcher.backends.spec import BackendSpec
+from launcher.backends.launch import backend_spec
+from launcher.backends.spec import KEY_ENV, BackendSpec
 from launcher.errors import DockerRuntimeError
 from launcher.hardware.snapshot import load_snapshot
-from launcher.planning.planner import PlanRequest, make_plan
+from launcher.planning import PlanRequest, make_plan
 from launcher.settings import DockerSettings
 
 
@@ -36,7 +36,7 @@ def plan_for(machine: str, **kw):
 
 def test_two_gpu_plan_requests_exactly_its_gpus_and_publishes_on_loopback(tiny, tmp_path):
     plan = plan_for("a6000x2-busy", model="70b")
-    spec = llamacpp_spec(plan, tiny, home=tmp_path, port=41001)
+    spec = backend_spec(plan, tiny, home=tmp_path, port=41001)
     opts = container_options(spec, image="llmup:cuda", weights=[tiny], user="1000:1000")
     assert opts["device_requests"] == [
         {"Driver": "nvidia", "DeviceIDs": ["0", "1"], "Capabilities": [["gpu"]]}
@@ -44,6 +44,7 @@ def test_two_gpu_plan_requests_exactly_its_gpus_and_publishes_on_loopback(tiny, 
     assert opts["ports"] == {"41001/tcp": ("127.0.0.1", 41001)}
     assert "CUDA_VISIBLE_DEVICES" not in opts["environment"]  # renumbered from 0 inside
     assert opts["environment"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert opts["environment"][KEY_ENV] == spec.api_key  # the run's key reaches the worker
     assert opts["mounts"] == [
         {"Target": str(tiny), "Source": str(tiny.resolve()), "Type": "bind", "ReadOnly": True}
     ]
@@ -71,7 +72,7 @@ def test_one_planned_gpu_of_two_is_the_only_one_requested(tmp_path):
 
 def test_cpu_plan_requests_no_gpu_and_hides_them(tiny, tmp_path):
     plan = plan_for("cpu-2core-24gb", model_file=tiny, context=512)
-    spec = llamacpp_spec(plan, tiny, home=tmp_path, port=41003)
+    spec = backend_spec(plan, tiny, home=tmp_path, port=41003)
     opts = container_options(spec, image="llmup:cpu", weights=[tiny])
     assert opts["device_requests"] == []
     assert opts["environment"]["CUDA_VISIBLE_DEVICES"] == ""

@@ -124,9 +124,11 @@ def gpu_requests(devices: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def container_env(spec: BackendSpec) -> dict[str, str]:
-    """The spec's environment; the requested GPUs are the container's only ones (numbered
-    from 0 inside), so a host CUDA_VISIBLE_DEVICES would point at the wrong ones."""
-    env = dict(spec.env)
+    """The spec's launch environment, the per-run backend key included (the worker refuses
+    every request without it, and the proxy sends it); the requested GPUs are the
+    container's only ones (numbered from 0 inside), so a host CUDA_VISIBLE_DEVICES would
+    point at the wrong ones."""
+    env = spec.launch_env()
     if gpu_requests(spec.devices):
         env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
