@@ -365,7 +365,9 @@ def serve(
         quiet=quiet,
         notify=render.note,
         progress=render.LoadingLine(),
-        ready=lambda url, b: render.serving(url, b.model_id, keyed=keyed),
+        ready=lambda url, b: render.serving(
+            url, b.model_id, keyed=keyed, keys_file=settings.proxy.api_keys_file
+        ),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -231,17 +232,24 @@ class LoadingLine:
         )
 
 
-def serving(url: str, model_id: str, *, keyed: bool) -> None:
+def serving(url: str, model_id: str, *, keyed: bool, keys_file: Path | None = None) -> None:
     """The ready line with a curl and an openai snippet to paste.
 
     The key itself is never printed (this line ends up in journald and docker logs): the
-    snippets read it from $LLMUP_API_KEY in the shell they are pasted into.
+    snippets read it from $LLMUP_API_KEY in the shell they are pasted into, whether the keys
+    came from flags, the environment or a keys file (a docker secret), which it names.
     """
     out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
     auth = ' -H "Authorization: Bearer $LLMUP_API_KEY"' if keyed else ""
     key = "$LLMUP_API_KEY" if keyed else "none"
     if keyed:
-        out.print("  (set LLMUP_API_KEY in your shell to one of the configured keys)")
+        where = f" (keys file: {keys_file})" if keys_file is not None else ""
+        out.print(
+            f"  (set LLMUP_API_KEY in your shell to one of the configured keys{where})",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     out.print(
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f'-H \'X-Session-Id: demo\' -d \'{{"model": "{model_id}", "messages": '

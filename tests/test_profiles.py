@@ -14,10 +14,11 @@ import pytest
 from conftest import MACHINES, run_cli
 
 from launcher.errors import ProfileError
-from launcher.planning.planner import make_plan
+from launcher.planning import make_plan
+from launcher.planning.request import request_from_settings
 from launcher.profiles import all_profiles, differences, find_profile, load_profile
 from launcher.profiles.listing import profile_request
-from launcher.settings import Settings
+from launcher.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"
@@ -227,3 +228,11 @@ def test_profiles_ship_inside_the_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(Path(n).name for n in names if n.startswith("launcher/profiles/data/"))
     assert shipped == sorted(p.name for p in PROFILES.glob("*.toml"))
+
+
+def test_a_zero_flag_still_wins_over_the_profile(tmp_path):
+    profile = find_profile("rtx3060-12g", tmp_path)
+    cfg = load_settings(profile.pinned).planning
+    assert request_from_settings(cfg, profile.hardware).reserve_mib == 768  # the pin
+    req = request_from_settings(cfg, profile.hardware, reserve_mib=0, min_tokens_per_s=0.0)
+    assert (req.reserve_mib, req.min_tokens_per_s) == (0, 0.0)  # 0 is a value, not "unset"

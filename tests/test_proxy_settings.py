@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from launcher import render
 from launcher.errors import InsecureBindError, InvalidApiKeyError, UsageError
 from launcher.proxy.auth import KeyRing, check_bind, configured_keys, owner_of
 from launcher.settings import Settings
@@ -53,6 +54,21 @@ def test_keys_file(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("LLMUP_API_KEYS")
     with pytest.raises(UsageError, match="cannot read the API keys file"):
         configured_keys(Settings().proxy)
+
+
+def test_ready_line_with_keys_from_a_file_reads_the_key_from_the_shell(
+    monkeypatch, tmp_path, capsys
+) -> None:
+    keys = tmp_path / "secret"
+    keys.write_text("k-from-the-file\n")
+    monkeypatch.setenv("LLMUP_PROXY__API_KEYS_FILE", str(keys))  # what compose.yaml sets
+    proxy = Settings().proxy
+    keyed = bool(configured_keys(proxy))
+    render.serving("http://0.0.0.0:8000", "tiny", keyed=keyed, keys_file=proxy.api_keys_file)
+    out = capsys.readouterr().out
+    assert "api_key='$LLMUP_API_KEY'" in out and 'Bearer $LLMUP_API_KEY"' in out
+    assert f"keys file: {keys}" in out
+    assert "k-from-the-file" not in out and "api_key='none'" not in out
 
 
 def test_default_ttl_is_seven_days() -> None:
