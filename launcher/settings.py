@@ -191,11 +191,23 @@ class ProfileSource(PydanticBaseSettingsSource):
         return self.values
 
 
+MODEL_CHOICE = frozenset({"model", "max_model"})  # a model pin or a size cap: one choice
+
+
+def without_model_choice(planning: dict[str, Any]) -> dict[str, Any]:
+    """A layer's planning values less its model choice, when a higher layer makes one: the
+    environment's LLMUP_PLANNING__MAX_MODEL=7b over a profile's `model = "70b"` caps at 7B
+    rather than being lifted by a pin the user did not give."""
+    return {name: value for name, value in planning.items() if name not in MODEL_CHOICE}
+
+
 def load_settings(profile_values: dict[str, Any] | None = None) -> Settings:
     """The settings tree: defaults < profile (`profile_values`) < environment."""
     if not profile_values:
         return Settings()
     values = profile_values
+    if MODEL_CHOICE & Settings().planning.model_fields_set:
+        values = values | {"planning": without_model_choice(values.get("planning", {}))}
 
     class ProfiledSettings(Settings):
         @classmethod

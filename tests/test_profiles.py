@@ -236,3 +236,18 @@ def test_a_zero_flag_still_wins_over_the_profile(tmp_path):
     assert request_from_settings(cfg, profile.hardware).reserve_mib == 768  # the pin
     req = request_from_settings(cfg, profile.hardware, reserve_mib=0, min_tokens_per_s=0.0)
     assert (req.reserve_mib, req.min_tokens_per_s) == (0, 0.0)  # 0 is a value, not "unset"
+
+
+def test_a_size_cap_from_above_is_not_lifted_by_the_profiles_pin(tmp_path, monkeypatch):
+    profile = find_profile("2x-rtx-a6000", tmp_path)  # pins model = "70b"
+
+    def chosen(**flags):
+        cfg = load_settings(profile.pinned).planning
+        req = request_from_settings(cfg, profile.hardware, **flags)
+        return make_plan(req).model.id
+
+    assert chosen() == "llama-2-70b-chat"
+    assert chosen(max_model="7b") == "llama-2-7b-chat"  # the flag's choice replaces the pin
+    monkeypatch.setenv("LLMUP_PLANNING__MAX_MODEL", "13b")
+    assert chosen() == "llama-2-13b-chat"  # so does the environment's
+    assert chosen(model="70b") == "llama-2-70b-chat"  # and a flag's pin lifts that cap

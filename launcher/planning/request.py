@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from launcher.errors import UsageError
 from launcher.hardware.snapshot import HardwareSnapshot
-from launcher.settings import PlanningSettings
+from launcher.settings import MODEL_CHOICE, PlanningSettings, without_model_choice
 
 # llama.cpp KV cache type -> the exllamav2 cache mode of the same precision
 KV_TO_EXL = {"f16": "FP16", "q8_0": "Q8", "q4_0": "Q4"}
@@ -60,7 +60,11 @@ def request_from_settings(
     cfg: PlanningSettings, hardware: HardwareSnapshot, **flags: Any
 ) -> PlanRequest:
     """The settings tree's planning values (defaults < profile < environment) with the
-    CLI's flags over them; a flag left unset (None or False) does not count. `gpus` is not
+    CLI's flags over them; a flag left unset (None or False) does not count, and a model
+    choice among the flags (`--model` or `--max-model`) replaces the one below. `gpus` is not
     part of the request: it already narrowed `hardware`."""
     given = {name: v for name, v in flags.items() if v is not None and v is not False}
-    return PlanRequest(hardware=hardware, **(cfg.model_dump(exclude={"gpus"}) | given))
+    below = cfg.model_dump(exclude={"gpus"})
+    if MODEL_CHOICE & given.keys():  # --max-model 7b is not lifted by a pin from below
+        below = without_model_choice(below)
+    return PlanRequest(hardware=hardware, **(below | given))
