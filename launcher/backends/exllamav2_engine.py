@@ -1,8 +1,8 @@
 """exllamav2 behind a small `Generator` interface, for llmup's GPTQ worker.
 
-The interface (`Generator`, `GenerationParams`, `TokenEvent`), the thread that drives one
-(`GenerationWorker`) and stop-string matching (`StopScanner`) are engine-agnostic: the HTTP
-layer in `exllamav2_server` uses only them, so it runs on the CPU against a fake in tests.
+The interface (`Generator`, with `GenerationParams` and `TokenEvent` from `generation`) and
+the thread that drives one (`GenerationWorker`) are engine-agnostic: the HTTP layer in
+`exllamav2_server` uses only them, so it runs on the CPU against a fake in tests.
 `ExllamaGenerator` implements the interface on exllamav2's dynamic generator. torch and
 exllamav2 are imported only inside `ExllamaGenerator.load`, after `check_runtime` has turned a
 missing package or GPU into one actionable line (exit code 2), never a traceback.
@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from launcher.backends.generation import (
+    END,
+    GenerationJob,
+    GenerationParams,
+    StopScanner,
+    TokenEvent,
+    first_line,
+)
 from launcher.errors import LlmupError
+
+# re-exported: the exllamav2 worker and its tests import them from here
+__all__ = ["END", "GenerationJob", "GenerationParams", "StopScanner", "TokenEvent", "first_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +55,6 @@ class WorkerModelError(WorkerStartupError):
 
 
 # ---- the generator interface --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """A piece of streamed text; `tokens` is how many generated tokens it accounts for.
-
-    The last event of a generation has `finish_reason` "stop" (end of sequence) or "length".
-    The end-of-sequence token itself is not counted, as llama.cpp does not count it.
-    """
-
-    text: str
-    tokens: int = 0
-    finish_reason: str | None = None
 
 
 class Generator(Protocol):
@@ -94,55 +82,7 @@ class Generator(Protocol):
         ...
 
 
-# ---- stop strings -------------------------------------------------------------------------
-
-
-class StopScanner:
-    """Cuts streamed text at the first stop string, holding back what may start one.
-
-    Text is released only once it can no longer be the beginning of a stop string, so a stop
-    string split across tokens is never partly sent to the client.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to send, whether a stop string was reached)."""
-        self._held += text
-        hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            out, self._held = self._held[: min(hits)], ""
-            return out, True
-        keep = max((self._partial(s) for s in self._stops), default=0)
-        cut = len(self._held) - keep
-        out, self._held = self._held[:cut], self._held[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._held = self._held, ""
-        return out
-
-    def _partial(self, stop: str) -> int:
-        """Length of the longest held suffix that is a proper prefix of `stop`."""
-        for n in range(min(len(stop) - 1, len(self._held)), 0, -1):
-            if self._held.endswith(stop[:n]):
-                return n
-        return 0
-
-
 # ---- the generation thread ----------------------------------------------------------------
-
-END = object()  # the worker emits this after a job's last event
-
-
-@dataclass
-class GenerationJob:
-    prompt: list[int]
-    params: GenerationParams
-    cancel: threading.Event
-    emit: Callable[[object], None]
 
 
 class GenerationWorker:
@@ -229,12 +169,6 @@ class LoadOptions:
     max_seq_len: int = 4096
     cache_mode: str = "FP16"
     gpu_split: list[float] | None = None  # GiB per GPU, weights + buffers; None: autosplit
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, for one-line logs and client-facing errors."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def is_fatal(exc: BaseException) -> bool:
