@@ -1,0 +1,260 @@
+"""Saved session states outside the KV cache: a byte-bounded RAM store, then files on disk.
+
+A `SavedState` is what one sequence held: its token ids and llama.cpp's serialized KV cells
+(llama_state_seq_get_data, no logits). When the worker needs a sequence for someone else, the
+least recently used session's state goes to `RamStore`; past the RAM budget the oldest there
+go to `DiskStore`, one file per (owner, session) under the llmup home, written atomically
+(temp file, fsync, rename) with the model's identity and the token ids in a header. A state
+is found only under its own key, and a file is used only when its identity matches the
+running model and settings exactly; anything else is a miss and the history is read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.backends.generation import SessionKey
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"LLMUPKV1"
+SUFFIX = ".kv"
+_LEN = struct.Struct("<I")
+
+
+@dataclass
+class SavedState:
+    key: SessionKey
+    tokens: array  # array("i"): the token ids whose KV the data holds, position 0 first
+    data: bytearray
+    origin: str = "ram"  # where it was found: "ram" or "disk"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.tokens.itemsize * len(self.tokens)
+
+
+# ---- RAM ----------------------------------------------------------------------------------
+
+
+class RamStore:
+    """Saved states in memory, least recently used first out, at most `budget` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._states: OrderedDict[SessionKey, SavedState] = OrderedDict()
+        self.bytes_held = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def put(self, state: SavedState) -> list[SavedState]:
+        """Keep `state`; returns what no longer fits (oldest first, maybe `state` itself)."""
+        self.pop(state.key)
+        if state.nbytes > self.budget:
+            return [state]
+        self._states[state.key] = state
+        self.bytes_held += state.nbytes
+        spilled = []
+        while self.bytes_held > self.budget:
+            _, old = self._states.popitem(last=False)
+            self.bytes_held -= old.nbytes
+            spilled.append(old)
+        return spilled
+
+    def pop(self, key: SessionKey) -> SavedState | None:
+        state = self._states.pop(key, None)
+        if state is not None:
+            self.bytes_held -= state.nbytes
+        return state
+
+    def drain(self) -> Iterator[SavedState]:
+        """Every state, least recently used first (so on disk the newest are kept longest),
+        emptying the store."""
+        while self._states:
+            _, state = self._states.popitem(last=False)
+            self.bytes_held -= state.nbytes
+            yield state
+
+
+# ---- disk ---------------------------------------------------------------------------------
+
+
+def file_name(key: SessionKey) -> str:
+    """A fixed-length name from (owner, session): ids never become paths."""
+    digest = hashlib.sha256(f"{key.owner}\0{key.session}".encode()).hexdigest()
+    return digest[:40] + SUFFIX
+
+
+class DiskStore:
+    """One file per session in `folder`, at most `budget` bytes, none older than `ttl_s`.
+
+    `identity` describes the running model and KV settings; a file written under another
+    identity is never loaded (it stays until its session saves again, expires or is evicted).
+    """
+
+    def __init__(
+        self, folder: Path, identity: dict[str, Any], *, budget: int, ttl_s: float
+    ) -> None:
+        self.folder, self.identity, self.budget, self.ttl_s = folder, identity, budget, ttl_s
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, tuple[int, float]] = {}  # name -> (size, mtime)
+        for path in folder.iterdir():
+            if path.name.endswith(SUFFIX):
+                stat = path.stat()
+                self._files[path.name] = (stat.st_size, stat.st_mtime)
+            elif ".tmp-" in path.name:  # a write cut short by a crash
+                path.unlink(missing_ok=True)
+        self.purge_expired()
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(size for size, _ in self._files.values())
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def put(self, state: SavedState) -> bool:
+        """Write `state` atomically (a failed write leaves the previous file); False when it
+        cannot be written or cannot fit."""
+        name = file_name(state.key)
+        head = self._head(state)
+        size = len(head) + state.nbytes
+        if size > self.budget:
+            logger.warning("a %d-byte session state exceeds the disk budget", size)
+            return False
+        self._make_room(size, replacing=name)
+        path = self.folder / name
+        temp = path.with_name(f"{name}.tmp-{os.getpid()}")
+        try:
+            with open(temp, "wb") as out:
+                out.write(head)
+                state.tokens.tofile(out)
+                out.write(state.data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            logger.warning("cannot save a session state to %s: %s", path, exc)
+            return False
+        stat = path.stat()
+        self._files[name] = (stat.st_size, stat.st_mtime)
+        return True
+
+    def _head(self, state: SavedState) -> bytes:
+        header = json.dumps(
+            {
+                "identity": self.identity,
+                "owner": state.key.owner,
+                "session": state.key.session,
+                "n_tokens": len(state.tokens),
+                "n_bytes": len(state.data),
+                "saved_at": time.time(),
+            }
+        ).encode()
+        return MAGIC + _LEN.pack(len(header)) + header
+
+    def get(self, key: SessionKey) -> SavedState | None:
+        """The state saved for `key` under this identity; None when absent or unusable."""
+        name = file_name(key)
+        if name not in self._files:
+            return None
+        path = self.folder / name
+        try:
+            return self._read(path, key)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("dropping unreadable session state %s: %s", path, exc)
+            self.delete(key)
+            return None
+
+    def _read(self, path: Path, key: SessionKey) -> SavedState | None:
+        with open(path, "rb") as src:
+            if src.read(len(MAGIC)) != MAGIC:
+                raise ValueError("not a llmup session state file")
+            (length,) = _LEN.unpack(src.read(_LEN.size))
+            header = json.loads(src.read(length))
+            if header["identity"] != self.identity:
+                return None  # another model or KV layout: re-reading the history is right
+            if (header["owner"], header["session"]) != (key.owner, key.session):
+                raise ValueError("the file belongs to another session")
+            tokens = array("i")
+            tokens.fromfile(src, header["n_tokens"])
+            data = bytearray(header["n_bytes"])
+            if src.readinto(data) != len(data) or src.read(1):
+                raise ValueError("the file is truncated or too long")
+        return SavedState(key, tokens, data, origin="disk")
+
+    def delete(self, key: SessionKey) -> bool:
+        name = file_name(key)
+        existed = self._forget(name)
+        (self.folder / name).unlink(missing_ok=True)
+        return existed
+
+    def purge_expired(self, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - self.ttl_s
+        old = [name for name, (_, mtime) in self._files.items() if mtime < cutoff]
+        for name in old:
+            self._forget(name)
+            (self.folder / name).unlink(missing_ok=True)
+        return len(old)
+
+    def _forget(self, name: str) -> bool:
+        return self._files.pop(name, None) is not None
+
+    def _make_room(self, incoming: int, *, replacing: str) -> None:
+        """Delete the least recently written files until `incoming` more bytes fit (the
+        file being replaced does not count)."""
+        by_age = sorted((n for n in self._files if n != replacing), key=lambda n: self._files[n][1])
+        held = self._files.get(replacing, (0, 0.0))[0]
+        while by_age and self.bytes_held - held + incoming > self.budget:
+            name = by_age.pop(0)
+            self._forget(name)
+            (self.folder / name).unlink(missing_ok=True)
+            logger.info("session state %s evicted from disk (budget %d bytes)", name, self.budget)
+
+
+# ---- both ---------------------------------------------------------------------------------
+
+
+class SlotStore:
+    """RAM first, disk past the RAM budget; `take` hands a state back to a sequence."""
+
+    def __init__(self, ram: RamStore, disk: DiskStore | None) -> None:
+        self.ram, self.disk = ram, disk
+
+    def put(self, state: SavedState) -> None:
+        for spilled in self.ram.put(state):
+            if self.disk is not None:
+                self.disk.put(spilled)
+
+    def take(self, key: SessionKey) -> SavedState | None:
+        """The newest saved state of `key`. A disk file stays: it is still a valid (older)
+        checkpoint if the worker dies before the session is saved again."""
+        state = self.ram.pop(key)
+        if state is None and self.disk is not None:
+            state = self.disk.get(key)
+        return state
+
+    def delete(self, key: SessionKey) -> bool:
+        held = self.ram.pop(key) is not None
+        if self.disk is not None:
+            held = self.disk.delete(key) or held
+        return held
+
+    def flush(self) -> int:
+        """Write every RAM state to disk (at shutdown); returns how many were written."""
+        if self.disk is None:
+            return 0
+        return sum(self.disk.put(state) for state in self.ram.drain())

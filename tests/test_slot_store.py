@@ -1,0 +1,152 @@
+"""The saved-state stores: RAM bounded in bytes, disk files atomic, identified and bounded."""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+
+import pytest
+
+from launcher.backends.generation import SessionKey
+from launcher.backends.slot_store import (
+    MAGIC,
+    DiskStore,
+    RamStore,
+    SavedState,
+    SlotStore,
+    file_name,
+)
+from launcher.backends.slots import RestoreEstimate, common_prefix
+
+IDENTITY = {"model": "tiny.gguf", "size": 123, "kv_type": "f16"}
+
+
+def state(session: str, n_tokens: int = 10, n_bytes: int = 1000, owner: str = "o1") -> SavedState:
+    data = bytearray(os.urandom(n_bytes))
+    return SavedState(SessionKey(owner, session), array("i", range(n_tokens)), data)
+
+
+def disk(tmp_path, **kw) -> DiskStore:
+    return DiskStore(tmp_path / "slots", IDENTITY, **{"budget": 10**6, "ttl_s": 3600.0, **kw})
+
+
+def test_ram_store_spills_least_recently_used_past_its_byte_budget():
+    ram = RamStore(budget=3000)
+    a, b, c = state("a"), state("b"), state("c")  # 1040 bytes each
+    assert ram.put(a) == [] and ram.put(b) == []
+    assert ram.put(c) == [a]  # 3120 > 3000: the oldest goes
+    assert ram.bytes_held == b.nbytes + c.nbytes and len(ram) == 2
+    assert ram.put(state("huge", n_bytes=5000))[0].key.session == "huge"  # never held
+    assert ram.pop(b.key) is b and ram.bytes_held == c.nbytes
+    assert [s.key.session for s in ram.drain()] == ["c"] and ram.bytes_held == 0
+
+
+def test_disk_store_round_trips_a_state_with_its_tokens(tmp_path):
+    store = disk(tmp_path)
+    saved = state("chat-1", n_tokens=37, n_bytes=4096)
+    assert store.put(saved)
+    again = disk(tmp_path).get(saved.key)  # a new store (a restart) finds it
+    assert again is not None and again.origin == "disk"
+    assert again.tokens == saved.tokens and again.data == saved.data
+    assert store.bytes_held == (tmp_path / "slots" / file_name(saved.key)).stat().st_size
+
+
+def test_disk_file_names_hide_session_ids_and_keys_never_mix(tmp_path):
+    store = disk(tmp_path)
+    mine, theirs = state("../../etc/passwd", owner="alice"), state("../../etc/passwd", owner="bob")
+    store.put(mine)
+    names = [p.name for p in (tmp_path / "slots").iterdir()]
+    assert names == [file_name(mine.key)] and "passwd" not in names[0]
+    assert store.get(theirs.key) is None  # same session id, other owner: nothing
+    assert file_name(mine.key) != file_name(theirs.key)
+
+
+def test_a_file_from_another_model_or_layout_is_not_loaded(tmp_path):
+    disk(tmp_path).put(state("s"))
+    other = DiskStore(tmp_path / "slots", {**IDENTITY, "kv_type": "q8_0"}, budget=10**6, ttl_s=60)
+    assert other.get(SessionKey("o1", "s")) is None
+    assert len(other) == 1  # kept: the session may return under the old model
+
+
+def test_a_damaged_file_is_a_miss_and_is_removed(tmp_path):
+    store = disk(tmp_path)
+    saved = state("s", n_bytes=5000)
+    store.put(saved)
+    path = tmp_path / "slots" / file_name(saved.key)
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    assert store.get(saved.key) is None and not path.exists() and len(store) == 0
+    path.write_bytes(b"not a state file at all")
+    assert disk(tmp_path).get(saved.key) is None and not path.exists()
+
+
+def test_writes_are_atomic_and_leftover_temp_files_are_cleaned(tmp_path, monkeypatch):
+    store = disk(tmp_path)
+    first = state("s", n_bytes=100)
+    store.put(first)
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    assert not store.put(state("s", n_bytes=200))  # the failed write leaves the old file
+    monkeypatch.undo()
+    assert store.get(first.key).data == first.data
+    assert [p.name for p in (tmp_path / "slots").iterdir()] == [file_name(first.key)]
+    (tmp_path / "slots" / "abc.kv.tmp-999").write_bytes(MAGIC)  # a crash mid-write
+    disk(tmp_path)
+    assert [p.name for p in (tmp_path / "slots").iterdir()] == [file_name(first.key)]
+
+
+def test_disk_budget_evicts_the_oldest_files(tmp_path):
+    store = disk(tmp_path, budget=3500)
+    for name in ("a", "b", "c"):
+        assert store.put(state(name))
+        time.sleep(0.01)  # distinct modification times
+    assert store.get(SessionKey("o1", "a")) is None
+    assert store.get(SessionKey("o1", "c")) is not None
+    assert store.bytes_held <= 3500
+    assert not store.put(state("big", n_bytes=4000))
+
+
+def test_expired_files_are_purged(tmp_path):
+    store = disk(tmp_path)
+    store.put(state("old"))
+    assert store.purge_expired(now=time.time() + 7200) == 1
+    assert len(store) == 0 and not any((tmp_path / "slots").iterdir())
+
+
+def test_slot_store_spills_ram_to_disk_and_deletes_both(tmp_path):
+    store = SlotStore(RamStore(budget=2500), disk(tmp_path))
+    a, b, c = state("a"), state("b"), state("c")
+    for s in (a, b, c):
+        store.put(s)
+    assert len(store.ram) == 2 and len(store.disk) == 1  # a went to disk
+    taken = store.take(a.key)
+    assert taken is not None and taken.origin == "disk" and taken.data == a.data
+    assert store.take(b.key).origin == "ram" and store.take(b.key) is None
+    assert store.delete(a.key) and store.take(a.key) is None
+    assert store.flush() == 1 and len(store.disk) == 1  # c, at shutdown
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt_rate", "restore_rate", "tokens", "nbytes", "worth"),
+    [
+        (None, None, 100, 10**9, True),  # nothing measured yet: restore
+        (50.0, 1e9, 100, 10**8, True),  # CPU: 2 s of prompt vs 0.1 s of reading
+        (20000.0, 5e8, 100, 10**8, False),  # fast GPU: 5 ms of prompt vs 0.2 s of reading
+        (50.0, 1e9, 0, 10, False),  # nothing in common
+    ],
+)
+def test_restore_estimate(prompt_rate, restore_rate, tokens, nbytes, worth):
+    estimate = RestoreEstimate()
+    if prompt_rate:
+        estimate.record_prompt(int(prompt_rate), 1.0)
+        estimate.record_restore(int(restore_rate), 1.0)
+    assert estimate.worth(tokens, nbytes) is worth
