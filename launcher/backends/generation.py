@@ -57,11 +57,15 @@ END = object()  # an engine emits this after a job's last event
 
 @dataclass
 class GenerationJob:
+    """`cached_tokens` is set by an engine that keeps KV between requests: how many prompt
+    tokens it did not have to evaluate (set before the job's first event)."""
+
     prompt: list[int]
     params: GenerationParams
     cancel: threading.Event
     emit: Callable[[object], None]
     session: SessionKey | None = None
+    cached_tokens: int = 0
 
 
 class StopScanner:

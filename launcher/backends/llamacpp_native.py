@@ -26,8 +26,10 @@ from launcher.errors import LlmupError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
-# ggml log levels (ggml.h): NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues a line)
-_LOG_DEBUG, _LOG_CONT = 4, 5
+# ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues a line).
+# llama-cpp-python's own log callback still maps the older order (DEBUG 4), measured here:
+# "create_tensor" lines come at 1, "print_info" lines at 2.
+_LOG_DEBUG, _LOG_CONT = 1, 5
 
 
 class DecodeError(LlmupError):
@@ -43,7 +45,7 @@ class _LogRoute:
 
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
-        self._last_level = 1
+        self._last_level = 2
         self.callback = lib.llama_log_callback(self._write)
 
     def _write(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
