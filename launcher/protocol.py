@@ -19,6 +19,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+# The proxy names a request's session to llmup's own workers on these private headers: the
+# owner (a hash of the caller's API key, never the key) and the session id.
+BACKEND_OWNER_HEADER = "X-Llmup-Owner"
+BACKEND_SESSION_HEADER = "X-Llmup-Session"
+
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
 MAX_JSON_DEPTH = 64

@@ -25,8 +25,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.backends.exllamav2_engine import GenerationParams, StopScanner, TokenEvent
 from launcher.backends.exllamav2_server import create_app
+from launcher.backends.generation import GenerationParams, StopScanner, TokenEvent
 from launcher.backends.llama2_chat import build_prompt
 
 MODEL = "llama-2-7b-chat-gptq"

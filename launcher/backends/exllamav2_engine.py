@@ -23,14 +23,10 @@ from launcher.backends.generation import (
     END,
     GenerationJob,
     GenerationParams,
-    StopScanner,
     TokenEvent,
     first_line,
 )
 from launcher.errors import LlmupError
-
-# re-exported: the exllamav2 worker and its tests import them from here
-__all__ = ["END", "GenerationJob", "GenerationParams", "StopScanner", "TokenEvent", "first_line"]
 
 logger = logging.getLogger(__name__)
 
