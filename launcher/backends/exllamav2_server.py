@@ -32,20 +32,11 @@ from launcher.backends.exllamav2_engine import (
     LoadOptions,
     WorkerStartupError,
 )
-from launcher.backends.llama2_chat import build_prompt
+from launcher.backends.llama2_chat import prompt_tokens
 from launcher.backends.worker_api import LOG_FORMAT, WorkerState, create_worker_app
 from launcher.planning.exllamav2 import CACHE_MODES
-from launcher.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
-
-
-def llama2_chat_prompt(encode, messages: list[ChatMessage]) -> list[int]:
-    """Meta's segmented Llama-2 prompt: each segment gets its own BOS (and EOS when closed).
-    `encode` is a tokenizer's encode(text, bos=, eos=); a bad conversation is a ValueError."""
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in messages]
-    prompt = build_prompt(turns)
-    return [t for seg in prompt.segments for t in encode(seg.text, bos=True, eos=seg.eos)]
 
 
 def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> FastAPI:
@@ -53,7 +44,7 @@ def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> F
     state = WorkerState(
         tokenizer=generator,
         engine=GenerationWorker(generator),
-        chat_prompt=lambda messages: llama2_chat_prompt(generator.encode, messages),
+        chat_prompt=lambda messages: prompt_tokens(generator.encode, messages),
         model_alias=model_alias,
         max_seq_len=max_seq_len,
     )

@@ -13,8 +13,9 @@ tokens (its token count can differ from the segmented encoding by a token at a b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -80,3 +81,18 @@ def build_prompt(messages: Sequence[tuple[str, str]]) -> Llama2Prompt:
     ]
     segments.append(PromptSegment(f"{B_INST} {dialog[-1][1].strip()} {E_INST}", eos=False))
     return Llama2Prompt(tuple(segments))
+
+
+class _Message(Protocol):
+    role: str
+
+    def text(self) -> str: ...
+
+
+def prompt_tokens(encode: Callable[..., list[int]], messages: Sequence[_Message]) -> list[int]:
+    """The token ids of a chat's Llama-2 prompt: each segment encoded on its own with BOS
+    (and EOS when closed). `encode(text, bos=, eos=)` is a tokenizer's; "developer" is the
+    system role; a conversation in the wrong order is a ValueError."""
+    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in messages]
+    prompt = build_prompt(turns)
+    return [t for seg in prompt.segments for t in encode(seg.text, bos=True, eos=seg.eos)]

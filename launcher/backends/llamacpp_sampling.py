@@ -47,6 +47,15 @@ def json_mode_grammar(response_format: dict[str, Any] | None) -> str | None:
     raise GrammarError(f"response_format type {kind!r} is not supported")
 
 
+def check_grammar(model: NativeModel, grammar: str) -> bool:
+    """Whether llama.cpp parses `grammar` (it only reads the vocabulary: any thread)."""
+    sampler = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        return False
+    lib.llama_sampler_free(sampler)
+    return True
+
+
 class SamplerChain:
     """A request's sampler; `close` frees it (the engine does when the request ends)."""
 

@@ -253,6 +253,11 @@ class SlotStore:
             held = self.disk.delete(key) or held
         return held
 
+    def persist(self, state: SavedState) -> bool:
+        """Straight to disk (at shutdown); False without a disk store or room on it."""
+        self.ram.pop(state.key)
+        return self.disk.put(state) if self.disk is not None else False
+
     def flush(self) -> int:
         """Write every RAM state to disk (at shutdown); returns how many were written."""
         if self.disk is None:

@@ -159,12 +159,11 @@ class SlotManager:
 
     def save_all(self) -> int:
         """At shutdown: every pinned session's KV, then the RAM store, to disk."""
-        saved = 0
+        saved = self.store.flush()
         for slot in sorted(self.slots, key=lambda s: s.last_used):
             if slot.key is not None and slot.tokens:
-                self.store.put(self._snapshot(slot))
-                saved += 1
-        return saved + self.store.flush()
+                saved += self.store.persist(self._snapshot(slot))
+        return saved
 
     # ---- internals ----------------------------------------------------------------------
 

@@ -1,0 +1,305 @@
+"""llmup's own GGUF worker: session slots and continuous batching on llama.cpp's C API.
+
+Started by the supervisor as ``python -m launcher.backends.llamacpp_server --model PATH
+--port N [--parallel S --context C ...]``; it binds 127.0.0.1 and the proxy is the public
+surface. One llama_context holds `--parallel` sequences of `--context` tokens each; the
+routes are llmup's shared worker layer (`worker_api`) over the `BatchEngine`, which decodes
+every active request together, keeps each session's KV cache in a sequence between turns,
+and moves the least recently used ones to a byte-bounded RAM store and then to one file per
+session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
+private session headers) forgets one session everywhere.
+
+Beyond OpenAI's fields a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
+and `logit_bias`; `response_format` json_object / json_schema becomes a grammar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.backends.llamacpp import physical_cores
+from launcher.backends.llamacpp_engine import BatchEngine
+from launcher.backends.llamacpp_native import (
+    ContextOptions,
+    ModelOptions,
+    NativeContext,
+    NativeModel,
+    route_llama_logs,
+)
+from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, json_mode_grammar
+from launcher.backends.llamacpp_text import LlamaText
+from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
+from launcher.backends.slots import SlotManager
+from launcher.backends.worker_api import (
+    LOG_FORMAT,
+    ApiError,
+    WorkerState,
+    create_worker_app,
+    session_key,
+)
+from launcher.errors import LlmupError
+from launcher.settings import default_home
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+STATE_FORMAT = 1  # bump when the file layout or what identity means changes
+
+
+# ---- llama.cpp's sampling extras ----------------------------------------------------------
+
+
+class _Extras(BaseModel):
+    """The request fields beyond OpenAI's that llama.cpp's servers accept."""
+
+    model_config = ConfigDict(extra="ignore")
+    grammar: str | None = None
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+
+
+def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
+    """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
+    try:
+        extras = _Extras.model_validate(body.model_extra or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+    if any(not 0 <= token < model.vocab_size for token in extras.logit_bias):
+        raise ApiError(
+            400, f"logit_bias token ids must be in [0, {model.vocab_size})", param="logit_bias"
+        )
+    grammar = extras.grammar
+    if grammar is None and getattr(body, "response_format", None) is not None:
+        try:
+            grammar = json_mode_grammar(body.response_format.model_dump())
+        except GrammarError as exc:
+            raise ApiError(400, str(exc), param="response_format") from None
+    if grammar is not None and not check_grammar(model, grammar):
+        raise ApiError(400, "the grammar does not parse as llama.cpp GBNF", param="grammar")
+    return {
+        "grammar": grammar,
+        "top_k": extras.top_k,
+        "min_p": extras.min_p,
+        "logit_bias": extras.logit_bias,
+    }
+
+
+# ---- the slot routes ----------------------------------------------------------------------
+
+
+@dataclass
+class Slots:
+    engine: BatchEngine
+    manager: SlotManager
+    store: SlotStore
+
+    def snapshot(self) -> dict[str, Any]:
+        """Slot figures for the proxy's /metrics (taken on the engine thread)."""
+        manager, store, stats = self.manager, self.store, self.manager.stats
+        disk = store.disk
+        return {
+            "slots": len(manager.slots),
+            "in_use": manager.in_use(),
+            "pinned": manager.pinned(),
+            "ram_bytes": store.ram.bytes_held,
+            "ram_states": len(store.ram),
+            "disk_bytes": disk.bytes_held if disk else 0,
+            "disk_states": len(disk) if disk else 0,
+            "restores": dict(stats.restores),
+            "saves": stats.saves,
+            "prefix_tokens_reused": stats.reused_tokens,
+            "prompt_tokens_evaluated": stats.evaluated_tokens,
+            "generated_tokens": self.engine.stats.generated_tokens,
+        }
+
+
+slot_router = APIRouter()
+
+
+def _slots(request: Request) -> Slots:
+    return request.app.state.slots
+
+
+@slot_router.get("/slots")
+async def slot_stats(request: Request) -> dict[str, Any]:
+    slots = _slots(request)
+    return await asyncio.wrap_future(slots.engine.call(slots.snapshot))
+
+
+@slot_router.delete("/slots")
+async def forget_session(request: Request) -> dict[str, Any]:
+    """Forget one session (named by the private headers): sequence, RAM and disk."""
+    key = session_key(request)
+    if key is None:
+        raise ApiError(400, "name the session with the proxy's private session headers")
+    slots = _slots(request)
+    held = await asyncio.wrap_future(slots.engine.call(lambda: slots.manager.forget(key)))
+    return {"deleted": bool(held)}
+
+
+# ---- assembling a worker ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotOptions:
+    folder: Path | None  # None: no disk store
+    ram_bytes: int = 1024 * MIB
+    disk_bytes: int = 8192 * MIB
+    ttl_s: float = 7 * 86400.0
+
+
+def state_identity(model_path: Path, context: ContextOptions) -> dict[str, Any]:
+    """What a saved state must match to be loaded: the model file and the KV layout."""
+    stat = model_path.stat()
+    return {
+        "format": STATE_FORMAT,
+        "llama_cpp": llama_cpp.__version__,
+        "model": str(model_path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "kv_type": context.kv_type.lower(),
+        "flash_attn": context.flash_attn,
+    }
+
+
+def create_app(
+    model: NativeModel,
+    ctx: NativeContext,
+    identity: dict[str, Any],
+    slots: SlotOptions,
+    *,
+    model_alias: str,
+) -> FastAPI:
+    """The worker's app over a loaded model and context; all state on `app.state`."""
+    disk = None
+    if slots.folder is not None:
+        disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
+    store = SlotStore(RamStore(slots.ram_bytes), disk)
+    manager = SlotManager(ctx, store, n_swa=model.n_swa)
+    engine = BatchEngine(model, ctx, manager)
+    text = LlamaText(model)
+    state = WorkerState(
+        tokenizer=text,
+        engine=engine,
+        chat_prompt=text.chat_prompt,
+        model_alias=model_alias,
+        max_seq_len=ctx.n_ctx_seq,
+        sampling_extras=lambda body: sampling_extras(model, body),
+    )
+    app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
+    app.state.slots = Slots(engine, manager, store)
+    return app
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _split(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.5,0.5, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.backends.llamacpp_server",
+        description="llmup's OpenAI-compatible GGUF worker: session slots (each conversation's "
+        "KV cache kept between turns) and continuous batching. Binds 127.0.0.1 by default: "
+        "llmup's proxy is the public surface.",
+    )
+    add = parser.add_argument
+    add("--model", type=Path, required=True, help="GGUF file")
+    add("--port", type=int, required=True)
+    add("--host", default="127.0.0.1")
+    add("--model-alias", default=None, help="model id (default: the file's stem)")
+    add("--context", type=_positive_int, default=4096, help="tokens per sequence")
+    add("--parallel", type=_positive_int, default=1, help="sequences decoded together")
+    add("--n-batch", type=_positive_int, default=512, help="tokens per decode step")
+    add("--n-ubatch", type=_positive_int, default=512)
+    add("--n-gpu-layers", type=int, default=0)
+    add("--tensor-split", type=_split, default=(), help="share per GPU, e.g. 0.5,0.5")
+    add("--kv-type", default="f16", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    add("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    add("--threads", type=_positive_int, default=None, help="default: physical cores")
+    add("--repack", choices=["auto", "on", "off"], default="auto", help="CPU weight repacking")
+    add("--slots-dir", type=Path, default=None, help="saved session states (default: HOME/slots)")
+    add("--no-disk-slots", action="store_true", help="keep saved states in RAM only")
+    add("--slot-ram-mib", type=int, default=1024, help="RAM for saved session states")
+    add("--slot-disk-mib", type=int, default=8192, help="disk for saved session states")
+    add("--slot-ttl-s", type=float, default=7 * 86400.0, help="saved states expire after")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--verbose", action="store_true", help="llama.cpp's debug log too")
+    return parser
+
+
+def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextOptions]:
+    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
+    model = NativeModel(ModelOptions(args.model, args.n_gpu_layers, args.tensor_split, args.repack))
+    options = ContextOptions(
+        n_ctx_seq=args.context,
+        n_seq=args.parallel,
+        n_batch=args.n_batch,
+        n_ubatch=args.n_ubatch,
+        threads=args.threads or physical_cores(),
+        kv_type=args.kv_type,
+        flash_attn=flash,
+    )
+    try:
+        return model, NativeContext(model, options), options
+    except BaseException:
+        model.close()
+        raise
+
+
+def slot_options(args: argparse.Namespace) -> SlotOptions:
+    folder = None if args.no_disk_slots else (args.slots_dir or default_home() / "slots")
+    return SlotOptions(folder, args.slot_ram_mib * MIB, args.slot_disk_mib * MIB, args.slot_ttl_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    route_llama_logs(args.verbose)
+    try:
+        model, ctx, options = load(args)
+    except LlmupError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    alias = args.model_alias or args.model.stem
+    identity = state_identity(args.model, options)
+    app = create_app(model, ctx, identity, slot_options(args), model_alias=alias)
+    logger.info(
+        "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens",
+        alias, args.host, args.port, options.n_seq, ctx.n_ctx_seq,
+    )  # fmt: skip
+    # a stream in flight must not hold off the supervisor's SIGTERM for long
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
