@@ -17,7 +17,7 @@ from launcher.backends.slot_store import (
     SlotStore,
     file_name,
 )
-from launcher.backends.slots import RestoreEstimate, common_prefix
+from launcher.backends.slots import RestoreEstimate, SlotManager, common_prefix
 
 IDENTITY = {"model": "tiny.gguf", "size": 123, "kv_type": "f16"}
 
@@ -150,3 +150,45 @@ def test_restore_estimate(prompt_rate, restore_rate, tokens, nbytes, worth):
         estimate.record_prompt(int(prompt_rate), 1.0)
         estimate.record_restore(int(restore_rate), 1.0)
     assert estimate.worth(tokens, nbytes) is worth
+
+
+class StubContext:
+    """The sequence calls SlotManager makes, on plain lists (positions kept per sequence)."""
+
+    def __init__(self, n_seq: int, first: int = 0) -> None:
+        self.n_seq, self.first, self.held = n_seq, first, [0] * n_seq
+
+    def seq_first(self, seq: int) -> int:
+        return self.first if self.held[seq] else -1
+
+    def seq_keep(self, seq: int, n: int) -> None:
+        self.held[seq] = min(self.held[seq], n)
+
+    def save(self, seq: int) -> bytearray:
+        return bytearray(self.held[seq])
+
+
+@pytest.mark.parametrize(
+    ("first", "shared", "kept"),
+    [
+        (0, 18, 18),  # nothing forgotten: keep the common prefix
+        (10, 18, 18),  # window of 4 before position 18 (14..17) still held
+        (10, 12, 0),  # positions 8..11 were forgotten: evaluate everything again
+    ],
+)
+def test_a_sliding_window_cache_is_only_cut_where_its_window_is_intact(first, shared, kept):
+    ctx = StubContext(1, first=first)
+    manager = SlotManager(ctx, SlotStore(RamStore(0), None), n_swa=4)
+    slot = manager.slots[0]
+    slot.key, slot.tokens, ctx.held[0] = SessionKey("o", "s"), list(range(20)), 20
+    prompt = [*range(shared), 99, 98, 97]
+    placement = manager.acquire(SessionKey("o", "s"), prompt)
+    assert placement.reused == kept and ctx.held[0] == kept and slot.tokens == list(range(kept))
+
+
+def test_a_whole_prompt_already_held_still_evaluates_its_last_token():
+    ctx = StubContext(1)
+    manager = SlotManager(ctx, SlotStore(RamStore(0), None))
+    slot = manager.slots[0]
+    slot.key, slot.tokens, ctx.held[0] = SessionKey("o", "s"), list(range(20)), 20
+    assert manager.acquire(SessionKey("o", "s"), list(range(10))).reused == 9
