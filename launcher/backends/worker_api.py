@@ -156,12 +156,13 @@ def worker_state(request: Request) -> WorkerState:
 
 
 def session_key(request: Request) -> SessionKey | None:
-    """The session the proxy named on its private headers: both or neither."""
+    """The session the proxy named on its private headers: both or neither (the owner is
+    empty when the proxy runs without API keys: every caller is then one owner)."""
     owner = request.headers.get(BACKEND_OWNER_HEADER)
     session = request.headers.get(BACKEND_SESSION_HEADER)
     if owner is None and session is None:
         return None
-    if not owner or not session:
+    if owner is None or not session:
         raise ApiError(400, f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
     return SessionKey(owner, session)
 

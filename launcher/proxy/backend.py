@@ -36,6 +36,7 @@ class StaticBackend:
     plan_summary: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     embeddings: bool = False
+    slots: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,3 +101,9 @@ def serves_embeddings(backend: Any) -> bool:
     """Only a backend that says so gets embeddings requests: llama_cpp.server started
     without `--embedding true` answers them with a 500, which must not reach a client."""
     return bool(getattr(backend, "embeddings", False))
+
+
+def keeps_slots(backend: Any) -> bool:
+    """A backend that keeps sessions' KV (llmup's llama.cpp worker): it is told when a
+    session is deleted and its /slots figures are part of /metrics."""
+    return bool(getattr(backend, "slots", False))

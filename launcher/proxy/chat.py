@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
+from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 from launcher.proxy import backend as backend_info
 from launcher.proxy import turns
 from launcher.proxy.checks import check_logit_bias, check_supported
@@ -66,10 +67,11 @@ def session_id_for(request: Request, body: ChatRequest) -> str | None:
 
 
 def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
-    """X-Session-Id for slot-aware workers, scoped by owner so two keys never share one."""
+    """The session for slot-keeping workers, on private headers: the owner (a hash of the
+    key, empty without keys) and the id, so two keys never share one; others ignore them."""
     if session_id is None:
         return {}
-    return {SESSION_HEADER: f"{owner[:16]}.{session_id}" if owner else session_id}
+    return {BACKEND_OWNER_HEADER: owner, BACKEND_SESSION_HEADER: session_id}
 
 
 def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str, Any]:

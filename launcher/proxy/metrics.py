@@ -78,6 +78,24 @@ class Metrics:
         self.queue_depth = Gauge(
             "llmup_queue_depth", "Requests admitted and waiting for the backend", registry=r
         )
+        self.slots = Gauge(
+            "llmup_slots", "KV-cache sequences of a slot-keeping backend", ["state"], registry=r
+        )
+        self.slot_bytes = Gauge(
+            "llmup_slot_saved_bytes", "Saved session states held, by store", ["store"], registry=r
+        )
+        self.slot_restores = Gauge(
+            "llmup_slot_restores",
+            "Session states restored since the backend started, by store",
+            ["store"],
+            registry=r,
+        )
+        self.slot_tokens = Gauge(
+            "llmup_slot_prompt_tokens",
+            "Prompt tokens since the backend started: reused from a session's KV or evaluated",
+            ["kind"],
+            registry=r,
+        )
         self._refreshers: list[Callable[[], None]] = []
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
@@ -94,6 +112,18 @@ class Metrics:
         if turns > 0:
             self.context_drops.inc()
             self.dropped_turns.inc(turns)
+
+    def set_slots(self, stats: dict) -> None:
+        """Copy a slot-keeping backend's /slots figures into the gauges."""
+        self.slots.labels("total").set(stats["slots"])
+        self.slots.labels("in_use").set(stats["in_use"])
+        self.slots.labels("pinned").set(stats["pinned"])
+        self.slot_bytes.labels("ram").set(stats["ram_bytes"])
+        self.slot_bytes.labels("disk").set(stats["disk_bytes"])
+        for store, count in stats["restores"].items():
+            self.slot_restores.labels(store).set(count)
+        self.slot_tokens.labels("reused").set(stats["prefix_tokens_reused"])
+        self.slot_tokens.labels("evaluated").set(stats["prompt_tokens_evaluated"])
 
     def render(self) -> bytes:
         for refresh in self._refreshers:

@@ -69,6 +69,18 @@ class Upstream:
             raise error_from_reply(response.status_code, response.content)
         return parse_json(response.content)
 
+    async def call_json(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A body-less call (GET, DELETE) and its JSON reply; failures as for post_json."""
+        try:
+            response = await self.client.request(method, self.url(path), headers=headers)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc) from exc
+        if response.status_code >= 300:
+            raise error_from_reply(response.status_code, response.content)
+        return parse_json(response.content)
+
     async def open_stream(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> httpx.Response:
