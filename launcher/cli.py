@@ -56,6 +56,22 @@ ContextOpt = Annotated[
     int | None, typer.Option("--context", help="Context length in tokens (default 4096).")
 ]
 KvOpt = Annotated[str | None, typer.Option("--kv-cache", help="KV cache type: f16 | q8_0 | q4_0")]
+ParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel",
+        help="llama.cpp: sessions decoded together, each with its own KV cache of --context "
+        "tokens (default: as many as fit, 1-8).",
+    ),
+]
+ImplOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--llamacpp-impl",
+        help="llama.cpp worker: slots (llmup's, keeps each session's KV cache; default) or "
+        "server (llama-cpp-python's, one request at a time).",
+    ),
+]
 ReserveOpt = Annotated[
     int | None, typer.Option("--reserve-mib", help="MiB kept free per GPU (default 1024).")
 ]
@@ -169,6 +185,8 @@ def plan(
     model_file: ModelFileOpt = None,
     gpus: GpusOpt = None,
     min_tokens_per_s: MinSpeedOpt = None,
+    parallel: ParallelOpt = None,
+    llamacpp_impl: ImplOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Pick the largest model and highest precision that fit, with memory and speed."""
@@ -189,6 +207,8 @@ def plan(
         model_file=model_file,
         gpus=gpus,
         min_tokens_per_s=min_tokens_per_s,
+        parallel=parallel,
+        llamacpp_impl=llamacpp_impl,
     )
     try:
         result = make_plan(req)
@@ -252,6 +272,8 @@ def pull(
     model_file: ModelFileOpt = None,
     gpus: GpusOpt = None,
     min_tokens_per_s: MinSpeedOpt = None,
+    parallel: ParallelOpt = None,
+    llamacpp_impl: ImplOpt = None,
     plan_file: PlanFileOpt = None,
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the local cache (like HF_HUB_OFFLINE=1).")
@@ -282,6 +304,8 @@ def pull(
         model_file=model_file,
         gpus=gpus,
         min_tokens_per_s=min_tokens_per_s,
+        parallel=parallel,
+        llamacpp_impl=llamacpp_impl,
     )
     if not json_out and not quiet:
         render.out.print(
@@ -310,6 +334,8 @@ def serve(
     model_file: ModelFileOpt = None,
     gpus: GpusOpt = None,
     min_tokens_per_s: MinSpeedOpt = None,
+    parallel: ParallelOpt = None,
+    llamacpp_impl: ImplOpt = None,
     plan_file: PlanFileOpt = None,
     runtime: Annotated[
         str | None,
@@ -353,6 +379,8 @@ def serve(
         model_file=model_file,
         gpus=gpus,
         min_tokens_per_s=min_tokens_per_s,
+        parallel=parallel,
+        llamacpp_impl=llamacpp_impl,
     )
     render.plan(chosen, rejected=3)
     keyed = bool(configured_keys(settings.proxy))

@@ -97,6 +97,8 @@ def plan(p: Plan, *, rejected: int = 8) -> None:
         f"with {p.backend}, context {p.context}, {OFFLOAD[p.placement.offload]}"
     )
     out.print(f"source: {src} {' + '.join(p.source.files)}")
+    if p.backend == "llama.cpp":
+        out.print(sessions_line(p), highlight=False)
     table = Table(title="Memory per device (MiB)")
     for col in ("device", "layers", "weights", "kv cache", "compute", "overhead", "need", "budget"):
         table.add_column(col, justify="right")
@@ -138,6 +140,16 @@ def plan(p: Plan, *, rejected: int = 8) -> None:
     misses = [r for r in p.rejected if not r.reason.startswith("fits")]
     if misses:
         rejections(misses[:rejected], title="Closest candidates that do not fit")
+
+
+def sessions_line(p: Plan) -> str:
+    if p.settings.llamacpp_impl == "server":
+        return "worker: llama-cpp-python's server, one request at a time"
+    return (
+        f"worker: llmup's session slots, {p.parallel} sequence(s) of {p.context} tokens "
+        f"decoded together; saved sessions: up to {p.settings.slot_ram_mib} MiB in RAM, "
+        "then on disk"
+    )
 
 
 def calibration(measured: dict) -> None:

@@ -41,6 +41,8 @@ class PlanningSettings(BaseModel):
     allow_offload: bool = False
     gpus: str | None = None  # like --gpus / CUDA_VISIBLE_DEVICES: "0,2"
     min_tokens_per_s: float | None = Field(default=None, ge=0)
+    parallel: int | None = Field(default=None, ge=1)  # llama.cpp sequences; None: as fit
+    llamacpp_impl: Literal["slots", "server"] = "slots"
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.I)

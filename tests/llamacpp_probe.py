@@ -111,6 +111,40 @@ def run_load(
     return proc.stderr
 
 
+_SLOTS_CHILD = r"""
+import json, sys
+from launcher.backends.llamacpp_native import (
+    ContextOptions, ModelOptions, NativeContext, NativeModel, route_llama_logs,
+)
+opts = json.loads(sys.argv[1])
+route_llama_logs(False)
+model = NativeModel(ModelOptions(opts["path"], repack="off"))
+NativeContext(model, ContextOptions(**opts["context"]))
+print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
+"""
+
+
+def measure_slots_load(
+    path: str | Path, *, n_ctx_seq: int, n_seq: int, kv_type: str = "f16", timeout: float = 120
+) -> tuple[LoadBuffers, str]:
+    """Load `path` as llmup's slot worker does (one context, `n_seq` sequences of
+    `n_ctx_seq` tokens, repacking off) in a subprocess; (parsed buffers, load log)."""
+    context = {"n_ctx_seq": n_ctx_seq, "n_seq": n_seq, "kv_type": kv_type, "flash_attn": False}
+    options = json.dumps({"path": str(path), "context": context})
+    proc = subprocess.run(
+        [sys.executable, "-c", _SLOTS_CHILD, options],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0 or "llamacpp_probe: loaded" not in proc.stderr:
+        tail = "\n".join(proc.stderr.splitlines()[-20:])
+        raise RuntimeError(f"slot worker load failed (rc={proc.returncode}):\n{tail}")
+    return parse_load_log(proc.stderr), proc.stderr
+
+
 def measure_load(path: str | Path, **load: Any) -> tuple[LoadBuffers, str]:
     """Load `path` in a subprocess (`run_load`'s options) and return (parsed buffer sizes,
     raw load log)."""

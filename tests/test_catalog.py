@@ -65,6 +65,7 @@ def test_new_family_is_a_data_file(tmp_path):
             hardware=load_snapshot(MACHINES / "rtx3060-12gb.json"),
             model="mistral-7b-instruct",
             context=8192,
+            parallel=1,
         ),
         catalog,
     )

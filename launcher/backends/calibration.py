@@ -77,10 +77,12 @@ def within_tolerance(predicted: float, measured: float) -> bool:
 
 
 def model_key(plan: Plan) -> str:
-    """Model id + quant + context + KV type + backend + device set."""
+    """Model id + quant + context (and sequences, when several) + KV type + backend +
+    device set."""
     devices = "+".join(sorted(d.device for d in plan.placement.devices)) or "cpu"
     kv = plan.settings.kv_cache_type
-    return f"{plan.model.id}|{plan.quant}|ctx={plan.context}|kv={kv}|{plan.backend}|{devices}"
+    ctx = f"{plan.context}x{plan.parallel}" if plan.parallel > 1 else str(plan.context)
+    return f"{plan.model.id}|{plan.quant}|ctx={ctx}|kv={kv}|{plan.backend}|{devices}"
 
 
 def build_record(

@@ -18,6 +18,8 @@ from launcher.planning.plan import (
 from launcher.planning.request import PlanRequest
 from launcher.units import MIB, ceil_mib
 
+SLOT_RAM_MAX_MIB = 2048  # saved session states in RAM: half of what is left, at most this
+
 
 def _source(c: Candidate) -> Source:
     if "model_file" in c.meta:
@@ -94,15 +96,26 @@ def _speed(c: Candidate) -> Speed | None:
     )
 
 
-def _settings(c: Candidate) -> Settings:
+def _settings(c: Candidate, req: PlanRequest) -> Settings:
     s = c.meta["settings"]
     if c.backend == "exllamav2":
         return Settings(
             kv_cache_type=s.cache_mode, cache_mode=s.cache_mode, flash_attn=s.flash_attn
         )
     return Settings(
-        n_batch=s.n_batch, n_ubatch=s.n_ubatch, kv_cache_type=s.type_k, flash_attn=s.flash_attn
+        n_batch=s.n_batch,
+        n_ubatch=s.n_ubatch,
+        kv_cache_type=s.type_k,
+        flash_attn=s.flash_attn,
+        llamacpp_impl=req.llamacpp_impl,
+        slot_ram_mib=slot_ram_mib(c) if req.llamacpp_impl == "slots" else 0,
     )
+
+
+def slot_ram_mib(c: Candidate) -> int:
+    """RAM for saved session states: half of what the host budget leaves, at most 2 GiB."""
+    left = max(c.host_budget - c.host.total, 0) // MIB
+    return min(left // 2, SLOT_RAM_MAX_MIB)
 
 
 def _llamacpp_buffers(c: Candidate) -> dict[str, dict[str, float]] | None:
@@ -138,8 +151,9 @@ def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
         bits_per_weight=round(c.bits_per_weight, 2),
         source=_source(c),
         context=req.context,
+        parallel=c.meta["settings"].n_seq_max if c.backend == "llama.cpp" else 1,
         placement=_placement(c),
         memory_mib=_memory(c),
-        settings=_settings(c),
+        settings=_settings(c, req),
         speed=_speed(c),
     )

@@ -4,6 +4,7 @@ placed on the machine and given its expected speed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.catalog.loader import Catalog
@@ -18,6 +19,8 @@ from launcher.planning.place_llamacpp import place_llamacpp
 from launcher.planning.request import KV_TO_EXL, PlanRequest
 from launcher.weights.gguf_file import read_model_file
 
+MAX_AUTO_PARALLEL = 8  # sequences the planner gives the slot worker when it picks
+
 
 def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
     """A quantized V cache needs flash attention in llama.cpp, so it turns it on."""
@@ -28,6 +31,40 @@ def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
         type_k=req.kv_cache,
         type_v=req.kv_cache,
         flash_attn=req.kv_cache != "f16",
+        n_seq_max=req.fixed_parallel or 1,
+    )
+
+
+def widen_parallel(
+    cand: Candidate, req: PlanRequest, machine: Machine, *, most: int = MAX_AUTO_PARALLEL
+) -> Candidate:
+    """The chosen llama.cpp candidate with as many sequences (up to `most`) as still fit in
+    what is left, placed alike (same offload, same layers on the GPUs): the model is chosen
+    for one sequence first, so parallel sessions never cost a smaller model."""
+    if cand.backend != "llama.cpp" or req.fixed_parallel is not None:
+        return cand
+    widest = cand
+    for n in range(2, most + 1):
+        settings = replace(cand.meta["settings"], n_seq_max=n)
+        wider = _placed_gguf(_unplaced(cand, settings), cand.meta["shape"], settings, req, machine)
+        placed = (wider.offload, wider.n_gpu_layers)
+        if not wider.fits or placed != (cand.offload, cand.n_gpu_layers):
+            break
+        widest = wider
+    return widest
+
+
+def _unplaced(cand: Candidate, settings: LlamaCppSettings) -> Candidate:
+    return Candidate(
+        model_id=cand.model_id,
+        params=cand.params,
+        backend=cand.backend,
+        fmt=cand.fmt,
+        quant=cand.quant,
+        bits_per_weight=cand.bits_per_weight,
+        legacy=cand.legacy,
+        recommended=cand.recommended,
+        meta={**cand.meta, "settings": settings},
     )
 
 

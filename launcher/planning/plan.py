@@ -110,6 +110,9 @@ class Settings(BaseModel):
     kv_cache_type: str = "f16"
     flash_attn: bool = False
     cache_mode: str | None = None  # exllamav2: FP16 / Q8 / Q6 / Q4
+    # llama.cpp: llmup's session-slot worker ("slots") or llama-cpp-python's server
+    llamacpp_impl: Literal["slots", "server"] | None = None
+    slot_ram_mib: int = 0  # RAM the slot worker may fill with saved session states
 
 
 class Plan(BaseModel):
@@ -122,6 +125,7 @@ class Plan(BaseModel):
     bits_per_weight: float
     source: Source
     context: int
+    parallel: int = 1  # sequences the KV cache holds, each of `context` tokens
     placement: Placement
     memory_mib: MemoryMiB
     settings: Settings = Field(default_factory=Settings)

@@ -14,7 +14,11 @@ from launcher.catalog.loader import Catalog, load_catalog
 from launcher.errors import NothingFitsError
 from launcher.planning.assemble import candidate_to_plan
 from launcher.planning.candidates import Candidate
-from launcher.planning.catalog_candidates import catalog_candidates, file_candidate
+from launcher.planning.catalog_candidates import (
+    catalog_candidates,
+    file_candidate,
+    widen_parallel,
+)
 from launcher.planning.llamacpp import KV_TYPE_BYTES
 from launcher.planning.machine import machine_for
 from launcher.planning.plan import Plan, Rejected
@@ -42,11 +46,14 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
         message = _nothing_message(req, slow, rejected)
         raise NothingFitsError(message, closest=_closest(rejected, slow))
     best, *others = fast
-    plan = candidate_to_plan(best, req)
+    chosen = widen_parallel(best, req, machine)
+    plan = candidate_to_plan(chosen, req)
     plan.notes = _notes(req, machine)
     plan.rejected = [_rejection(c) for c in rejected] + [_too_slow(c, req) for c in slow]
     plan.rejected += [_outranked(c, best) for c in others]
-    plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(best, others)]
+    # the fallbacks hold no more sequences than the chosen plan, and need less than it
+    widened = [widen_parallel(c, req, machine, most=plan.parallel) for c in others]
+    plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(chosen, widened)]
     return plan
 
 

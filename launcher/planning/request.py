@@ -17,6 +17,8 @@ from launcher.settings import MODEL_CHOICE, PlanningSettings, without_model_choi
 # llama.cpp KV cache type -> the exllamav2 cache mode of the same precision
 KV_TO_EXL = {"f16": "FP16", "q8_0": "Q8", "q4_0": "Q4"}
 BackendChoice = Literal["auto", "llama.cpp", "exllamav2"]
+LlamaCppImpl = Literal["slots", "server"]
+MAX_PARALLEL = 64  # sequences one llama.cpp context may be asked for
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,13 @@ class PlanRequest:
     n_batch: int = 512
     n_ubatch: int = 512
     min_tokens_per_s: float | None = None
+    parallel: int | None = None  # llama.cpp sequences; None: as many as fit (1..8)
+    llamacpp_impl: LlamaCppImpl = "slots"
+
+    @property
+    def fixed_parallel(self) -> int | None:
+        """The sequences asked for; None when the planner picks."""
+        return 1 if self.llamacpp_impl == "server" else self.parallel
 
     def validate(self) -> None:
         if self.context <= 0:
@@ -54,6 +63,18 @@ class PlanRequest:
             )
         if self.model_file and self.backend == "exllamav2":
             raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        if self.llamacpp_impl not in ("slots", "server"):
+            raise UsageError(f"--llamacpp-impl must be slots or server, got {self.llamacpp_impl!r}")
+        if self.parallel is not None and not 1 <= self.parallel <= MAX_PARALLEL:
+            raise UsageError(f"--parallel must be 1-{MAX_PARALLEL}, got {self.parallel}")
+        if self.parallel not in (None, 1) and self.llamacpp_impl == "server":
+            raise UsageError(
+                "--parallel needs llmup's slot worker: llama-cpp-python's server "
+                "(--llamacpp-impl server) serves one request at a time"
+            )
 
 
 def request_from_settings(
