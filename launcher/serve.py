@@ -86,6 +86,11 @@ class ServedBackend:
         return self.plan.context
 
     @property
+    def slots(self) -> bool:
+        """The backend keeps sessions' KV caches (the proxy forwards deletes and metrics)."""
+        return self.plan.backend == "llama.cpp" and self.plan.settings.llamacpp_impl != "server"
+
+    @property
     def plan_summary(self) -> dict[str, Any]:
         p = self.plan
         return {
@@ -93,6 +98,7 @@ class ServedBackend:
             "backend": p.backend,
             "quant": p.quant,
             "context": p.context,
+            "parallel": p.parallel,
             "offload": p.placement.offload,
             "memory_mib": p.memory_mib.model_dump(),
         }
@@ -155,7 +161,9 @@ def _start_one(
 ) -> ServedBackend:
     pulled = pull(plan.source, offline=offline, verify=verify, progress=not quiet)
     model_path = Path(pulled.path)
-    spec = backend_spec(plan, model_path, home=settings.home)
+    spec = backend_spec(
+        plan, model_path, home=settings.home, session_ttl_s=settings.proxy.session_ttl
+    )
     supervisor = Supervisor(
         spec,
         progress=progress,
@@ -242,6 +250,8 @@ def serve(
     listener = listener or prepare_listener(settings)
     if settings.runtime == "docker":  # no engine or no image: say so before any download
         container.check_engine(plan, settings.docker)
+    # the proxy lets as many requests through as the backend decodes together
+    settings.proxy.max_inflight = max(settings.proxy.max_inflight, plan.parallel)
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
     backend = sessions = None
     try:

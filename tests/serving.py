@@ -64,7 +64,8 @@ class Served:
 
     def backend(self) -> psutil.Process:
         kids = psutil.Process(self.proc.pid).children(recursive=True)
-        return next(p for p in kids if "llamacpp_worker" in " ".join(p.cmdline()))
+        workers = ("llamacpp_worker", "llamacpp_server")
+        return next(p for p in kids if any(w in " ".join(p.cmdline()) for w in workers))
 
     def client(self, key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)

@@ -300,10 +300,10 @@ def test_out_of_memory_falls_back_to_the_next_candidate(tiny_model, tmp_path, mo
     plan.fallbacks = [fallback]
     real_spec = serve_mod.backend_spec
 
-    def spec(p, path, home):
+    def spec(p, path, home, **kw):
         if p.quant != "fallback":
             return oom_spec(tmp_path, "CUDA error: out of memory (cudaMalloc failed)\n")
-        return real_spec(p, path, home=home)
+        return real_spec(p, path, home=home, **kw)
 
     monkeypatch.setattr(serve_mod, "backend_spec", spec)
     said: list[str] = []
@@ -342,8 +342,10 @@ def test_out_of_memory_falls_back_by_the_measured_shortfall(tiny_model, tmp_path
     kv_log = (Path(__file__).parent / "data/llamacpp-oom/cuda-oom-kv.log").read_text()
     real_spec = serve_mod.backend_spec
 
-    def spec(p, path, home):
-        return oom_spec(tmp_path, kv_log) if p.quant == "Q4_K_M" else real_spec(p, path, home=home)
+    def spec(p, path, home, **kw):
+        if p.quant == "Q4_K_M":
+            return oom_spec(tmp_path, kv_log)
+        return real_spec(p, path, home=home, **kw)
 
     monkeypatch.setattr(serve_mod, "backend_spec", spec)
     said: list[str] = []

@@ -3,8 +3,8 @@
 The parts every backend shares live here once: the Python module run as the child, the
 loopback address and private port, the child's environment (`backend_env`), the log file,
 the model alias, the devices and the per-run key. Each backend module adds only what is its
-own (`llamacpp.launch`, `exllamav2.launch`: flags, ready timeout, names to scrub from the
-environment).
+own (`slots_spec.launch` for llmup's GGUF worker, `llamacpp.launch` for llama-cpp-python's
+server, `exllamav2.launch`: flags, ready timeout, names to scrub from the environment).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from launcher.backends import exllamav2, llamacpp
+from launcher.backends import exllamav2, llamacpp, slots_spec
 from launcher.backends.spec import (
     LOOPBACK,
     BackendSpec,
@@ -36,13 +36,21 @@ def backend_spec(
     python: str = sys.executable,
     threads: int | None = None,
     chat_format: str | None = None,
+    session_ttl_s: float | None = None,
 ) -> BackendSpec:
     """The launch of the plan's backend serving `model_path` (a GGUF file, a GPTQ folder).
 
     `port` None picks a free one; `threads` and `chat_format` are llama.cpp's (see
-    `llamacpp.launch`).
+    `llamacpp.launch`); `session_ttl_s` is when the slot worker's saved sessions expire.
     """
-    worker = _worker(plan, Path(model_path), threads=threads, chat_format=chat_format)
+    worker = _worker(
+        plan,
+        Path(model_path),
+        home=home,
+        threads=threads,
+        chat_format=chat_format,
+        session_ttl_s=session_ttl_s,
+    )
     port = free_port() if port is None else port
     alias = plan.model.id
     return BackendSpec(
@@ -62,10 +70,22 @@ def backend_spec(
 
 
 def _worker(
-    plan: Plan, model_path: Path, *, threads: int | None, chat_format: str | None
+    plan: Plan,
+    model_path: Path,
+    *,
+    home: Path,
+    threads: int | None,
+    chat_format: str | None,
+    session_ttl_s: float | None,
 ) -> WorkerLaunch:
-    if plan.backend == "llama.cpp":
+    """GGUF goes to llmup's session-slot worker unless the plan names llama-cpp-python's
+    server (`--llamacpp-impl server`)."""
+    if plan.backend == "llama.cpp" and plan.settings.llamacpp_impl == "server":
         return llamacpp.launch(plan, model_path, threads=threads, chat_format=chat_format)
+    if plan.backend == "llama.cpp":
+        return slots_spec.launch(
+            plan, model_path, home=home, threads=threads, session_ttl_s=session_ttl_s
+        )
     if plan.backend == "exllamav2":
         return exllamav2.launch(plan, model_path)
     raise UsageError(f"llmup cannot launch the {plan.backend!r} backend")

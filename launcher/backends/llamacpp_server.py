@@ -1,11 +1,12 @@
 """llmup's own GGUF worker: session slots and continuous batching on llama.cpp's C API.
 
 Started by the supervisor as ``python -m launcher.backends.llamacpp_server --model PATH
---port N [--parallel S --context C ...]``; it binds 127.0.0.1 and the proxy is the public
-surface. One llama_context holds `--parallel` sequences of `--context` tokens each; the
-routes are llmup's shared worker layer (`worker_api`) over the `BatchEngine`, which decodes
-every active request together, keeps each session's KV cache in a sequence between turns,
-and moves the least recently used ones to a byte-bounded RAM store and then to one file per
+--port N [--parallel S --context C ...]``; it binds 127.0.0.1, answers only requests that
+carry the run's backend key (`backend_key`), and the proxy is the public surface. One
+llama_context holds `--parallel` sequences of `--context` tokens each; the routes are
+llmup's shared worker layer (`worker_api`) over the `BatchEngine`, which decodes every
+active request together, keeps each session's KV cache in a sequence between turns, and
+moves the least recently used ones to a byte-bounded RAM store and then to one file per
 session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
 private session headers) forgets one session everywhere.
 
@@ -28,6 +29,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher.backends.backend_key import require_backend_key
 from launcher.backends.llamacpp import physical_cores
 from launcher.backends.llamacpp_engine import BatchEngine
 from launcher.backends.llamacpp_native import (
@@ -296,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     # a stream in flight must not hold off the supervisor's SIGTERM for long
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+        require_backend_key(app),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
     )
     return 0
 
