@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from conftest import MACHINES
 from test_serve import Served, tiny_model  # noqa: F401 - the module's model fixture
 
 from launcher.backends.calibration import lookup
+from launcher.backends.llamacpp_server import build_parser
+from launcher.backends.slots_spec import slots_spec
 from launcher.backends.spec import free_port
+from launcher.errors import UsageError
+from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.plan import Plan
+from launcher.planning.planner import PlanRequest, make_plan
+from launcher.serve import launch_spec
 
 
 @pytest.mark.parametrize(
@@ -52,3 +59,27 @@ def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):  # no
         assert record is not None and record.measured["kv"]
     finally:
         server.stop()
+
+
+def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """The launch value, parsed by the worker's own parser (without loading anything)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
+    plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
+    assert len(plan.placement.devices) == 2 and plan.parallel >= 1
+    spec = slots_spec(plan, tiny_model, home=tmp_path, session_ttl_s=3600, port=12345)
+    assert spec.command[1:3] == ["-m", "launcher.backends.llamacpp_server"]
+    args = build_parser().parse_args(spec.command[3:])
+    assert (args.context, args.parallel) == (plan.context, plan.parallel)
+    assert args.tensor_split == tuple(plan.placement.tensor_split)
+    assert args.n_gpu_layers == plan.placement.n_gpu_layers
+    assert (args.kv_type, args.flash_attn) == ("q8_0", "on")
+    assert args.slots_dir == tmp_path / "slots" and args.slot_ttl_s == 3600
+    assert args.slot_ram_mib == plan.settings.slot_ram_mib and args.host == "127.0.0.1"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.health_path == "/health"
+    stock = make_plan(
+        PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
+    )
+    with pytest.raises(UsageError, match="not llama.cpp"):
+        slots_spec(plan.model_copy(update={"backend": "exllamav2"}), tiny_model, home=tmp_path)
+    assert "llamacpp_worker" in " ".join(launch_spec(stock, tiny_model, tmp_path).command)
