@@ -192,3 +192,25 @@ def test_a_whole_prompt_already_held_still_evaluates_its_last_token():
     slot = manager.slots[0]
     slot.key, slot.tokens, ctx.held[0] = SessionKey("o", "s"), list(range(20)), 20
     assert manager.acquire(SessionKey("o", "s"), list(range(10))).reused == 9
+
+
+def test_expired_sessions_are_forgotten_in_ram_on_disk_and_in_sequences(tmp_path):
+    now = time.time()
+    store = SlotStore(RamStore(10**6), disk(tmp_path, ttl_s=60.0), ttl_s=60.0)
+    stale, fresh, filed = state("stale"), state("fresh"), state("filed")
+    stale.used_at, fresh.used_at, filed.used_at = now - 120, now - 10, now - 120
+    store.put(stale)
+    store.put(fresh)
+    assert store.persist(filed)
+    path = tmp_path / "slots" / file_name(filed.key)
+    assert abs(path.stat().st_mtime - filed.used_at) < 1  # the file ages with its session
+    assert store.purge_expired(now) == 2
+    assert store.take(stale.key) is None and store.take(filed.key) is None
+    assert store.take(fresh.key) is not None and not path.exists()
+    ctx = StubContext(2)
+    manager = SlotManager(ctx, SlotStore(RamStore(0), None, ttl_s=60.0), clock=lambda: now)
+    old, recent = manager.slots
+    old.key, old.tokens, old.last_used, ctx.held[0] = SessionKey("o", "old"), [1], now - 120, 1
+    recent.key, recent.last_used = SessionKey("o", "new"), now - 10
+    assert manager.expire() == 1 and old.key is None and ctx.held[0] == 0
+    assert recent.key == SessionKey("o", "new")

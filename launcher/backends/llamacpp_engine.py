@@ -31,6 +31,7 @@ from launcher.backends.slots import Slot, SlotManager
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
+EXPIRE_EVERY_S = 600.0  # how often idle sessions past their TTL are looked for
 PROMPT_RATE_MIN_TOKENS = 32  # batches this large measure prompt speed for the restore estimate
 
 
@@ -69,6 +70,7 @@ class BatchEngine:
         self._active: list[_Active] = []
         self._stopping = False
         self._closed = False
+        self._expired_at = time.monotonic()
         self._thread: threading.Thread | None = None
 
     # ---- the interface the HTTP layer uses ----------------------------------------------
@@ -138,6 +140,7 @@ class BatchEngine:
         with self._wake:
             while not self._stopping and not (self._inbox or self._waiting or self._active):
                 self._wake.wait(IDLE_WAIT_S)
+                self._expire_now_and_then()
             if self._stopping:
                 return False
             items = list(self._inbox)
@@ -148,6 +151,13 @@ class BatchEngine:
             else:
                 item()
         return True
+
+    def _expire_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self._expired_at >= EXPIRE_EVERY_S:
+            self._expired_at = now
+            if dropped := self.slots.expire():
+                logger.info("%d expired session state(s) dropped", dropped)
 
     def _step(self) -> None:
         self._admit()

@@ -190,7 +190,7 @@ def create_app(
     disk = None
     if slots.folder is not None:
         disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
-    store = SlotStore(RamStore(slots.ram_bytes), disk)
+    store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)
     manager = SlotManager(ctx, store, n_swa=model.n_swa)
     engine = BatchEngine(model, ctx, manager)
     text = LlamaText(model)

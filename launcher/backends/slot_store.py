@@ -38,6 +38,7 @@ class SavedState:
     key: SessionKey
     tokens: array  # array("i"): the token ids whose KV the data holds, position 0 first
     data: bytearray
+    used_at: float = 0.0  # when the session last ran (wall clock): expiry counts from it
     origin: str = "ram"  # where it was found: "ram" or "disk"
 
     @property
@@ -78,6 +79,13 @@ class RamStore:
         if state is not None:
             self.bytes_held -= state.nbytes
         return state
+
+    def purge(self, cutoff: float) -> int:
+        """Drop the states of sessions last used before `cutoff`."""
+        old = [key for key, state in self._states.items() if state.used_at < cutoff]
+        for key in old:
+            self.pop(key)
+        return len(old)
 
     def drain(self) -> Iterator[SavedState]:
         """Every state, least recently used first (so on disk the newest are kept longest),
@@ -145,6 +153,8 @@ class DiskStore:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, path)
+            if state.used_at:  # the file's age is the session's: expiry and LRU count from it
+                os.utime(path, (state.used_at, state.used_at))
         except OSError as exc:
             temp.unlink(missing_ok=True)
             logger.warning("cannot save a session state to %s: %s", path, exc)
@@ -162,6 +172,7 @@ class DiskStore:
                 "n_tokens": len(state.tokens),
                 "n_bytes": len(state.data),
                 "saved_at": time.time(),
+                "used_at": state.used_at,
             }
         ).encode()
         return MAGIC + _LEN.pack(len(header)) + header
@@ -194,7 +205,7 @@ class DiskStore:
             data = bytearray(header["n_bytes"])
             if src.readinto(data) != len(data) or src.read(1):
                 raise ValueError("the file is truncated or too long")
-        return SavedState(key, tokens, data, origin="disk")
+        return SavedState(key, tokens, data, used_at=header.get("used_at", 0.0), origin="disk")
 
     def delete(self, key: SessionKey) -> bool:
         name = file_name(key)
@@ -229,10 +240,18 @@ class DiskStore:
 
 
 class SlotStore:
-    """RAM first, disk past the RAM budget; `take` hands a state back to a sequence."""
+    """RAM first, disk past the RAM budget; `take` hands a state back to a sequence.
+    States of sessions idle longer than `ttl_s` (the proxy's session expiry) are dropped."""
 
-    def __init__(self, ram: RamStore, disk: DiskStore | None) -> None:
-        self.ram, self.disk = ram, disk
+    def __init__(self, ram: RamStore, disk: DiskStore | None, *, ttl_s: float = 7 * 86400.0):
+        self.ram, self.disk, self.ttl_s = ram, disk, ttl_s
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        dropped = self.ram.purge(now - self.ttl_s)
+        if self.disk is not None:
+            dropped += self.disk.purge_expired(now)
+        return dropped
 
     def put(self, state: SavedState) -> None:
         for spilled in self.ram.put(state):

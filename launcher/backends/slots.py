@@ -45,7 +45,7 @@ class Slot:
     key: SessionKey | None = None
     tokens: list[int] = field(default_factory=list)
     busy: bool = False
-    last_used: float = 0.0
+    last_used: float = 0.0  # wall clock, for LRU and expiry
     drop_on_release: bool = False
 
 
@@ -103,7 +103,7 @@ class SlotManager:
         store: SlotStore,
         *,
         n_swa: int = 0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ctx, self.store, self.n_swa, self.clock = ctx, store, n_swa, clock
         self.slots = [Slot(i) for i in range(ctx.n_seq)]
@@ -165,6 +165,15 @@ class SlotManager:
                 saved += self.store.persist(self._snapshot(slot))
         return saved
 
+    def expire(self) -> int:
+        """Forget sessions idle past the store's TTL: saved states and idle sequences (the
+        proxy has expired their conversations too). Returns how many went."""
+        cutoff = self.clock() - self.store.ttl_s
+        idle = [s for s in self.slots if s.key and not s.busy and s.last_used < cutoff]
+        for slot in idle:
+            self._empty(slot)
+        return len(idle) + self.store.purge_expired(self.clock())
+
     # ---- internals ----------------------------------------------------------------------
 
     def _free_slot(self) -> Slot | None:
@@ -189,7 +198,8 @@ class SlotManager:
 
     def _snapshot(self, slot: Slot) -> SavedState:
         assert slot.key is not None
-        return SavedState(slot.key, array("i", slot.tokens), self.ctx.save(slot.index))
+        data = self.ctx.save(slot.index)
+        return SavedState(slot.key, array("i", slot.tokens), data, used_at=slot.last_used)
 
     def _restore(self, slot: Slot, key: SessionKey, prompt: list[int]) -> str | None:
         state = self.store.take(key)
