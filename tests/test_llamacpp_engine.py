@@ -10,6 +10,7 @@ from engine_fixtures import GREEDY, Engine, tiny_engine_model
 
 from launcher.backends.generation import GenerationParams, SessionKey
 from launcher.backends.slot_store import file_name
+from launcher.backends.slots import common_prefix
 
 ALICE, BOB = "a1ice0000000000000000000000000000", "b0b00000000000000000000000000000"
 USER_TURNS = [
@@ -76,6 +77,16 @@ def test_a_continued_turn_evaluates_only_the_new_tokens(engines):
     # a prompt that changes mid-way keeps exactly the common prefix
     edited = held[:5] + [held[5] + 1] + held[6:]
     assert engine.run(edited, key).cached == 5
+
+
+def test_a_retokenized_reply_is_reused_up_to_its_first_differing_token(engines):
+    engine = engines(n_seq=1)
+    key = SessionKey(ALICE, "retokenized")
+    reply = engine.run(engine.tokens(USER_TURNS[0]), key)
+    held = engine.on_engine(lambda: list(engine.slots.holder(key).tokens))
+    again = engine.tokens(USER_TURNS[0] + reply.text + " user: more")  # as a template re-renders
+    expected = min(common_prefix(held, again), len(again) - 1)
+    assert expected > 0 and engine.run(again, key).cached == expected
 
 
 def test_after_eviction_to_ram_and_to_disk_the_output_is_the_same(engines, tmp_path):
