@@ -33,6 +33,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,16 @@ TEXT = (
 )
 WORDS = TEXT.split()
 MiB = 1 << 20
+OPENING = "Continue the story: Once upon a time, in a small town by the river,"
 
 
 def user_message(session: int, turn: int, words: int) -> str:
+    """Words, then an opening Gemma's base model continues (a question like "Tell me more."
+    gets an empty reply from it about half the time, and the stock server cannot ban the
+    end token: llama-cpp-python 0.3.36 ignores logit_bias)."""
     rng = random.Random(session * 1000 + turn)
     body = " ".join(rng.choice(WORDS) for _ in range(words))
-    return f"Turn {turn} of session {session}: {body}. Tell me more."
+    return f"Turn {turn} of session {session}: {body}. {OPENING}"
 
 
 def stream_chat(
@@ -99,25 +104,29 @@ class Conversation:
         self.headers = {"X-Session-Id": f"{tag}-{number}"} if arm.sessions else {}
         self.history: list[dict] = []
 
-    def turn(self, turn: int, words: int, reply_tokens: int) -> float:
+    def turn(self, turn: int, words: int, reply_tokens: int) -> tuple[float, int]:
+        """(time to first token, reply tokens) of the next turn."""
         message = {"role": "user", "content": user_message(self.number, turn, words)}
         messages = [message] if self.arm.sessions else [*self.history, message]
-        ttft, _, text, _ = stream_chat(self.arm, messages, self.headers, reply_tokens)
+        ttft, _, text, count = stream_chat(self.arm, messages, self.headers, reply_tokens)
         self.history += [message, {"role": "assistant", "content": text}]
-        return ttft
+        return ttft, count
 
 
-def turns_workload(arm: Arm, *, sessions: int, turns: int, words: int, reply: int, tag: str):
-    """TTFT per turn (a list per turn, one per session), sessions interleaved."""
+def turns_workload(
+    arm: Arm, *, sessions: int, turns: int, words: int, reply: int, tag: str
+) -> tuple[list[list[float]], list[list[int]]]:
+    """TTFT and reply tokens per turn (a list per turn, one per session), interleaved."""
     chats = [Conversation(arm, i, tag) for i in range(sessions)]
-    return [[chat.turn(t, words, reply) for chat in chats] for t in range(1, turns + 1)]
+    rows = [[chat.turn(t, words, reply) for chat in chats] for t in range(1, turns + 1)]
+    return [[r[0] for r in row] for row in rows], [[r[1] for r in row] for row in rows]
 
 
 def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, float]:
     """Total tokens/s of one stream alone and of `streams` at once (fresh short prompts)."""
 
     def one(i: int, out: list) -> None:
-        messages = [{"role": "user", "content": f"Story {i}: " + user_message(90 + i, 0, 20)}]
+        messages = [{"role": "user", "content": user_message(90 + i, 0, 20)}]
         _, seconds, _, count = stream_chat(arm, messages, {}, tokens)
         out.append((count, seconds))
 
@@ -141,9 +150,13 @@ def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, flo
 def run_arm(arm: Arm, shape: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"rss_mib": {}}
     try:
-        out["interleaved"] = turns_workload(arm, tag="a", **shape["interleaved"])
+        out["interleaved"], out["interleaved_reply_tokens"] = turns_workload(
+            arm, tag="a", **shape["interleaved"]
+        )
         out["rss_mib"]["after_interleaved"] = arm.backend_rss() / MiB
-        out["eight_on_four"] = turns_workload(arm, tag="b", **shape["eight_on_four"])
+        out["eight_on_four"], out["eight_on_four_reply_tokens"] = turns_workload(
+            arm, tag="b", **shape["eight_on_four"]
+        )
         out["rss_mib"]["after_eight_on_four"] = arm.backend_rss() / MiB
         out["concurrent"] = concurrent_workload(arm, **shape["concurrent"])
         out["rss_mib"]["after_concurrent"] = arm.backend_rss() / MiB
@@ -158,9 +171,9 @@ def run_arm(arm: Arm, shape: dict[str, Any]) -> dict[str, Any]:
 def shapes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
-            "context": 512,
-            "interleaved": {"sessions": 2, "turns": 3, "words": 20, "reply": 8},
-            "eight_on_four": {"sessions": 3, "turns": 2, "words": 20, "reply": 8},
+            "context": 1024,
+            "interleaved": {"sessions": 2, "turns": 3, "words": 12, "reply": 8},
+            "eight_on_four": {"sessions": 3, "turns": 2, "words": 12, "reply": 8},
             "concurrent": {"streams": 2, "tokens": 16},
             "parallel": 2,
         }
@@ -188,7 +201,11 @@ def bench_model(quick: bool, folder: Path) -> Path:
     return Path(assemble())
 
 
-def run(quick: bool, threads: int, folder: Path, arms: list[str]) -> dict[str, Any]:
+def run(
+    quick: bool, threads: int, folder: Path, arms: list[str], save: Callable[[dict], None]
+) -> dict[str, Any]:
+    """Each arm in turn; `save` gets the report so far after each (a long run that fails
+    late keeps what it measured)."""
     shape = shapes(quick)
     model = bench_model(quick, folder)
     context, parallel = shape["context"], shape["parallel"]
@@ -202,14 +219,15 @@ def run(quick: bool, threads: int, folder: Path, arms: list[str]) -> dict[str, A
             binary, model, context=context, parallel=parallel, threads=threads
         )
     bias = no_end_bias(model, quick)
-    results = {}
+    report = {"conditions": conditions(model, shape, threads, binary), "arms": {}}
     for name in arms:
         if name in starters:
             Console(stderr=True).print(f"[dim]running {name}...[/dim]")
             arm = starters[name]()
             arm.extra["logit_bias"] = bias
-            results[name] = run_arm(arm, shape)
-    return {"conditions": conditions(model, shape, threads, binary), "arms": results}
+            report["arms"][name] = run_arm(arm, shape)
+            save(report)
+    return report
 
 
 def no_end_bias(model: Path, quick: bool) -> dict[str, float]:
@@ -271,10 +289,10 @@ def targets(arms: dict[str, dict]) -> dict[str, Any]:
             )
             worst = max([worst, *(a / b for a, b in zip(ours, theirs) if b > 0)])
         out["worst_turn_vs_llama_server"] = {"ratio": worst, "met": worst <= 1.0}
-    if "llmup-stock" in arms:
-        ours = llmup["concurrent"]["total_tokens_per_s"]
-        stock = arms["llmup-stock"]["concurrent"]["total_tokens_per_s"]
-        out["concurrent_vs_stock"] = {"ratio": ours / stock, "met": ours / stock >= 2.0}
+    stock = arms.get("llmup-stock", {}).get("concurrent", {}).get("total_tokens_per_s")
+    if stock:
+        ratio = llmup["concurrent"]["total_tokens_per_s"] / stock
+        out["concurrent_vs_stock"] = {"ratio": ratio, "met": ratio >= 2.0}
     rss = llmup["rss_mib"]
     growth = rss["after_eight_on_four"] / rss["after_interleaved"]
     out["rss_eight_vs_four_sessions"] = {"ratio": growth, "met": growth <= 1.1}
@@ -319,12 +337,15 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
+    def save(report: dict) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as folder:
-        report = run(args.quick, args.threads, Path(folder), args.arms.split(","))
+        report = run(args.quick, args.threads, Path(folder), args.arms.split(","), save)
     report["targets"] = targets(report["arms"])
+    save(report)
     render(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
     Console().print(f"written to {args.out}")
 
 
