@@ -100,7 +100,11 @@ def start_llmup(model: Path, *, context: int, impl: str, parallel: int) -> Arm:
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, log)
     name = "llmup" if impl == "slots" else "llmup-stock"
-    return Arm(name, url, proc, sessions=True, model=model.stem, home=home)
+    plan = httpx.get(url + "/v1/plan", timeout=10).json()["plan"]
+    # what the plan accounts for in RAM: the model's need plus the saved-session store
+    bound = plan["memory_mib"]["total"] + plan["settings"].get("slot_ram_mib", 0)
+    extra = {"planned_ram_mib": bound, "parallel": plan["parallel"]}
+    return Arm(name, url, proc, sessions=True, model=model.stem, home=home, extra=extra)
 
 
 def llama_server_binary() -> Path | None:

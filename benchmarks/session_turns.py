@@ -18,8 +18,11 @@ package's GGUF) with the same threads and the same context per session:
 
 Targets (the issue's): llmup's turn 10 within 1.5x of its turn 2; no llmup turn slower than
 llama-server's; four llmup streams at least 2x the stock server's total tokens/s; RSS
-bounded. `--quick` runs a generated tiny model, two sessions of three turns, llmup and the
-stock server only, in well under a minute (tests/test_session_turns_bench.py runs it).
+bounded (here: never above the RAM the plan accounts for, model + KV + compute + the saved
+session store). The load average before and after each server is recorded: the machine
+may be shared, rerun when it was busy. `--quick` runs a generated tiny model, two sessions
+of three turns, llmup and the stock server only, in well under a minute
+(tests/test_session_turns_bench.py runs it).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def stream_chat(
                     first = first or time.perf_counter() - started
                     pieces.append(text)
     total = time.perf_counter() - started
+    arm.extra["last_usage"] = usage or {}
     tokens = (usage or {}).get("completion_tokens") or len(pieces)
     return first or total, total, "".join(pieces), tokens
 
@@ -104,22 +108,27 @@ class Conversation:
         self.headers = {"X-Session-Id": f"{tag}-{number}"} if arm.sessions else {}
         self.history: list[dict] = []
 
-    def turn(self, turn: int, words: int, reply_tokens: int) -> tuple[float, int]:
-        """(time to first token, reply tokens) of the next turn."""
+    def turn(self, turn: int, words: int, reply_tokens: int) -> tuple[float, int, int, int]:
+        """(time to first token, reply tokens, prompt tokens, cached prompt tokens)."""
         message = {"role": "user", "content": user_message(self.number, turn, words)}
         messages = [message] if self.arm.sessions else [*self.history, message]
         ttft, _, text, count = stream_chat(self.arm, messages, self.headers, reply_tokens)
         self.history += [message, {"role": "assistant", "content": text}]
-        return ttft, count
+        usage = self.arm.extra["last_usage"]
+        details = usage.get("prompt_tokens_details") or {}
+        return ttft, count, usage.get("prompt_tokens", 0), details.get("cached_tokens", 0)
+
+
+FIGURES = ("ttft", "reply_tokens", "prompt_tokens", "cached_tokens")
 
 
 def turns_workload(
     arm: Arm, *, sessions: int, turns: int, words: int, reply: int, tag: str
-) -> tuple[list[list[float]], list[list[int]]]:
-    """TTFT and reply tokens per turn (a list per turn, one per session), interleaved."""
+) -> dict[str, list[list[float]]]:
+    """Each figure per turn (a list per turn, one entry per session), sessions interleaved."""
     chats = [Conversation(arm, i, tag) for i in range(sessions)]
     rows = [[chat.turn(t, words, reply) for chat in chats] for t in range(1, turns + 1)]
-    return [[r[0] for r in row] for row in rows], [[r[1] for r in row] for row in rows]
+    return {name: [[r[i] for r in row] for row in rows] for i, name in enumerate(FIGURES)}
 
 
 def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, float]:
@@ -148,18 +157,19 @@ def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, flo
 
 
 def run_arm(arm: Arm, shape: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"rss_mib": {}}
+    out: dict[str, Any] = {"rss_mib": {}, "load_average": {"start": os.getloadavg()}}
+    if "planned_ram_mib" in arm.extra:
+        out["planned_ram_mib"] = arm.extra["planned_ram_mib"]
     try:
-        out["interleaved"], out["interleaved_reply_tokens"] = turns_workload(
-            arm, tag="a", **shape["interleaved"]
-        )
-        out["rss_mib"]["after_interleaved"] = arm.backend_rss() / MiB
-        out["eight_on_four"], out["eight_on_four_reply_tokens"] = turns_workload(
-            arm, tag="b", **shape["eight_on_four"]
-        )
+        for workload, tag in (("interleaved", "a"), ("eight_on_four", "b")):
+            figures = turns_workload(arm, tag=tag, **shape[workload])
+            out[workload] = figures.pop("ttft")
+            out.update({f"{workload}_{name}": rows for name, rows in figures.items()})
+            out["rss_mib"][f"after_{workload}"] = arm.backend_rss() / MiB
         out["rss_mib"]["after_eight_on_four"] = arm.backend_rss() / MiB
         out["concurrent"] = concurrent_workload(arm, **shape["concurrent"])
         out["rss_mib"]["after_concurrent"] = arm.backend_rss() / MiB
+        out["load_average"]["end"] = os.getloadavg()
     finally:
         arm.stop()
     return out
@@ -293,9 +303,9 @@ def targets(arms: dict[str, dict]) -> dict[str, Any]:
     if stock:
         ratio = llmup["concurrent"]["total_tokens_per_s"] / stock
         out["concurrent_vs_stock"] = {"ratio": ratio, "met": ratio >= 2.0}
-    rss = llmup["rss_mib"]
-    growth = rss["after_eight_on_four"] / rss["after_interleaved"]
-    out["rss_eight_vs_four_sessions"] = {"ratio": growth, "met": growth <= 1.1}
+    if "planned_ram_mib" in llmup:  # RSS within what the plan accounts for in RAM
+        ratio = max(llmup["rss_mib"].values()) / llmup["planned_ram_mib"]
+        out["rss_within_plan"] = {"ratio": ratio, "met": ratio <= 1.0}
     return out
 
 
