@@ -86,6 +86,11 @@ class ServedBackend:
         return self.plan.context
 
     @property
+    def kind(self) -> str:
+        """The worker's name ("llama.cpp", "llama.cpp-slots", "exllamav2"): what it supports."""
+        return self.supervisor.spec.name
+
+    @property
     def slots(self) -> bool:
         """The backend keeps sessions' KV caches (the proxy forwards deletes and metrics)."""
         return self.plan.backend == "llama.cpp" and self.plan.settings.llamacpp_impl != "server"

@@ -102,6 +102,7 @@ def test_bad_extras_and_headers_are_400s(worker):
         ({**base, "logit_bias": {"99999": 1}}, {}, "logit_bias"),
         ({**base, "grammar": "root ::= ("}, {}, "grammar"),
         ({**base, "top_k": -1}, {}, "top_k"),
+        ({**base, "min_tokens": 3}, {}, "min_tokens"),
         (base, {"X-Llmup-Session": "only-half"}, "go together"),
     ]
     for body, headers, needle in cases:
@@ -115,9 +116,7 @@ def test_grammar_and_json_schema_shape_the_reply(worker):
     assert text_of(yes_no) in ("yes", "no")
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     shaped = worker.chat(
-        messages,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        max_tokens=40,
+        messages, response_format={"type": "json_object", "schema": schema}, max_tokens=40
     )
     assert set(json.loads(text_of(shaped))) == {"ok"}
 

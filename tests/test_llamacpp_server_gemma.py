@@ -69,7 +69,7 @@ def test_an_evicted_conversation_answers_like_a_kept_one(gemma):
     assert httpx.get(gemma.url + "/slots").json()["restores"]["disk"] >= 2
 
 
-def test_json_schema_mode_gives_json_of_the_schema(gemma):
+def test_json_mode_with_a_schema_gives_json_of_the_schema(gemma):
     schema = {
         "type": "object",
         "properties": {"colour": {"type": "string"}, "warm": {"type": "boolean"}},
@@ -77,7 +77,7 @@ def test_json_schema_mode_gives_json_of_the_schema(gemma):
     }
     reply = gemma.chat(
         [{"role": "user", "content": "Give a colour as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        response_format={"type": "json_object", "schema": schema},
         max_tokens=40,
     )
     data = json.loads(text_of(reply))

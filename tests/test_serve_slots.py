@@ -6,17 +6,27 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import MACHINES
-from test_serve import Served, tiny_model  # noqa: F401 - the module's model fixture
+from ggufgen import write_llama_gguf
+from serving import Served
 
 from launcher.backends.calibration import lookup
+from launcher.backends.launch import backend_spec
 from launcher.backends.llamacpp_server import build_parser
-from launcher.backends.slots_spec import slots_spec
-from launcher.backends.spec import free_port
-from launcher.errors import UsageError
+from launcher.backends.spec import KEY_ENV, free_port
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.plan import Plan
 from launcher.planning.planner import PlanRequest, make_plan
-from launcher.serve import launch_spec
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    return write_llama_gguf(folder / "tiny-chat.gguf", tensor_type="F32", chat_template=TEMPLATE)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +36,7 @@ from launcher.serve import launch_spec
         ("server", "launcher.backends.llamacpp_worker"),
     ],
 )
-def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):  # noqa: F811
+def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):
     args = ["--model-file", str(tiny_model), "--context", "512", "--llamacpp-impl", impl]
     if impl == "slots":
         args += ["--parallel", "2"]
@@ -61,13 +71,13 @@ def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):  # no
         server.stop()
 
 
-def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch):
     """The launch value, parsed by the worker's own parser (without loading anything)."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
     plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
     assert len(plan.placement.devices) == 2 and plan.parallel >= 1
-    spec = slots_spec(plan, tiny_model, home=tmp_path, session_ttl_s=3600, port=12345)
+    spec = backend_spec(plan, tiny_model, home=tmp_path, session_ttl_s=3600, port=12345)
     assert spec.command[1:3] == ["-m", "launcher.backends.llamacpp_server"]
     args = build_parser().parse_args(spec.command[3:])
     assert (args.context, args.parallel) == (plan.context, plan.parallel)
@@ -75,11 +85,9 @@ def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch)
     assert args.n_gpu_layers == plan.placement.n_gpu_layers
     assert (args.kv_type, args.flash_attn) == ("q8_0", "on")
     assert args.slots_dir == tmp_path / "slots" and args.slot_ttl_s == 3600
-    assert args.slot_ram_mib == plan.settings.slot_ram_mib and args.host == "127.0.0.1"
-    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.health_path == "/health"
-    stock = make_plan(
-        PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
-    )
-    with pytest.raises(UsageError, match="not llama.cpp"):
-        slots_spec(plan.model_copy(update={"backend": "exllamav2"}), tiny_model, home=tmp_path)
-    assert "llamacpp_worker" in " ".join(launch_spec(stock, tiny_model, tmp_path).command)
+    assert args.slot_ram_mib == plan.settings.slot_ram_mib
+    assert (args.host, args.port) == ("127.0.0.1", 12345)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.launch_env()[KEY_ENV]
+    request = PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
+    stock = backend_spec(make_plan(request), tiny_model, home=tmp_path)
+    assert "launcher.backends.llamacpp_worker" in stock.command

@@ -26,6 +26,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     top_k: int = 0
     min_p: float = 0.0
+    repeat_penalty: float = 1.0  # llama.cpp's: 1 is off
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
 

@@ -26,25 +26,21 @@ class GrammarError(ValueError):
     """The grammar (or the JSON schema it came from) is not one llama.cpp can parse."""
 
 
-def json_mode_grammar(response_format: dict[str, Any] | None) -> str | None:
-    """The grammar for OpenAI's `response_format`: None for text, JSON for json_object, the
-    schema's grammar for json_schema (the schema under `json_schema.schema`)."""
-    kind = (response_format or {}).get("type", "text")
+def json_mode_grammar(kind: str, schema: dict[str, Any] | None) -> str | None:
+    """The grammar for `response_format`: None for text; for json_object (and json_schema)
+    any JSON, or JSON of `schema` when given (llama-cpp-python's `response_format.schema`)."""
     if kind == "text":
         return None
-    if kind == "json_object":
-        schema = response_format.get("schema")  # llama-cpp-python's extension
-        return json_schema_to_gbnf(json.dumps(schema)) if schema else JSON_GBNF
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise GrammarError("response_format json_schema needs json_schema.schema (an object)")
-        try:
-            return json_schema_to_gbnf(json.dumps(schema))
-        except Exception as exc:  # the converter raises bare Exceptions and KeyErrors
-            raise GrammarError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
-    raise GrammarError(f"response_format type {kind!r} is not supported")
+    if kind not in ("json_object", "json_schema"):
+        raise GrammarError(f"response_format type {kind!r} is not supported")
+    if schema is None:
+        if kind == "json_schema":
+            raise GrammarError("response_format json_schema needs its schema under `schema`")
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises bare Exceptions and KeyErrors
+        raise GrammarError(f"cannot turn the JSON schema into a grammar: {exc}") from exc
 
 
 def check_grammar(model: NativeModel, grammar: str) -> bool:
@@ -78,10 +74,13 @@ class SamplerChain:
             self._add(
                 lib.llama_sampler_init_logit_bias(model.vocab_size, len(params.logit_bias), biases)
             )
-        if params.presence_penalty or params.frequency_penalty:
+        if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1:
             self._add(
                 lib.llama_sampler_init_penalties(
-                    PENALTY_LAST_N, 1.0, params.frequency_penalty, params.presence_penalty
+                    PENALTY_LAST_N,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
                 )
             )
         if params.grammar is not None:

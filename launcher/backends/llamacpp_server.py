@@ -49,8 +49,10 @@ from launcher.backends.worker_api import (
     WorkerState,
     create_worker_app,
     session_key,
+    worker_state,
 )
 from launcher.errors import LlmupError
+from launcher.protocol import META_PATH
 from launcher.settings import default_home
 
 logger = logging.getLogger(__name__)
@@ -63,41 +65,63 @@ STATE_FORMAT = 1  # bump when the file layout or what identity means changes
 
 
 class _Extras(BaseModel):
-    """The request fields beyond OpenAI's that llama.cpp's servers accept."""
+    """The request fields beyond OpenAI's that llama.cpp's servers accept (and this one
+    implements)."""
 
     model_config = ConfigDict(extra="ignore")
     grammar: str | None = None
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    logit_bias: dict[int, float] = Field(default_factory=dict)
+    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
+
+
+# what llama_cpp.server does and this worker does not (the proxy refuses them before)
+NOT_HERE = (
+    "tools", "tool_choice", "functions", "function_call", "mirostat_mode", "mirostat_tau",
+    "mirostat_eta", "min_tokens",
+)  # fmt: skip
 
 
 def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
+    extra = body.model_extra or {}
+    for name in NOT_HERE:
+        if getattr(body, name, None) is not None or extra.get(name) is not None:
+            raise ApiError(400, f"`{name}` is not supported by this worker", param=name)
     try:
-        extras = _Extras.model_validate(body.model_extra or {})
+        extras = _Extras.model_validate(extra)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
-    if any(not 0 <= token < model.vocab_size for token in extras.logit_bias):
+    return {
+        "grammar": _grammar(model, extras.grammar, getattr(body, "response_format", None)),
+        "top_k": extras.top_k,
+        "min_p": extras.min_p,
+        "repeat_penalty": extras.repeat_penalty,
+        "logit_bias": _logit_bias(model, body.logit_bias),
+    }
+
+
+def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int, float]:
+    bias = {int(token): value for token, value in (given or {}).items()}
+    if any(not 0 <= token < model.vocab_size for token in bias):
         raise ApiError(
             400, f"logit_bias token ids must be in [0, {model.vocab_size})", param="logit_bias"
         )
-    grammar = extras.grammar
-    if grammar is None and getattr(body, "response_format", None) is not None:
+    return bias
+
+
+def _grammar(model: NativeModel, grammar: str | None, response_format: Any) -> str | None:
+    """The request's grammar, or JSON mode's; one llama.cpp cannot parse is a 400."""
+    if grammar is None and response_format is not None:
         try:
-            grammar = json_mode_grammar(body.response_format.model_dump())
+            grammar = json_mode_grammar(response_format.type, response_format.json_schema_)
         except GrammarError as exc:
             raise ApiError(400, str(exc), param="response_format") from None
     if grammar is not None and not check_grammar(model, grammar):
         raise ApiError(400, "the grammar does not parse as llama.cpp GBNF", param="grammar")
-    return {
-        "grammar": grammar,
-        "top_k": extras.top_k,
-        "min_p": extras.min_p,
-        "logit_bias": extras.logit_bias,
-    }
+    return grammar
 
 
 # ---- the slot routes ----------------------------------------------------------------------
@@ -130,6 +154,14 @@ class Slots:
 
 
 slot_router = APIRouter()
+
+
+@slot_router.get(META_PATH)
+async def meta(request: Request) -> dict[str, Any]:
+    """The facts the proxy asks for (vocabulary size for logit_bias, context per sequence);
+    every stream ends with exact usage."""
+    state = worker_state(request)
+    return {"n_vocab": state.tokenizer.vocab_size, "n_ctx": state.max_seq_len, "stream_usage": True}
 
 
 def _slots(request: Request) -> Slots:

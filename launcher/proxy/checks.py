@@ -22,6 +22,10 @@ from launcher.proxy.models import LLAMA_CPP_FIELDS
 UNSUPPORTED = {
     "exllamav2": (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice", "functions",
                   "function_call"),
+    # llmup's session-slot worker: grammar, top_k, min_p, repeat_penalty and JSON mode, but
+    # not llama-cpp-python's tool calling, mirostat or min_tokens
+    "llama.cpp-slots": ("tools", "tool_choice", "functions", "function_call", "mirostat_mode",
+                        "mirostat_tau", "mirostat_eta", "min_tokens"),
 }  # fmt: skip
 
 

@@ -21,7 +21,8 @@ async def forget_session(st: ProxyState, owner: str, session_id: str) -> None:
     if not backend_info.keeps_slots(st.backend):
         return
     try:
-        await st.upstream.call_json("DELETE", SLOTS_PATH, backend_headers(owner, session_id))
+        headers = backend_headers(owner, session_id)
+        await st.upstream.call_json("DELETE", SLOTS_PATH, headers=headers)
     except ProxyError as exc:
         log.warning("the backend could not forget session %s: %s", session_id, exc)
 
@@ -30,6 +31,6 @@ async def refresh_slot_metrics(st: ProxyState) -> None:
     if not backend_info.keeps_slots(st.backend) or not backend_info.is_ready(st.backend):
         return
     try:
-        st.metrics.set_slots(await st.upstream.call_json("GET", SLOTS_PATH))
+        st.metrics.set_slots(await st.upstream.call_json("GET", SLOTS_PATH) or {})
     except (ProxyError, KeyError) as exc:
         log.warning("no slot figures from the backend: %s", exc)

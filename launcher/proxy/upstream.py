@@ -61,22 +61,25 @@ class Upstream:
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """POST and return the JSON reply; any failure raised as a ProxyError."""
-        try:
-            response = await self.client.post(self.url(path), json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise self.transport_error(exc) from exc
-        if response.status_code >= 300:
-            raise error_from_reply(response.status_code, response.content)
-        return parse_json(response.content)
+        return await self.call_json("POST", path, body=body, headers=headers) or {}
 
     async def call_json(
-        self, method: str, path: str, headers: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        """A body-less call (GET, DELETE) and its JSON reply; failures as for post_json."""
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        missing_ok: bool = False,
+    ) -> dict[str, Any] | None:
+        """One call and its JSON reply; any failure raised as a ProxyError, except a 404
+        with `missing_ok` (None: the backend has no such route)."""
         try:
-            response = await self.client.request(method, self.url(path), headers=headers)
+            response = await self.client.request(method, self.url(path), json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise self.transport_error(exc) from exc
+        if missing_ok and response.status_code == 404:
+            return None
         if response.status_code >= 300:
             raise error_from_reply(response.status_code, response.content)
         return parse_json(response.content)
@@ -112,15 +115,7 @@ class Upstream:
 
     async def get_json(self, path: str) -> dict[str, Any] | None:
         """GET a JSON document; None when the backend has no such route (404)."""
-        try:
-            response = await self.client.get(self.url(path))
-        except httpx.HTTPError as exc:
-            raise self.transport_error(exc) from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code >= 300:
-            raise error_from_reply(response.status_code, response.content)
-        return parse_json(response.content)
+        return await self.call_json("GET", path, missing_ok=True)
 
     async def aclose(self) -> None:
         await self.client.aclose()
