@@ -16,6 +16,7 @@ from worker_fixtures import CLEAN_WORDS, SlotWorker, cached_of, session_headers,
 
 from launcher.backends.generation import SessionKey
 from launcher.backends.slot_store import file_name
+from launcher.backends.spec import KEY_ENV
 
 ALICE, BOB = "a" * 32, "b" * 32
 USERS = [
@@ -213,6 +214,21 @@ def test_memory_stays_flat_over_200_turns(model, tmp_path):
     assert stats["saves"] > 50 and stats["restores"]["ram"] + stats["restores"]["disk"] > 50
     assert stats["ram_bytes"] <= 1 << 20 and stats["disk_bytes"] <= 4 << 20
     assert rss[200] <= rss[20] * 1.10, rss
+
+
+def test_without_the_runs_key_the_worker_answers_nothing(model, tmp_path):
+    worker = SlotWorker.start(model, tmp_path / "slots", env={KEY_ENV: "run-key"})
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        url = worker.url + "/v1/chat/completions"
+        assert httpx.post(url, json=body).status_code == 401
+        wrong = {"Authorization": "Bearer other"}
+        assert httpx.post(url, json=body, headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer run-key"}
+        assert httpx.post(url, json=body, headers=right).status_code == 200
+        assert httpx.get(worker.url + "/slots").status_code == 401
+    finally:
+        worker.stop()
 
 
 def test_the_worker_listens_on_loopback_only(worker):

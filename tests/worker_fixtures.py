@@ -8,6 +8,7 @@ named by the proxy's private headers.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -42,7 +43,14 @@ class SlotWorker:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, model: Path, slots_dir: Path, *args: str, alias: str = "tiny") -> SlotWorker:
+    def start(
+        cls,
+        model: Path,
+        slots_dir: Path,
+        *args: str,
+        alias: str = "tiny",
+        env: dict[str, str] | None = None,
+    ) -> SlotWorker:
         port = free_port()
         log = slots_dir.parent / f"worker-{port}.log"
         command = [
@@ -51,18 +59,21 @@ class SlotWorker:
             "--slots-dir", str(slots_dir), "--threads", "1", *args,
         ]  # fmt: skip
         with open(log, "wb") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         worker = cls(proc, port, log, alias)
         worker._wait_ready()
         return worker
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
+        """Until /health answers (200, or 401 from a worker that wants a key)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code in (200, 401):
                     return
             except httpx.HTTPError:
                 pass
