@@ -87,8 +87,9 @@ class ServedBackend:
 
     @property
     def kind(self) -> str:
-        """The worker's name ("llama.cpp", "llama.cpp-slots", "exllamav2"): what it supports."""
-        return self.supervisor.spec.name
+        """Which worker serves ("llama.cpp", "llama.cpp-slots", "exllamav2"): what the proxy
+        lets through depends on it."""
+        return f"{self.plan.backend}-slots" if self.slots else self.plan.backend
 
     @property
     def slots(self) -> bool:

@@ -42,7 +42,10 @@ def tiny(tmp_path: Path) -> Path:
 
 def cpu_plan(model: Path, **kw) -> Plan:
     hardware = load_snapshot(MACHINES / "cpu-16gb.json")
-    return make_plan(PlanRequest(hardware=hardware, model_file=model, context=512, **kw))
+    request = PlanRequest(
+        hardware=hardware, model_file=model, context=512, llamacpp_impl="server", **kw
+    )
+    return make_plan(request)
 
 
 def server_parser() -> argparse.ArgumentParser:
@@ -97,7 +100,11 @@ def test_threads_configured_and_chat_format_override(tiny):
 def test_two_gpu_plan_splits_tensors_over_exactly_its_devices(tiny, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
-    plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
+    plan = make_plan(
+        PlanRequest(
+            hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0", llamacpp_impl="server"
+        )
+    )
     assert len(plan.placement.devices) == 2 and plan.settings.flash_attn
     spec = backend_spec(plan, tiny, home=home(), port=12345)
     args = server_parser().parse_args(spec.command[3:])

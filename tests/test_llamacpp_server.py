@@ -234,7 +234,7 @@ def test_without_the_runs_key_the_worker_answers_nothing(model, tmp_path):
 def test_the_worker_listens_on_loopback_only(worker):
     listening = [
         c.laddr
-        for c in psutil.Process(worker.proc.pid).net_connections(kind="tcp")
+        for c in psutil.Process(worker.proc.pid).connections(kind="tcp")
         if c.status == psutil.CONN_LISTEN
     ]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", worker.port)]

@@ -20,14 +20,15 @@ KV_LOG = (LOGS / "cuda-oom-kv.log").read_text()
 
 @pytest.fixture(scope="module")
 def one_a6000():
-    """70B Q4_K_M on one A6000: 41702 MiB planned on cuda:0."""
-    return make_plan(PlanRequest(hardware=load_snapshot(MACHINES / "a6000-48gb.json")))
+    """70B Q4_K_M on one A6000: 41702 MiB planned on cuda:0 (one sequence, as logged)."""
+    return make_plan(PlanRequest(hardware=load_snapshot(MACHINES / "a6000-48gb.json"), parallel=1))
 
 
 @pytest.fixture(scope="module")
 def busy_pair():
-    """70B Q6_K over the busy pair: 64 layers on cuda:0, 16 on cuda:1."""
-    return make_plan(PlanRequest(hardware=load_snapshot(MACHINES / "a6000x2-busy.json")))
+    """70B Q6_K over the busy pair: 64 layers on cuda:0, 16 on cuda:1 (one sequence)."""
+    hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
+    return make_plan(PlanRequest(hardware=hardware, parallel=1))
 
 
 def never_cached(source) -> bool:

@@ -70,3 +70,13 @@ def test_llmup_plan_shows_the_sequences():
     assert "one request at a time" in stock.stdout
     bad = run_cli("plan", "--hardware", machine, "--parallel", "0")
     assert bad.returncode == 2 and "--parallel must be" in bad.stderr + bad.stdout
+
+
+def test_the_first_fallback_keeps_the_model_with_one_sequence():
+    plan = plan_on("a6000-48gb")
+    assert plan.parallel > 1
+    first = plan.fallbacks[0]
+    assert (first.model.id, first.quant, first.parallel) == (plan.model.id, plan.quant, 1)
+    assert first.memory_mib.kv_cache * plan.parallel == pytest.approx(
+        plan.memory_mib.kv_cache, abs=plan.parallel
+    )

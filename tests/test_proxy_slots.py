@@ -30,7 +30,9 @@ def worker(tmp_path_factory):
 
 @pytest.fixture
 def proxy(worker, tmp_path):
-    backend = StaticBackend(base_url=worker.url, model_id="tiny", context=512, slots=True)
+    backend = StaticBackend(
+        base_url=worker.url, model_id="tiny", context=512, kind="llama.cpp-slots", slots=True
+    )
     running = serve_proxy(proxy_settings(tmp_path / "home", api_keys=KEYS), backend)
     yield running
     running.stop()
@@ -88,3 +90,14 @@ def test_metrics_report_slots(proxy):
     assert proxy.metric('llmup_slot_prompt_tokens{kind="reused"}', "key-a") > 0
     assert proxy.metric('llmup_slot_prompt_tokens{kind="evaluated"}', "key-a") > 0
     assert proxy.metric("llmup_slot_saved_bytes", "key-a") > 0
+
+
+def test_what_the_slot_worker_does_not_do_is_refused_by_the_proxy(proxy):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, param in (({"tools": [tool]}, "tools"), ({"min_tokens": 2}, "min_tokens")):
+        reply = proxy.http("key-a").post("/v1/chat/completions", json={**base, **extra})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    grammar = {**base, "grammar": 'root ::= "yes"', "max_tokens": 4}
+    reply = proxy.http("key-a").post("/v1/chat/completions", json=grammar)
+    assert reply.json()["choices"][0]["message"]["content"] == "yes"

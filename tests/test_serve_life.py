@@ -111,7 +111,8 @@ def test_sigterm_stops_a_runaway_generation_within_10_s(long_model, tmp_path):
         time.sleep(0.1)
     assert len(seen) >= 10, server.output()
     rate = (len(seen) - 1) / (seen[-1] - seen[0])  # over 3 s: events may come in bursts
-    assert (LONG_CONTEXT - 100) / rate > 60, f"{rate:.0f} tokens/s would finish within a minute"
+    # llmup's slot worker decodes the tiny model at ~1200 tokens/s: still far past the 10 s
+    assert (LONG_CONTEXT - 100) / rate > 30, f"{rate:.0f} tokens/s would finish within 30 s"
     busy = server.health()["backend"]  # polled every 0.5 s while generating: busy, not hung
     assert busy["failed_health_checks"] == 0 and busy["restarts"] == 0, busy
     started = time.monotonic()

@@ -45,7 +45,7 @@ def launch(
         disk_mib=disk_mib,
     )
     return WorkerLaunch(
-        name="llama.cpp-slots",
+        name="llama.cpp",  # what the supervisor's messages call it; the log is its own
         module=WORKER_MODULE,
         args=args,
         ready_timeout_s=ready_timeout_s(model_bytes(model_path)),

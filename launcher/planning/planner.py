@@ -51,9 +51,11 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     plan.notes = _notes(req, machine)
     plan.rejected = [_rejection(c) for c in rejected] + [_too_slow(c, req) for c in slow]
     plan.rejected += [_outranked(c, best) for c in others]
-    # the fallbacks hold no more sequences than the chosen plan, and need less than it
+    # the fallbacks hold no more sequences than the chosen plan, and need less than it; the
+    # first is the same model with one sequence (already downloaded, the cheapest step down)
     widened = [widen_parallel(c, req, machine, most=plan.parallel) for c in others]
-    plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(chosen, widened)]
+    fewer = [best] if chosen is not best else []
+    plan.fallbacks = [candidate_to_plan(c, req) for c in fallbacks(chosen, [*fewer, *widened])]
     return plan
 
 
