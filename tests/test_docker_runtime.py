@@ -45,11 +45,14 @@ def test_two_gpu_plan_requests_exactly_its_gpus_and_publishes_on_loopback(tiny, 
     assert "CUDA_VISIBLE_DEVICES" not in opts["environment"]  # renumbered from 0 inside
     assert opts["environment"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert opts["environment"][KEY_ENV] == spec.api_key  # the run's key reaches the worker
+    slots = str(tmp_path / "slots")  # the slot worker's saved sessions persist on the host
     assert opts["mounts"] == [
-        {"Target": str(tiny), "Source": str(tiny.resolve()), "Type": "bind", "ReadOnly": True}
+        {"Target": str(tiny), "Source": str(tiny.resolve()), "Type": "bind", "ReadOnly": True},
+        {"Target": slots, "Source": slots, "Type": "bind", "ReadOnly": False},
     ]
     command = opts["command"]
-    assert command[:3] == ["python", "-m", "launcher.backends.llamacpp_worker"]
+    assert command[:3] == ["python", "-m", "launcher.backends.llamacpp_server"]
+    assert command[command.index("--slots-dir") + 1] == slots
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--model") + 1] == str(tiny)  # the mount's own path
     assert opts["labels"][BACKEND_LABEL] == "llama.cpp"

@@ -171,6 +171,10 @@ def container_options(
         "mounts": [
             {"Target": target, "Source": source, "Type": "bind", "ReadOnly": True}
             for target, source in weight_mounts(weights).items()
+        ]
+        + [
+            {"Target": str(d), "Source": str(d), "Type": "bind", "ReadOnly": False}
+            for d in spec.state_dirs
         ],
         "device_requests": gpu_requests(spec.devices),
         "labels": {BACKEND_LABEL: spec.name, OWNER_LABEL: owner()},
@@ -208,13 +212,16 @@ def _alive(pid: int) -> bool:
 
 
 class DockerRuntime:
-    """Spawns a spec as a container of `image` with `weights` mounted read-only."""
+    """Spawns a spec as a container of `image` with `weights` mounted read-only (and the
+    spec's state folders read-write)."""
 
     def __init__(self, client: Any, *, image: str, weights: Iterable[Path]) -> None:
         self.client, self.image, self.weights = client, image, list(weights)
 
     def spawn(self, spec: BackendSpec, log_file: BinaryIO) -> ContainerChild:
         remove_orphans(self.client)
+        for folder in spec.state_dirs:  # a bind mount needs its source
+            folder.mkdir(parents=True, exist_ok=True)
         options = container_options(spec, image=self.image, weights=self.weights)
         try:
             container = self.client.containers.run(**options)

@@ -66,6 +66,7 @@ def backend_spec(
         model_alias=alias,
         devices=tuple(d.device for d in plan.placement.devices),
         api_key=new_backend_key(),
+        state_dirs=worker.state_dirs,
     )
 
 

@@ -221,7 +221,10 @@ def create_app(
     """The worker's app over a loaded model and context; all state on `app.state`."""
     disk = None
     if slots.folder is not None:
-        disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
+        try:
+            disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
+        except OSError as exc:  # serving beats persisting: RAM only, and say so
+            logger.warning("saved sessions stay in RAM only: %s", exc)
     store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)
     manager = SlotManager(ctx, store, n_swa=model.n_swa)
     engine = BatchEngine(model, ctx, manager)

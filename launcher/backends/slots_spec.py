@@ -50,6 +50,7 @@ def launch(
         args=args,
         ready_timeout_s=ready_timeout_s(model_bytes(model_path)),
         log_stem="llamacpp-slots",
+        state_dirs=(home / SLOTS_DIR,),
     )
 
 

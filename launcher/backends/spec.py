@@ -43,6 +43,7 @@ class WorkerLaunch:
     ready_timeout_s: float
     log_stem: str
     env_unset: frozenset[str] = frozenset()
+    state_dirs: tuple[Path, ...] = ()  # folders the worker writes and keeps across runs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,9 @@ class BackendSpec:
     model_alias: str | None = None
     devices: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
+    # folders the backend writes and keeps across runs (the slot worker's saved sessions): a
+    # container runtime mounts them read-write at the same path
+    state_dirs: tuple[Path, ...] = ()
 
     @property
     def base_url(self) -> str:
