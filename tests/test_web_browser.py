@@ -46,8 +46,11 @@ def served(tmp_path_factory):
     require_chromium()
     folder = tmp_path_factory.mktemp("web-model")
     model = write_llama_gguf(folder / "tiny-chat.gguf", tensor_type="F32", chat_template=TEMPLATE)
+    # llama-cpp-python's server: these tests watch a reply grow and stop it half-way, at its
+    # pace on the tiny model; llmup's slot worker writes 900 tokens of it in under a second
     server = Served(
-        ["--model-file", str(model), "--context", "1024", "--api-key", KEY],
+        ["--model-file", str(model), "--context", "1024", "--api-key", KEY]
+        + ["--llamacpp-impl", "server"],
         tmp_path_factory.mktemp("web-home"),
         free_port(),
     )
