@@ -56,11 +56,12 @@ MiB = 1 << 20
 OPENING = "Continue the story: Once upon a time, in a small town by the river,"
 
 
-def user_message(session: int, turn: int, words: int) -> str:
+def user_message(session: int, turn: int, words: int, tag: str = "") -> str:
     """Words, then an opening Gemma's base model continues (a question like "Tell me more."
     gets an empty reply from it about half the time, and the stock server cannot ban the
-    end token: llama-cpp-python 0.3.36 ignores logit_bias)."""
-    rng = random.Random(session * 1000 + turn)
+    end token: llama-cpp-python 0.3.36 ignores logit_bias). Each workload (`tag`) has its
+    own words: llama-server would reuse another session's identical prompt."""
+    rng = random.Random(f"{tag}-{session}-{turn}")
     body = " ".join(rng.choice(WORDS) for _ in range(words))
     return f"Turn {turn} of session {session}: {body}. {OPENING}"
 
@@ -104,13 +105,14 @@ class Conversation:
     llama-server gets the whole history, as any client of it sends."""
 
     def __init__(self, arm: Arm, number: int, tag: str) -> None:
-        self.arm, self.number = arm, number
+        self.arm, self.number, self.tag = arm, number, tag
         self.headers = {"X-Session-Id": f"{tag}-{number}"} if arm.sessions else {}
         self.history: list[dict] = []
 
     def turn(self, turn: int, words: int, reply_tokens: int) -> tuple[float, int, int, int]:
         """(time to first token, reply tokens, prompt tokens, cached prompt tokens)."""
-        message = {"role": "user", "content": user_message(self.number, turn, words)}
+        text = user_message(self.number, turn, words, self.tag)
+        message = {"role": "user", "content": text}
         messages = [message] if self.arm.sessions else [*self.history, message]
         ttft, _, text, count = stream_chat(self.arm, messages, self.headers, reply_tokens)
         self.history += [message, {"role": "assistant", "content": text}]
@@ -135,7 +137,7 @@ def concurrent_workload(arm: Arm, *, streams: int, tokens: int) -> dict[str, flo
     """Total tokens/s of one stream alone and of `streams` at once (fresh short prompts)."""
 
     def one(i: int, out: list) -> None:
-        messages = [{"role": "user", "content": user_message(90 + i, 0, 20)}]
+        messages = [{"role": "user", "content": user_message(i, 0, 20, "concurrent")}]
         _, seconds, _, count = stream_chat(arm, messages, {}, tokens)
         out.append((count, seconds))
 
@@ -291,14 +293,19 @@ def targets(arms: dict[str, dict]) -> dict[str, Any]:
         ratio = turns[9] / turns[1]
         out["turn10_vs_turn2"] = {"ratio": ratio, "met": ratio <= 1.5}
     if "llama-server" in arms:
-        worst = 0.0
-        for workload in ("interleaved", "eight_on_four"):
-            ours, theirs = (
-                mean_per_turn(llmup, workload),
-                mean_per_turn(arms["llama-server"], workload),
+        ratios = [
+            (turn, ours / theirs)
+            for workload in ("interleaved", "eight_on_four")
+            for turn, (ours, theirs) in enumerate(
+                zip(mean_per_turn(llmup, workload), mean_per_turn(arms["llama-server"], workload))
             )
-            worst = max([worst, *(a / b for a, b in zip(ours, theirs) if b > 0)])
+        ]
+        worst = max(ratio for _, ratio in ratios)
         out["worst_turn_vs_llama_server"] = {"ratio": worst, "met": worst <= 1.0}
+        # a first turn: llama-server may start from another session's identical prefix,
+        # which llmup never does (isolation), so continued turns are reported apart
+        continued = max(ratio for turn, ratio in ratios if turn > 0)
+        out["worst_continued_turn_vs_llama_server"] = {"ratio": continued, "met": continued <= 1}
     stock = arms.get("llmup-stock", {}).get("concurrent", {}).get("total_tokens_per_s")
     if stock:
         ratio = llmup["concurrent"]["total_tokens_per_s"] / stock
