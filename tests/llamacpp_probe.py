@@ -97,8 +97,13 @@ def run_load(
         "n_gpu_layers": n_gpu_layers,
     }
     options = _child_options(Path(path), kwargs, type_k, type_v, flash_attn, use_extra_bufts)
+    return _load_in_child(_CHILD, options, timeout, "llama.cpp load")
+
+
+def _load_in_child(code: str, options: str, timeout: float, what: str) -> str:
+    """Run a loading child; its stderr (the load log), or RuntimeError with its tail."""
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, options],
+        [sys.executable, "-c", code, options],
         capture_output=True,
         text=True,
         errors="replace",
@@ -107,7 +112,7 @@ def run_load(
     )
     if proc.returncode != 0 or "llamacpp_probe: loaded" not in proc.stderr:
         tail = "\n".join(proc.stderr.splitlines()[-20:])
-        raise RuntimeError(f"llama.cpp load failed (rc={proc.returncode}):\n{tail}")
+        raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{tail}")
     return proc.stderr
 
 
@@ -131,18 +136,8 @@ def measure_slots_load(
     `n_ctx_seq` tokens, repacking off) in a subprocess; (parsed buffers, load log)."""
     context = {"n_ctx_seq": n_ctx_seq, "n_seq": n_seq, "kv_type": kv_type, "flash_attn": False}
     options = json.dumps({"path": str(path), "context": context})
-    proc = subprocess.run(
-        [sys.executable, "-c", _SLOTS_CHILD, options],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=timeout,
-        check=False,
-    )
-    if proc.returncode != 0 or "llamacpp_probe: loaded" not in proc.stderr:
-        tail = "\n".join(proc.stderr.splitlines()[-20:])
-        raise RuntimeError(f"slot worker load failed (rc={proc.returncode}):\n{tail}")
-    return parse_load_log(proc.stderr), proc.stderr
+    log = _load_in_child(_SLOTS_CHILD, options, timeout, "slot worker load")
+    return parse_load_log(log), log
 
 
 def measure_load(path: str | Path, **load: Any) -> tuple[LoadBuffers, str]:

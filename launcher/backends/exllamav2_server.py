@@ -21,10 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI
 
-from launcher.backends.backend_key import require_backend_key
 from launcher.backends.exllamav2_engine import (
     ExllamaGenerator,
     GenerationWorker,
@@ -33,7 +31,12 @@ from launcher.backends.exllamav2_engine import (
     WorkerStartupError,
 )
 from launcher.backends.llama2_chat import prompt_tokens
-from launcher.backends.worker_api import LOG_FORMAT, WorkerState, create_worker_app
+from launcher.backends.worker_api import (
+    LOG_FORMAT,
+    WorkerState,
+    create_worker_app,
+    run_worker,
+)
 from launcher.planning.exllamav2 import CACHE_MODES
 
 logger = logging.getLogger(__name__)
@@ -125,14 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     alias = args.model_alias or default_alias(args.model_dir)
     app = create_app(generator, model_alias=alias, max_seq_len=args.max_seq_len)
     logger.info("serving %s on http://%s:%d/v1", alias, args.host, args.port)
-    # a stream in flight must not hold off the supervisor's SIGTERM for long
-    uvicorn.run(
-        require_backend_key(app),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from launcher.backends.backend_key import require_backend_key
 from launcher.backends.llamacpp import physical_cores
 from launcher.backends.llamacpp_engine import BatchEngine
 from launcher.backends.llamacpp_native import (
@@ -48,6 +46,7 @@ from launcher.backends.worker_api import (
     ApiError,
     WorkerState,
     create_worker_app,
+    run_worker,
     session_key,
     worker_state,
 )
@@ -331,14 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens",
         alias, args.host, args.port, options.n_seq, ctx.n_ctx_seq,
     )  # fmt: skip
-    # a stream in flight must not hold off the supervisor's SIGTERM for long
-    uvicorn.run(
-        require_backend_key(app),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

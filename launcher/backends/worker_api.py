@@ -25,11 +25,13 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from launcher.api_errors import error_response, install_error_handlers
+from launcher.backends.backend_key import require_backend_key
 from launcher.backends.generation import (
     END,
     GenerationJob,
@@ -482,3 +484,15 @@ def create_worker_app(
     install_error_handlers(app)
     app.add_exception_handler(GenerationError, _generation_error)
     return app
+
+
+def run_worker(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
+    """Serve a worker's app behind the run's backend key until SIGTERM; a stream in flight
+    must not hold off the supervisor's SIGTERM for long (5 s)."""
+    uvicorn.run(
+        require_backend_key(app),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
