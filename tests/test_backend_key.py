@@ -11,20 +11,20 @@ import httpx
 import pytest
 from test_exllamav2_server import MODEL, FakeGenerator, serving_app
 
-from launcher.backends import exllamav2_server
+from launcher.backends import exllamav2_server, worker_api
 from launcher.backends.backend_key import BackendKeyMiddleware, require_backend_key
 from launcher.backends.spec import KEY_ENV, new_backend_key
 
 
 @pytest.fixture
 def worker_app(monkeypatch, tmp_path):
-    """What the exllamav2 worker's main() hands to uvicorn, the key set as the supervisor
-    sets it (in the environment)."""
+    """What the exllamav2 worker's main() hands to uvicorn (through the workers' shared
+    `run_worker`), the key set as the supervisor sets it (in the environment)."""
     key = new_backend_key()
     monkeypatch.setenv(KEY_ENV, key)
     monkeypatch.setattr(exllamav2_server.ExllamaGenerator, "load", lambda options: FakeGenerator())
     served: list = []
-    monkeypatch.setattr(exllamav2_server.uvicorn, "run", lambda app, **kw: served.append(app))
+    monkeypatch.setattr(worker_api.uvicorn, "run", lambda app, **kw: served.append(app))
     args = ["--model-dir", str(tmp_path), "--port", "1", "--model-alias", MODEL]
     assert exllamav2_server.main(args) == 0
     return served[0], key
