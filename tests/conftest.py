@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving import kill_leftovers
 
 DATA = Path(__file__).parent / "data"
 MACHINES = DATA / "machines"
@@ -26,6 +27,12 @@ def _isolated_homes(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(key)
     # The shipped pins name commits of the real hub; the local test hub has its own.
     monkeypatch.setenv("LLMUP_PINS_FILE", str(home / "no-shipped-pins.json"))
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left_behind():
+    yield
+    kill_leftovers()
 
 
 def run_cli(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import openai
@@ -24,7 +25,13 @@ FAST_HEALTH = {
 
 
 class Served:
-    """`llmup serve` in a subprocess of its own process group, with its output captured."""
+    """`llmup serve` in a subprocess of its own process group, with its output captured.
+
+    Every instance is remembered until `kill_leftovers()` (run after each test by conftest),
+    so a test that fails before its own stop never leaves a server generating behind it.
+    """
+
+    started: ClassVar[list[Served]] = []
 
     def __init__(
         self,
@@ -45,6 +52,7 @@ class Served:
             start_new_session=True,
         )
         self.url = http_url(host, port)
+        Served.started.append(self)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -78,6 +86,16 @@ class Served:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+def kill_leftovers() -> None:
+    """SIGKILL the process group of every server a test started and did not stop."""
+    for server in Served.started:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+        server.log.close()
+    Served.started.clear()
 
 
 def descendants(pid: int) -> list[psutil.Process]:
