@@ -27,8 +27,9 @@ FAST_HEALTH = {
 class Served:
     """`llmup serve` in a subprocess of its own process group, with its output captured.
 
-    Every instance is remembered until `kill_leftovers()` (run after each test by conftest),
-    so a test that fails before its own stop never leaves a server generating behind it.
+    Every instance is remembered so that `kill_leftovers()` (run after each test by conftest)
+    can stop those the test started: one that fails before its own stop never leaves a
+    server generating behind it.
     """
 
     started: ClassVar[list[Served]] = []
@@ -88,14 +89,14 @@ class Served:
         self.log.close()
 
 
-def kill_leftovers() -> None:
-    """SIGKILL the process group of every server a test started and did not stop."""
-    for server in Served.started:
+def kill_leftovers(keep: int = 0) -> None:
+    """SIGKILL the process group of every server started after the first `keep` ones."""
+    for server in Served.started[keep:]:
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=30)
         server.log.close()
-    Served.started.clear()
+    del Served.started[keep:]
 
 
 def descendants(pid: int) -> list[psutil.Process]:
