@@ -355,7 +355,10 @@ def test_runtime_docker_serves_supervises_and_keeps_sessions(
         ports = backend.attrs["HostConfig"]["PortBindings"]
         assert [b["HostIp"] for bs in ports.values() for b in bs] == ["127.0.0.1"]
         binds = [m for m in backend.attrs["Mounts"] if m["Type"] == "bind"]
-        assert [(m["Destination"], m["RW"]) for m in binds] == [(str(tiny_model), False)]
+        # the weights read-only; the slot worker's saved sessions read-write, in the home
+        assert sorted((m["Destination"], m["RW"]) for m in binds) == sorted(
+            [(str(tiny_model), False), (str(home / "slots"), True)]
+        )
         volumes = [m["Name"] for m in backend.attrs["Mounts"] if m["Type"] == "volume"]
         assert not backend.attrs["HostConfig"].get("DeviceRequests")
         key = dict(e.split("=", 1) for e in backend.attrs["Config"]["Env"])[KEY_ENV]
