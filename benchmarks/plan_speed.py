@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from benchlib import Run  # noqa: E402
 from ggufgen import write_llama_gguf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -262,6 +263,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer tokens")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/plan_speed.json")
     args = parser.parse_args()
+    run = Run("plan_speed", args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         measured, probe = here_rows(Path(tmp), quick=args.quick)
     rows = write_up_rows() + pr_4766_rows() + measured
@@ -273,10 +275,9 @@ def main() -> None:
         f"{one['memory_bandwidth_gbs']:.1f} GB/s, {one['cpu_gflops']:.0f} GFLOPS; load average "
         f"{', '.join(f'{x:.1f}' for x in probe['load_average'])}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"quick": args.quick, "cpu": probe, "rows": rows}, indent=1))
     bad = [r for r in rows if not r["within_30pct"]]
-    Console().print(f"{len(rows) - len(bad)} of {len(rows)} within 30%; written to {args.out}")
+    Console().print(f"{len(rows) - len(bad)} of {len(rows)} within 30%")
+    run.write(args.out, {"cpu": probe, "rows": rows}, [])
 
 
 if __name__ == "__main__":

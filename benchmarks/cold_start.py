@@ -1,0 +1,258 @@
+"""Cold start: `llmup serve --model-file M` until its first answered request, against
+`python -m llama_cpp.server --model M` alone on the same model.
+
+Run: python benchmarks/cold_start.py [--quick] [--runs 3] [--out benchmarks/results/cold_start.json]
+
+Models: Gemma 3 270M Q4_K_M (the PyPI package's GGUF, a 262k-token vocabulary) and a
+generated Llama GGUF (12 layers, 2048 wide, Q8_0, 32k vocabulary); --quick runs one run each
+on a tiny generated model. Each server is started `--runs` times, alternating, after one
+untimed start of each (so the file is in the page cache and llmup's CPU probe is cached in
+its home, as on any start after a user's first). A run is the wall time from the spawn of
+the command to the answer of one completion (1 token); the client polls every 10 ms for
+readiness (llmup: /health is 200; llama_cpp.server: /v1/models is 200) and then sends it.
+llama_cpp.server gets the context llmup planned. Target: llmup within 1.2x.
+
+One more llmup start runs the real CLI with probes on its own functions (timestamps only)
+to break its time down: interpreter and imports, planning with the GGUF header reads
+counted and timed, pull and launch until the backend process is spawned, the backend's
+load until the supervisor finds it ready, the proxy's start, the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from benchlib import (
+    LOOPBACK,
+    Run,
+    answers,
+    bench_model,
+    free_port,
+    generated_model,
+    llmup_command,
+    parser,
+    print_table,
+    spawn,
+    stop,
+    target,
+    wait_until,
+)
+
+TARGET_RATIO = 1.2
+GENERATED = dict(n_layer=12, n_embd=2048, n_head=16, n_head_kv=16, n_ff=5632, n_vocab=32000,
+                 tensor_type="Q8_0")  # fmt: skip
+
+# Runs `llmup serve` in this interpreter with timestamps around its own stages.
+PROBED = r"""
+import json, sys, time
+from unittest import mock
+events = open(sys.argv[1], "a")
+def mark(name, **extra):
+    events.write(json.dumps({"event": name, "t": time.time(), **extra}) + "\n")
+    events.flush()
+mark("interpreter")
+import launcher.cli
+mark("imported")
+import launcher.serve, launcher.weights.gguf_file as gguf_file
+from launcher.backends.supervisor import Supervisor
+def wrap(owner, name, label):
+    real = getattr(owner, name)
+    def probe(*args, **kwargs):
+        mark(label + ":start")
+        try:
+            return real(*args, **kwargs)
+        finally:
+            mark(label + ":end")
+    return mock.patch.object(owner, name, probe)
+with wrap(gguf_file, "open_gguf", "header"), wrap(launcher.serve, "serve", "serve"), \
+        wrap(Supervisor, "start", "backend"):
+    sys.argv = ["llmup", *sys.argv[2:]]
+    launcher.cli.main()
+"""
+
+
+def first_answer(url: str, model: str) -> float:
+    """Seconds for one 1-token completion; a failed answer stops the benchmark."""
+    start = time.monotonic()
+    reply = httpx.post(
+        url + "/v1/completions",
+        json={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0},
+        timeout=120,
+    )
+    if reply.status_code != 200:
+        raise SystemExit(f"{url} answered {reply.status_code}: {reply.text[:500]}")
+    return time.monotonic() - start
+
+
+def backend_spawned(pid: int) -> bool:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+        return any("--port" in child.cmdline() for child in children)
+    except psutil.Error:
+        return False
+
+
+def start_llmup(model: Path, home: str, folder: Path, probed: Path | None = None) -> dict:
+    """One llmup start: spawn -> backend process -> /health -> first answer (seconds)."""
+    port = free_port()
+    command = llmup_command(model, port)
+    if probed is not None:
+        command = [sys.executable, "-c", PROBED, str(probed), *command[3:]]
+    url = f"http://{LOOPBACK}:{port}"
+    t0_wall, t0 = time.time(), time.monotonic()
+    proc = spawn(command, folder / "llmup.log", env={"LLMUP_HOME": home})
+    try:
+        spawned = wait_until(lambda: backend_spawned(proc.pid), proc, timeout=600, poll=0.01)
+        ready = wait_until(lambda: answers(url), proc, timeout=600, poll=0.01)
+        answer = first_answer(url, model.stem)
+    finally:
+        stop(proc)
+    return {
+        "t0_wall": t0_wall,
+        "spawned_s": spawned - t0,
+        "ready_s": ready - t0,
+        "first_request_s": answer,
+        "total_s": ready - t0 + answer,
+    }
+
+
+def start_llama_cpp_server(model: Path, context: int, folder: Path) -> dict:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", LOOPBACK,
+        "--port", str(port), "--n_ctx", str(context),
+    ]  # fmt: skip
+    url = f"http://{LOOPBACK}:{port}"
+    t0 = time.monotonic()
+    proc = spawn(command, folder / "llama_cpp_server.log")
+    try:
+        ready = wait_until(lambda: answers(url, "/v1/models"), proc, timeout=600, poll=0.01)
+        answer = first_answer(url, model.stem)
+    finally:
+        stop(proc)
+    return {"ready_s": ready - t0, "first_request_s": answer, "total_s": ready - t0 + answer}
+
+
+def planned_context(home: str, model: Path) -> int:
+    """The context `llmup serve` plans for this model here (llama_cpp.server gets the same)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "plan", "--model-file", str(model), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLMUP_HOME": home},
+        check=True,
+    )
+    return int(json.loads(proc.stdout)["context"])
+
+
+def breakdown(model: Path, home: str, folder: Path) -> dict[str, Any]:
+    """llmup's start in steps, from one probed run (seconds)."""
+    events_file = folder / "events.jsonl"
+    run = start_llmup(model, home, folder, probed=events_file)
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    at = {e["event"]: e["t"] - run["t0_wall"] for e in events}
+    headers = [e for e in events if e["event"].startswith("header:")]
+    reads = [b["t"] - a["t"] for a, b in zip(headers[::2], headers[1::2])]
+    serve_start = at["serve:start"] + run["t0_wall"]
+    before_serve = sum(d for d, a in zip(reads, headers[::2]) if a["t"] < serve_start)
+    steps = {
+        "interpreter start": at["interpreter"],
+        "imports": at["imported"] - at["interpreter"],
+        "plan (without header reads)": at["serve:start"] - at["imported"] - before_serve,
+        "GGUF header reads": sum(reads),
+        "pull and spawn (without header reads)": (
+            at["backend:start"] - at["serve:start"] - (sum(reads) - before_serve)
+        ),
+        "backend load until ready": at["backend:end"] - at["backend:start"],
+        "proxy start": run["ready_s"] - at["backend:end"],
+        "first request": run["first_request_s"],
+    }
+    return {
+        "steps": {k: round(v, 3) for k, v in steps.items()},
+        "header_reads": len(reads),
+        "header_read_s": [round(r, 3) for r in reads],
+        "total_s": round(run["total_s"], 3),
+    }
+
+
+def measure(name: str, model: Path, runs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="llmup-cold-") as tmp:
+        folder, home = Path(tmp), str(Path(tmp) / "home")
+        context = planned_context(home, model)
+        start_llmup(model, home, folder)  # warm-up: page cache, CPU probe cached
+        start_llama_cpp_server(model, context, folder)
+        llmup, stock = [], []
+        for _ in range(runs):
+            llmup.append(start_llmup(model, home, folder))
+            stock.append(start_llama_cpp_server(model, context, folder))
+        steps = breakdown(model, home, folder)
+    a = statistics.median(r["total_s"] for r in llmup)
+    b = statistics.median(r["total_s"] for r in stock)
+    return {
+        "model": name,
+        "file_mib": round(model.stat().st_size / 2**20, 1),
+        "context": context,
+        "runs": runs,
+        "llmup_s": round(a, 3),
+        "llama_cpp_server_s": round(b, 3),
+        "ratio": round(a / b, 3),
+        "llmup_runs": [round(r["total_s"], 3) for r in llmup],
+        "llama_cpp_server_runs": [round(r["total_s"], 3) for r in stock],
+        "llmup_breakdown": steps,
+    }
+
+
+def models(quick: bool) -> list[tuple[str, Path]]:
+    path, name = bench_model(quick)
+    chosen = [(name, path)]
+    if not quick:
+        chosen.append(("generated Llama 12x2048 Q8_0", generated_model("cold-llama", **GENERATED)))
+    return chosen
+
+
+def render(rows: list[dict]) -> None:
+    print_table(
+        "Cold start to the first answer (s, median)",
+        ("model", "MiB", "llmup serve", "llama_cpp.server", "ratio", "target", "met"),
+        [(r["model"], r["file_mib"], f"{r['llmup_s']:.2f}", f"{r['llama_cpp_server_s']:.2f}",
+          f"{r['ratio']:.2f}x", f"<= {TARGET_RATIO}x",
+          "yes" if r["ratio"] <= TARGET_RATIO else "no") for r in rows],
+    )  # fmt: skip
+    for r in rows:
+        b = r["llmup_breakdown"]
+        steps = [(step, f"{s:.3f}") for step, s in b["steps"].items()]
+        print_table(
+            f"llmup serve's start, step by step: {r['model']} ({b['header_reads']} header reads)",
+            ("step", "s"),
+            [*steps, ("total", f"{b['total_s']:.3f}")],
+        )
+
+
+def main() -> None:
+    args = parser(__doc__, "cold_start")
+    args.add_argument("--runs", type=int, default=3, help="timed starts of each (1 with --quick)")
+    args = args.parse_args()
+    run = Run("cold_start", args.quick)
+    rows = [
+        measure(name, path, 1 if args.quick else args.runs) for name, path in models(args.quick)
+    ]
+    render(rows)
+    targets = [
+        target(f"{r['model']}: llmup / llama_cpp.server", r["ratio"], TARGET_RATIO, "at most")
+        for r in rows
+    ]
+    run.write(args.out, {"rows": rows}, targets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Render benchmarks/README.md's result sections from the results files.
+
+Run: python benchmarks/report.py [--check] [--results DIR] [--readme FILE]
+(defaults: benchmarks/results, benchmarks/README.md)
+
+Each figure's section in the README lies between `<!-- BEGIN results:NAME -->` and
+`<!-- END results:NAME -->`; this replaces what is between them with the run's command,
+machine, load, its tables and its targets, rendered from results/NAME.json. The prose
+around the markers is written by hand. --check changes nothing and exits 1 when the README
+is not what the results files give (tests run it, so the page never drifts from its data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchlib import RESULTS, ROOT
+
+MARKERS = re.compile(
+    r"(<!-- BEGIN results:(?P<name>[\w-]+) -->\n).*?(<!-- END results:(?P=name) -->)", re.DOTALL
+)
+
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header(report: dict[str, Any]) -> str:
+    m, load = report["machine"], report["load_average"]
+    kind = " (--quick)" if report.get("quick") else ""
+    return (
+        f"Command: `{report['command']}`{kind}, {report['wall_s']:.0f} s, {m['date']}.  \n"
+        f"Machine: {m['cpu']}, {m['physical_cores']} cores ({m['logical_cores']} logical), "
+        f"{m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}, llama-cpp-python "
+        f"{m['llama_cpp_python']}.  \n"
+        f"Load average (1 min) before and after: {load['before'][0]} and {load['after'][0]} "
+        f"on {m['logical_cores']} cores."
+    )
+
+
+def targets_table(report: dict[str, Any]) -> str:
+    targets = report.get("targets") or []
+    if not targets:
+        return ""
+    rows = [
+        (t["name"], _fmt(t["value"], t["unit"]), f"{t['direction']} {_fmt(t['limit'], t['unit'])}",
+         {True: "met", False: "**missed**", None: "not measured"}[t["met"]])
+        for t in targets
+    ]  # fmt: skip
+    return md_table(("target", "measured", "limit", "met"), rows)
+
+
+def _fmt(value: Any, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g} {unit}".strip()
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1f}%"
+
+
+def calibration(r: dict[str, Any]) -> list[str]:
+    summary = md_table(
+        ("component", "points", "max abs. error", "median abs. error", "median error", "worst at"),
+        [(s["component"], s["points"], f"{s['max_abs_error_pct']:.2f}%",
+          f"{s['median_abs_error_pct']:.2f}%", _pct(s["median_error_pct"]), s["worst"])
+         for s in r["summary"]],
+    )  # fmt: skip
+    per_model = []
+    for model, gib in r["model_gib"].items():
+        mine = [x for x in r["rows"] if x["model"] == model]
+        worst = {
+            kind: max(abs(x["error_pct"] or 0) for x in mine if x["component"] == kind)
+            for kind in ("model", "kv", "compute", "total")
+        }
+        per_model.append(
+            (model, f"{gib:.3f}", len(mine) // 4, *(f"{w:.2f}%" for w in worst.values()))
+        )
+    models = md_table(
+        ("model", "GiB", "points", "model max", "KV max", "compute max", "total vs RSS max"),
+        per_model,
+    )
+    return [summary, models]
+
+
+def proxy_overhead(r: dict[str, Any]) -> list[str]:
+    rows = [
+        (x["mode"], x["concurrency"], x["direct"]["p50_ms"], x["llmup"]["p50_ms"],
+         f"{x['p50_added_ms']:+.2f}", x["direct"]["p99_ms"], x["llmup"]["p99_ms"],
+         f"{x['p99_added_ms']:+.2f}", x["direct"]["tokens_per_s"], x["llmup"]["tokens_per_s"],
+         f"{100 * x['stream_ratio']:.1f}%")
+        for x in r["rows"]
+    ]  # fmt: skip
+    columns = ("mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
+               "p99 direct ms", "p99 llmup ms", "p99 added", "direct tok/s", "llmup tok/s",
+               "llmup/direct")  # fmt: skip
+    note = (
+        f"Model: {r['model']}; latency: non-streamed, max_tokens {r['latency_max_tokens']}; "
+        f"streaming: max_tokens {r['stream_max_tokens']}, all streams of a cell together."
+    )
+    return [note, md_table(columns, rows)]
+
+
+def cold_start(r: dict[str, Any]) -> list[str]:
+    main = md_table(
+        ("model", "file MiB", "context", "runs", "llmup serve s", "llama_cpp.server s", "ratio"),
+        [(x["model"], x["file_mib"], x["context"], x["runs"], f"{x['llmup_s']:.2f}",
+          f"{x['llama_cpp_server_s']:.2f}", f"{x['ratio']:.2f}x") for x in r["rows"]],
+    )  # fmt: skip
+    parts = [x["llmup_breakdown"] for x in r["rows"]]
+    rows = [(step, *(f"{b['steps'][step]:.3f}" for b in parts)) for step in parts[0]["steps"]]
+    rows.append(("GGUF header reads (count)", *(b["header_reads"] for b in parts)))
+    rows.append(("total (this run)", *(f"{b['total_s']:.3f}" for b in parts)))
+    breakdown = md_table(("llmup step (s)", *(x["model"] for x in r["rows"])), rows)
+    return [main, breakdown]
+
+
+def cli_speed(r: dict[str, Any]) -> list[str]:
+    main = md_table(
+        ("command", "runs", "median ms", "fastest ms", "CPU ms (median)", "target ms"),
+        [(x["command"], x["runs"], x["median_ms"], x["min_ms"], x["cpu_median_ms"],
+          f"< {x['target_ms']}" if x["target_ms"] else "-") for x in r["rows"]],
+    )  # fmt: skip
+    imports = md_table(
+        ("slowest imports of `launcher.cli`", "cumulative ms"),
+        [(f"`{x['module']}`", x["cumulative_ms"]) for x in r["slowest_imports"]],
+    )
+    return [main, imports]
+
+
+def memory_over_time(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for kind, res in r["workloads"].items():
+        sent = res["samples"][-1]["requests"]
+        for process in ("proxy", "backend"):
+            g = res[process]
+            rows.append((kind, sent, process, g["baseline_mib"], g["max_mib"], g["last_mib"],
+                         _pct(100 * g["max_growth"])))  # fmt: skip
+    columns = ("workload", "requests", "process", "baseline MiB", "max MiB", "last MiB",
+               "max growth")  # fmt: skip
+    return [f"Model: {r['model']}; {r['clients']} clients at once.", md_table(columns, rows)]
+
+
+def plan_speed(r: dict[str, Any]) -> list[str]:
+    rows = [
+        (x["source"], x["device"], x["model"], x["figure"], x["predicted_tokens_per_s"],
+         x["reference_tokens_per_s"], _pct(x["error_pct"]) if x["error_pct"] is not None else "-",
+         "yes" if x["within_30pct"] else f"no: {x['note']}")
+        for x in r["rows"]
+    ]  # fmt: skip
+    columns = ("source", "device", "model", "figure", "predicted tok/s", "reference tok/s",
+               "error", "within 30%")  # fmt: skip
+    return [md_table(columns, rows)]
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "calibration": calibration,
+    "proxy_overhead": proxy_overhead,
+    "cold_start": cold_start,
+    "cli_speed": cli_speed,
+    "memory_over_time": memory_over_time,
+    "plan_speed": plan_speed,
+}
+
+
+def section(name: str, results: Path) -> str:
+    path = results / f"{name}.json"
+    if not path.exists():
+        return f"_No results yet: run the command above (writes `results/{name}.json`)._\n"
+    report = json.loads(path.read_text())
+    parts = [header(report), *RENDERERS[name](report), targets_table(report)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def render(readme: str, results: Path) -> str:
+    def fill(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in RENDERERS:
+            raise SystemExit(f"README names results:{name}, which report.py cannot render")
+        return match.group(1) + section(name, results) + match.group(3)
+
+    return MARKERS.sub(fill, readme)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=ROOT / "benchmarks/README.md")
+    args = p.parse_args()
+    before = args.readme.read_text()
+    after = render(before, args.results)
+    if args.check:
+        if after != before:
+            sys.exit(f"{args.readme} is out of date: run python benchmarks/report.py")
+        print(f"{args.readme} matches {args.results}")
+        return
+    args.readme.write_text(after)
+    print(f"rendered {len(MARKERS.findall(after))} sections into {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
