@@ -9,9 +9,10 @@ point is planned for this machine's 2-core/24 GB snapshot and loaded in a fresh 
 llama-cpp-python with mmap off (weights in the process's own memory, as the RSS then
 counts them), the stock server's modules imported first, and one batch of up to 512 tokens
 evaluated, so the compute buffer is used. Compared: the plan's model, KV and compute
-buffers against llama.cpp's load log, and the plan's total (weights + KV + compute + the
-serving process) against the process's peak RSS (VmHWM). Reported per component: the
-largest and the median absolute error. --quick: one small model, two points.
+buffers against llama.cpp's load log; the plan's runtime overhead (the serving process)
+against the process's RSS before the load; and the plan's total (weights + KV + compute +
+overhead) against the process's peak RSS (VmHWM). Reported per component: the largest and
+the median absolute error. --quick: one small model, two points.
 
 The compute buffer is sized for a full context; a batch evaluated at the start of an empty
 cache touches only the part it uses, so at long contexts the peak RSS stays below the
@@ -29,7 +30,7 @@ from benchlib import GIB, MIB, ROOT, Run, generated_model, parser, print_table
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llamacpp_probe import measure_load, peak_rss  # noqa: E402
+from llamacpp_probe import measure_load, resident_bytes  # noqa: E402
 
 from launcher.hardware.snapshot import load_snapshot  # noqa: E402
 from launcher.planning.planner import PlanRequest, make_plan  # noqa: E402
@@ -53,7 +54,7 @@ SHAPES = {
 CONTEXTS = (512, 2048, 4096, 8192, 16384)
 KV_TYPES = ("f16", "q8_0", "q4_0")
 QUICK = {"gqa-q8": [(512, "f16"), (2048, "q8_0")]}
-COMPONENTS = ("model", "kv", "compute", "total")
+COMPONENTS = ("model", "kv", "compute", "process", "total")
 SERVING_MODULES = ("llama_cpp.server.app",)
 HARDWARE = ROOT / "tests/data/machines/cpu-2core-24gb.json"
 
@@ -77,7 +78,8 @@ def point(path: Path, n_ctx: int, kv: str) -> list[dict[str, Any]]:
         kind: (sum(plan.llamacpp_buffers_mib[kind].values()), sum(getattr(got, kind).values()))
         for kind in ("model", "kv", "compute")
     }
-    pairs["total"] = (plan.memory_mib.total, peak_rss(log) / MIB)
+    pairs["process"] = (plan.memory_mib.overhead, resident_bytes(log, "before_load") / MIB)
+    pairs["total"] = (plan.memory_mib.total, resident_bytes(log, "peak") / MIB)
     return [
         {"n_ctx": n_ctx, "kv_type": kv, "component": kind, "predicted_mib": round(p, 2),
          "measured_mib": round(m, 2), "error_pct": round(100 * (p - m) / m, 2) if m else None}

@@ -78,20 +78,18 @@ def calibration(r: dict[str, Any]) -> list[str]:
           f"{s['median_abs_error_pct']:.2f}%", _pct(s["median_error_pct"]), s["worst"])
          for s in r["summary"]],
     )  # fmt: skip
+    components = [s["component"] for s in r["summary"]]
     per_model = []
     for model, gib in r["model_gib"].items():
         mine = [x for x in r["rows"] if x["model"] == model]
-        worst = {
-            kind: max(abs(x["error_pct"] or 0) for x in mine if x["component"] == kind)
-            for kind in ("model", "kv", "compute", "total")
-        }
-        per_model.append(
-            (model, f"{gib:.3f}", len(mine) // 4, *(f"{w:.2f}%" for w in worst.values()))
-        )
-    models = md_table(
-        ("model", "GiB", "points", "model max", "KV max", "compute max", "total vs RSS max"),
-        per_model,
-    )
+        worst = [
+            max(abs(x["error_pct"] or 0) for x in mine if x["component"] == kind)
+            for kind in components
+        ]
+        points = len(mine) // len(components)
+        per_model.append((model, f"{gib:.3f}", points, *(f"{w:.2f}%" for w in worst)))
+    columns = ("model", "GiB", "points", *(f"{kind}: max abs. error" for kind in components))
+    models = md_table(columns, per_model)
     return [summary, models]
 
 

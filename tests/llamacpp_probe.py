@@ -44,6 +44,10 @@ import llama_cpp.llama_cpp as C
 opts = json.loads(sys.argv[1])
 for module in opts["preload"]:
     __import__(module)
+def status_kib(key):
+    with open("/proc/self/status") as status:
+        return next((line.split()[1] for line in status if line.startswith(key + ":")), "0")
+print(f"llamacpp_probe: before_load_rss_kib {status_kib('VmRSS')}", file=sys.stderr)
 kwargs = opts["kwargs"]
 for key in ("type_k", "type_v"):
     kwargs[key] = getattr(C, opts[key])
@@ -56,9 +60,7 @@ if not opts["use_extra_bufts"]:
 llm = llama_cpp.Llama(verbose=True, **kwargs)
 if opts["eval_tokens"]:
     llm.eval([1] + [3 + i % (llm.n_vocab() - 3) for i in range(opts["eval_tokens"] - 1)])
-with open("/proc/self/status") as status:
-    hwm = next((line.split()[1] for line in status if line.startswith("VmHWM:")), "0")
-print(f"llamacpp_probe: peak_rss_kib {hwm}", file=sys.stderr)
+print(f"llamacpp_probe: peak_rss_kib {status_kib('VmHWM')}", file=sys.stderr)
 print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
 """
 
@@ -103,8 +105,8 @@ def run_load(
     `flash_attn`: None keeps llama-cpp-python's default (disabled), True / False force it,
     "auto" gives llama.cpp's own default. `eval_tokens` > 0 evaluates that many tokens after
     the load (so the compute buffers are used); `preload` modules are imported first (what a
-    serving process has imported). The log ends with the child's peak RSS (`peak_rss`).
-    Raises RuntimeError when the load fails.
+    serving process has imported). The log carries the child's RSS before the load and its
+    peak (`resident_bytes`). Raises RuntimeError when the load fails.
     """
     kwargs = {
         "n_ctx": n_ctx,
@@ -158,11 +160,12 @@ def measure_slots_load(
     return parse_load_log(log), log
 
 
-def peak_rss(log: str) -> int:
-    """The child's peak resident set (bytes, /proc's VmHWM) from a `run_load` log."""
-    match = re.search(r"llamacpp_probe: peak_rss_kib (\d+)", log)
+def resident_bytes(log: str, when: str) -> int:
+    """From a `run_load` log, the child's resident set (bytes): `when` is "peak" (/proc's
+    VmHWM, at the end) or "before_load" (VmRSS after the imports, before the model)."""
+    match = re.search(rf"llamacpp_probe: {when}_rss_kib (\d+)", log)
     if match is None:
-        raise ValueError("the load log has no peak RSS line")
+        raise ValueError(f"the load log has no {when} RSS line")
     return int(match.group(1)) * 1024
 
 

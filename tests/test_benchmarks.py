@@ -80,8 +80,9 @@ def _holds(t: dict) -> bool:
 def test_calibration_rows_cover_each_component_and_summarize_them(quick):
     report = quick["calibration"][1]
     points = {(r["model"], r["n_ctx"], r["kv_type"]) for r in report["rows"]}
-    assert len(points) == 2 and len(report["rows"]) == 4 * len(points)
-    assert {r["component"] for r in report["rows"]} == {"model", "kv", "compute", "total"}
+    components = {"model", "kv", "compute", "process", "total"}
+    assert len(points) == 2 and len(report["rows"]) == len(components) * len(points)
+    assert {r["component"] for r in report["rows"]} == components
     assert all(r["measured_mib"] > 0 and r["predicted_mib"] > 0 for r in report["rows"])
     for s in report["summary"]:
         assert s["points"] == 2 and s["max_abs_error_pct"] >= s["median_abs_error_pct"] >= 0
