@@ -115,6 +115,9 @@ def record_load(home: Path, plan: Plan, load_log: str) -> CalibrationRecord | No
         log.warning("no buffer sizes in the load log (was the backend verbose?); not recorded")
         return None
     record = build_record(plan, buffers)
+    earlier = lookup(home, plan)
+    if earlier is not None:  # the speed is measured once per plan (speedcheck); keep it
+        record.speed = earlier.speed
     save_record(home, record)
     return record
 

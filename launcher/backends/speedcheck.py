@@ -40,13 +40,19 @@ class MeasuredSpeed(BaseModel):
 
 
 def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> None:
-    """Measure a freshly started llama.cpp backend and record it; never fails the serve."""
+    """Measure a freshly started llama.cpp backend and record it; never fails the serve.
+
+    Once per plan: a start whose record already holds a measurement of the same prediction
+    opens the proxy without measuring again (the check delays every start otherwise)."""
     plan = served.plan
     if plan.backend != "llama.cpp" or plan.speed is None:
         return
     predicted = _predicted_seconds(plan.speed)
     if predicted is None or predicted > BUDGET_S:
         log.info("speed check skipped: predicted to take %s s", predicted)
+        return
+    if measured_before(lookup(home, plan), plan.speed):
+        log.info("speed check skipped: measured on an earlier start of this plan")
         return
     try:
         measured = measure_speed(
@@ -65,6 +71,15 @@ def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> No
             "measured_prompt": round(measured.prompt_tokens_per_s, 2),
         }
         save_record(home, record)
+
+
+def measured_before(record: Any, predicted: Any) -> bool:
+    """The record holds a measured speed for this very prediction."""
+    speed = record.speed if record is not None else {}
+    return bool(speed.get("measured_decode")) and (
+        speed.get("predicted_decode"),
+        speed.get("predicted_prompt"),
+    ) == (predicted.decode_tokens_per_s, predicted.prompt_tokens_per_s)
 
 
 def _predicted_seconds(speed) -> float | None:

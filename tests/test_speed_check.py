@@ -1,0 +1,63 @@
+"""The speed check after a serve runs once per plan: a later start of the same plan, whose
+calibration record holds a measurement of the same prediction, opens without measuring again
+(it would delay every start); a changed prediction is measured."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from conftest import DATA, MACHINES
+from ggufgen import write_llama_gguf
+
+from launcher.backends.calibration import lookup, record_load, save_record
+from launcher.backends.speedcheck import check_speed
+from launcher.hardware.snapshot import load_snapshot
+from launcher.planning import PlanRequest, make_plan
+
+LOAD_LOG = DATA / "llamacpp-logs" / "cpu-f16-ctx512-no-repack.log"
+
+
+@pytest.fixture
+def plan(tmp_path):
+    path = write_llama_gguf(tmp_path / "m.gguf", n_layer=2, n_embd=64)
+    hw = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    plan = make_plan(PlanRequest(hardware=hw, model_file=path, context=512))
+    assert plan.speed is not None and plan.speed.decode_tokens_per_s
+    return plan
+
+
+def _measured(home, plan, *, predicted_decode: float) -> None:
+    """A start that measured: its load record, then the speed check's figures."""
+    record = record_load(home, plan, LOAD_LOG.read_text())
+    record.speed = {
+        "predicted_decode": predicted_decode,
+        "predicted_prompt": plan.speed.prompt_tokens_per_s,
+        "measured_decode": 50.0,
+        "measured_prompt": 200.0,
+    }
+    save_record(home, record)
+
+
+def _check(plan, home, caplog) -> list[str]:
+    notes: list[str] = []
+    served = SimpleNamespace(plan=plan, base_url="http://127.0.0.1:9")  # nothing listens there
+    with caplog.at_level(logging.INFO, logger="launcher.backends.speedcheck"):
+        check_speed(served, home, notify=notes.append)
+    return notes
+
+
+def test_a_plan_measured_on_an_earlier_start_is_not_measured_again(plan, tmp_path, caplog):
+    _measured(tmp_path, plan, predicted_decode=plan.speed.decode_tokens_per_s)
+    record_load(tmp_path, plan, LOAD_LOG.read_text())  # the next start records its load...
+    assert lookup(tmp_path, plan).speed["measured_decode"] == 50.0  # ...keeping the speed
+    assert _check(plan, tmp_path, caplog) == []
+    assert "measured on an earlier start" in caplog.text
+    assert "could not measure" not in caplog.text
+
+
+def test_a_changed_prediction_is_measured_again(plan, tmp_path, caplog):
+    _measured(tmp_path, plan, predicted_decode=plan.speed.decode_tokens_per_s * 2)
+    assert _check(plan, tmp_path, caplog) == []
+    assert "could not measure the backend's speed" in caplog.text  # it tried: nothing there
