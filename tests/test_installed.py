@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import llama_cpp
 import pytest
 
+from launcher.hardware import installed
 from launcher.hardware.installed import (
     LLAMA_CPP_PROBE,
     detect_backends,
+    detect_llama_cpp,
+    install_key,
     parse_llama_cpp_probe,
     torch_cuda_version,
 )
@@ -71,6 +75,42 @@ def test_probe_runs_in_a_child_python(monkeypatch):
     assert seen == [[sys.executable, "-c", LLAMA_CPP_PROBE]]
     assert found.llama_cpp.gpu_backends == ["cuda"]
     assert "llama_cpp" not in sys.modules
+
+
+def test_the_probe_is_cached_in_the_home_per_install(tmp_path, monkeypatch):
+    """detect/plan/serve pay the child Python once per install, not on every run."""
+    calls = []
+
+    def probe(cmd):
+        calls.append(cmd)
+        return json.dumps(CUDA_BUILD)
+
+    monkeypatch.setattr(installed, "run_command", probe)
+    first = detect_llama_cpp(home=tmp_path)
+    assert detect_llama_cpp(home=tmp_path) == first and first.gpu_backends == ["cuda"]
+    assert len(calls) == 1
+    monkeypatch.setattr(installed, "install_key", lambda package: "reinstalled")
+    assert detect_llama_cpp(home=tmp_path) == first and len(calls) == 2
+    detect_llama_cpp()  # no home: probed every time
+    assert len(calls) == 3
+
+
+def test_a_rebuilt_install_has_another_key(tmp_path):
+    package = tmp_path / "llama_cpp"
+    (package / "lib").mkdir(parents=True)
+    lib = package / "lib" / "libllama.so"
+    lib.write_bytes(b"old")
+    before = install_key(package)
+    stat = lib.stat()
+    os.utime(lib, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert install_key(package) != before
+
+
+def test_a_failed_probe_is_not_cached(tmp_path, monkeypatch):
+    answers = iter(['{"error": "OSError: libcudart.so.12"}', json.dumps(CUDA_BUILD)])
+    monkeypatch.setattr(installed, "run_command", lambda cmd: next(answers))
+    assert detect_llama_cpp(home=tmp_path).error
+    assert detect_llama_cpp(home=tmp_path).gpu_backends == ["cuda"]
 
 
 @pytest.mark.parametrize(

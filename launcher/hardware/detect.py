@@ -34,7 +34,8 @@ def detect(
     `run`, `nvml` and `system` replace the probes, so tests can replay recorded machines;
     a replayed machine (`system` given) gets no figures of this one: neither its installed
     backends nor its CPU speed, nor (unless `environ` is given) CUDA_VISIBLE_DEVICES.
-    `home` caches the CPU speed probe (None: not measured); `gpus` is `--gpus`, which
+    `home` caches the CPU speed probe (None: not measured) and the llama-cpp-python probe
+    (None: probed every time); `gpus` is `--gpus`, which
     narrows the GPUs as CUDA_VISIBLE_DEVICES does.
     """
     live = system is None
@@ -45,7 +46,7 @@ def detect(
     snapshot = select_gpus(snapshot, gpus=gpus, environ=environ)
     if not live:
         return snapshot
-    updates: dict = {"backends": detect_backends(run)}
+    updates: dict = {"backends": detect_backends(run, home=home)}
     if home is not None:
         speed = cpu_speed(home, system)
         updates["system"] = system.model_copy(

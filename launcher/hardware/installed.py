@@ -5,8 +5,11 @@ or Metal, and a CPU build silently runs "offloaded" layers on the CPU. So detect
 llama.cpp itself (llama_supports_gpu_offload) and lists the accelerator libraries the
 package ships. That runs in a child Python: loading a CUDA build creates a CUDA context on
 every GPU, which must not stay in the long-lived llmup process, and a broken build must
-not crash detection. exllamav2 and torch are looked up without importing them (torch's
-import takes seconds); torch's own version.py says which CUDA it was built for.
+not crash detection. The child costs a few hundred milliseconds on every `detect`, `plan`
+and `serve`, so its answer is cached in the home per install (interpreter, package folder,
+version and the newest file time of its libraries: a reinstall or rebuild probes again).
+exllamav2 and torch are looked up without importing them (torch's import takes seconds);
+torch's own version.py says which CUDA it was built for.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from launcher.hardware.runner import Runner, run_command
 from launcher.hardware.snapshot import ExllamaInstall, InstalledBackends, LlamaCppInstall
+from launcher.jsonfile import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +53,56 @@ _LIB = re.compile(r"^(?:lib)?ggml-(cuda|metal|vulkan|hip|sycl|opencl|musa|cann|r
 # names llama_print_system_info gives the backends that list features
 _INFO = {"CUDA": "cuda", "ROCm": "hip", "MUSA": "musa", "Metal": "metal", "Vulkan": "vulkan"}
 _TORCH_CUDA = re.compile(r"^cuda\b[^=]*=\s*['\"]([^'\"]+)['\"]", re.M)
+CACHE_FILE = "llama-cpp-install.json"
 
 
-def detect_backends(run: Runner | None = None) -> InstalledBackends:
-    return InstalledBackends(llama_cpp=detect_llama_cpp(run), exllamav2=detect_exllamav2())
+def detect_backends(run: Runner | None = None, *, home: Path | None = None) -> InstalledBackends:
+    """`home` caches the llama-cpp-python probe (None: probe every time); a replayed `run`
+    is never cached."""
+    return InstalledBackends(
+        llama_cpp=detect_llama_cpp(run, home=home), exllamav2=detect_exllamav2()
+    )
 
 
-def detect_llama_cpp(run: Runner | None = None) -> LlamaCppInstall:
-    if importlib.util.find_spec("llama_cpp") is None:
+def detect_llama_cpp(run: Runner | None = None, *, home: Path | None = None) -> LlamaCppInstall:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
         return LlamaCppInstall(installed=False)
+    cache = Path(home) / CACHE_FILE if home is not None and run is None else None
+    key = install_key(Path(spec.origin).parent)
+    cached = _cached(cache, key)
+    if cached is not None:
+        return cached
     try:
         out = (run or run_command)([sys.executable, "-c", LLAMA_CPP_PROBE])
-        return parse_llama_cpp_probe(out)
+        found = parse_llama_cpp_probe(out)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("could not probe llama-cpp-python: %s", exc)
         return LlamaCppInstall(installed=True, error=f"probe failed: {exc}")
+    if cache is not None and found.error is None:
+        try:
+            write_json_atomic(cache, {"key": key, "install": found.model_dump()})
+        except OSError as exc:  # a cache is never worth failing detection
+            log.warning("could not cache the llama-cpp-python probe: %s", exc)
+    return found
+
+
+def install_key(package: Path) -> str:
+    """What identifies one install of llama-cpp-python: a reinstall or rebuild changes it."""
+    files = [package, *package.glob("lib/*"), *package.glob("*.py")]
+    newest = max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+    return f"{sys.executable}|{package}|{_version('llama_cpp_python')}|{newest}"
+
+
+def _cached(cache: Path | None, key: str) -> LlamaCppInstall | None:
+    data = read_json(cache) if cache is not None else None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    try:
+        return LlamaCppInstall.model_validate(data.get("install"))
+    except ValidationError as exc:
+        log.warning("probing llama-cpp-python again: the cached answer is malformed (%s)", exc)
+        return None
 
 
 def parse_llama_cpp_probe(text: str) -> LlamaCppInstall:
