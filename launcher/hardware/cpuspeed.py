@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from launcher.hardware.snapshot import SystemInfo
@@ -105,6 +104,8 @@ def measure_cpu_speed(threads: int) -> CpuSpeed:
 
 def measure_bandwidth_gbs(threads: int, *, clock: Clock = time.perf_counter) -> float:
     """GB/s (1e9) that `threads` threads read, each summing its own slice as uint64."""
+    import numpy as np  # only to measure: every run that finds the figures cached skips it
+
     threads = max(threads, 1)
     slices = np.array_split(np.ones(PROBE_BYTES // 8, dtype=np.uint64), threads)
     with ThreadPoolExecutor(threads) as pool:

@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def install_key(package: Path) -> str:
     """What identifies one install of llama-cpp-python: a reinstall or rebuild changes it."""
     files = [package, *package.glob("lib/*"), *package.glob("*.py")]
     newest = max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
-    return f"{sys.executable}|{package}|{_version('llama_cpp_python')}|{newest}"
+    interpreter = os.path.realpath(sys.executable)
+    return f"{interpreter}|{package}|{_version('llama_cpp_python')}|{newest}"
 
 
 def _cached(cache: Path | None, key: str) -> LlamaCppInstall | None:
