@@ -220,6 +220,30 @@ def test_the_gguf_chat_template_is_used_when_present(tmp_path):
     assert "Using fallback chat format" not in log_text
 
 
+@pytest.mark.parametrize("template", [TEMPLATE, None])
+def test_a_planned_file_is_read_once(tmp_path, monkeypatch, template):
+    """The plan of a local GGUF says whether it has a chat template (its header was read at
+    planning), so the launch reads the file no second time; a plan without that knowledge
+    (a download) still reads it."""
+    from launcher.backends import llamacpp
+
+    model = write_llama_gguf(tmp_path / "m.gguf", n_layer=2, chat_template=template)
+    plan = cpu_plan(model)
+    assert plan.model.gguf_chat_template is (template is not None)
+
+    def no_second_read(path):
+        raise AssertionError("the header was read again at launch")
+
+    monkeypatch.setattr(llamacpp, "open_gguf", no_second_read)
+    spec = backend_spec(plan, model, home=home())
+    assert ("--chat_format" in spec.command) is (template is None)
+    unknown = plan.model_copy(
+        update={"model": plan.model.model_copy(update={"gguf_chat_template": None})}
+    )
+    with pytest.raises(AssertionError, match="read again"):
+        backend_spec(unknown, model, home=home())
+
+
 def test_killed_backend_is_restarted_and_serves_again(tiny):
     plan = cpu_plan(tiny)
     spec = backend_spec(plan, tiny, home=home())

@@ -149,9 +149,13 @@ def chat_format_flag(plan: Plan, model_path: Path) -> str | None:
 
     With a `tokenizer.chat_template` in the file, llama-cpp-python guesses a known format
     from it or renders the template itself; without one it would fall back to llama-2, and
-    llmup says so explicitly, or passes the plan's own format.
+    llmup says so explicitly, or passes the plan's own format. A plan of a local file knows
+    already (its header was read at planning); only a downloaded file is read here.
     """
-    if gguf_chat_template(model_path):
+    has_template = plan.model.gguf_chat_template
+    if has_template is None:
+        has_template = bool(gguf_chat_template(model_path))
+    if has_template:
         return None
     return plan.model.chat_format or FALLBACK_CHAT_FORMAT
 

@@ -50,6 +50,7 @@ class ModelShape:
     swa_layers: tuple[bool, ...] = ()
     n_params: int = 0
     quant: str = ""
+    chat_template: str | None = None  # a GGUF file's own (None: none, or not from a file)
 
 
 def type_bytes(type_name: str, n_elements: int) -> int:

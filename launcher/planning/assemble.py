@@ -137,6 +137,7 @@ def _llamacpp_buffers(c: Candidate) -> dict[str, dict[str, float]] | None:
 
 def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
     spec = c.meta.get("spec")
+    from_file = "model_file" in c.meta
     return Plan(
         llamacpp_buffers_mib=_llamacpp_buffers(c),
         model=PlannedModel(
@@ -144,6 +145,7 @@ def candidate_to_plan(c: Candidate, req: PlanRequest) -> Plan:
             params=c.params,
             label=spec.label if spec else None,
             chat_format=spec.chat_format if spec else None,
+            gguf_chat_template=bool(c.meta["shape"].chat_template) if from_file else None,
         ),
         backend=c.backend,
         format=c.fmt,

@@ -21,6 +21,9 @@ class PlannedModel(BaseModel):
     params: int
     label: str | None = None
     chat_format: str | None = None
+    # Whether a planned local GGUF carries its own chat template, read with the header at
+    # planning so the launch need not read the file again (None: not read; a download).
+    gguf_chat_template: bool | None = None
 
 
 class JoinSpec(BaseModel):

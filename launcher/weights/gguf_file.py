@@ -149,6 +149,7 @@ def _architecture(reader, path: Path) -> tuple[str, Architecture, dict]:
         "sliding_window": key("attention.sliding_window"),
         "value_length": key("attention.value_length", head_dim),
         "name": _field(reader, "general.name", path.stem),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
     }
     return arch_name, arch, extra
 
@@ -209,5 +210,6 @@ def read_model_file(path: str | Path) -> ModelShape:
         quant=extra["quant"],
         arch_name=arch_name,
         sliding_window=extra["sliding_window"],
+        chat_template=extra["chat_template"],
         n_params=n_params,
     )
