@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -355,3 +356,17 @@ def test_out_of_memory_falls_back_by_the_measured_shortfall(tiny_model, tmp_path
         assert "329 MiB short" in said[0] and "needs 39000 MiB there instead of 41702" in said[0]
     finally:
         backend.supervisor.stop()
+
+
+def test_the_proxy_app_is_imported_while_the_backend_loads():
+    """serve starts importing FastAPI and the routes in a thread before the backend loads,
+    so the proxy's import time overlaps the model load instead of following it."""
+    code = (
+        "import sys\n"
+        "from launcher.serve import PROXY_APP, preload_proxy\n"
+        "assert PROXY_APP not in sys.modules\n"
+        "preload_proxy().join(60)\n"
+        "assert PROXY_APP in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
