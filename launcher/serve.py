@@ -37,14 +37,13 @@ from launcher.backends.process import Runtime
 from launcher.backends.spec import http_url
 from launcher.backends.speedcheck import check_speed
 from launcher.backends.supervisor import Progress, State, Supervisor
-from launcher.errors import BackendLoadError, UsageError
+from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
 from launcher.planning.plan import Plan
 from launcher.proxy import SessionStore, check_bind, create_app
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
 from launcher.weights.gguf_file import shard_paths
-from launcher.weights.pull import pull
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +164,23 @@ def start_backend(
         return served
 
 
+def weights_path(plan: Plan, *, offline: bool, verify: bool, quiet: bool) -> Path:
+    """Where the plan's weights are: a local file as it is, else pulled and verified. The
+    hub client is imported only for a pull (~0.2 s that serving a local file does without)."""
+    if plan.source.local_path:
+        path = Path(plan.source.local_path).expanduser()
+        if not path.exists():
+            raise ModelFileError(f"model file {path} does not exist")
+        return path
+    from launcher.weights.pull import pull
+
+    return Path(pull(plan.source, offline=offline, verify=verify, progress=not quiet).path)
+
+
 def _start_one(
     plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
 ) -> ServedBackend:
-    pulled = pull(plan.source, offline=offline, verify=verify, progress=not quiet)
-    model_path = Path(pulled.path)
+    model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
     spec = backend_spec(
         plan, model_path, home=settings.home, session_ttl_s=settings.proxy.session_ttl
     )
