@@ -10,13 +10,15 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from launcher import render
 from launcher.errors import LlmupError, NothingFitsError, UsageError
-from launcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from launcher.settings import Settings
 
 app = typer.Typer(
     help="Serve the largest Llama-2 this machine can hold behind an OpenAI-compatible API.",
@@ -109,13 +111,22 @@ MinSpeedOpt = Annotated[
 PROFILE_HARDWARE = Path("profile")
 
 
+def default_settings() -> Settings:
+    """The settings tree without a profile, imported on first use: pydantic-settings is not
+    worth its import time to `llmup --help`."""
+    from launcher.settings import Settings
+
+    return Settings()
+
+
 def command_settings(profile_name: str | None):
     """(settings, profile): defaults < the profile's pinned settings < the environment."""
     if profile_name is None:
-        return Settings(), None
+        return default_settings(), None
     from launcher.profiles import find_profile
+    from launcher.settings import load_settings
 
-    profile = find_profile(profile_name, Settings().home)
+    profile = find_profile(profile_name, default_settings().home)
     return load_settings(profile.pinned), profile
 
 
@@ -136,7 +147,7 @@ def hardware_snapshot(hardware: Path | None, gpus: str | None = None, profile=No
     else:
         from launcher.hardware.detect import detect
 
-        snap = detect(home=Settings().home, gpus=gpus)
+        snap = detect(home=default_settings().home, gpus=gpus)
     if profile is not None:
         warn_if_not_profile_machine(profile, snap)
     return snap
@@ -166,7 +177,7 @@ def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **fla
 @app.command()
 def detect(gpus: GpusOpt = None, json_out: JsonOpt = False) -> None:
     """Show this machine's GPUs, unified memory, RAM, cores, CPU speed and installed backends."""
-    snap = hardware_snapshot(None, gpus if gpus is not None else Settings().planning.gpus)
+    snap = hardware_snapshot(None, gpus if gpus is not None else default_settings().planning.gpus)
     render.print_json(snap) if json_out else render.snapshot(snap)
 
 
@@ -424,7 +435,7 @@ def profiles(json_out: JsonOpt = False) -> None:
     """List the machine profiles with the plan each gets on its own hardware."""
     from launcher.profiles.listing import profile_plans
 
-    rows = profile_plans(Settings().home)
+    rows = profile_plans(default_settings().home)
     if json_out:
         render.print_json({"profiles": [row.to_dict() for row in rows]})
     else:

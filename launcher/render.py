@@ -1,26 +1,33 @@
-"""The CLI renderer: the only place llmup writes human-readable output."""
+"""The CLI renderer: the only place llmup writes human-readable output.
+
+It imports no model type at run time (they are annotations only): the CLI imports it on
+every start, `llmup --help` included, which should not pay for pydantic's model building.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launcher.hardware.snapshot import HardwareSnapshot
-from launcher.planning.plan import Plan, Rejected
 from launcher.units import mib_gib_text as gib
+
+if TYPE_CHECKING:
+    from launcher.hardware.snapshot import HardwareSnapshot
+    from launcher.planning.plan import Plan, Rejected
 
 out = Console()
 err = Console(stderr=True)
 
 
-def print_json(value: BaseModel | dict) -> None:
-    data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+def print_json(value: Any) -> None:
+    """A pydantic model (anything with model_dump) or plain data, as indented JSON."""
+    data = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 

@@ -5,20 +5,10 @@ Both are resolved on first use: the supervisor imports httpx, which planning and
 workers that import `launcher.backends.*` modules should not pay for.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from launcher.lazy import lazy_names
 
 __all__ = ["BackendSpec", "Supervisor"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Supervisor":
-        from launcher.backends.supervisor import Supervisor
-
-        return Supervisor
-    if name == "BackendSpec":
-        from launcher.backends.spec import BackendSpec
-
-        return BackendSpec
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(
+    __name__,
+    {"Supervisor": "launcher.backends.supervisor", "BackendSpec": "launcher.backends.spec"},
+)

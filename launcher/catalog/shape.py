@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from launcher.catalog.models import Architecture, GgufQuant, GgufVariant
 from launcher.errors import CatalogError
 
@@ -55,6 +53,8 @@ class ModelShape:
 
 def type_bytes(type_name: str, n_elements: int) -> int:
     """Bytes of `n_elements` stored as ggml type `type_name` (Q4_K, F16, ...)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # numpy-heavy: on first use
+
     try:
         qtype = GGMLQuantizationType[type_name.upper()]
     except KeyError:
