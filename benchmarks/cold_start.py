@@ -13,9 +13,11 @@ readiness (llmup: /health is 200; llama_cpp.server: /v1/models is 200) and then 
 llama_cpp.server gets the context llmup planned. Target: llmup within 1.2x.
 
 One more llmup start runs the real CLI with probes on its own functions (timestamps only)
-to break its time down: interpreter and imports, planning with the GGUF header reads
-counted and timed, pull and launch until the backend process is spawned, the backend's
-load until the supervisor finds it ready, the proxy's start, the first request.
+to break its time down: interpreter start; the imports serve needs on its way (taken
+together, first); settings and hardware detection; planning, with every GGUF header read
+counted and timed apart; printing the plan; pull and launch until the backend process is
+spawned; the backend's load until the supervisor finds it ready (its own interpreter and
+imports included); the proxy's start; the first request.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ def mark(name, **extra):
     events.write(json.dumps({"event": name, "t": time.time(), **extra}) + "\n")
     events.flush()
 mark("interpreter")
+# the modules llmup serve imports on its way (counted together as "imports")
 import launcher.cli
-mark("imported")
-import gguf, launcher.serve
+import gguf, launcher.serve, launcher.hardware.detect as hw, launcher.planning.planner as planner
 from launcher.backends.supervisor import Supervisor
+mark("imported")
 def wrap(owner, name, label):
     real = getattr(owner, name)
     def probe(*args, **kwargs):
@@ -76,7 +79,8 @@ def wrap(owner, name, label):
     return mock.patch.object(owner, name, probe)
 # every header parse, however the module that reads it imported its reader
 with wrap(gguf.GGUFReader, "__init__", "header"), wrap(launcher.serve, "serve", "serve"), \
-        wrap(Supervisor, "start", "backend"):
+        wrap(Supervisor, "start", "backend"), wrap(hw, "detect", "detect"), \
+        wrap(planner, "make_plan", "plan"):
     sys.argv = ["llmup", *sys.argv[2:]]
     launcher.cli.main()
 """
@@ -161,27 +165,43 @@ def breakdown(model: Path, home: str, folder: Path) -> dict[str, Any]:
     events_file = folder / "events.jsonl"
     run = start_llmup(model, home, folder, probed=events_file)
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
-    at = {e["event"]: e["t"] - run["t0_wall"] for e in events}
+    t0 = run["t0_wall"]
+    at = {e["event"]: e["t"] - t0 for e in events}
     headers = [e for e in events if e["event"].startswith("header:")]
-    reads = [b["t"] - a["t"] for a, b in zip(headers[::2], headers[1::2])]
-    serve_start = at["serve:start"] + run["t0_wall"]
-    before_serve = sum(d for d, a in zip(reads, headers[::2]) if a["t"] < serve_start)
+    reads = [(a["t"] - t0, b["t"] - a["t"]) for a, b in zip(headers[::2], headers[1::2])]
+
+    def read_in(start: str, end: str) -> float:
+        return sum(d for t, d in reads if at[start] <= t < at[end])
+
     steps = {
         "interpreter start": at["interpreter"],
-        "imports": at["imported"] - at["interpreter"],
-        "plan (without header reads)": at["serve:start"] - at["imported"] - before_serve,
-        "GGUF header reads": sum(reads),
+        "imports (CLI, detection, planner, serve)": at["imported"] - at["interpreter"],
+        "settings, hardware detection": at["detect:end"] - at["imported"],
+        "planning (without header reads)": (
+            at["plan:end"] - at["plan:start"] - read_in("plan:start", "plan:end")
+        ),
+        "GGUF header reads": sum(d for _, d in reads),
+        "printing the plan, importing serve": at["serve:start"] - at["plan:end"],
         "pull and spawn (without header reads)": (
-            at["backend:start"] - at["serve:start"] - (sum(reads) - before_serve)
+            at["backend:start"] - at["serve:start"] - read_in("serve:start", "backend:start")
         ),
         "backend load until ready": at["backend:end"] - at["backend:start"],
         "proxy start": run["ready_s"] - at["backend:end"],
         "first request": run["first_request_s"],
     }
+    if (
+        abs(
+            read_in("plan:start", "plan:end")
+            + read_in("serve:start", "backend:start")
+            - steps["GGUF header reads"]
+        )
+        > 1e-6
+    ):
+        raise SystemExit("a GGUF header was read outside planning and launch: fix the steps")
     return {
         "steps": {k: round(v, 3) for k, v in steps.items()},
         "header_reads": len(reads),
-        "header_read_s": [round(r, 3) for r in reads],
+        "header_read_s": [round(d, 3) for _, d in reads],
         "total_s": round(run["total_s"], 3),
     }
 
