@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from benchlib import (
     LOOPBACK,
     Conversation,
@@ -110,14 +111,23 @@ def block(chats: list[Conversation], *, stream: bool, requests: int) -> tuple[li
     return replies, time.perf_counter() - start
 
 
-def cell(targets, mode: str, concurrency: int, sizes: Sizes) -> dict[str, Any]:
+def cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def cell(targets, proxy: psutil.Process, mode: str, concurrency: int, sizes: Sizes) -> dict:
+    """Both targets' latency and streaming in one cell, alternating; the proxy process's CPU
+    time is counted over each target's non-streamed requests."""
     chats = conversations(targets, mode, concurrency)
-    got: dict[str, dict[str, Any]] = {n: {"latency": [], "streams": [], "wall": 0.0} for n in chats}
+    got = {n: {"latency": [], "streams": [], "wall": 0.0, "proxy_cpu_s": 0.0} for n in chats}
     streams = concurrency * sizes.streams_per_client
     for b in range(BLOCKS):
         order = list(chats) if b % 2 == 0 else list(reversed(chats))
         for name in order:
+            before = cpu_s(proxy)
             replies, _ = block(chats[name], stream=False, requests=sizes.latency_requests // BLOCKS)
+            got[name]["proxy_cpu_s"] += cpu_s(proxy) - before
             got[name]["latency"] += [r.latency_s * 1000 for r in replies]
         for name in order:
             replies, wall = block(chats[name], stream=True, requests=max(1, streams // BLOCKS))
@@ -131,6 +141,7 @@ def summarize(got: dict[str, Any]) -> dict[str, Any]:
     per_stream = [(r.chunks - 1) / (r.latency_s - r.ttft_s) for r in streams if r.chunks > 1]
     return {
         "requests": len(latency),
+        "proxy_cpu_ms_per_request": round(1000 * got["proxy_cpu_s"] / len(latency), 3),
         "p50_ms": round(statistics.median(latency), 2),
         "p99_ms": round(percentile(latency, 99), 2),
         "streams": len(streams),
@@ -144,10 +155,10 @@ def summarize(got: dict[str, Any]) -> dict[str, Any]:
 def measure(model: Path, sizes: Sizes) -> list[dict]:
     rows = []
     with llmup_serving(model) as (proc, url):
-        targets = targets_of(proc, url)
+        targets, proxy = targets_of(proc, url), psutil.Process(proc.pid)
         for mode in MODES:
             for concurrency in CONCURRENCY:
-                got = cell(targets, mode, concurrency, sizes)
+                got = cell(targets, proxy, mode, concurrency, sizes)
                 rows.append({"mode": mode, "concurrency": concurrency, **compare(got)})
     return rows
 
@@ -160,6 +171,7 @@ def compare(got: dict[str, dict]) -> dict[str, Any]:
         "p50_added_ms": round(llmup["p50_ms"] - direct["p50_ms"], 2),
         "p99_added_ms": round(llmup["p99_ms"] - direct["p99_ms"], 2),
         "stream_ratio": round(llmup["tokens_per_s"] / direct["tokens_per_s"], 3),
+        "proxy_cpu_ms_per_request": llmup["proxy_cpu_ms_per_request"],
     }
 
 
@@ -179,11 +191,12 @@ def render(rows: list[dict], model: str) -> None:
     print_table(
         f"Through llmup vs the backend directly ({model}); latency ms, streaming tokens/s",
         ("mode", "clients", "p50 direct", "p50 llmup", "added", "p99 direct", "p99 llmup",
-         "added", "tok/s direct", "tok/s llmup", "ratio"),
+         "added", "tok/s direct", "tok/s llmup", "ratio", "proxy CPU/req"),
         [(r["mode"], r["concurrency"], r["direct"]["p50_ms"], r["llmup"]["p50_ms"],
           f"{r['p50_added_ms']:+.2f}", r["direct"]["p99_ms"], r["llmup"]["p99_ms"],
           f"{r['p99_added_ms']:+.2f}", r["direct"]["tokens_per_s"], r["llmup"]["tokens_per_s"],
-          f"{100 * r['stream_ratio']:.1f}%") for r in rows],
+          f"{100 * r['stream_ratio']:.1f}%", f"{r['proxy_cpu_ms_per_request']:.2f} ms")
+         for r in rows],
     )  # fmt: skip
 
 

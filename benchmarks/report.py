@@ -98,12 +98,12 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
         (x["mode"], x["concurrency"], x["direct"]["p50_ms"], x["llmup"]["p50_ms"],
          f"{x['p50_added_ms']:+.2f}", x["direct"]["p99_ms"], x["llmup"]["p99_ms"],
          f"{x['p99_added_ms']:+.2f}", x["direct"]["tokens_per_s"], x["llmup"]["tokens_per_s"],
-         f"{100 * x['stream_ratio']:.1f}%")
+         f"{100 * x['stream_ratio']:.1f}%", x["proxy_cpu_ms_per_request"])
         for x in r["rows"]
     ]  # fmt: skip
     columns = ("mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
                "p99 direct ms", "p99 llmup ms", "p99 added", "direct tok/s", "llmup tok/s",
-               "llmup/direct")  # fmt: skip
+               "llmup/direct", "proxy CPU ms/request")  # fmt: skip
     note = (
         f"Model: {r['model']}; latency: non-streamed, max_tokens {r['latency_max_tokens']}; "
         f"streaming: max_tokens {r['stream_max_tokens']}, all streams of a cell together."
