@@ -208,6 +208,27 @@ def bench_model(quick: bool) -> tuple[Path, str]:
     return gemma_model(), "Gemma 3 270M Q4_K_M"
 
 
+END_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "</s>", "<eos>")
+BYTE_TOKEN = 6  # tokenizer.ggml.token_type of a byte token (<0x41>)
+
+
+def no_end_bias(model: Path) -> dict[str, float]:
+    """logit_bias that keeps every reply going to its max_tokens, so each request does the
+    same work: the end-of-sequence and end-of-turn tokens banned (Gemma 3 270M is a base
+    model: asked to chat, it ends its turn at once); in a tiny random vocabulary also the
+    byte tokens, whose text alone is not UTF-8 and would stream as nothing."""
+    from launcher.weights.gguf_file import open_gguf
+
+    reader = open_gguf(model)
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    banned = {int(reader.get_field("tokenizer.ggml.eos_token_id").contents())}
+    banned |= {i for i, text in enumerate(tokens) if text in END_TOKENS}
+    if len(tokens) < 1000:
+        banned |= {i for i, kind in enumerate(types) if kind == BYTE_TOKEN}
+    return {str(token): -100.0 for token in sorted(banned)}
+
+
 def answers(url: str, path: str = "/health") -> bool:
     try:
         return httpx.get(url + path, timeout=2).status_code == 200
@@ -367,11 +388,12 @@ def chat(
     stream: bool,
     max_tokens: int,
     headers: dict[str, str] | None = None,
+    bias: dict[str, float] | None = None,
 ) -> Reply:
     """One chat completion to `url` (an OpenAI base URL on 127.0.0.1), timed by the client."""
     check_loopback(url)
     body = {"model": model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream}  # fmt: skip
+            "temperature": 0, "stream": stream, "logit_bias": bias or {}}  # fmt: skip
     start = time.perf_counter()
     if not stream:
         reply = client.post(url + "/chat/completions", json=body, headers=headers)
@@ -403,6 +425,7 @@ class Conversation:
     key: str
     model: str
     tag: str
+    bias: dict[str, float] = field(default_factory=dict)
     session: bool = False
     server_keeps_history: bool = False
     turns: int = 4
@@ -413,15 +436,15 @@ class Conversation:
         headers = {"Authorization": f"Bearer {self.key}"}
         if not self.session:
             message = [{"role": "user", "content": "Name one colour of the rainbow."}]
-            return chat(client, self.url, self.model, message, stream=stream, max_tokens=max_tokens,
-                        headers=headers)  # fmt: skip
+            return chat(client, self.url, self.model, message, stream=stream,
+                        max_tokens=max_tokens, headers=headers, bias=self.bias)  # fmt: skip
         if len(self.history) >= 2 * self.turns:
             self.history, self.number = [], self.number + 1
         user = {"role": "user", "content": f"Turn {len(self.history) // 2 + 1}: one more word?"}
         messages = [*self.history, user]
         if self.server_keeps_history:
             messages, headers["X-Session-Id"] = [user], f"{self.tag}-{self.number}"
-        reply = chat(client, self.url, self.model, messages, stream=stream, max_tokens=max_tokens,
-                     headers=headers)  # fmt: skip
+        reply = chat(client, self.url, self.model, messages, stream=stream,
+                     max_tokens=max_tokens, headers=headers, bias=self.bias)  # fmt: skip
         self.history += [user, {"role": "assistant", "content": reply.text}]
         return reply

@@ -29,6 +29,7 @@ from benchlib import (
     bench_model,
     bounded_load,
     llmup_serving,
+    no_end_bias,
     parser,
     print_table,
     served_model,
@@ -44,14 +45,13 @@ FULL = {"stateless": (1000, 50), "session": (200, 10)}
 QUICK = {"stateless": (100, 20), "session": (40, 10)}
 
 
-def workload(url: str, model: str, kind: str, total: int, every: int, procs) -> list[dict]:
-    """Send `total` requests in chunks of `every`, sampling both processes' RSS after each."""
+def workload(chat: dict, kind: str, total: int, every: int, procs) -> list[dict]:
+    """Send `total` requests in chunks of `every`, sampling both processes' RSS after each;
+    `chat` holds the Conversation fields every client shares (url, key, model, bias)."""
     chats = [
         Conversation(
-            url,
-            "none",
-            model,
-            f"mem-{c}",
+            **chat,
+            tag=f"mem-{c}",
             session=kind == "session",
             server_keeps_history=True,
             turns=TURNS_PER_SESSION,
@@ -92,9 +92,10 @@ def measure(model: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     out = {}
     with llmup_serving(model) as (proc, url):
         procs = {"proxy": psutil.Process(proc.pid), "backend": backend_process(proc)}
-        name = served_model(url + "/v1")
+        chat = {"url": url + "/v1", "key": "none", "model": served_model(url + "/v1"),
+                "bias": no_end_bias(model)}  # fmt: skip
         for kind, (total, every) in sizes.items():
-            samples = workload(url + "/v1", name, kind, total, every, procs)
+            samples = workload(chat, kind, total, every, procs)
             out[kind] = {"samples": samples, **{n: growth(samples, n) for n in procs}}
     return out
 

@@ -2,9 +2,11 @@
 
 Run: python benchmarks/proxy_overhead.py [--quick] [--out benchmarks/results/proxy_overhead.json]
 
-Starts `llmup serve --model-file <Gemma 3 270M>` (the PyPI package's GGUF; --quick: a tiny
-generated model), finds the supervised backend's port (and its per-run key), and sends the
-same chat requests (temperature 0) to both at 1, 4 and 16 concurrent clients:
+Starts `llmup serve --model-file M`, finds the supervised backend's port (and its per-run
+key), and sends the same chat requests (temperature 0, the end tokens banned so that every
+reply runs to max_tokens) to both at 1, 4 and 16 concurrent clients. M: Gemma 3 270M (the
+PyPI package's GGUF: what a user sees), then a tiny generated Llama (a reply in a few
+milliseconds: the proxy's own cost stands out); --quick runs the tiny model only.
 
 - latency: non-streamed, max_tokens 4; p50 and p99 over every request of the cell;
 - streaming: streamed, max_tokens 64; tokens/s of all the cell's streams together (text
@@ -42,6 +44,7 @@ from benchlib import (
     bench_model,
     bounded_load,
     llmup_serving,
+    no_end_bias,
     parser,
     percentile,
     print_table,
@@ -76,7 +79,7 @@ def targets_of(proc, url: str) -> dict[str, tuple[str, str, str, bool]]:
     }
 
 
-def conversations(targets, mode: str, concurrency: int) -> dict[str, list[Conversation]]:
+def conversations(targets, mode: str, concurrency: int, bias) -> dict[str, list[Conversation]]:
     return {
         name: [
             Conversation(
@@ -84,6 +87,7 @@ def conversations(targets, mode: str, concurrency: int) -> dict[str, list[Conver
                 key,
                 model,
                 f"bench-{concurrency}-{c}",
+                bias=bias,
                 session=mode == "session",
                 server_keeps_history=keeps,
             )  # fmt: skip
@@ -116,10 +120,10 @@ def cpu_s(proc: psutil.Process) -> float:
     return times.user + times.system
 
 
-def cell(targets, proxy: psutil.Process, mode: str, concurrency: int, sizes: Sizes) -> dict:
+def cell(targets, proxy: psutil.Process, mode: str, concurrency: int, sizes: Sizes, bias) -> dict:
     """Both targets' latency and streaming in one cell, alternating; the proxy process's CPU
     time is counted over each target's non-streamed requests."""
-    chats = conversations(targets, mode, concurrency)
+    chats = conversations(targets, mode, concurrency, bias)
     got = {n: {"latency": [], "streams": [], "wall": 0.0, "proxy_cpu_s": 0.0} for n in chats}
     streams = concurrency * sizes.streams_per_client
     for b in range(BLOCKS):
@@ -152,14 +156,16 @@ def summarize(got: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measure(model: Path, sizes: Sizes) -> list[dict]:
+def measure(model: Path, name: str, sizes: Sizes) -> list[dict]:
     rows = []
+    bias = no_end_bias(model)
     with llmup_serving(model) as (proc, url):
         targets, proxy = targets_of(proc, url), psutil.Process(proc.pid)
         for mode in MODES:
             for concurrency in CONCURRENCY:
-                got = cell(targets, proxy, mode, concurrency, sizes)
-                rows.append({"mode": mode, "concurrency": concurrency, **compare(got)})
+                got = cell(targets, proxy, mode, concurrency, sizes, bias)
+                rows.append({"model": name, "mode": mode, "concurrency": concurrency,
+                             **compare(got)})  # fmt: skip
     return rows
 
 
@@ -178,7 +184,7 @@ def compare(got: dict[str, dict]) -> dict[str, Any]:
 def row_targets(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
-        cell_name = f"{r['mode']} x{r['concurrency']}"
+        cell_name = f"{r['model']}, {r['mode']} x{r['concurrency']}"
         out += [
             target(f"{cell_name}: p50 added", r["p50_added_ms"], 2, "below", "ms"),
             target(f"{cell_name}: p99 added", r["p99_added_ms"], 10, "below", "ms"),
@@ -187,12 +193,12 @@ def row_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def render(rows: list[dict], model: str) -> None:
+def render(rows: list[dict]) -> None:
     print_table(
-        f"Through llmup vs the backend directly ({model}); latency ms, streaming tokens/s",
-        ("mode", "clients", "p50 direct", "p50 llmup", "added", "p99 direct", "p99 llmup",
-         "added", "tok/s direct", "tok/s llmup", "ratio", "proxy CPU/req"),
-        [(r["mode"], r["concurrency"], r["direct"]["p50_ms"], r["llmup"]["p50_ms"],
+        "Through llmup vs the backend directly; latency ms, streaming tokens/s",
+        ("model", "mode", "clients", "p50 direct", "p50 llmup", "added", "p99 direct",
+         "p99 llmup", "added", "tok/s direct", "tok/s llmup", "ratio", "proxy CPU/req"),
+        [(r["model"], r["mode"], r["concurrency"], r["direct"]["p50_ms"], r["llmup"]["p50_ms"],
           f"{r['p50_added_ms']:+.2f}", r["direct"]["p99_ms"], r["llmup"]["p99_ms"],
           f"{r['p99_added_ms']:+.2f}", r["direct"]["tokens_per_s"], r["llmup"]["tokens_per_s"],
           f"{100 * r['stream_ratio']:.1f}%", f"{r['proxy_cpu_ms_per_request']:.2f} ms")
@@ -203,10 +209,12 @@ def render(rows: list[dict], model: str) -> None:
 def main() -> None:
     args = parser(__doc__, "proxy_overhead").parse_args()
     run = Run("proxy_overhead", args.quick)
-    model, name = bench_model(args.quick)
-    rows = measure(model, QUICK if args.quick else FULL)
-    render(rows, name)
-    results = {"model": name, "latency_max_tokens": LATENCY_TOKENS,
+    # Gemma: what a user sees; the tiny model (a reply in a few ms) isolates the proxy's cost
+    models = [bench_model(True)] if args.quick else [bench_model(False), bench_model(True)]
+    sizes = QUICK if args.quick else FULL
+    rows = [row for model, name in models for row in measure(model, name, sizes)]
+    render(rows)
+    results = {"models": [name for _, name in models], "latency_max_tokens": LATENCY_TOKENS,
                "stream_max_tokens": STREAM_TOKENS, "rows": rows}  # fmt: skip
     run.write(args.out, results, row_targets(rows))
 

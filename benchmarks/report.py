@@ -95,18 +95,19 @@ def calibration(r: dict[str, Any]) -> list[str]:
 
 def proxy_overhead(r: dict[str, Any]) -> list[str]:
     rows = [
-        (x["mode"], x["concurrency"], x["direct"]["p50_ms"], x["llmup"]["p50_ms"],
+        (x["model"], x["mode"], x["concurrency"], x["direct"]["p50_ms"], x["llmup"]["p50_ms"],
          f"{x['p50_added_ms']:+.2f}", x["direct"]["p99_ms"], x["llmup"]["p99_ms"],
          f"{x['p99_added_ms']:+.2f}", x["direct"]["tokens_per_s"], x["llmup"]["tokens_per_s"],
          f"{100 * x['stream_ratio']:.1f}%", x["proxy_cpu_ms_per_request"])
         for x in r["rows"]
     ]  # fmt: skip
-    columns = ("mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
+    columns = ("model", "mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
                "p99 direct ms", "p99 llmup ms", "p99 added", "direct tok/s", "llmup tok/s",
                "llmup/direct", "proxy CPU ms/request")  # fmt: skip
     note = (
-        f"Model: {r['model']}; latency: non-streamed, max_tokens {r['latency_max_tokens']}; "
-        f"streaming: max_tokens {r['stream_max_tokens']}, all streams of a cell together."
+        f"Latency: non-streamed, max_tokens {r['latency_max_tokens']}; streaming: max_tokens "
+        f"{r['stream_max_tokens']}, all streams of a cell together; proxy CPU: the `llmup serve` "
+        "process's CPU time per non-streamed request."
     )
     return [note, md_table(columns, rows)]
 

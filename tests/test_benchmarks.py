@@ -90,6 +90,7 @@ def test_calibration_rows_cover_each_component_and_summarize_them(quick):
 
 def test_proxy_overhead_covers_both_modes_at_each_concurrency(quick):
     rows = quick["proxy_overhead"][1]["rows"]
+    assert {r["model"] for r in rows} == {"generated tiny Llama"}
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         (m, c) for m in ("stateless", "session") for c in (1, 4, 16)
     ]
