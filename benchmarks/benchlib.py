@@ -99,8 +99,9 @@ class Run:
     load_before: list[float] = field(default_factory=load_average)
     started: float = field(default_factory=time.monotonic)
 
-    def write(self, out: Path, results: dict[str, Any], targets: list[dict]) -> dict[str, Any]:
-        report = {
+    def report(self, results: dict[str, Any], targets: list[dict]) -> dict[str, Any]:
+        """The results file's content: the common envelope around the benchmark's own."""
+        return {
             "benchmark": self.name,
             "quick": self.quick,
             "command": command_line(),
@@ -110,17 +111,24 @@ class Run:
             "targets": targets,
             **results,
         }
+
+    def write(
+        self, out: Path, results: dict[str, Any], targets: list[dict], *, final: bool = True
+    ) -> dict[str, Any]:
+        """Write the results file atomically; a final write also says how the targets went."""
+        report = self.report(results, targets)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")
         tmp.replace(out)
-        missed = [t["name"] for t in targets if t["met"] is False]
-        Console().print(
-            f"{len(targets) - len(missed)} of {len(targets)} targets met"
-            + (f" (missed: {', '.join(missed)})" if missed else "")
-            + f"; load average {self.load_before[0]:.2f} -> {load_average()[0]:.2f}; "
-            f"written to {out}"
-        )
+        if final:
+            missed = [t["name"] for t in targets if t["met"] is False]
+            Console().print(
+                f"{len(targets) - len(missed)} of {len(targets)} targets met"
+                + (f" (missed: {', '.join(missed)})" if missed else "")
+                + f"; load average {self.load_before[0]:.2f} -> {load_average()[0]:.2f}; "
+                f"written to {out}"
+            )
         return report
 
 

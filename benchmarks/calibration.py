@@ -7,8 +7,10 @@ wide, Q8_0, 32k vocabulary) x contexts 512, 2048, 4096, 8192, 16384 x KV cache f
 q4_0 (quantized caches with flash attention, as llama.cpp needs for a quantized V). Each
 point is planned for this machine's 2-core/24 GB snapshot and loaded in a fresh process by
 llama-cpp-python with mmap off (weights in the process's own memory, as the RSS then
-counts them), the stock server's modules imported first, and one batch of up to 512 tokens
-evaluated, so the compute buffer is used. Compared: the plan's model, KV and compute
+counts them), the modules of llmup's default worker imported first, and one batch of up to
+512 tokens evaluated, so the compute buffer is used. One sequence (`--parallel 1`): the
+grid is the plan's per-sequence arithmetic; tests/test_calibration.py checks parallel
+sequences against the slot worker's load log. Compared: the plan's model, KV and compute
 buffers against llama.cpp's load log; the plan's runtime overhead (the serving process)
 against the process's RSS before the load; and the plan's total (weights + KV + compute +
 overhead) against the process's peak RSS (VmHWM). Reported per component: the largest and
@@ -55,7 +57,8 @@ CONTEXTS = (512, 2048, 4096, 8192, 16384)
 KV_TYPES = ("f16", "q8_0", "q4_0")
 QUICK = {"gqa-q8": [(512, "f16"), (2048, "q8_0")]}
 COMPONENTS = ("model", "kv", "compute", "process", "total")
-SERVING_MODULES = ("llama_cpp.server.app",)
+# what llmup serve's default worker (the session-slot worker) has imported before its load
+SERVING_MODULES = ("launcher.backends.llamacpp_server",)
 HARDWARE = ROOT / "tests/data/machines/cpu-2core-24gb.json"
 
 
@@ -68,7 +71,13 @@ def grid(quick: bool) -> dict[str, list[tuple[int, str]]]:
 def point(path: Path, n_ctx: int, kv: str) -> list[dict[str, Any]]:
     """Predicted vs measured MiB of each component at one grid point."""
     plan = make_plan(
-        PlanRequest(hardware=load_snapshot(HARDWARE), model_file=path, context=n_ctx, kv_cache=kv)
+        PlanRequest(
+            hardware=load_snapshot(HARDWARE),
+            model_file=path,
+            context=n_ctx,
+            kv_cache=kv,
+            parallel=1,
+        )  # fmt: skip
     )
     got, log = measure_load(
         path, n_ctx=n_ctx, type_k=kv, type_v=kv, flash_attn=kv != "f16", use_extra_bufts=False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -164,6 +165,33 @@ def plan_speed(r: dict[str, Any]) -> list[str]:
     return [md_table(columns, rows)]
 
 
+def session_turns(r: dict[str, Any]) -> list[str]:
+    arms = r["arms"]
+    shape = r["conditions"]["shape"]
+    parts = [
+        f"Model: {r['conditions']['model']}; context {shape['context']} per session, "
+        f"{shape['parallel']} sequences in llmup and slots in llama-server, "
+        f"{r['conditions']['threads']} threads; TTFT in seconds, mean over the sessions."
+    ]
+    for workload in ("interleaved", "eight_on_four"):
+        columns = [
+            [statistics.fmean(turn) for turn in arms[name].get(workload, [])] for name in arms
+        ]
+        rows = [
+            (turn, *(f"{v:.3f}" for v in values)) for turn, values in enumerate(zip(*columns), 1)
+        ]
+        parts.append(md_table((f"{workload}: turn", *arms), rows))
+    rows = [
+        (name, f"{a['concurrent']['one_stream_tokens_per_s']:.1f}",
+         f"{a['concurrent']['total_tokens_per_s']:.1f} ({a['concurrent']['streams']})",
+         " / ".join(f"{v:.0f}" for v in a["rss_mib"].values()))
+        for name, a in arms.items()
+    ]  # fmt: skip
+    columns = ("server", "1 stream tok/s", "N streams total tok/s", "RSS MiB (after each)")
+    parts.append(md_table(columns, rows))
+    return parts
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "calibration": calibration,
     "proxy_overhead": proxy_overhead,
@@ -171,6 +199,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "cli_speed": cli_speed,
     "memory_over_time": memory_over_time,
     "plan_speed": plan_speed,
+    "session_turns": session_turns,
 }
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import Run, target
 from rich.console import Console
 from rich.table import Table
 from session_servers import ROOT, Arm, llama_server_binary, start_llama_server, start_llmup
@@ -282,16 +283,15 @@ def mean_per_turn(result: dict, workload: str) -> list[float]:
     return [statistics.fmean(turn) for turn in result.get(workload, [])]
 
 
-def targets(arms: dict[str, dict]) -> dict[str, Any]:
+def targets(arms: dict[str, dict]) -> list[dict]:
     """The issue's targets, each with its figure and whether it was met."""
-    out: dict[str, Any] = {}
+    out: list[dict] = []
     llmup = arms.get("llmup")
     if not llmup:
         return out
     turns = mean_per_turn(llmup, "interleaved")
     if len(turns) >= 10:
-        ratio = turns[9] / turns[1]
-        out["turn10_vs_turn2"] = {"ratio": ratio, "met": ratio <= 1.5}
+        out.append(target("turn10_vs_turn2", turns[9] / turns[1], 1.5, "at most"))
     if "llama-server" in arms:
         ratios = [
             (turn, ours / theirs)
@@ -301,18 +301,18 @@ def targets(arms: dict[str, dict]) -> dict[str, Any]:
             )
         ]
         worst = max(ratio for _, ratio in ratios)
-        out["worst_turn_vs_llama_server"] = {"ratio": worst, "met": worst <= 1.0}
+        out.append(target("worst_turn_vs_llama_server", worst, 1.0, "at most"))
         # a first turn: llama-server may start from another session's identical prefix,
         # which llmup never does (isolation), so continued turns are reported apart
         continued = max(ratio for turn, ratio in ratios if turn > 0)
-        out["worst_continued_turn_vs_llama_server"] = {"ratio": continued, "met": continued <= 1}
+        out.append(target("worst_continued_turn_vs_llama_server", continued, 1.0, "at most"))
     stock = arms.get("llmup-stock", {}).get("concurrent", {}).get("total_tokens_per_s")
     if stock:
         ratio = llmup["concurrent"]["total_tokens_per_s"] / stock
-        out["concurrent_vs_stock"] = {"ratio": ratio, "met": ratio >= 2.0}
+        out.append(target("concurrent_vs_stock", ratio, 2.0, "at least"))
     if "planned_ram_mib" in llmup:  # RSS within what the plan accounts for in RAM
         ratio = max(llmup["rss_mib"].values()) / llmup["planned_ram_mib"]
-        out["rss_within_plan"] = {"ratio": ratio, "met": ratio <= 1.0}
+        out.append(target("rss_within_plan", ratio, 1.0, "at most"))
     return out
 
 
@@ -339,8 +339,8 @@ def render(report: dict[str, Any]) -> None:
             " / ".join(f"{rss[k]:.0f}" for k in rss),
         )
     console.print(table)
-    for name, target in report["targets"].items():
-        console.print(f"{name}: {target['ratio']:.2f} ({'met' if target['met'] else 'MISSED'})")
+    for t in report["targets"]:
+        console.print(f"{t['name']}: {t['value']:.2f} ({'met' if t['met'] else 'MISSED'})")
 
 
 def main() -> None:
@@ -354,16 +354,15 @@ def main() -> None:
     args = parser.parse_args()
     import tempfile
 
+    bench = Run("session_turns", args.quick)  # the results file's common envelope
+
     def save(report: dict) -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        bench.write(args.out, report, [], final=False)
 
     with tempfile.TemporaryDirectory() as folder:
         report = run(args.quick, args.threads, Path(folder), args.arms.split(","), save)
-    report["targets"] = targets(report["arms"])
-    save(report)
-    render(report)
-    Console().print(f"written to {args.out}")
+    render({**report, "targets": targets(report["arms"])})
+    bench.write(args.out, report, targets(report["arms"]))
 
 
 if __name__ == "__main__":
