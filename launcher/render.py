@@ -182,6 +182,8 @@ def calibration(measured: dict) -> None:
             f"(predicted {tokens_per_s(speed.get('predicted_prompt'))})",
             highlight=False,
         )
+    elif speed.get("unmeasurable"):
+        out.print(f"speed not measured after the serve: {speed['unmeasurable']}", highlight=False)
 
 
 def _speed(p: Plan) -> None:

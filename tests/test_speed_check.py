@@ -1,17 +1,25 @@
 """The speed check after a serve runs once per plan: a later start of the same plan, whose
 calibration record holds a measurement of the same prediction, opens without measuring again
-(it would delay every start); a changed prediction is measured."""
+(it would delay every start); a changed prediction is measured; a model that streams too few
+tokens to time is recorded as such and not tried again on every start."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
+import uvicorn
 from conftest import DATA, MACHINES
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from ggufgen import write_llama_gguf
 
 from launcher.backends.calibration import lookup, record_load, save_record
+from launcher.backends.spec import free_port
 from launcher.backends.speedcheck import check_speed
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
@@ -40,9 +48,9 @@ def _measured(home, plan, *, predicted_decode: float) -> None:
     save_record(home, record)
 
 
-def _check(plan, home, caplog) -> list[str]:
+def _check(plan, home, caplog, base_url: str = "http://127.0.0.1:9") -> list[str]:
     notes: list[str] = []
-    served = SimpleNamespace(plan=plan, base_url="http://127.0.0.1:9")  # nothing listens there
+    served = SimpleNamespace(plan=plan, base_url=base_url)  # by default nothing listens there
     with caplog.at_level(logging.INFO, logger="launcher.backends.speedcheck"):
         check_speed(served, home, notify=notes.append)
     return notes
@@ -61,3 +69,46 @@ def test_a_changed_prediction_is_measured_again(plan, tmp_path, caplog):
     _measured(tmp_path, plan, predicted_decode=plan.speed.decode_tokens_per_s * 2)
     assert _check(plan, tmp_path, caplog) == []
     assert "could not measure the backend's speed" in caplog.text  # it tried: nothing there
+
+
+@pytest.fixture
+def silent_backend():
+    """An OpenAI-compatible completions server whose model ends every reply at once (what a
+    random-weight model does): usage on the plain reply, only the finish chunk when streamed.
+    Counts the requests it gets."""
+    app, calls = FastAPI(), []
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        calls.append(body)
+        reply = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+        if not body.get("stream"):
+            return {**reply, "usage": {"prompt_tokens": 60, "completion_tokens": 0}}
+        chunks = [f"data: {json.dumps(reply)}\n\n", "data: [DONE]\n\n"]
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}", calls
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_model_too_quiet_to_time_is_recorded_and_not_tried_again(
+    plan, tmp_path, caplog, silent_backend
+):
+    url, calls = silent_backend
+    record_load(tmp_path, plan, LOAD_LOG.read_text())
+    assert _check(plan, tmp_path, caplog, url) == [] and len(calls) == 2
+    speed = lookup(tmp_path, plan).speed
+    assert "too few to time" in speed["unmeasurable"] and "measured_decode" not in speed
+    assert speed["predicted_decode"] == plan.speed.decode_tokens_per_s
+    record_load(tmp_path, plan, LOAD_LOG.read_text())  # the next start of the same plan
+    caplog.clear()
+    assert _check(plan, tmp_path, caplog, url) == [] and len(calls) == 2  # nothing sent
+    assert "measured on an earlier start" in caplog.text

@@ -66,8 +66,9 @@ class CalibrationRecord(BaseModel):
     measured_totals: dict[str, float] = Field(default_factory=dict)
     measured_devices: dict[str, dict[str, float]] = Field(default_factory=dict)
     load: dict[str, str | int | bool | None] = Field(default_factory=dict)
-    speed: dict[str, float | None] = Field(
-        default_factory=dict, description="predicted/measured decode and prompt tokens/s"
+    speed: dict[str, float | str | None] = Field(
+        default_factory=dict,
+        description="predicted/measured decode and prompt tokens/s, or why it is unmeasurable",
     )
 
 

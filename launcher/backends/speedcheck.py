@@ -32,6 +32,10 @@ PROMPT = (
 PROMPT_TOKENS_GUESS = 60
 
 
+class TooFewTokens(ValueError):
+    """The model ended its reply (or streamed only empty pieces) before it could be timed."""
+
+
 class MeasuredSpeed(BaseModel):
     decode_tokens_per_s: float
     prompt_tokens_per_s: float
@@ -43,7 +47,8 @@ def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> No
     """Measure a freshly started llama.cpp backend and record it; never fails the serve.
 
     Once per plan: a start whose record already holds a measurement of the same prediction
-    opens the proxy without measuring again (the check delays every start otherwise)."""
+    (or found this model cannot be timed so: it streams too few tokens) opens the proxy
+    without measuring again (the check delays every start otherwise)."""
     plan = served.plan
     if plan.backend != "llama.cpp" or plan.speed is None:
         return
@@ -58,25 +63,40 @@ def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> No
         measured = measure_speed(
             served.base_url, plan.model.id, headers=getattr(served, "auth_headers", None)
         )
+    except TooFewTokens as exc:  # the model's own replies: the next start would see the same
+        log.warning("could not measure the backend's speed: %s", exc)
+        _keep(home, plan, {"unmeasurable": str(exc)})
+        return
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         log.warning("could not measure the backend's speed: %s", exc)
         return
     notify(speed_line(plan.speed, measured))
-    record = lookup(home, plan)
-    if record is not None:
-        record.speed = {
-            "predicted_decode": plan.speed.decode_tokens_per_s,
-            "predicted_prompt": plan.speed.prompt_tokens_per_s,
+    _keep(
+        home,
+        plan,
+        {
             "measured_decode": round(measured.decode_tokens_per_s, 2),
             "measured_prompt": round(measured.prompt_tokens_per_s, 2),
+        },
+    )
+
+
+def _keep(home: Path, plan: Any, outcome: dict[str, float | str]) -> None:
+    """The check's outcome in the plan's calibration record, beside the prediction."""
+    record = lookup(home, plan)
+    if record is not None:
+        predicted = {
+            "predicted_decode": plan.speed.decode_tokens_per_s,
+            "predicted_prompt": plan.speed.prompt_tokens_per_s,
         }
+        record.speed = {**predicted, **outcome}
         save_record(home, record)
 
 
 def measured_before(record: Any, predicted: Any) -> bool:
-    """The record holds a measured speed for this very prediction."""
+    """The record holds a measured speed (or found it unmeasurable) for this prediction."""
     speed = record.speed if record is not None else {}
-    return bool(speed.get("measured_decode")) and (
+    return bool(speed.get("measured_decode") or speed.get("unmeasurable")) and (
         speed.get("predicted_decode"),
         speed.get("predicted_prompt"),
     ) == (predicted.decode_tokens_per_s, predicted.prompt_tokens_per_s)
@@ -102,7 +122,7 @@ def measure_speed(
         prompt_tokens = int(reply.json()["usage"]["prompt_tokens"])
         stamps = _token_times(client, {**body, "max_tokens": DECODE_TOKENS + 1, "stream": True})
     if len(stamps) < 3:
-        raise ValueError(f"the backend streamed {len(stamps)} tokens, too few to time")
+        raise TooFewTokens(f"the backend streamed {len(stamps)} tokens, too few to time")
     return MeasuredSpeed(
         decode_tokens_per_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]),
         prompt_tokens_per_s=prompt_tokens / prompt_s,
