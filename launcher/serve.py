@@ -7,6 +7,8 @@ Process life, as an operator running it under systemd or docker needs it:
 
 - the listening socket is bound first (`prepare_listener`), so a bad address, a busy port, a
   public bind without a key or a blank key is one line before anything is downloaded or loaded;
+- while the weights are pulled and loaded the port already answers: /health 503 "loading",
+  every other route an OpenAI-shaped 503 with Retry-After (`launcher.loading`);
 - SIGTERM or SIGINT stops it within seconds in every state: while loading, the load is
   abandoned and the child killed; while serving, the backend is stopped first (SIGTERM, then
   SIGKILL after `serve.stop_grace_s`), so requests in flight end with an error at once, and
@@ -39,6 +41,7 @@ from launcher.backends.speedcheck import check_speed
 from launcher.backends.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
+from launcher.loading import answering_while_loading
 from launcher.planning.plan import Plan
 from launcher.proxy import SessionStore, check_bind, create_app
 from launcher.proxy.auth import configured_keys
@@ -100,16 +103,20 @@ class ServedBackend:
 
     @property
     def plan_summary(self) -> dict[str, Any]:
-        p = self.plan
-        return {
-            "model": p.model.id,
-            "backend": p.backend,
-            "quant": p.quant,
-            "context": p.context,
-            "parallel": p.parallel,
-            "offload": p.placement.offload,
-            "memory_mib": p.memory_mib.model_dump(),
-        }
+        return plan_summary(self.plan)
+
+
+def plan_summary(p: Plan) -> dict[str, Any]:
+    """What /health shows of the plan (while loading too)."""
+    return {
+        "model": p.model.id,
+        "backend": p.backend,
+        "quant": p.quant,
+        "context": p.context,
+        "parallel": p.parallel,
+        "offload": p.placement.offload,
+        "memory_mib": p.memory_mib.model_dump(),
+    }
 
 
 def supervisor_options(s: ServeSettings) -> dict[str, Any]:
@@ -301,12 +308,14 @@ def serve(
     backend = sessions = None
     preload_proxy()
     try:
-        backend = start_backend(
-            plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
-            progress=progress,
-        )  # fmt: skip
-        sessions = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
-        server = _server(settings, create_app(settings, backend, sessions), backend.supervisor)
+        with answering_while_loading(listener, settings, plan_summary(plan)):
+            backend = start_backend(
+                plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
+                progress=progress,
+            )  # fmt: skip
+            sessions = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
+            app = create_app(settings, backend, sessions)
+        server = _server(settings, app, backend.supervisor)
         if ready:
             ready(public_url(settings, listener), backend)
         _run_until_stopped(server, listener, backend.supervisor)

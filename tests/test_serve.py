@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
+import psutil
 import pytest
 from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
@@ -208,6 +210,38 @@ def test_a_trickled_body_closes_the_connection(served):
     answer, closed_after = _trickle(served, head, b'{"model": "tiny-chat", "prompt": "hi"')
     assert closed_after < READ_DEADLINE_S + 3, answer
     assert served.health()["status"] == "ok"  # the server itself is unharmed
+
+
+def test_the_port_answers_503_loading_until_the_backend_is_ready(tiny_model, tmp_path):
+    """The backend is frozen (SIGSTOP) mid-load: /health says loading, the API 503s with
+    Retry-After in OpenAI's shape, the official client reads it; thawed, the same port serves."""
+    server = Served(["--model-file", str(tiny_model)], tmp_path, free_port())
+    deadline = time.monotonic() + 60
+    while not (backend := _worker_of(server)):
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.output()
+        time.sleep(0.05)
+    backend.suspend()
+    try:
+        health = httpx.get(server.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        assert health.json()["plan"]["model"] == "tiny-chat"
+        models = httpx.get(server.url + "/v1/models", timeout=5)
+        assert models.status_code == 503 and models.headers["retry-after"] == "5"
+        assert models.json()["error"]["code"] == "model_loading"
+        with pytest.raises(openai.InternalServerError, match="still loading the model"):
+            server.client().models.list()
+    finally:
+        backend.resume()
+    server.wait_ready()
+    assert [m.id for m in server.client().models.list().data] == ["tiny-chat"]
+    server.stop()
+
+
+def _worker_of(server: Served) -> psutil.Process | None:
+    try:
+        return server.backend()
+    except (StopIteration, psutil.Error):
+        return None
 
 
 def test_sigterm_leaves_no_process(tiny_model, tmp_path):

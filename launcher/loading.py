@@ -1,0 +1,84 @@
+"""What the listening port answers while the backend is pulled and loaded.
+
+`llmup serve` binds its port first; until the model is ready, a small ASGI app answers on it
+(as llama.cpp's own server does while it loads): `GET /health` is 503 with
+`"status": "loading"` and the plan, and every other request gets an OpenAI-shaped 503
+`model_loading` error with `Retry-After`. It runs in a uvicorn thread on a duplicate of the
+listening socket; when the backend is ready it stops (closing only its duplicate) and the
+proxy takes over the same socket, so connections made in between wait in its backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from launcher.listen import deadline_protocol
+from launcher.protocol import error_body
+from launcher.settings import Settings
+
+RETRY_AFTER_S = 5
+LOADING_MESSAGE = "llmup is still loading the model; retry in a few seconds"
+
+
+def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(the /health body, every other route's error body) while loading."""
+    health = {
+        "status": "loading",
+        "backend": {"state": "loading", "restarts": 0},
+        "model": summary.get("model"),
+        "context": summary.get("context"),
+        "plan": summary,
+    }
+    error = error_body(LOADING_MESSAGE, status=503, code="model_loading")
+    return json.dumps(health).encode(), json.dumps(error).encode()
+
+
+def loading_app(summary: dict[str, Any]) -> Any:
+    """A bare ASGI app (no framework to import while the proxy's own app is preloaded)."""
+    health, error = loading_bodies(summary)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"retry-after", str(RETRY_AFTER_S).encode()),
+    ]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = health if scope["path"] == "/health" else error
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@contextmanager
+def answering_while_loading(
+    listener: Any, settings: Settings, summary: dict[str, Any]
+) -> Iterator[None]:
+    """Serve the loading app on `listener` for the duration of the block."""
+    s = settings.serve
+    config = uvicorn.Config(
+        loading_app(summary),
+        lifespan="off",
+        log_level="warning",
+        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    sock = listener.dup()  # uvicorn closes the sockets it served; the proxy needs this one
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="llmup-loading", daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
