@@ -71,6 +71,7 @@ def answering_while_loading(
         timeout_graceful_shutdown=1,
     )
     server = uvicorn.Server(config)
+    listener.listen(config.backlog)  # from now on a connection waits, never is refused
     sock = listener.dup()  # uvicorn closes the sockets it served; the proxy needs this one
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="llmup-loading", daemon=True

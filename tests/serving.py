@@ -76,6 +76,16 @@ class Served:
         workers = ("llamacpp_worker", "llamacpp_server")
         return next(p for p in kids if any(w in " ".join(p.cmdline()) for w in workers))
 
+    def wait_backend(self, timeout: float = 60) -> psutil.Process:
+        """The backend worker process, once spawned (probes run before it are not it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.backend()
+            except (StopIteration, psutil.Error):
+                assert time.monotonic() < deadline and self.proc.poll() is None, self.output()
+                time.sleep(0.05)
+
     def client(self, key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
 

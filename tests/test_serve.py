@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
@@ -216,10 +215,7 @@ def test_the_port_answers_503_loading_until_the_backend_is_ready(tiny_model, tmp
     """The backend is frozen (SIGSTOP) mid-load: /health says loading, the API 503s with
     Retry-After in OpenAI's shape, the official client reads it; thawed, the same port serves."""
     server = Served(["--model-file", str(tiny_model)], tmp_path, free_port())
-    deadline = time.monotonic() + 60
-    while not (backend := _worker_of(server)):
-        assert time.monotonic() < deadline and server.proc.poll() is None, server.output()
-        time.sleep(0.05)
+    backend = server.wait_backend()
     backend.suspend()
     try:
         health = httpx.get(server.url + "/health", timeout=5)
@@ -235,13 +231,6 @@ def test_the_port_answers_503_loading_until_the_backend_is_ready(tiny_model, tmp
     server.wait_ready()
     assert [m.id for m in server.client().models.list().data] == ["tiny-chat"]
     server.stop()
-
-
-def _worker_of(server: Served) -> psutil.Process | None:
-    try:
-        return server.backend()
-    except (StopIteration, psutil.Error):
-        return None
 
 
 def test_sigterm_leaves_no_process(tiny_model, tmp_path):
