@@ -4,13 +4,16 @@
 (as llama.cpp's own server does while it loads): `GET /health` is 503 with
 `"status": "loading"` and the plan, and every other request gets an OpenAI-shaped 503
 `model_loading` error with `Retry-After`. It runs in a uvicorn thread on a duplicate of the
-listening socket; when the backend is ready it stops (closing only its duplicate) and the
-proxy takes over the same socket, so connections made in between wait in its backlog.
+listening socket; when the backend is ready it stops accepting (and closes only its
+duplicate) and the proxy takes over the same socket, so connections made in between wait in
+its backlog.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +60,26 @@ def loading_app(summary: dict[str, Any]) -> Any:
     return app
 
 
+class LoadingServer(uvicorn.Server):
+    """uvicorn's server, letting go of the socket within ~5 ms of `should_exit` (the proxy
+    waits for that on every start): it notices the flag sooner than uvicorn's 0.1 s tick and
+    says it stopped accepting (`released`) before uvicorn's own 0.1 s wait for connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.released = threading.Event()
+
+    async def main_loop(self) -> None:
+        while not self.should_exit:
+            await asyncio.sleep(0.005)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # no new connection reaches this app from here on
+        self.released.set()
+        await super().shutdown(sockets)
+
+
 @contextmanager
 def answering_while_loading(
     listener: Any, settings: Settings, summary: dict[str, Any]
@@ -70,7 +93,7 @@ def answering_while_loading(
         http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
         timeout_graceful_shutdown=1,
     )
-    server = uvicorn.Server(config)
+    server = LoadingServer(config)
     listener.listen(config.backlog)  # from now on a connection waits, never is refused
     sock = listener.dup()  # uvicorn closes the sockets it served; the proxy needs this one
     thread = threading.Thread(
@@ -80,6 +103,6 @@ def answering_while_loading(
     try:
         yield
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+        server.should_exit = True  # its open connections close in its own thread
+        while thread.is_alive() and not server.released.wait(0.01):
+            pass

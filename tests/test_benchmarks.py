@@ -105,6 +105,10 @@ def test_cold_start_compares_and_breaks_llmup_down(quick):
     (row,) = quick["cold_start"][1]["rows"]
     assert row["llmup_s"] > 0 and row["llama_cpp_server_s"] > 0
     assert row["ratio"] == pytest.approx(row["llmup_s"] / row["llama_cpp_server_s"], rel=0.01)
+    assert row["parallel"] >= 1 and row["llmup_one_sequence_s"] > 0
+    assert row["one_sequence_ratio"] == pytest.approx(
+        row["llmup_one_sequence_s"] / row["llama_cpp_server_s"], rel=0.01
+    )
     steps = row["llmup_breakdown"]["steps"]
     assert "GGUF header reads" in steps and "backend load until ready" in steps
     assert all(s >= 0 for s in steps.values()) and row["llmup_breakdown"]["header_reads"] >= 1
