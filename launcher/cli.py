@@ -171,6 +171,10 @@ def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **fla
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
     cfg = settings.planning
     snap = hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus, profile)
+    if settings.runtime == "docker":  # the backend runs in llmup's image, not this Python
+        from launcher.hardware.images import in_image
+
+        snap = in_image(snap, settings.docker.cpu_image, settings.docker.cuda_image)
     return request_from_settings(cfg, snap, **flags)
 
 

@@ -97,9 +97,11 @@ def test_cpu_only_llama_cpp_with_a_detected_gpu_plans_the_cpu_and_says_how_to_fi
     assert chosen(plan) == ("llama-2-70b-chat", "Q8_0", "cpu", [])
     hint = next(n for n in plan.notes if "CPU build" in n)
     assert "\n" not in hint
-    assert hint.endswith(
+    assert (
         'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+        in hint
     )
+    assert hint.endswith("`docker build -f docker/Dockerfile.cuda -t llmup:cuda .`)")
     assert any("GPTQ candidates skipped" in n for n in plan.notes)  # exllamav2 not installed
     assert backend_env(plan)["CUDA_VISIBLE_DEVICES"] == ""
 

@@ -98,6 +98,8 @@ class InstalledBackends(BaseModel):
 
     llama_cpp: LlamaCppInstall = Field(default_factory=LlamaCppInstall)
     exllamav2: ExllamaInstall = Field(default_factory=ExllamaInstall)
+    # None: this Python's packages; else where they are, e.g. "the llmup:cuda image"
+    where: str | None = None
 
 
 class HardwareSnapshot(BaseModel):

@@ -15,6 +15,10 @@ from launcher.hardware.snapshot import HardwareSnapshot, InstalledBackends
 INSTALL_LLAMA_CPP = (
     'CMAKE_ARGS="-DGGML_{flag}=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
 )
+CUDA_IMAGE_HINT = (
+    ", or run the backend in llmup's CUDA image: `llmup serve --runtime docker` "
+    "(build it with `docker build -f docker/Dockerfile.cuda -t llmup:cuda .`)"
+)
 GPU_BUILDS = {"cuda": {"cuda", "vulkan"}, "metal": {"metal", "vulkan"}}  # device kind -> builds
 BUILD_FLAG = {"cuda": "CUDA", "metal": "METAL"}
 ASSUMED = (
@@ -37,7 +41,8 @@ def backend_access(snapshot: HardwareSnapshot) -> BackendAccess:
         return BackendAccess(frozenset(kinds), None, (ASSUMED,) if kinds else ())
     installed = snapshot.backends
     usable = {k for k in kinds if _llamacpp_can_use(installed, k)}
-    notes = [_cpu_only_note(installed, k) for k in sorted(kinds - usable)]
+    notes = [f"planned for the backends installed in {installed.where}"] if installed.where else []
+    notes += [_cpu_only_note(installed, k) for k in sorted(kinds - usable)]
     why_not = _exllamav2_why_not(installed)
     if why_not and "cuda" in kinds:
         notes.append(f"GPTQ candidates skipped: {why_not}")
@@ -52,6 +57,11 @@ def _llamacpp_can_use(installed: InstalledBackends, kind: str) -> bool:
 def _cpu_only_note(installed: InstalledBackends, kind: str) -> str:
     lc = installed.llama_cpp
     device = "NVIDIA GPU" if kind == "cuda" else "Apple GPU"
+    if installed.where:
+        return (
+            f"the backend runs in {installed.where}, whose llama.cpp cannot use the {device} "
+            "from a container; llama.cpp layers planned on the CPU"
+        )
     if lc.error:
         return f"llama-cpp-python does not load ({lc.error}); the {device} is not used"
     if GPU_BUILDS[kind] & set(lc.gpu_backends):
@@ -63,6 +73,7 @@ def _cpu_only_note(installed: InstalledBackends, kind: str) -> str:
         f"the installed llama-cpp-python {lc.version or ''} is a CPU build, so llama.cpp "
         f"layers are planned on the CPU; to use the {device}: "
         + INSTALL_LLAMA_CPP.format(flag=BUILD_FLAG[kind])
+        + (CUDA_IMAGE_HINT if kind == "cuda" else "")
     )
 
 
