@@ -3,7 +3,9 @@
 `llmup serve` binds its port first; until the model is ready, a small ASGI app answers on it
 (as llama.cpp's own server does while it loads): `GET /health` is 503 with
 `"status": "loading"` and the plan, and every other request gets an OpenAI-shaped 503
-`model_loading` error with `Retry-After`. It runs in a uvicorn thread on a duplicate of the
+`model_loading` error with `Retry-After`, except the chat page's address `/`, which shows a
+small page that reloads itself every few seconds until the chat page answers (what
+llama.cpp's server does too). It runs in a uvicorn thread on a duplicate of the
 listening socket; when the backend is ready it stops accepting (and closes only its
 duplicate) and the proxy takes over the same socket, so connections made in between wait in
 its backlog.
@@ -12,6 +14,7 @@ its backlog.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import socket
 import threading
@@ -23,10 +26,21 @@ import uvicorn
 
 from launcher.listen import deadline_protocol
 from launcher.protocol import error_body
+from launcher.proxy.page_policy import PAGE_HEADERS
 from launcher.settings import Settings
 
 RETRY_AFTER_S = 5
 LOADING_MESSAGE = "llmup is still loading the model; retry in a few seconds"
+LOADING_PAGE = """<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="{seconds}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>llmup: loading</title>
+<p>llmup is loading {model}. This page reloads every {seconds} seconds; the chat opens as soon
+as the model is ready.</p>
+</html>
+"""
 
 
 def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -42,18 +56,29 @@ def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes]:
     return json.dumps(health).encode(), json.dumps(error).encode()
 
 
+def loading_page(summary: dict[str, Any]) -> bytes:
+    """The page at `/` while loading: no script, a meta refresh (allowed by the page policy)."""
+    model = html.escape(str(summary.get("model") or "the model"))
+    return LOADING_PAGE.format(seconds=RETRY_AFTER_S, model=model).encode()
+
+
 def loading_app(summary: dict[str, Any]) -> Any:
     """A bare ASGI app (no framework to import while the proxy's own app is preloaded)."""
     health, error = loading_bodies(summary)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
+    retry = (b"retry-after", str(RETRY_AFTER_S).encode())
+    as_json = [(b"content-type", b"application/json"), retry]
+    page = loading_page(summary)
+    as_page = [(b"content-type", b"text/html; charset=utf-8"), retry] + [
+        (name.lower().encode(), value.encode()) for name, value in PAGE_HEADERS.items()
     ]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = health if scope["path"] == "/health" else error
+        path = scope["path"]
+        body, headers = (page, as_page) if path == "/" else (error, as_json)
+        if path == "/health":
+            body = health
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -226,6 +226,10 @@ def test_the_port_answers_503_loading_until_the_backend_is_ready(tiny_model, tmp
         assert models.json()["error"]["code"] == "model_loading"
         with pytest.raises(openai.InternalServerError, match="still loading the model"):
             server.client().models.list()
+        page = httpx.get(server.url + "/", timeout=5)  # the chat page's address: a page
+        assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+        assert '<meta http-equiv="refresh" content="5">' in page.text and "tiny-chat" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
     finally:
         backend.resume()
     server.wait_ready()

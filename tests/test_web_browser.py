@@ -438,3 +438,28 @@ def test_markdown_renderer_builds_only_these_nodes(served, page):
         [source for source, _ in MARKDOWN],
     )
     assert list(zip(*MARKDOWN))[1] == tuple(rendered)
+
+
+def test_the_page_opened_while_loading_turns_into_the_chat(tmp_path):
+    """Opened while the backend loads (frozen here), `/` is a page that says so and reloads
+    itself; once the model is ready the same tab becomes the chat page, with no click."""
+    model = write_llama_gguf(tmp_path / "tiny-chat.gguf", tensor_type="F32", chat_template=TEMPLATE)
+    server = Served(["--model-file", str(model), "--api-key", KEY], tmp_path, free_port())
+    backend = server.wait_backend()
+    backend.suspend()
+    browser = Page(server.url)
+    try:
+        browser.driver.get(server.url + "/")
+        assert "llmup is loading tiny-chat" in browser.text("body")
+        assert browser.js("return document.body.dataset.ready") is None
+        backend.resume()
+        browser.wait(
+            lambda: browser.js("return document.body.dataset.ready === '1'"),
+            "the chat page after the load",
+            timeout=60,
+        )
+        assert "tiny-chat" in browser.text("body")
+    finally:
+        backend.resume()
+        browser.close()
+        server.stop()
