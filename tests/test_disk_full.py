@@ -87,7 +87,8 @@ def test_full_disk_is_a_clear_507_and_service_resumes(small_disk, tiny_backend) 
 
         # space for the checks before the turn, none left when the streamed reply is stored
         filler.unlink()
-        stream = say(client, "three", stream=True, logit_bias=NO_EOS, max_tokens=40)
+        # a long reply: the disk fills up well before it ends, however loaded the machine
+        stream = say(client, "three", stream=True, logit_bias=NO_EOS, max_tokens=400)
         chunks = iter(stream)
         next(chunks)
         filler = fill(small_disk)
