@@ -289,7 +289,8 @@ def test_offline_verifies_by_blob_name_when_llmup_home_is_gone(hub, tmp_path):
     pulled = pull(gguf_source(), progress=False)
     shutil.rmtree(tmp_path / "llmup")
     assert pull(gguf_source(), offline=True, progress=False).path == pulled.path
-    pulled.path.resolve().write_bytes(data[:-1] + b"\0")  # corrupt it behind llmup's back
+    corrupt = data[:-1] + bytes([data[-1] ^ 1])  # a "\0" was no change when the byte was 0
+    pulled.path.resolve().write_bytes(corrupt)  # corrupt it behind llmup's back
     shutil.rmtree(tmp_path / "llmup")
     with pytest.raises(ChecksumError, match="deleted its blob"):
         pull(gguf_source(), offline=True, progress=False)
