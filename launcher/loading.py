@@ -72,13 +72,12 @@ def loading_app(summary: dict[str, Any]) -> Any:
         (name.lower().encode(), value.encode()) for name, value in PAGE_HEADERS.items()
     ]
 
+    answers = {"/": (page, as_page), "/health": (health, as_json)}
+
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        path = scope["path"]
-        body, headers = (page, as_page) if path == "/" else (error, as_json)
-        if path == "/health":
-            body = health
+        body, headers = answers.get(scope["path"], (error, as_json))
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
