@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
 from backend_fixtures import MODEL, N_CTX, NO_EOS, long_text
@@ -295,7 +294,7 @@ def test_twenty_concurrent_sessions_lose_and_mix_nothing(make_proxy) -> None:
     proxy = make_proxy()
 
     async def run() -> list[list[int]]:
-        async with proxy.async_client(timeout=httpx.Timeout(60)) as client:
+        async with proxy.async_client(timeout=60.0) as client:
             return await asyncio.gather(*(_converse(client, i, 5) for i in range(20)))
 
     started = time.monotonic()
@@ -372,7 +371,7 @@ def test_requests_in_one_session_run_one_after_the_other(make_proxy) -> None:
         return reply.usage.prompt_tokens
 
     async def run() -> list[int]:
-        async with proxy.async_client(timeout=httpx.Timeout(60)) as client:
+        async with proxy.async_client(timeout=60.0) as client:
             return await asyncio.gather(*(turn(client, i) for i in range(6)))
 
     prompts = sorted(asyncio.run(run()))

@@ -21,6 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 
+# Imported here, at collection, not lazily by `from_url` inside the fixture: pytest rewrites the
+# modules of every package that ships a pytest plugin (schemathesis does) when they are first
+# imported, and CPython 3.11.7's AST constructor can fail spuriously while other threads run
+# ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905), as they do
+# once the proxy's uvicorn thread is up.
+from schemathesis.specs.openapi import schemas as _openapi_schemas  # noqa: F401
+
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = 60  # per operation and mode
 BYTE_TOKENS = {str(token): -100 for token in range(3, 259)}
