@@ -41,6 +41,8 @@ class PlanningSettings(BaseModel):
     allow_offload: bool = False
     gpus: str | None = None  # like --gpus / CUDA_VISIBLE_DEVICES: "0,2"
     min_tokens_per_s: float | None = Field(default=None, ge=0)
+    # below this expected decode speed the plan says it will be slow, and what is faster
+    readable_tokens_per_s: float = Field(default=5.0, gt=0)
     parallel: int | None = Field(default=None, ge=1)  # llama.cpp sequences; None: as fit
     llamacpp_impl: Literal["slots", "server"] = "slots"
 
