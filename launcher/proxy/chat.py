@@ -141,14 +141,19 @@ async def _forward(
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
 ) -> dict[str, Any] | Response:
-    """Send the request (once a backend place is free): its JSON reply, or for a stream the
-    relaying response, which from then on owns what `stack` holds."""
+    """Send the request (once a backend place is free): its JSON reply, as OpenAI's schema
+    has it, or for a stream the relaying response, which from then on owns what `stack`
+    holds. The fingerprint is known before anything is sent, so asking for it never costs
+    a generated reply."""
+    kind = "chat" if "messages" in payload else "completion"
+    fingerprint = await st.fingerprint()
     digest = request_digest(route, payload)
     st.upstream.crashes.refuse_known(digest)
     await stack.enter_async_context(st.admission.slot())
     stack.enter_context(st.upstream.crashes.inflight(digest))
     if not body.stream:
-        return await st.upstream.post_json(route, payload, headers)
+        reply = await st.upstream.post_json(route, payload, headers)
+        return conform_reply(reply, kind, fingerprint)
     started = time.perf_counter()
     response = await st.upstream.open_stream(route, payload, headers)
     stack.push_async_callback(response.aclose)
@@ -159,8 +164,8 @@ async def _forward(
 
     relay = StreamRelay(
         response,
-        result=StreamResult(kind="chat" if "messages" in payload else "completion"),
-        fingerprint=await st.fingerprint(),
+        result=StreamResult(kind=kind),
+        fingerprint=fingerprint,
         metrics=st.metrics,
         started=started,
         wants_usage=body.wants_usage_chunk(),
@@ -205,7 +210,6 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
         reply = await _forward(st, stack, route, payload, body=body, headers=headers, turn=turn)
         if isinstance(reply, Response):
             return reply
-        reply = conform_reply(reply, "chat", await st.fingerprint())
         if turn is not None:
             await turns.commit(st, turn, reply)
         _account(st, reply)
@@ -228,7 +232,6 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
         reply = await _forward(st, stack, "/v1/completions", payload, body=body)
         if isinstance(reply, Response):
             return reply
-        reply = conform_reply(reply, "completion", await st.fingerprint())
         _account(st, reply)
         return JSONResponse(reply)
 
