@@ -408,7 +408,7 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
         proxy.stop()
 
 
-def test_first_messages_without_max_tokens_on_a_llama_gguf_without_a_template(tmp_path):
+def test_first_messages_without_max_tokens_on_a_llama_gguf_without_a_template(tmp_path, page):
     """What a newcomer does first: open the page, type a message, nothing set. On a Llama GGUF
     that carries no chat template (llmup renders Meta's Llama-2 format, as for TheBloke's
     files) each reply runs to the end of the context, and the next message still gets one
@@ -417,24 +417,22 @@ def test_first_messages_without_max_tokens_on_a_llama_gguf_without_a_template(tm
     server = Served(
         ["--model-file", str(model), "--context", "256", "--api-key", KEY], tmp_path, free_port()
     )
-    browser = None
+    served_url, page.url = page.url, server.url
     try:
         server.wait_ready()
-        browser = Page(server.url)
-        browser.open(KEY)  # no settings: no max tokens, no system prompt
+        page.open(KEY)  # no settings: no max tokens, no system prompt
         for turn, text in enumerate(["Hello!", "And who are you?"]):
-            send(browser, text)
-            finished(browser)
-            errors = browser.all("#messages .notice.error")
+            send(page, text)
+            finished(page)
+            errors = page.all("#messages .notice.error")
             assert not errors, errors[0].text
-            assert len(replies(browser)) == turn + 1
-            stats = browser.all("#messages .msg.assistant .stats")[-1].text
+            assert len(replies(page)) == turn + 1
+            stats = page.all("#messages .msg.assistant .stats")[-1].text
             assert STATS.fullmatch(stats) and STATS.fullmatch(stats)[2] in ("stop", "length")
-        messages = api(server).get(f"/v1/sessions/{browser.session_id()}").json()["messages"]
+        messages = api(server).get(f"/v1/sessions/{page.session_id()}").json()["messages"]
         assert [m["role"] for m in messages] == ["user", "assistant"] * 2
     finally:
-        if browser is not None:
-            browser.close()
+        page.url = served_url
         server.stop()
 
 
