@@ -113,10 +113,17 @@ PROFILE_HARDWARE = Path("profile")
 
 def default_settings() -> Settings:
     """The settings tree without a profile, imported on first use: pydantic-settings is not
-    worth its import time to `llmup --help`."""
+    worth its import time to `llmup --help`. A bad LLMUP_ variable is one line, exit 2."""
+    from pydantic import ValidationError
+
     from launcher.settings import Settings
 
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "__".join(str(part) for part in first["loc"]).upper() or "settings"
+        raise UsageError(f"LLMUP_{name}={first.get('input')!r}: {first['msg']}") from None
 
 
 def command_settings(profile_name: str | None):
@@ -409,7 +416,11 @@ def serve(
         notify=render.note,
         progress=render.LoadingLine(),
         ready=lambda url, b: render.serving(
-            url, b.model_id, keyed=keyed, keys_file=settings.proxy.api_keys_file
+            url,
+            b.model_id,
+            keyed=keyed,
+            keys_file=settings.proxy.api_keys_file,
+            slow=b.plan.speed_warning.message if b.plan.speed_warning else None,
         ),
     )
 

@@ -116,6 +116,7 @@ def plan_summary(p: Plan) -> dict[str, Any]:
         "parallel": p.parallel,
         "offload": p.placement.offload,
         "memory_mib": p.memory_mib.model_dump(),
+        "speed_warning": p.speed_warning.model_dump() if p.speed_warning else None,
     }
 
 

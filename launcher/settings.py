@@ -41,6 +41,8 @@ class PlanningSettings(BaseModel):
     allow_offload: bool = False
     gpus: str | None = None  # like --gpus / CUDA_VISIBLE_DEVICES: "0,2"
     min_tokens_per_s: float | None = Field(default=None, ge=0)
+    # below this expected decode speed the plan says it will be slow, and what is faster
+    readable_tokens_per_s: float = Field(default=5.0, gt=0)
     parallel: int | None = Field(default=None, ge=1)  # llama.cpp sequences; None: as fit
     llamacpp_impl: Literal["slots", "server"] = "slots"
 
@@ -72,11 +74,12 @@ def split_keys(value: Any) -> Any:
 class ProxySettings(BaseModel):
     """The public surface: bind address, keys, sessions and the limits in front of the backend.
 
-    `message_overhead_tokens` is what a chat template adds around each message (role markers,
-    BOS/EOS); the proxy counts message contents with the backend's tokenizer and adds this per
-    message. Llama-2's `[INST] ... [/INST]` format costs about 6 per message and 12 for the
-    system block; the proxy raises the figure when a reply's `usage.prompt_tokens` shows more.
-    `default_reserve_tokens` is kept free for the reply when a request sets no `max_tokens`.
+    Whether a prompt fits is the backend's count of it (the rendered chat template,
+    tokenized). `message_overhead_tokens` is only the first guess of what a template adds
+    around each message (role markers, BOS/EOS) when the proxy picks which old turns of a
+    session to try leaving out; the backend's count then decides. `default_reserve_tokens`
+    is the room a session's older turns are left out for when a request sets no `max_tokens`
+    (at most a quarter of the context); such a reply may still run to the end of the context.
     """
 
     host: str = "127.0.0.1"

@@ -396,7 +396,8 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
             assert f"{device['device']} NVIDIA RTX A6000" in panel
             assert f"{device['need_mib'] / 1024:.1f} GiB" in panel
         assert f"{plan['model']['params'] / 1e9:.0f} B parameters" in panel
-        assert "Expected speed" in panel
+        assert "Expected speed" in panel and "Below reading speed" not in panel
+        assert not page.find("#speed-warning").is_displayed()  # 70B at ~11 tokens/s: fast
         page.screenshot("plan-panel.png")
         page.find("#prompt").send_keys("hello", Keys.ENTER)
         finished(page)
@@ -405,6 +406,64 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
     finally:
         page.url = served_url
         proxy.stop()
+
+
+def test_first_messages_without_max_tokens_on_a_llama_gguf_without_a_template(tmp_path, page):
+    """What a newcomer does first: open the page, type a message, nothing set. On a Llama GGUF
+    that carries no chat template (llmup renders Meta's Llama-2 format, as for TheBloke's
+    files) each reply runs to the end of the context, and the next message still gets one
+    (the earlier turn is left out, and the page says so): replies, never an error box."""
+    model = write_llama_gguf(tmp_path / "llama-2-tiny.gguf", tensor_type="F32")
+    server = Served(
+        ["--model-file", str(model), "--context", "256", "--api-key", KEY], tmp_path, free_port()
+    )
+    served_url, page.url = page.url, server.url
+    try:
+        server.wait_ready()
+        page.open(KEY)  # no settings: no max tokens, no system prompt
+        for turn, text in enumerate(["Hello!", "And who are you?"]):
+            send(page, text)
+            finished(page)
+            errors = page.all("#messages .notice.error")
+            assert not errors, errors[0].text
+            assert len(replies(page)) == turn + 1
+            stats = page.all("#messages .msg.assistant .stats")[-1].text
+            assert STATS.fullmatch(stats) and STATS.fullmatch(stats)[2] in ("stop", "length")
+        messages = api(server).get(f"/v1/sessions/{page.session_id()}").json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+    finally:
+        page.url = served_url
+        server.stop()
+
+
+def test_a_plan_below_reading_speed_says_so_in_the_header(tmp_path, page):
+    """This 2-core machine's plan (13B Q8_0, ~1 token/s) in the header: the warning and the
+    flag that would serve something faster; a fast plan shows none."""
+    hardware = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    slow = make_plan(PlanRequest(hardware=hardware)).model_dump(mode="json")
+    served_url = page.url
+    for plan, shown in ((slow, True), (gpu_plan(), False)):
+        backend = StaticBackend(
+            "http://127.0.0.1:9", plan["model"]["id"], plan["context"], state="loading", plan=plan
+        )
+        proxy = serve_proxy(proxy_settings(tmp_path / f"home-{shown}", api_keys=[KEY]), backend)
+        page.url = proxy.url
+        try:
+            page.open(KEY)
+            warning = page.find("#speed-warning")
+            page.wait(lambda w=warning, s=shown: w.is_displayed() == s, "the header's warning")
+            if shown:
+                flag = slow["speed_warning"]["faster"]["flag"]
+                assert "below reading speed (5 tokens/s" in warning.text
+                assert page.text("#speed-warning code") == flag
+                assert warning.location["y"] < page.find("#messages").location["y"]
+                page.find("#toggle-plan").click()
+                assert "Below reading speed" in page.find("#plan").text
+                assert page.text("#plan dd code") == flag
+                page.screenshot("slow-plan-header.png")
+        finally:
+            page.url = served_url
+            proxy.stop()
 
 
 MARKDOWN = [

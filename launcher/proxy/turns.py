@@ -19,14 +19,8 @@ from typing import Any
 import anyio
 
 from launcher.errors import BadRequestError
-from launcher.proxy.context import (
-    Fitted,
-    TurnPlan,
-    estimate_tokens,
-    message_text,
-    plan_turn,
-    reply_budget,
-)
+from launcher.proxy.context import TurnPlan, message_text, plan_turn
+from launcher.proxy.prompt_fit import FitRequest, Fitted, estimate_tokens
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
 from launcher.proxy.sessions import Conversation, Message, NewTurn, TurnRecord
 from launcher.proxy.state import ProxyState
@@ -85,12 +79,14 @@ async def prepare(
     stack: AsyncExitStack,
     body: Any,
     incoming: list[Message],
+    ask: FitRequest,
     *,
     owner: str,
     session_id: str,
     headers: Mapping[str, str],
 ) -> SessionTurn:
-    """The turn to run, with the session locked (for as long as `stack` stays open)."""
+    """The turn to run, with the session locked (for as long as `stack` stays open), its
+    prompt fitted to the context for `ask`."""
     await stack.enter_async_context(st.session_lock(owner, session_id))
     history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
     request = request_digest(body, headers)
@@ -100,9 +96,8 @@ async def prepare(
         return turn
     _check_size(st, history, plan)
     await anyio.to_thread.run_sync(st.sessions.check_space)
-    budget = reply_budget(st.context, body.requested_max_tokens(), st.proxy.default_reserve_tokens)
     base = replace(history, system=plan.system or history.system)
-    fitted = await st.fitter.fit(base, plan.keep, plan.messages, budget=budget)
+    fitted = await st.fitter.fit(base, plan.keep, plan.messages, ask, hint=st.context)
     st.metrics.count_drop(fitted.dropped_turns)
     return replace(turn, fitted=fitted)
 
