@@ -31,12 +31,8 @@ from launcher.backends.exllamav2_engine import (
     WorkerStartupError,
 )
 from launcher.backends.llama2_chat import prompt_tokens
-from launcher.backends.worker_api import (
-    LOG_FORMAT,
-    WorkerState,
-    create_worker_app,
-    run_worker,
-)
+from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.backends.worker_requests import WorkerState
 from launcher.planning.exllamav2 import CACHE_MODES
 
 logger = logging.getLogger(__name__)

@@ -41,15 +41,8 @@ from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, jso
 from launcher.backends.llamacpp_text import LlamaText
 from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
 from launcher.backends.slots import SlotManager
-from launcher.backends.worker_api import (
-    LOG_FORMAT,
-    ApiError,
-    WorkerState,
-    create_worker_app,
-    run_worker,
-    session_key,
-    worker_state,
-)
+from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.backends.worker_requests import ApiError, WorkerState, session_key, worker_state
 from launcher.errors import LlmupError
 from launcher.protocol import META_PATH
 from launcher.settings import default_home
