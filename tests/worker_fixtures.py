@@ -8,6 +8,7 @@ named by the proxy's private headers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from launcher.backends.slot_store import MAGIC
 from launcher.backends.spec import free_port
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 
@@ -115,3 +117,14 @@ def text_of(reply: dict[str, Any]) -> str:
 
 def cached_of(reply: dict[str, Any]) -> int:
     return reply["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+def rewrite_state_header(path: Path, **changes: Any) -> None:
+    """A saved-state file with its JSON header changed (its length field made to fit), as
+    a damaged or hand-edited file would be; the rest of the file is left as it was."""
+    blob = path.read_bytes()
+    start = len(MAGIC) + 4
+    length = int.from_bytes(blob[len(MAGIC) : start], "little")
+    header = json.loads(blob[start : start + length])
+    raw = json.dumps({**header, **changes}).encode()
+    path.write_bytes(MAGIC + len(raw).to_bytes(4, "little") + raw + blob[start + length :])
