@@ -216,6 +216,10 @@ class BackendUnavailableError(ProxyError):
     code = "backend_unavailable"
 
 
+class BackendDroppedError(BackendUnavailableError):
+    """The backend closed the connection in the middle of a request: it died (503)."""
+
+
 class BackendFailedError(ProxyError):
     """The backend answered with a server error or an unreadable reply (502)."""
 

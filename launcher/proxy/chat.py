@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
+from launcher.errors import (
+    BackendDroppedError,
+    BadRequestError,
+    ContextLengthError,
+    NotFoundError,
+)
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 from launcher.proxy import backend as backend_info
 from launcher.proxy import turns
@@ -121,19 +127,24 @@ async def _forward(
     payload: dict[str, Any],
     *,
     body: Any,
+    owner: str,
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
 ) -> dict[str, Any] | Response:
     """Send the request (once a backend place is free): its JSON reply, or for a stream the
     relaying response, which from then on owns what `stack` holds."""
     digest = request_digest(route, payload)
-    st.upstream.crashes.refuse_known(digest)
+    st.crashes.refuse_known(owner, digest)
     await stack.enter_async_context(st.admission.slot())
-    stack.enter_context(st.upstream.crashes.inflight(digest))
-    if not body.stream:
-        return await st.upstream.post_json(route, payload, headers)
+    ticket = stack.enter_context(st.crashes.inflight(owner, digest))
     started = time.perf_counter()
-    response = await st.upstream.open_stream(route, payload, headers)
+    try:
+        if not body.stream:
+            return await st.upstream.post_json(route, payload, headers)
+        response = await st.upstream.open_stream(route, payload, headers)
+    except BackendDroppedError:
+        st.crashes.backend_dropped(ticket)
+        raise
     stack.push_async_callback(response.aclose)
 
     async def complete(result: StreamResult) -> None:
@@ -147,7 +158,7 @@ async def _forward(
         started=started,
         wants_usage=body.wants_usage_chunk(),
         on_complete=complete,
-        on_backend_drop=st.upstream.crashes.backend_crashed,
+        on_backend_drop=partial(st.crashes.backend_dropped, ticket),
     )
     reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
@@ -187,7 +198,9 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
         )
         headers = backend_headers(owner, session_id)
         route = "/v1/chat/completions"
-        reply = await _forward(st, stack, route, payload, body=body, headers=headers, turn=turn)
+        reply = await _forward(
+            st, stack, route, payload, body=body, owner=owner, headers=headers, turn=turn
+        )
         if isinstance(reply, Response):
             return reply
         reply = conform_reply(reply, "chat")
@@ -215,7 +228,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
                 param="prompt",
             )
         payload = {**upstream_body(body), "max_tokens": max_tokens}
-        reply = await _forward(st, stack, "/v1/completions", payload, body=body)
+        reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
         if isinstance(reply, Response):
             return reply
         reply = conform_reply(reply, "completion")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from launcher.protocol import META_PATH
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing
 from launcher.proxy.context import ContextFitter, OverheadMeter, TokenCounter
+from launcher.proxy.crashes import CrashMemory
 from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
@@ -35,6 +37,7 @@ class ProxyState:
     upstream: Upstream
     overhead: OverheadMeter
     fitter: ContextFitter
+    crashes: CrashMemory
     grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     _model_id: str | None = None
@@ -65,6 +68,7 @@ class ProxyState:
             upstream=upstream,
             overhead=overhead,
             fitter=ContextFitter(TokenCounter(upstream), overhead, proxy.context_policy),
+            crashes=CrashMemory(ordered_stops=partial(backend_info.ordered_stops_of, backend)),
         )
 
     @property
