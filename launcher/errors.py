@@ -202,6 +202,13 @@ class QueueFullError(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class KeyLimitError(ProxyError):
+    """One API key reached one of its own limits (429): too many requests at once, too many
+    sessions, or too many bytes of stored conversations; `code` says which."""
+
+    status = 429
+
+
 class StorageFullError(ProxyError):
     """The session store's disk is full (507): the turn was not stored, nothing half-written."""
 

@@ -105,11 +105,13 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     await st.grammar.check_request(body)
 
 
-async def _check_fit(st: ProxyState, messages: list[Message], max_tokens: int | None) -> Fitted:
+async def _check_fit(
+    st: ProxyState, messages: list[Message], max_tokens: int | None, owner: str
+) -> Fitted:
     """A stateless request that cannot fit is refused here (400), not by a backend that may
     fail on it with a 500; without max_tokens only one reply token is set aside."""
     budget = reply_budget(st.context, max_tokens or 1, st.proxy.default_reserve_tokens)
-    return await st.fitter.fit(Conversation(), 0, messages, budget=budget)
+    return await st.fitter.fit(Conversation(), 0, messages, budget=budget, owner=owner)
 
 
 def _account(st: ProxyState, reply: dict[str, Any], fitted: Fitted | None) -> None:
@@ -135,7 +137,7 @@ async def _forward(
     relaying response, which from then on owns what `stack` holds."""
     digest = request_digest(route, payload)
     st.crashes.refuse_known(owner, digest)
-    await stack.enter_async_context(st.admission.slot())
+    await stack.enter_async_context(st.admission.slot(owner))
     ticket = stack.enter_context(st.crashes.inflight(owner, digest))
     started = time.perf_counter()
     try:
@@ -180,7 +182,7 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         turn = None
         if session_id:
             turn = await turns.prepare(
@@ -191,7 +193,7 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
                 return _replay(turn, body)
             fitted = turn.fitted
         else:
-            fitted = await _check_fit(st, incoming, body.requested_max_tokens())
+            fitted = await _check_fit(st, incoming, body.requested_max_tokens(), owner)
         payload = upstream_body(body, fitted.messages)
         payload["max_tokens"] = reply_limit(
             st.context, body.requested_max_tokens(), fitted.prompt_tokens
@@ -217,10 +219,10 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     await st.check_model(body.model)
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        needed = await st.fitter.counter.count(prompt) + max_tokens
+        needed = await st.fitter.counter.count(prompt, owner=owner) + max_tokens
         if needed > usable_context(st.context):
             raise ContextLengthError(
                 f"the prompt and max_tokens ({max_tokens}) need {needed} tokens, more than the "
@@ -236,7 +238,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
         return JSONResponse(reply)
 
 
-async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Response:
     st = proxy_state(request)
     if not backend_info.serves_embeddings(st.backend):
         raise NotFoundError(
@@ -245,14 +247,14 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
         )
     st.require_ready()
     await st.check_model(body.model)
-    async with st.admission.admit():
+    async with st.admission.admit(owner):
         for text in body.texts():
-            if await st.fitter.counter.count(text) > st.context:
+            if await st.fitter.counter.count(text, owner=owner) > st.context:
                 raise ContextLengthError(
                     f"an input is longer than the model's {st.context}-token context",
                     param="input",
                 )
-        async with st.admission.slot():
+        async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
     _account(st, reply, None)
     return JSONResponse(reply)

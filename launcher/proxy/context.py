@@ -190,15 +190,19 @@ class OverheadMeter:
 
 
 class TokenCounter:
-    """Counts tokens of texts with the backend's tokenizer, caching by content digest."""
+    """Counts tokens of texts with the backend's tokenizer, caching by owner and content
+    digest: one key's cached texts never make another key's request faster, so the cache
+    cannot tell one key what another sent (a timing side channel)."""
 
     def __init__(self, upstream: Any) -> None:
         self.upstream = upstream
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._warned = False
 
-    async def count(self, text: str) -> int:
-        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    async def count(self, text: str, *, owner: str) -> int:
+        digest = hashlib.blake2b(owner.encode("utf-8") + b"\0", digest_size=16)
+        digest.update(text.encode("utf-8"))
+        key = digest.digest()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -243,11 +247,12 @@ class ContextFitter:
         self.overhead = overhead
         self.policy = policy
 
-    async def content_tokens(self, messages: list[Message]) -> int:
+    async def content_tokens(self, messages: list[Message], *, owner: str) -> int:
         """The messages' contents in one tokenizer call (joined), not one call each."""
         if not messages:
             return 0
-        return await self.counter.count("\n".join(message_text(m) for m in messages))
+        text = "\n".join(message_text(m) for m in messages)
+        return await self.counter.count(text, owner=owner)
 
     def turn_cost(self, history: Conversation, index: int) -> int:
         """A stored turn's content tokens: as recorded, else estimated (turns stored before
@@ -258,14 +263,14 @@ class ContextFitter:
         return tokens
 
     async def fit(
-        self, history: Conversation, keep: int, new: list[Message], *, budget: int
+        self, history: Conversation, keep: int, new: list[Message], *, budget: int, owner: str
     ) -> Fitted:
         """The prompt to send (system, the newest of the first `keep` stored turns that fit,
         the new messages); ContextLengthError when even the new messages cannot fit."""
         head = [history.system] if history.system else []
         per = self.overhead.per_message
-        new_tokens = await self.content_tokens(new)
-        system_tokens = await self.content_tokens(head)
+        new_tokens = await self.content_tokens(new, owner=owner)
+        system_tokens = await self.content_tokens(head, owner=owner)
         # the template's header for the reply costs about one message's markers too
         fixed = system_tokens + new_tokens + per * (len(head) + len(new) + 1)
         if fixed > budget:

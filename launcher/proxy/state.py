@@ -63,6 +63,7 @@ class ProxyState:
                 max_inflight=proxy.max_inflight,
                 queue_size=proxy.queue_size,
                 retry_after_s=proxy.retry_after_s,
+                per_key=proxy.max_requests_per_key,
                 on_reject=metrics.rejected.inc,
             ),
             upstream=upstream,
