@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from backend_fixtures import TEMPLATE
-from ggufgen import write_llama_gguf
 from worker_fixtures import (
     CLEAN_WORDS,
     SlotWorker,
     cached_of,
     rewrite_state_header,
     text_of,
+    write_chat_model,
 )
 
 from launcher.backends.generation import SessionKey
@@ -27,8 +26,7 @@ REPLY = {"max_tokens": 8, "logit_bias": CLEAN_WORDS}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corrupt-model")
-    return write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=3)
+    return write_chat_model(tmp_path_factory.mktemp("corrupt-model"))
 
 
 def test_a_corrupt_state_file_is_a_miss_and_nobody_else_notices(model, tmp_path):

@@ -10,11 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from backend_fixtures import TEMPLATE
-from ggufgen import write_llama_gguf
 from hypothesis import given
 from hypothesis import strategies as st
-from worker_fixtures import CLEAN_WORDS, SlotWorker, text_of
+from worker_fixtures import CLEAN_WORDS, SlotWorker, text_of, write_chat_model
 
 from launcher.backends import llamacpp_server
 from launcher.backends.generation import StopScanner
@@ -72,8 +70,7 @@ def test_the_held_text_is_only_what_may_begin_a_stop():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stop-model")
-    return write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=3)
+    return write_chat_model(tmp_path_factory.mktemp("stop-model"))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from backend_fixtures import TEMPLATE
+from ggufgen import write_llama_gguf
 
 from launcher.backends.slot_store import MAGIC
 from launcher.backends.spec import free_port
@@ -27,6 +29,11 @@ from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 # No end of sequence and no byte tokens for the generated model: replies run to max_tokens
 # in whole words, so a reply's text tokenizes back to (mostly) the same ids.
 CLEAN_WORDS = {str(token): -100.0 for token in range(2, 259)}
+
+
+def write_chat_model(folder: Path, *, seed: int = 3) -> Path:
+    """The generated tiny model with the tests' chat template, as the workers load it."""
+    return write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=seed)
 
 
 def session_headers(owner: str, session: str) -> dict[str, str]:
