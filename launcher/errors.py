@@ -202,6 +202,13 @@ class QueueFullError(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class KeyLimitError(ProxyError):
+    """One API key reached one of its own limits (429): too many requests at once, too many
+    sessions, or too many bytes of stored conversations; `code` says which."""
+
+    status = 429
+
+
 class StorageFullError(ProxyError):
     """The session store's disk is full (507): the turn was not stored, nothing half-written."""
 
@@ -214,6 +221,10 @@ class BackendUnavailableError(ProxyError):
 
     status = 503
     code = "backend_unavailable"
+
+
+class BackendDroppedError(BackendUnavailableError):
+    """The backend closed the connection in the middle of a request: it died (503)."""
 
 
 class BackendFailedError(ProxyError):

@@ -19,7 +19,14 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # The proxy names a request's session to llmup's own workers on these private headers: the
@@ -40,9 +47,31 @@ PROMPT_TOKENS_PATH = "/llmup/prompt-tokens"
 # a worker gives the reply at most this, and never more than the context has left.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_TOOLS = 128
+# `stop`: OpenAI allows 4 strings; llmup takes up to 16 of at most 256 characters each (a
+# worker matches all of them on every token, so an unbounded list would stall it).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 # OpenAI's rule for function names; it also keeps them safe inside a generated grammar
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
+def _bounded_stop(value: Any) -> Any:
+    """Refuse too many or too long stop strings before anything iterates them; the type
+    itself is pydantic's to check."""
+    stops = [value] if isinstance(value, str) else value
+    if isinstance(stops, list) and (
+        len(stops) > MAX_STOPS or any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops)
+    ):
+        raise PydanticCustomError(
+            "too_long",
+            "takes at most {n} strings of at most {chars} characters each",
+            {"n": MAX_STOPS, "chars": MAX_STOP_CHARS},
+        )
+    return value
+
+
+Stop = Annotated[str | list[str], BeforeValidator(_bounded_stop)]
 
 
 def check_plain_json(data: Any) -> None:
@@ -180,7 +209,10 @@ class _SamplingRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Stop | None = Field(
+        default=None,
+        description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each",
+    )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -83,6 +83,10 @@ class ServedBackend:
         return self.supervisor.supervision
 
     @property
+    def ordered_stops(self) -> int:
+        return self.supervisor.ordered_stops
+
+    @property
     def model_id(self) -> str:
         return self.plan.model.id
 

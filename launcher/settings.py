@@ -100,6 +100,11 @@ class ProxySettings(BaseModel):
 
     max_request_messages: int = Field(default=1000, ge=1)
     max_session_messages: int = Field(default=2000, ge=2)
+    # per API key (without keys, every caller is the one anonymous owner): requests queued
+    # or running at once, live sessions, and bytes of stored conversations
+    max_requests_per_key: int = Field(default=32, ge=1)
+    max_sessions_per_key: int = Field(default=10_000, ge=1)
+    max_stored_bytes_per_key: int = Field(default=1024**3, ge=1)
 
     _split_keys = field_validator("api_keys", mode="before")(split_keys)
 

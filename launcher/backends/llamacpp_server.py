@@ -40,7 +40,7 @@ from launcher.backends.llamacpp_native import (
 )
 from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, json_mode_grammar
 from launcher.backends.llamacpp_text import LlamaText
-from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
+from launcher.backends.slot_store import KEY_FILE, DiskStore, RamStore, SlotStore, state_key
 from launcher.backends.slots import SlotManager
 from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.backends.worker_request import ApiError, WorkerState, session_key
@@ -228,7 +228,11 @@ def create_app(
     disk = None
     if slots.folder is not None:
         try:
-            disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
+            slots.folder.mkdir(parents=True, exist_ok=True)
+            key = state_key(slots.folder / KEY_FILE)
+            disk = DiskStore(
+                slots.folder, identity, key=key, budget=slots.disk_bytes, ttl_s=slots.ttl_s
+            )
         except OSError as exc:  # serving beats persisting: RAM only, and say so
             logger.warning("saved sessions stay in RAM only: %s", exc)
     store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)

@@ -134,6 +134,9 @@ class Supervisor:
         self.restarts = 0
         self.failed_health_checks = 0
         self.unhealthy_kills = 0
+        # stops of a running child that the supervisor chose (unhealthy kills, stop()), counted
+        # before the signal: a request whose connection then drops did not crash the backend
+        self.ordered_stops = 0
         self.last_problem: str | None = None
         self.failure: BackendError | None = None
         self._state = State.STOPPED
@@ -230,6 +233,7 @@ class Supervisor:
         with self._lock:
             proc = self._proc
         if proc is not None:
+            self.ordered_stops += 1
             proc.stop(grace)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -412,6 +416,7 @@ class Supervisor:
                 if failed >= self.health_failures:
                     self._set_state(State.RESTARTING)  # not "ready" a moment longer
                     self.unhealthy_kills += 1
+                    self.ordered_stops += 1
                     code = proc.stop(UNHEALTHY_GRACE_S)
                     return f"stopped after {failed} failed health checks ({problem}); " + (
                         exit_text(code)

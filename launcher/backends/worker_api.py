@@ -8,7 +8,9 @@ as it would be generated from). A worker supplies a `WorkerState` (`worker_reque
 tokenizer, how it renders a chat, which sampling extras it understands, and an engine that
 takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` batches them).
 
-All validation happens before the first response byte, so errors keep their status. Stop
+A request is parsed, checked, rendered and tokenized off the event loop
+(`worker_request.prepared`), so a huge prompt never holds up `/health` or another client's
+stream; all of it happens before the first response byte, so errors keep their status. Stop
 strings are matched here (`StopScanner`), so every engine shares one tested implementation;
 a match, like a client that hangs up, cancels the job. The proxy names a request's session
 on two private headers (owner hash, session id); they reach the engine as the job's
@@ -39,8 +41,9 @@ from launcher.backends.worker_request import (
     Run,
     WorkerState,
     check_model,
-    count_prompt,
-    prepare,
+    counted,
+    parsed,
+    prepared,
     worker_state,
 )
 from launcher.protocol import (
@@ -221,11 +224,9 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> ChatCompletionResponse | Response:
+async def chat_completions(request: Request) -> ChatCompletionResponse | Response:
     state = worker_state(request)
-    run = prepare(state, body, request)
+    body, run = await prepared(request, ChatCompletionRequest)
     if body.stream:
         return _sse(_chat_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
@@ -237,9 +238,9 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
+async def completions(request: Request) -> CompletionResponse | Response:
     state = worker_state(request)
-    run = prepare(state, body, request)
+    body, run = await prepared(request, CompletionRequest)
     if body.stream:
         return _sse(_completion_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
@@ -250,21 +251,23 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
 
 
 @router.post("/extras/tokenize")
-async def tokenize(body: TokenizeInputRequest, request: Request) -> TokenizeInputResponse:
-    """Same route and shape as llama_cpp.server, so the proxy counts tokens one way."""
+async def tokenize(request: Request) -> TokenizeInputResponse:
+    """Same route and shape as llama_cpp.server, so the proxy counts tokens one way; parsed
+    and tokenized off the event loop, like a generation request."""
     state = worker_state(request)
+    body = await parsed(request, TokenizeInputRequest)
     check_model(state, body.model)
-    tokens = state.tokenizer.encode(body.input, bos=True, special=True)
+    tokens = await asyncio.to_thread(state.tokenizer.encode, body.input, bos=True, special=True)
     return TokenizeInputResponse(tokens=tokens)
 
 
 @router.post("/extras/tokenize/count")
-async def tokenize_count(
-    body: TokenizeInputRequest, request: Request
-) -> TokenizeInputCountResponse:
+async def tokenize_count(request: Request) -> TokenizeInputCountResponse:
     state = worker_state(request)
+    body = await parsed(request, TokenizeInputRequest)
     check_model(state, body.model)
-    return TokenizeInputCountResponse(count=state.tokenizer.count_tokens(body.input))
+    count = await asyncio.to_thread(state.tokenizer.count_tokens, body.input)
+    return TokenizeInputCountResponse(count=count)
 
 
 @router.get(META_PATH)
@@ -281,10 +284,10 @@ async def meta(request: Request) -> dict[str, Any]:
 
 
 @router.post(PROMPT_TOKENS_PATH)
-async def prompt_tokens(body: dict[str, Any], request: Request) -> PromptTokens:
+async def prompt_tokens(request: Request) -> PromptTokens:
     """A request's prompt as this worker would generate from it: the proxy's one measure of
     whether a prompt fits."""
-    return count_prompt(worker_state(request), body)
+    return await counted(request)
 
 
 # ---- errors as OpenAI bodies --------------------------------------------------------------

@@ -5,16 +5,25 @@ the prompt and the reply fit the context.
 
 Counting a prompt (`count_prompt`, the proxy's `/llmup/prompt-tokens`) runs the same code as
 preparing a generation, so the proxy's idea of a prompt's length is the worker's own.
+
+Parsing, rendering and tokenizing run on a worker thread (`prepared`, `parsed`), never on the
+event loop: a prompt of megabytes takes a second of CPU, and on the event loop it would hold
+up `/health` (the supervisor restarts a worker that stops answering it) and every other
+client's stream. The engine thread is never involved. All validation happens before the
+first response byte, so errors keep their status.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from launcher.backends.generation import GenerationJob, GenerationParams, SessionKey
 from launcher.errors import ProxyError
@@ -29,6 +38,8 @@ from launcher.protocol import (
     Usage,
     context_length_message,
 )
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class Tokenizer(Protocol):
@@ -217,12 +228,11 @@ def _check_alive(state: WorkerState) -> None:
 
 
 def prepare(
-    state: WorkerState, body: ChatCompletionRequest | CompletionRequest, request: Request
+    state: WorkerState, body: ChatCompletionRequest | CompletionRequest, session: SessionKey | None
 ) -> Run:
     _check_alive(state)
     check_model(state, body.model)
     _check_common(body)
-    session = session_key(request)
     if isinstance(body, ChatCompletionRequest):
         prompt = _chat_prompt(state, body)
     else:
@@ -258,3 +268,48 @@ def _content_tokens(state: WorkerState, message: ChatMessage) -> int:
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
     return len(state.tokenizer.encode(text))
+
+
+def _validated(model: type[BodyT], raw: bytes) -> BodyT:
+    """The body as `model`; a failure is the same 400 FastAPI's own validation gives."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _parse_and_prepare(
+    state: WorkerState, model: type[BodyT], raw: bytes, session: SessionKey | None
+) -> tuple[BodyT, Run]:
+    body = _validated(model, raw)
+    return body, prepare(state, body, session)  # type: ignore[arg-type]
+
+
+async def parsed(request: Request, model: type[BodyT]) -> BodyT:
+    """A request body parsed and validated off the event loop (see `prepared`)."""
+    return await asyncio.to_thread(_validated, model, await request.body())
+
+
+async def prepared(request: Request, model: type[BodyT]) -> tuple[BodyT, Run]:
+    """Parse, validate, render and tokenize a generation request on a worker thread."""
+    state = worker_state(request)
+    session = session_key(request)
+    raw = await request.body()
+    return await asyncio.to_thread(_parse_and_prepare, state, model, raw, session)
+
+
+async def counted(request: Request) -> PromptTokens:
+    """`count_prompt` of the request's JSON body, off the event loop like a generation."""
+    state = worker_state(request)
+    raw = await request.body()
+    return await asyncio.to_thread(_count_raw, state, raw)
+
+
+def _count_raw(state: WorkerState, raw: bytes) -> PromptTokens:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return count_prompt(state, body)

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
+from launcher.errors import (
+    BackendDroppedError,
+    BadRequestError,
+    ContextLengthError,
+    NotFoundError,
+)
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 from launcher.proxy import backend as backend_info
 from launcher.proxy import turns
@@ -118,12 +124,14 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     await st.grammar.check_request(body)
 
 
-async def _check_fit(st: ProxyState, body: ChatRequest, messages: list[Message]) -> Fitted:
+async def _check_fit(
+    st: ProxyState, body: ChatRequest, messages: list[Message], owner: str
+) -> Fitted:
     """A stateless request whose prompt (as the backend counts it) and max_tokens cannot fit
     is refused here (400) before anything streams; without max_tokens one reply token must
     fit, the reply then gets what is left."""
     ask = fit_request(st, body, session=False)
-    return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context)
+    return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context, owner=owner)
 
 
 def _account(st: ProxyState, reply: dict[str, Any]) -> None:
@@ -138,6 +146,7 @@ async def _forward(
     payload: dict[str, Any],
     *,
     body: Any,
+    owner: str,
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
 ) -> dict[str, Any] | Response:
@@ -148,14 +157,18 @@ async def _forward(
     kind = "chat" if "messages" in payload else "completion"
     fingerprint = await st.fingerprint()
     digest = request_digest(route, payload)
-    st.upstream.crashes.refuse_known(digest)
-    await stack.enter_async_context(st.admission.slot())
-    stack.enter_context(st.upstream.crashes.inflight(digest))
-    if not body.stream:
-        reply = await st.upstream.post_json(route, payload, headers)
-        return conform_reply(reply, kind, fingerprint)
+    st.crashes.refuse_known(owner, digest)
+    await stack.enter_async_context(st.admission.slot(owner))
+    ticket = stack.enter_context(st.crashes.inflight(owner, digest))
     started = time.perf_counter()
-    response = await st.upstream.open_stream(route, payload, headers)
+    try:
+        if not body.stream:
+            reply = await st.upstream.post_json(route, payload, headers)
+            return conform_reply(reply, kind, fingerprint)
+        response = await st.upstream.open_stream(route, payload, headers)
+    except BackendDroppedError:
+        st.crashes.backend_dropped(ticket)
+        raise
     stack.push_async_callback(response.aclose)
 
     async def complete(result: StreamResult) -> None:
@@ -170,7 +183,7 @@ async def _forward(
         started=started,
         wants_usage=body.wants_usage_chunk(),
         on_complete=complete,
-        on_backend_drop=st.upstream.crashes.backend_crashed,
+        on_backend_drop=partial(st.crashes.backend_dropped, ticket),
     )
     reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
@@ -192,7 +205,7 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         turn = None
         if session_id:
             turn = await turns.prepare(
@@ -203,11 +216,13 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
                 return _replay(turn, body)
             fitted = turn.fitted
         else:
-            fitted = await _check_fit(st, body, incoming)
+            fitted = await _check_fit(st, body, incoming, owner)
         payload = upstream_body(body, fitted.messages)
         headers = backend_headers(owner, session_id)
         route = "/v1/chat/completions"
-        reply = await _forward(st, stack, route, payload, body=body, headers=headers, turn=turn)
+        reply = await _forward(
+            st, stack, route, payload, body=body, owner=owner, headers=headers, turn=turn
+        )
         if isinstance(reply, Response):
             return reply
         if turn is not None:
@@ -224,19 +239,21 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     await st.check_model(body.model)
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        counted = await st.fitter.counter.count({"model": body.model, "prompt": prompt})
+        counted = await st.fitter.counter.count(
+            {"model": body.model, "prompt": prompt}, owner=owner
+        )
         check_fits(counted, body.max_tokens or 1, "prompt")
         payload = upstream_body(body)
-        reply = await _forward(st, stack, "/v1/completions", payload, body=body)
+        reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
         if isinstance(reply, Response):
             return reply
         _account(st, reply)
         return JSONResponse(reply)
 
 
-async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Response:
     st = proxy_state(request)
     if not backend_info.serves_embeddings(st.backend):
         raise NotFoundError(
@@ -245,14 +262,14 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
         )
     st.require_ready()
     await st.check_model(body.model)
-    async with st.admission.admit():
+    async with st.admission.admit(owner):
         for text in body.texts():
-            if await st.tokens.count(text) > st.context:
+            if await st.tokens.count(text, owner=owner) > st.context:
                 raise ContextLengthError(
                     f"an input is longer than the model's {st.context}-token context",
                     param="input",
                 )
-        async with st.admission.slot():
+        async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
     _account(st, reply)
     return JSONResponse(reply)

@@ -35,9 +35,14 @@ CACHE_SIZE = 256  # counted prompts kept (identical stateless requests are count
 TOKEN_CACHE_SIZE = 20_000
 
 
-def _digest(value: Any) -> bytes:
+def _digest(value: Any, owner: str) -> bytes:
+    """The cache key of `value` for one API key (`owner`): a count cached for one key never
+    makes another key's request faster, so the cache cannot tell one key what another sent
+    (a timing side channel)."""
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    digest = hashlib.blake2b(owner.encode("utf-8") + b"\0", digest_size=16)
+    digest.update(text.encode("utf-8"))
+    return digest.digest()
 
 
 class PromptCounter:
@@ -50,10 +55,10 @@ class PromptCounter:
         self._cache: OrderedDict[bytes, PromptTokens] = OrderedDict()
         self._missing = False
 
-    async def count(self, request: dict[str, Any]) -> PromptTokens | None:
+    async def count(self, request: dict[str, Any], *, owner: str) -> PromptTokens | None:
         if self._missing:
             return None
-        key = _digest(request)
+        key = _digest(request, owner)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -79,8 +84,8 @@ class TokenCounter:
         self.upstream = upstream
         self._cache: OrderedDict[bytes, int] = OrderedDict()
 
-    async def count(self, text: str) -> int:
-        key = _digest(text)
+    async def count(self, text: str, *, owner: str) -> int:
+        key = _digest(text, owner)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -142,17 +147,24 @@ class ContextFitter:
         self.allowance = allowance
 
     async def fit(
-        self, history: Conversation, keep: int, new: list[Message], ask: FitRequest, *, hint: int
+        self,
+        history: Conversation,
+        keep: int,
+        new: list[Message],
+        ask: FitRequest,
+        *,
+        hint: int,
+        owner: str,
     ) -> Fitted:
         """The prompt to send (system, the newest of the first `keep` stored turns that fit,
         the new messages); ContextLengthError when even the new messages cannot fit. `hint`
-        is the context as planned, for the first guess only."""
+        is the context as planned, for the first guess only; `owner` scopes the count cache."""
         head = [history.system] if history.system else []
         turns = history.turns[:keep]
         first = 0 if self.policy == "error" else self._guess(history, keep, head + new, ask, hint)
         while True:
             messages = head + [m for turn in turns[first:] for m in turn] + new
-            counted = await self.counter.count({**ask.template, "messages": messages})
+            counted = await self.counter.count({**ask.template, "messages": messages}, owner=owner)
             if counted is None:
                 return Fitted(messages, first, _estimate(new), None)
             excess = counted.prompt_tokens + ask.reserve - counted.context

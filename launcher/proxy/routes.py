@@ -65,7 +65,7 @@ async def create_completion(
 async def create_embedding(
     request: Request, body: EmbeddingRequest, owner: str = Depends(authenticate)
 ) -> Response:
-    return await chat.embeddings(request, body)
+    return await chat.embeddings(request, body, owner)
 
 
 @api.get("/sessions")

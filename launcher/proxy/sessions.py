@@ -77,10 +77,40 @@ CREATE TABLE IF NOT EXISTS turns (
     FOREIGN KEY (owner, id) REFERENCES sessions (owner, id) ON DELETE CASCADE
 );
 """
-# Added after the first release: files made before get the column on open.
-MIGRATIONS = {"epoch": "ALTER TABLE sessions ADD COLUMN epoch TEXT NOT NULL DEFAULT ''"}
+# Added after the first release: files made before get the column on open (and its value).
+MIGRATIONS = {
+    "epoch": ("ALTER TABLE sessions ADD COLUMN epoch TEXT NOT NULL DEFAULT ''",),
+    "bytes": (
+        "ALTER TABLE sessions ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+        "UPDATE sessions SET bytes = COALESCE(length(CAST(system AS BLOB)), 0)"
+        " + (SELECT COALESCE(SUM(length(CAST(m.message AS BLOB))), 0) FROM messages m"
+        "    WHERE m.owner = sessions.owner AND m.id = sessions.id)"
+        " + (SELECT COALESCE(SUM(length(CAST(t.reply AS BLOB))), 0) FROM turns t"
+        "    WHERE t.owner = sessions.owner AND t.id = sessions.id)",
+    ),
+}
 
 Message = dict[str, Any]
+
+
+def as_json(value: Any) -> str:
+    """How a message or a reply is stored."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def turn_bytes(messages: list[Message], reply: dict[str, Any] | None) -> int:
+    """What a turn adds to its owner's stored bytes: its messages and the reply kept for
+    retries, as stored (UTF-8 JSON)."""
+    stored = [as_json(m) for m in messages] + ([as_json(reply)] if reply else [])
+    return sum(len(text.encode("utf-8")) for text in stored)
+
+
+@dataclass(frozen=True)
+class OwnerUsage:
+    """What one owner (API key) keeps in the store: live sessions and their stored bytes."""
+
+    sessions: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -198,9 +228,10 @@ class SessionStore:
 
     def _migrate(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
-        for column, statement in MIGRATIONS.items():
+        for column, statements in MIGRATIONS.items():
             if column not in columns:
-                self._db.execute(statement)
+                for statement in statements:
+                    self._db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -288,6 +319,16 @@ class SessionStore:
             rows = self._db.execute(query + " ORDER BY s.updated DESC", args).fetchall()
         return [SessionInfo(*row) for row in rows]
 
+    def usage(self, owner: str) -> OwnerUsage:
+        """The owner's live sessions and their stored bytes (its per-key limits)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sessions "
+                "WHERE owner=? AND updated>=?",
+                (owner, self._cutoff()),
+            ).fetchone()
+        return OwnerUsage(*row)
+
     def count(self) -> int:
         """Live sessions of every owner (for the metrics gauge)."""
         with self._lock:
@@ -322,13 +363,14 @@ class SessionStore:
             if not self._claim(db, owner, session_id, turn.base, now):
                 log.info("session %s changed or was deleted during a turn; not stored", session_id)
                 return False
-            self._truncate(db, owner, session_id, turn.keep)
-            self._append(db, owner, session_id, turn)
-            system_json = json.dumps(turn.system, ensure_ascii=False) if turn.system else None
-            db.execute(
-                "UPDATE sessions SET turns=?, updated=?, system=COALESCE(?, system) "
-                "WHERE owner=? AND id=?",
-                (turn.keep + 1, now, system_json, owner, session_id),
+            freed = self._truncate(db, owner, session_id, turn.keep)
+            added = self._append(db, owner, session_id, turn)
+            system_json = as_json(turn.system) if turn.system else None
+            db.execute(  # the new system message's bytes replace the old one's
+                "UPDATE sessions SET turns=?, updated=?, bytes = bytes + ? + COALESCE("
+                "length(CAST(? AS BLOB)) - COALESCE(length(CAST(system AS BLOB)), 0), 0), "
+                "system=COALESCE(?, system) WHERE owner=? AND id=?",
+                (turn.keep + 1, now, added - freed, system_json, system_json, owner, session_id),
             )
         return True
 
@@ -349,29 +391,35 @@ class SessionStore:
             return True
         return row is not None and row[0] == base.epoch and row[1] == len(base.turns)
 
-    def _truncate(self, db: sqlite3.Connection, owner: str, sid: str, keep: int) -> None:
-        for table in ("messages", "turns"):
-            db.execute(
-                f"DELETE FROM {table} WHERE owner=? AND id=? AND turn>=?", (owner, sid, keep)
-            )
+    def _truncate(self, db: sqlite3.Connection, owner: str, sid: str, keep: int) -> int:
+        """Drop the turns from `keep` on; returns the bytes they held."""
+        freed = 0
+        for table, column in (("messages", "message"), ("turns", "reply")):
+            where = f"FROM {table} WHERE owner=? AND id=? AND turn>=?"
+            (held,) = db.execute(
+                f"SELECT COALESCE(SUM(length(CAST({column} AS BLOB))), 0) {where}",
+                (owner, sid, keep),
+            ).fetchone()
+            db.execute(f"DELETE {where}", (owner, sid, keep))
+            freed += held
+        return freed
 
-    def _append(self, db: sqlite3.Connection, owner: str, sid: str, turn: NewTurn) -> None:
+    def _append(self, db: sqlite3.Connection, owner: str, sid: str, turn: NewTurn) -> int:
+        """Store the turn's messages and record; returns the bytes they hold."""
         (seq,) = db.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE owner=? AND id=?", (owner, sid)
         ).fetchone()
         db.executemany(
             "INSERT INTO messages (owner, id, seq, turn, message) VALUES (?, ?, ?, ?, ?)",
-            [
-                (owner, sid, seq + i, turn.keep, json.dumps(m, ensure_ascii=False))
-                for i, m in enumerate(turn.messages)
-            ],
+            [(owner, sid, seq + i, turn.keep, as_json(m)) for i, m in enumerate(turn.messages)],
         )
         record = turn.record
-        reply = json.dumps(record.reply, ensure_ascii=False) if record.reply else None
+        reply = as_json(record.reply) if record.reply else None
         db.execute(
             "INSERT INTO turns (owner, id, turn, tokens, request, reply) VALUES (?, ?, ?, ?, ?, ?)",
             (owner, sid, turn.keep, record.tokens, record.request, reply),
         )
+        return turn_bytes(turn.messages, record.reply)
 
     def _drop_if_expired(self, db: sqlite3.Connection, owner: str, session_id: str) -> None:
         db.execute(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from launcher.errors import NotFoundError
 from launcher.protocol import META_PATH, system_fingerprint
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing
+from launcher.proxy.crashes import CrashMemory
 from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
@@ -36,6 +38,7 @@ class ProxyState:
     upstream: Upstream
     fitter: ContextFitter
     tokens: TokenCounter
+    crashes: CrashMemory
     grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     _model_id: str | None = None
@@ -60,6 +63,7 @@ class ProxyState:
                 max_inflight=proxy.max_inflight,
                 queue_size=proxy.queue_size,
                 retry_after_s=proxy.retry_after_s,
+                per_key=proxy.max_requests_per_key,
                 on_reject=metrics.rejected.inc,
             ),
             upstream=upstream,
@@ -69,6 +73,7 @@ class ProxyState:
                 allowance=proxy.message_overhead_tokens,
             ),
             tokens=TokenCounter(upstream),
+            crashes=CrashMemory(ordered_stops=partial(backend_info.ordered_stops_of, backend)),
         )
 
     @property
