@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from launcher.backends.worker_api import (
     worker_state,
 )
 from launcher.errors import LlmupError
+from launcher.private import UMASK
 from launcher.protocol import META_PATH
 from launcher.settings import default_home
 
@@ -316,6 +318,7 @@ def slot_options(args: argparse.Namespace) -> SlotOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(UMASK)  # it writes only saved sessions into the llmup home: private to its owner
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     route_llama_logs(args.verbose)
     try:

@@ -29,6 +29,7 @@ from launcher.errors import (
     UsageError,
 )
 from launcher.planning.plan import Source
+from launcher.private import private_home
 from launcher.weights import cache
 from launcher.weights.diskspace import Need, check_disk_space
 from launcher.weights.joined import (
@@ -85,6 +86,7 @@ def pull(
     offline = offline or cache.offline_from_env()
     if dry_run:
         return _dry_run(ctx, offline)
+    private_home(home)  # verification records and pins: the owner's, like the rest of it
     return _pull_offline(ctx) if offline else _pull_online(ctx)
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from launcher.errors import ChecksumError
+from launcher.jsonfile import write_json_atomic
 from launcher.weights.cache import remove_cached_file
 
 log = logging.getLogger(__name__)
@@ -172,7 +171,4 @@ class VerifiedRecords:
 
     def save(self) -> None:
         """Write atomically, so a crash never leaves a half-written record behind."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
