@@ -41,7 +41,7 @@ ABOUT = (
     "Commit of each hub source llmup downloads, as {repo_id: {revision: commit}}; "
     "`llmup pins refresh` updates it from the hub."
 )
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 Lookup = Callable[[str, str], str]  # (repo_id, revision) -> commit the hub has now
 
@@ -52,7 +52,7 @@ def shipped_path() -> Path:
 
 
 def is_commit(revision: str) -> bool:
-    return bool(_COMMIT.match(revision))
+    return isinstance(revision, str) and _COMMIT.fullmatch(revision) is not None
 
 
 def read_pins(path: Path) -> dict[str, dict[str, str]]:
