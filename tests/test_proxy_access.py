@@ -67,6 +67,9 @@ def test_every_route_but_health_and_the_page_needs_the_key(make_proxy) -> None:
         assert http.request(method, path).status_code == 401, path
     assert http.get("/health").status_code == 200
     assert http.get("/").status_code == 200 and http.get("/web/app.js").status_code == 200
+    big = b"x" * (5 * 1024 * 1024)  # over the 4 MiB limit: still the key first
+    assert http.post(CHAT, content=big).status_code == 401
+    assert make_proxy(api_keys=["k"]).http("k").post(CHAT, content=big).status_code == 413
 
 
 # ----- /health: the status for everyone, the details for key holders
