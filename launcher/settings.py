@@ -85,7 +85,8 @@ def literal_keys(value: Any) -> Any:
     for key in keys if isinstance(keys, list) else []:
         if isinstance(key, str) and _PATH_LIKE.match(key):
             raise UsageError(
-                f"LLMUP_API_KEYS holds keys, not files, and {key!r} looks like a path: name a "
+                f"LLMUP_API_KEYS (and LLMUP_PROXY__API_KEYS) hold keys, not files, and {key!r} "
+                "looks like a path: name a "
                 "keys file with LLMUP_API_KEYS_FILE (or --api-key-file); a key that really "
                 "starts like a path goes in LLMUP_API_KEY"
             )

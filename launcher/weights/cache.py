@@ -98,10 +98,8 @@ def record_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> Non
     """
     if revision == commit:
         return
-    ref = inside(
-        repo_folder(cache_dir, repo_id) / "refs",
-        repo_folder(cache_dir, repo_id) / "refs" / revision,
-    )
+    refs = repo_folder(cache_dir, repo_id) / "refs"
+    ref = inside(refs, refs / revision)
     if ref.is_file() and ref.read_text().strip() == commit:
         return
     ref.parent.mkdir(parents=True, exist_ok=True)
