@@ -369,7 +369,27 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     api_key: Annotated[
         list[str] | None,
-        typer.Option("--api-key", help="An accepted API key (repeatable; or LLMUP_API_KEY)."),
+        typer.Option(
+            "--api-key",
+            help="An accepted API key (repeatable). Visible to every local user in `ps`: "
+            "prefer LLMUP_API_KEY or --api-key-file.",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="A file of accepted API keys, one per line (or LLMUP_API_KEYS_FILE); "
+            "unreadable or empty stops serve.",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Without keys, a host name requests may address besides loopback and IP "
+            "addresses (repeatable; `*` for any). Guards against DNS rebinding.",
+        ),
     ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
@@ -385,6 +405,7 @@ def serve(
 
     settings, chosen_profile = command_settings(profile)
     serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
+    access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -443,6 +464,19 @@ def serve_settings(settings: Settings, host, port, api_keys, insecure_no_auth, r
         proxy.port = port
     proxy.api_keys = list(dict.fromkeys([*proxy.api_keys, *(api_keys or [])]))
     proxy.insecure_no_auth = proxy.insecure_no_auth or insecure_no_auth
+
+
+def access_settings(
+    settings: Settings, *, api_key_file: Path | None, allowed_hosts: list[str] | None
+) -> None:
+    """Lay the keys-file and allowed-host flags over the settings (flags win)."""
+    from launcher.settings import split_hosts
+
+    proxy = settings.proxy
+    if api_key_file is not None:
+        proxy.api_keys_file = api_key_file
+    extra = split_hosts(allowed_hosts or [])
+    proxy.allowed_hosts = list(dict.fromkeys([*proxy.allowed_hosts, *extra]))
 
 
 @app.command()

@@ -73,6 +73,17 @@ class UnverifiableFileError(DownloadError):
     """The hub gives no checksum for a file, so its download could not be verified."""
 
 
+class HubAnswerError(DownloadError):
+    """The hub (or a mirror posing as one) answered with a checksum, commit, file name or
+    header that cannot be what the hub's API defines, and that llmup would have used as part
+    of a path; refused before anything was written or deleted."""
+
+
+class UnsafePathError(DownloadError):
+    """A file llmup was about to create, link or delete lies outside the repository's cache
+    folder; nothing was done to it."""
+
+
 class JoinError(DownloadError):
     """Concatenating split halves did not produce a valid GGUF file; the halves are kept."""
 

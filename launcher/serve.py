@@ -43,6 +43,7 @@ from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
 from launcher.loading import answering_while_loading
 from launcher.planning.plan import Plan
+from launcher.private import private_home
 from launcher.proxy import SessionStore, check_bind, create_app
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
@@ -305,6 +306,7 @@ def serve(
     """Serve `plan` until SIGINT/SIGTERM (or until the backend cannot be kept up, raised as
     BackendCrashError); the backend always stops and the session store always closes."""
     listener = listener or prepare_listener(settings)
+    private_home(settings.home)  # conversations, saved KV caches and logs: the owner's only
     if settings.runtime == "docker":  # no engine or no image: say so before any download
         docker_runtime().check_engine(plan, settings.docker)
     # the proxy lets as many requests through as the backend decodes together

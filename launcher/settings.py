@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from launcher.errors import UsageError
+
 
 class PlanningSettings(BaseModel):
     """What the planner is asked for. `model` pins one model (an id or a size: "13b");
@@ -71,6 +73,37 @@ def split_keys(value: Any) -> Any:
     return value
 
 
+# A value that names a file rather than being a key: absolute, home- or dot-relative.
+_PATH_LIKE = re.compile(r"^(?:/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
+
+
+def literal_keys(value: Any) -> Any:
+    """Keys from a list setting (LLMUP_API_KEYS, LLMUP_PROXY__API_KEYS): literal keys only.
+
+    A value that looks like a path is refused rather than taken as a key: an older llmup read
+    a file named there, and a key that is really a missing file's name would let anyone who
+    guesses the path in (it fails open). Keys files have their own setting."""
+    keys = split_keys(value)
+    for key in keys if isinstance(keys, list) else []:
+        if isinstance(key, str) and _PATH_LIKE.match(key):
+            raise UsageError(
+                f"LLMUP_API_KEYS (and LLMUP_PROXY__API_KEYS) hold keys, not files, and {key!r} "
+                "looks like a path: name a "
+                "keys file with LLMUP_API_KEYS_FILE (or --api-key-file); a key that really "
+                "starts like a path goes in LLMUP_API_KEY"
+            )
+    return keys
+
+
+def split_hosts(value: Any) -> Any:
+    """Host names from a comma-separated string, lower-cased (DNS names are caseless)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list):
+        return [str(name).strip().lower() for name in value if str(name).strip()]
+    return value
+
+
 class ProxySettings(BaseModel):
     """The public surface: bind address, keys, sessions and the limits in front of the backend.
 
@@ -87,6 +120,8 @@ class ProxySettings(BaseModel):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
+    # Without keys, the Host names (besides loopback and IP addresses) a request may carry
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     context_policy: Literal["drop", "error"] = "drop"
     session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
     sessions_db: Path | None = None
@@ -106,7 +141,8 @@ class ProxySettings(BaseModel):
     max_sessions_per_key: int = Field(default=10_000, ge=1)
     max_stored_bytes_per_key: int = Field(default=1024**3, ge=1)
 
-    _split_keys = field_validator("api_keys", mode="before")(split_keys)
+    _split_keys = field_validator("api_keys", mode="before")(literal_keys)
+    _split_hosts = field_validator("allowed_hosts", mode="before")(split_hosts)
 
 
 class ServeSettings(BaseModel):
@@ -157,9 +193,13 @@ class Settings(BaseSettings):
     runtime: Literal["local", "docker"] = "local"
 
     # The issue's short environment names, folded into `proxy` (they win over its defaults,
-    # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS may also name a file.
+    # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS is keys only; a keys
+    # file is LLMUP_API_KEYS_FILE.
     api_key: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEY"))
     api_keys: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEYS"))
+    api_keys_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LLMUP_API_KEYS_FILE")
+    )
     context_policy: Literal["drop", "error"] | None = Field(
         default=None, validation_alias=AliasChoices("LLMUP_CONTEXT_POLICY")
     )
@@ -173,11 +213,10 @@ class Settings(BaseSettings):
         keys = list(proxy.api_keys)
         if self.api_key:
             keys.append(self.api_key)
-        if self.api_keys and Path(self.api_keys).is_file():
-            if "api_keys_file" not in given:
-                proxy.api_keys_file = Path(self.api_keys)
-        elif self.api_keys:
-            keys += split_keys(self.api_keys)
+        if self.api_keys:
+            keys += literal_keys(self.api_keys)
+        if self.api_keys_file is not None and "api_keys_file" not in given:
+            proxy.api_keys_file = self.api_keys_file
         proxy.api_keys = list(dict.fromkeys(keys))
         if self.context_policy and "context_policy" not in given:
             proxy.context_policy = self.context_policy

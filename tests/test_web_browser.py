@@ -310,6 +310,70 @@ def test_a_wrong_or_missing_key_shows_the_error(served, page):
     assert "401: no API key" in page.find("#banner").text
 
 
+def _stored_anywhere(page: Page, storage: str) -> list[str]:
+    """Names of the items of `storage` whose value holds the key."""
+    return page.js(
+        f"return Object.keys({storage}).filter(k => {storage}.getItem(k).includes(arguments[0]))",
+        KEY,
+    )
+
+
+def _in_a_new_tab(page: Page, served) -> str:
+    """The banner a tab opened by hand (no opener, so no session storage) shows."""
+    first = page.driver.current_window_handle
+    page.driver.switch_to.new_window("tab")
+    try:
+        page.driver.get(served.url + "/")
+        page.wait(lambda: page.js("return document.body.dataset.ready === '1'"), "the new tab")
+        banner = page.find("#banner")
+        page.wait(
+            lambda: banner.is_displayed() or "context 1024" in page.text("#plan-line"),
+            "the plan or the 401",
+        )
+        return banner.text if banner.is_displayed() else ""
+    finally:
+        page.driver.close()
+        page.driver.switch_to.window(first)
+
+
+def test_the_key_is_forgotten_with_the_tab_unless_remembered(served, page):
+    page.open(None)
+    assert page.text("#backend-state") == "ready"  # /health's status, without the key
+    page.wait(lambda: page.find("#api-key").is_displayed(), "the settings, opened by the 401")
+    assert not page.find("#remember-key").is_selected()  # not remembered unless asked
+    page.find("#api-key").send_keys(KEY)
+    page.find("#save-settings").click()
+    page.wait(lambda: "context 1024" in page.text("#plan-line"), "the plan, with the key")
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert _stored_anywhere(page, "localStorage") == []
+    assert "401: no API key" in _in_a_new_tab(page, served)  # a new tab does not have it
+
+    page.find("#toggle-settings").click()
+    page.find("#remember-key").click()
+    page.find("#save-settings").click()
+    assert _stored_anywhere(page, "localStorage") == ["llmup.rememberedKey"]
+    assert _in_a_new_tab(page, served) == ""
+    page.reload()
+    assert page.find("#remember-key").is_selected()
+
+    page.find("#toggle-settings").click()
+    page.find("#remember-key").click()  # untick: gone from the browser, kept by this tab
+    page.find("#save-settings").click()
+    assert _stored_anywhere(page, "localStorage") == []
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert "401: no API key" in _in_a_new_tab(page, served)
+
+
+def test_a_key_an_older_page_left_in_local_storage_is_moved_to_the_tab(served, page):
+    page.open(None)
+    page.js("localStorage.setItem('llmup.apiKey', arguments[0])", KEY)
+    page.reload()
+    assert _stored_anywhere(page, "localStorage") == []
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert not page.find("#remember-key").is_selected()
+    page.wait(lambda: "context 1024" in page.text("#plan-line"), "the plan with the key")
+
+
 def test_deleting_a_conversation(served, page):
     with api(served) as http:
         http.post(
@@ -511,6 +575,8 @@ def test_the_page_opened_while_loading_turns_into_the_chat(tmp_path):
         browser.driver.get(server.url + "/")
         assert "llmup is loading tiny-chat" in browser.text("body")
         assert browser.js("return document.body.dataset.ready") is None
+        # remembered key: /health tells the model's name only to a key holder
+        browser.js("localStorage.setItem('llmup.rememberedKey', arguments[0])", KEY)
         backend.resume()
         browser.wait(
             lambda: browser.js("return document.body.dataset.ready === '1'"),

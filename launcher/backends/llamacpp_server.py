@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from launcher.backends.slots import SlotManager
 from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.backends.worker_request import ApiError, WorkerState, session_key
 from launcher.errors import LlmupError
+from launcher.private import UMASK
 from launcher.settings import default_home
 
 logger = logging.getLogger(__name__)
@@ -332,6 +334,7 @@ def slot_options(args: argparse.Namespace) -> SlotOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(UMASK)  # it writes only saved sessions into the llmup home: private to its owner
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     route_llama_logs(args.verbose)
     try:

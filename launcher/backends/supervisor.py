@@ -44,6 +44,7 @@ from launcher.backends.failure import (
 from launcher.backends.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.backends.spec import BackendSpec, port_is_free
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
+from launcher.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Supervisor:
         """Start the child and block until it is ready; BackendLoadError if it is not."""
         if self._thread is not None:
             raise RuntimeError("a Supervisor starts once; build a new one to start again")
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.spec.log_path.parent)
         _rotate(self.spec.log_path)
         self._set_state(State.STARTING)
         self._thread = threading.Thread(
@@ -306,7 +307,7 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            with open(self.spec.log_path, "ab") as out:
+            with open_private(self.spec.log_path, "ab") as out:
                 out.write(self._banner().encode())
                 out.flush()
                 self._log_offset = out.tell()
@@ -322,7 +323,7 @@ class Supervisor:
 
     def _log_line(self, text: str) -> None:
         """A line of llmup's own in the backend's log, where an operator reads its story."""
-        with contextlib.suppress(OSError), open(self.spec.log_path, "a") as out:
+        with contextlib.suppress(OSError), open_private(self.spec.log_path, "a") as out:
             out.write(f"{OWN_LINE} {self.spec.name} {text}\n")
 
     def _banner(self) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import StorageFullError
+from launcher.private import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._last_purge = 0.0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        private_file(self.path)  # SQLite gives its -wal and -shm files the database's mode
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

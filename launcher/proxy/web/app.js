@@ -105,7 +105,8 @@ async function pollHealth() {
   } catch {
     body = null;
   }
-  const backendState = body?.backend?.state ?? "unreachable";
+  const status = body?.status === "ok" ? "ready" : body?.status; // /health without the key
+  const backendState = body?.backend?.state ?? status ?? "unreachable";
   ui.backendState.textContent = backendState;
   ui.backendState.className = `state ${STATE_KIND[backendState] || "bad"}`;
   if (body?.model) {
