@@ -89,7 +89,9 @@ class Page:
     ) -> None:
         """Load the page with this key remembered (as if "remember" were ticked) and these
         settings in local storage, then wait for it."""
-        self.driver.get(self.url + "/")
+        # The storage is set from another page of the same origin (/health, open to all),
+        # then the page is loaded once: a single navigation, which nothing can race.
+        self.driver.get(self.url + "/health")
         self.js(
             "localStorage.clear(); sessionStorage.clear();"
             "if (arguments[0] !== null) localStorage.setItem('llmup.rememberedKey', arguments[0]);"
@@ -98,7 +100,9 @@ class Page:
             json.dumps(settings or {}),
         )
         self.driver.get(self.url + "/" + hash)
-        self.reload()
+        self.wait(
+            lambda: self.js("return document.body.dataset.ready === '1'"), "the page to start"
+        )
 
     def reload(self) -> None:
         self.driver.refresh()
