@@ -27,6 +27,7 @@ import uvicorn
 from launcher.listen import deadline_protocol
 from launcher.protocol import error_body
 from launcher.proxy.page_policy import PAGE_HEADERS
+from launcher.proxy.replica import REPLICA_HEADER
 from launcher.settings import Settings
 
 RETRY_AFTER_S = 5
@@ -56,19 +57,25 @@ def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes]:
     return json.dumps(health).encode(), json.dumps(error).encode()
 
 
+def replica_headers(settings: Settings) -> dict[str, str]:
+    """The header naming this replica, for answers made outside the proxy's app."""
+    return {REPLICA_HEADER: settings.proxy.replica_name}
+
+
 def loading_page(summary: dict[str, Any]) -> bytes:
     """The page at `/` while loading: no script, a meta refresh (allowed by the page policy)."""
     model = html.escape(str(summary.get("model") or "the model"))
     return LOADING_PAGE.format(seconds=RETRY_AFTER_S, model=model).encode()
 
 
-def loading_app(summary: dict[str, Any]) -> Any:
+def loading_app(summary: dict[str, Any], *, replica: str) -> Any:
     """A bare ASGI app (no framework to import while the proxy's own app is preloaded)."""
     health, error = loading_bodies(summary)
     retry = (b"retry-after", str(RETRY_AFTER_S).encode())
-    as_json = [(b"content-type", b"application/json"), retry]
+    named = (REPLICA_HEADER.lower().encode(), replica.encode())
+    as_json = [(b"content-type", b"application/json"), retry, named]
     page = loading_page(summary)
-    as_page = [(b"content-type", b"text/html; charset=utf-8"), retry] + [
+    as_page = [(b"content-type", b"text/html; charset=utf-8"), retry, named] + [
         (name.lower().encode(), value.encode()) for name, value in PAGE_HEADERS.items()
     ]
 
@@ -111,10 +118,12 @@ def answering_while_loading(
     """Serve the loading app on `listener` for the duration of the block."""
     s = settings.serve
     config = uvicorn.Config(
-        loading_app(summary),
+        loading_app(summary, replica=settings.proxy.replica_name),
         lifespan="off",
         log_level="warning",
-        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        http=deadline_protocol(
+            s.header_timeout_s, s.body_timeout_s, headers=replica_headers(settings)
+        ),
         timeout_graceful_shutdown=1,
     )
     server = LoadingServer(config)

@@ -1,4 +1,5 @@
-"""The SQLite session store on its own: turns, the system message, owners, expiry, atomicity."""
+"""The session stores on their own, each test on SQLite and on a real PostgreSQL: turns, the
+system message, owners, expiry, atomicity, deletes and rewinds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from launcher.errors import BadRequestError
 from launcher.proxy.context import TurnPlan, plan_turn
-from launcher.proxy.sessions import Conversation, NewTurn, SessionStore, TurnRecord
+from launcher.proxy.store import Conversation, NewTurn, SessionStore, SqliteStore, TurnRecord
 
 
 class Clock:
@@ -29,10 +30,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path, clock) -> SessionStore:
-    s = SessionStore(tmp_path / "sessions.sqlite3", ttl_s=3600, clock=clock)
-    yield s
-    s.close()
+def store(make_store, clock) -> SessionStore:
+    return make_store(ttl_s=3600, clock=clock)
 
 
 def test_turns_are_kept_in_order_with_the_system_message_first(store) -> None:
@@ -52,12 +51,12 @@ def test_turns_are_kept_in_order_with_the_system_message_first(store) -> None:
 
 def test_wal_mode_and_survives_reopening(tmp_path, clock) -> None:
     path = tmp_path / "sessions.sqlite3"
-    first = SessionStore(path, clock=clock)
+    first = SqliteStore(path, clock=clock)
     first.commit_turn("", "kept", turn("hi", "hello"))
     first.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    second = SessionStore(path, clock=clock)
+    second = SqliteStore(path, clock=clock)
     assert second.load("", "kept").turns == [turn("hi", "hello")]
     second.close()
 
@@ -129,12 +128,11 @@ def test_a_rewinding_commit_replaces_the_later_turns_atomically(store) -> None:
     assert store.info("", "s").turns == 2 and store.info("", "s").messages == 4
 
 
-def test_ttl_zero_keeps_sessions_forever(tmp_path, clock) -> None:
-    forever = SessionStore(tmp_path / "forever.sqlite3", ttl_s=0, clock=clock)
+def test_ttl_zero_keeps_sessions_forever(make_store, clock) -> None:
+    forever = make_store(ttl_s=0, clock=clock)
     forever.commit_turn("", "s", turn("hi", "hello"))
     clock.now += 10 * 365 * 86400
     assert forever.purge_expired() == 0 and forever.load("", "s").turns == [turn("hi", "hello")]
-    forever.close()
 
 
 def test_plan_turn_lines_requests_up_with_the_history() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.errors import BadRequestError, ContextLengthError, ProxyError
-from launcher.proxy.sessions import Conversation, Message
+from launcher.proxy.store.base import Conversation, Message
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from launcher.proxy.context import ContextFitter, OverheadMeter, TokenCounter
 from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
-from launcher.proxy.sessions import SessionStore
+from launcher.proxy.store import SessionStore
 from launcher.proxy.upstream import Upstream
 from launcher.settings import ProxySettings, Settings
 

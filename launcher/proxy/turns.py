@@ -28,8 +28,8 @@ from launcher.proxy.context import (
     reply_budget,
 )
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
-from launcher.proxy.sessions import Conversation, Message, NewTurn, TurnRecord
 from launcher.proxy.state import ProxyState
+from launcher.proxy.store import Conversation, Message, NewTurn, TurnRecord
 
 DROPPED_HEADER = "X-Llmup-Context-Dropped"
 REWOUND_HEADER = "X-Llmup-Session-Rewound"
