@@ -20,6 +20,7 @@ from ggufgen import write_llama_gguf
 from serving import FAST_HEALTH, Served
 
 from launcher.backends.spec import free_port
+from launcher.proxy.replica import routed_id
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -120,6 +121,31 @@ def test_the_shipped_config_is_valid_haproxy() -> None:
     text = HAPROXY_CFG.read_text()
     assert "balance hdr(X-Session-Id)" in text and "hash-type consistent" in text
     assert "balance leastconn" in text and "/health" in text
+
+
+def test_ids_and_body_fields_reach_the_replica_they_name(cluster) -> None:
+    """What issue-22's routes will receive is routed now: a Responses id or a conversation id
+    goes to the replica named in it (llmup answers 404 today, from that replica); a session
+    named in the body goes where the same session named in the header goes."""
+    http = cluster.http()
+    for _ in range(3):  # least connections would alternate; these never do
+        for name in ("r1", "r2"):
+            resp, conv = routed_id("resp", name), routed_id("conv", name)
+            answers = [
+                http.post("/v1/responses", json={"input": "x", "previous_response_id": resp}),
+                http.post("/v1/responses", json={"input": "x", "conversation": conv}),
+                http.post("/v1/responses", json={"input": "x", "conversation": {"id": conv}}),
+                http.get(f"/v1/responses/{resp}"),
+                http.get(f"/v1/conversations/{conv}/items"),
+            ]
+            assert [replica(a) for a in answers] == [name] * len(answers)
+    for session in ("body-0", "body-1", "body-2", "body-3"):
+        by_header = replica(say(http, session, "by header"))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "by body"}],
+                "max_tokens": 2, "session_id": session}  # fmt: skip
+        by_body = http.post("/v1/chat/completions", json=body)
+        assert by_body.status_code == 200 and replica(by_body) == by_header
+        assert replica(http.get(f"/v1/sessions/{session}")) == by_header
 
 
 def test_sessions_stay_put_fail_over_with_their_history_and_the_replica_rejoins(cluster) -> None:
