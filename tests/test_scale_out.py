@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from backend_fixtures import NO_EOS
+from backend_fixtures import NO_EOS, TEMPLATE
 from cluster import FAST, HAPROXY_CFG, HAProxy, PostgresServer
 from ggufgen import write_llama_gguf
 from serving import FAST_HEALTH, Served
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.timeout(600)
 
 KEY = "scale-out-test-key"
 MODEL = "tiny-chat"
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 SESSIONS = [f"team-{i}" for i in range(8)]
 NEW_SESSIONS = [f"late-{i}" for i in range(8)]
 

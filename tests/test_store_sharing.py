@@ -5,6 +5,8 @@ once, and a PostgreSQL that goes away is a 503 that ends when it comes back."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -160,3 +162,16 @@ def test_database_down_is_503_with_retry_after_and_service_resumes() -> None:
         store.close()
     finally:
         server.remove()
+
+
+def test_the_default_store_does_not_import_the_postgresql_driver(tmp_path) -> None:
+    code = (
+        "import sys\n"
+        "from launcher.settings import Settings\n"
+        "from launcher.proxy import create_app, open_store\n"
+        f"store = open_store(Settings(home={str(tmp_path)!r}))\n"
+        "store.commit_turn('', 's', [{'role': 'user', 'content': 'hi'}])\n"
+        "print(store.kind, 'psycopg' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["sqlite", "False"], done.stderr
