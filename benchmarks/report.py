@@ -207,7 +207,9 @@ def scale_out(r: dict[str, Any]) -> list[str]:
         for x in m["rows"]
     ]
     arms = md_table(("model", "arm", "turns", "turns/s", "p50 ms", "p99 ms"), rows)
-    names = {"postgres_vs_sqlite": "PostgreSQL vs SQLite", "haproxy_hop": "HAProxy hop"}
+    names = {"postgres_vs_sqlite": "PostgreSQL vs SQLite",
+             "postgres_vs_sqlite_store_only": "PostgreSQL vs SQLite, the store's work only",
+             "haproxy_hop": "HAProxy hop"}  # fmt: skip
     added = md_table(
         ("model", "added per turn", "p50 ms", "p99 ms"),
         [(m["model"], names[k], f"{o['p50_ms']:+.2f}", f"{o['p99_ms']:+.2f}")
@@ -217,7 +219,12 @@ def scale_out(r: dict[str, Any]) -> list[str]:
         ("model", "replica killed to its session's next answered turn, s (each run)"),
         [(m["model"], ", ".join(f"{d:.2f}" for d in m["failover_s"])) for m in r["models"]],
     )
-    return [note, arms, added, deaths]
+    store = md_table(
+        ("model", "store", "load + commit of a turn, p50 ms", "p99 ms"),
+        [(m["model"], kind, c["p50_ms"], c["p99_ms"]) for m in r["models"]
+         for kind, c in m["store_only"].items()],
+    )  # fmt: skip
+    return [note, arms, added, store, deaths]
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {

@@ -147,7 +147,12 @@ def test_scale_out_measures_every_arm_the_overheads_and_a_failover(quick):
     assert hop["p50_ms"] == pytest.approx(
         arms["HAProxy, 1 replica"]["p50_ms"] - arms["direct, PostgreSQL"]["p50_ms"], abs=0.02
     )
-    assert set(model["overhead"]) == {"postgres_vs_sqlite", "haproxy_hop"}
+    assert set(model["overhead"]) == {
+        "postgres_vs_sqlite", "postgres_vs_sqlite_store_only", "haproxy_hop"
+    }  # fmt: skip
+    store = model["store_only"]
+    assert set(store) == {"sqlite", "postgresql"}
+    assert all(0 < c["p50_ms"] <= c["p99_ms"] for c in store.values())
     assert len(model["failover_s"]) >= 1 and all(d > 0 for d in model["failover_s"])
     assert "PostgreSQL" in report["conditions"]["postgresql"]
     assert "HAProxy version 2." in report["conditions"]["haproxy"]

@@ -132,9 +132,12 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _reading(self) -> Iterator[_Connection]:
-        with self._errors(), self._pool.connection() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield _Connection(conn)
+        """One REPEATABLE READ snapshot, in pipeline mode: the queries of a read go out
+        together and their results come back in one round trip."""
+        with self._errors(), self._pool.connection() as conn, conn.pipeline():
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield _Connection(conn)
 
     def json_text(self, column: str, key: str) -> str:
         return f"({column}::json ->> '{key}')"

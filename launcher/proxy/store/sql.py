@@ -87,21 +87,22 @@ class SqlStore(ABC):
 
     def load(self, owner: str, session_id: str) -> Conversation:
         """The session's history; an empty one when it does not exist or has expired."""
-        with self._reading() as db:
-            row = db.execute(
+        with self._reading() as db:  # all three sent before any is read (one round trip)
+            head = db.execute(
                 "SELECT system, epoch FROM sessions WHERE owner=? AND id=? AND updated>=?",
                 (owner, session_id, self._cutoff()),
-            ).fetchone()
-            if row is None:
-                return Conversation()
-            rows = db.execute(
+            )
+            body = db.execute(
                 "SELECT turn, message FROM messages WHERE owner=? AND id=? ORDER BY seq",
                 (owner, session_id),
-            ).fetchall()
-            records = db.execute(
+            )
+            kept = db.execute(
                 "SELECT turn, tokens, request, reply FROM turns WHERE owner=? AND id=?",
                 (owner, session_id),
-            ).fetchall()
+            )
+            row, rows, records = head.fetchone(), body.fetchall(), kept.fetchall()
+        if row is None:
+            return Conversation()
         turns: dict[int, list[Message]] = {}
         for turn, message in rows:
             turns.setdefault(turn, []).append(json.loads(message))
