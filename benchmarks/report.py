@@ -209,7 +209,8 @@ def scale_out(r: dict[str, Any]) -> list[str]:
     arms = md_table(("model", "arm", "turns", "turns/s", "p50 ms", "p99 ms"), rows)
     names = {"postgres_vs_sqlite": "PostgreSQL vs SQLite",
              "postgres_vs_sqlite_store_only": "PostgreSQL vs SQLite, the store's work only",
-             "haproxy_hop": "HAProxy hop"}  # fmt: skip
+             "haproxy_hop": "HAProxy hop",
+             "haproxy_hop_health_only": "HAProxy hop, GET /health only"}  # fmt: skip
     added = md_table(
         ("model", "added per turn", "p50 ms", "p99 ms"),
         [(m["model"], names[k], f"{o['p50_ms']:+.2f}", f"{o['p99_ms']:+.2f}")

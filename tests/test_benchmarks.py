@@ -148,8 +148,10 @@ def test_scale_out_measures_every_arm_the_overheads_and_a_failover(quick):
         arms["HAProxy, 1 replica"]["p50_ms"] - arms["direct, PostgreSQL"]["p50_ms"], abs=0.02
     )
     assert set(model["overhead"]) == {
-        "postgres_vs_sqlite", "postgres_vs_sqlite_store_only", "haproxy_hop"
+        "postgres_vs_sqlite", "postgres_vs_sqlite_store_only", "haproxy_hop",
+        "haproxy_hop_health_only",
     }  # fmt: skip
+    assert set(model["hop_only"]) == {"direct", "haproxy"}
     store = model["store_only"]
     assert set(store) == {"sqlite", "postgresql"}
     assert all(0 < c["p50_ms"] <= c["p99_ms"] for c in store.values())

@@ -134,10 +134,10 @@ class PostgresStore(SqlStore):
     def _reading(self) -> Iterator[_Connection]:
         """One REPEATABLE READ snapshot, in pipeline mode: the queries of a read go out
         together and their results come back in one round trip."""
-        with self._errors(), self._pool.connection() as conn, conn.pipeline():
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                yield _Connection(conn)
+        pool = self._pool
+        with self._errors(), pool.connection() as conn, conn.pipeline(), conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _Connection(conn)
 
     def json_text(self, column: str, key: str) -> str:
         return f"({column}::json ->> '{key}')"
