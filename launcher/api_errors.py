@@ -12,7 +12,6 @@ Imported only by modules that build a FastAPI app; core modules never import it.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any
@@ -23,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from launcher.asgi import send_error
 from launcher.errors import ProxyError
 from launcher.protocol import error_body
 
@@ -123,18 +123,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(CatchAllMiddleware)
-
-
-async def send_error(send: Send, exc: ProxyError, extra: list[tuple[bytes, bytes]] = ()) -> None:
-    """An OpenAI-shaped error sent straight on the ASGI channel (no route involved)."""
-    body = json.dumps(
-        error_body(exc.message, status=exc.status, code=exc.code, param=exc.param)
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    headers += list(extra)
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class CatchAllMiddleware:

@@ -113,10 +113,17 @@ PROFILE_HARDWARE = Path("profile")
 
 def default_settings() -> Settings:
     """The settings tree without a profile, imported on first use: pydantic-settings is not
-    worth its import time to `llmup --help`."""
+    worth its import time to `llmup --help`. A bad LLMUP_ variable is one line, exit 2."""
+    from pydantic import ValidationError
+
     from launcher.settings import Settings
 
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "__".join(str(part) for part in first["loc"]).upper() or "settings"
+        raise UsageError(f"LLMUP_{name}={first.get('input')!r}: {first['msg']}") from None
 
 
 def command_settings(profile_name: str | None):
@@ -362,7 +369,27 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port (default 8000).")] = None,
     api_key: Annotated[
         list[str] | None,
-        typer.Option("--api-key", help="An accepted API key (repeatable; or LLMUP_API_KEY)."),
+        typer.Option(
+            "--api-key",
+            help="An accepted API key (repeatable). Visible to every local user in `ps`: "
+            "prefer LLMUP_API_KEY or --api-key-file.",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="A file of accepted API keys, one per line (or LLMUP_API_KEYS_FILE); "
+            "unreadable or empty stops serve.",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Without keys, a host name requests may address besides loopback and IP "
+            "addresses (repeatable; `*` for any). Guards against DNS rebinding.",
+        ),
     ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
@@ -394,6 +421,7 @@ def serve(
     settings, chosen_profile = command_settings(profile)
     serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
     store_settings(settings, sessions_db=sessions_db, replica_name=replica_name)
+    access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -425,7 +453,11 @@ def serve(
         notify=render.note,
         progress=render.LoadingLine(),
         ready=lambda url, b: render.serving(
-            url, b.model_id, keyed=keyed, keys_file=settings.proxy.api_keys_file
+            url,
+            b.model_id,
+            keyed=keyed,
+            keys_file=settings.proxy.api_keys_file,
+            slow=b.plan.speed_warning.message if b.plan.speed_warning else None,
         ),
     )
 
@@ -464,6 +496,19 @@ def store_settings(
     except ValueError as exc:
         flag = "--replica-name" if replica_name and "replica" in str(exc) else "--sessions-db"
         raise UsageError(f"{flag}: {exc}") from None
+
+
+def access_settings(
+    settings: Settings, *, api_key_file: Path | None, allowed_hosts: list[str] | None
+) -> None:
+    """Lay the keys-file and allowed-host flags over the settings (flags win)."""
+    from launcher.settings import split_hosts
+
+    proxy = settings.proxy
+    if api_key_file is not None:
+        proxy.api_keys_file = api_key_file
+    extra = split_hosts(allowed_hosts or [])
+    proxy.allowed_hosts = list(dict.fromkeys([*proxy.allowed_hosts, *extra]))
 
 
 @app.command()

@@ -73,6 +73,17 @@ class UnverifiableFileError(DownloadError):
     """The hub gives no checksum for a file, so its download could not be verified."""
 
 
+class HubAnswerError(DownloadError):
+    """The hub (or a mirror posing as one) answered with a checksum, commit, file name or
+    header that cannot be what the hub's API defines, and that llmup would have used as part
+    of a path; refused before anything was written or deleted."""
+
+
+class UnsafePathError(DownloadError):
+    """A file llmup was about to create, link or delete lies outside the repository's cache
+    folder; nothing was done to it."""
+
+
 class JoinError(DownloadError):
     """Concatenating split halves did not produce a valid GGUF file; the halves are kept."""
 
@@ -207,6 +218,13 @@ class QueueFullError(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class KeyLimitError(ProxyError):
+    """One API key reached one of its own limits (429): too many requests at once, too many
+    sessions, or too many bytes of stored conversations; `code` says which."""
+
+    status = 429
+
+
 class StorageFullError(ProxyError):
     """The session store's disk is full (507): the turn was not stored, nothing half-written."""
 
@@ -235,6 +253,10 @@ class BackendUnavailableError(ProxyError):
 
     status = 503
     code = "backend_unavailable"
+
+
+class BackendDroppedError(BackendUnavailableError):
+    """The backend closed the connection in the middle of a request: it died (503)."""
 
 
 class BackendFailedError(ProxyError):

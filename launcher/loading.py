@@ -18,16 +18,19 @@ import html
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
 
+from launcher.asgi import header
 from launcher.listen import deadline_protocol
 from launcher.protocol import error_body
+from launcher.proxy.auth import KeyRing, configured_keys
+from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.page_policy import PAGE_HEADERS
-from launcher.proxy.replica import REPLICA_HEADER
+from launcher.proxy.replica import REPLICA_HEADER, ReplicaHeader
 from launcher.settings import Settings
 
 RETRY_AFTER_S = 5
@@ -44,17 +47,19 @@ as the model is ready.</p>
 """
 
 
-def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(the /health body, every other route's error body) while loading."""
+def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """(the /health body, /health's body for a caller without a key when keys are set, every
+    other route's error body) while loading."""
+    status = {"status": "loading"}
     health = {
-        "status": "loading",
+        **status,
         "backend": {"state": "loading", "restarts": 0},
         "model": summary.get("model"),
         "context": summary.get("context"),
         "plan": summary,
     }
     error = error_body(LOADING_MESSAGE, status=503, code="model_loading")
-    return json.dumps(health).encode(), json.dumps(error).encode()
+    return json.dumps(health).encode(), json.dumps(status).encode(), json.dumps(error).encode()
 
 
 def replica_headers(settings: Settings) -> dict[str, str]:
@@ -68,14 +73,22 @@ def loading_page(summary: dict[str, Any]) -> bytes:
     return LOADING_PAGE.format(seconds=RETRY_AFTER_S, model=model).encode()
 
 
-def loading_app(summary: dict[str, Any], *, replica: str) -> Any:
-    """A bare ASGI app (no framework to import while the proxy's own app is preloaded)."""
-    health, error = loading_bodies(summary)
+def loading_app(
+    summary: dict[str, Any],
+    keys: KeyRing | None = None,
+    allowed_hosts: Iterable[str] = (),
+    *,
+    replica: str,
+) -> Any:
+    """A bare ASGI app (no framework to import while the proxy's own app is preloaded),
+    behind the proxy's Host check; /health shows the plan only to a key holder. Every
+    answer, the guard's 400 and 401 too, names the replica."""
+    keys = keys or KeyRing([])
+    health, bare_health, error = loading_bodies(summary)
     retry = (b"retry-after", str(RETRY_AFTER_S).encode())
-    named = (REPLICA_HEADER.lower().encode(), replica.encode())
-    as_json = [(b"content-type", b"application/json"), retry, named]
+    as_json = [(b"content-type", b"application/json"), retry]
     page = loading_page(summary)
-    as_page = [(b"content-type", b"text/html; charset=utf-8"), retry, named] + [
+    as_page = [(b"content-type", b"text/html; charset=utf-8"), retry] + [
         (name.lower().encode(), value.encode()) for name, value in PAGE_HEADERS.items()
     ]
 
@@ -85,10 +98,14 @@ def loading_app(summary: dict[str, Any], *, replica: str) -> Any:
         if scope["type"] != "http":
             return
         body, headers = answers.get(scope["path"], (error, as_json))
+        if body is health and not keys.may_see(header(scope, b"authorization")):
+            body = bare_health
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    return app
+    hosts = host_policy(keys, allowed_hosts)
+    guarded = AccessGuard(app, keys=keys, hosts=hosts, needs_key=lambda path: False)
+    return ReplicaHeader(guarded, name=replica)
 
 
 class LoadingServer(uvicorn.Server):
@@ -117,8 +134,11 @@ def answering_while_loading(
 ) -> Iterator[None]:
     """Serve the loading app on `listener` for the duration of the block."""
     s = settings.serve
+    keys = KeyRing(configured_keys(settings.proxy))
     config = uvicorn.Config(
-        loading_app(summary, replica=settings.proxy.replica_name),
+        loading_app(
+            summary, keys, settings.proxy.allowed_hosts, replica=settings.proxy.replica_name
+        ),
         lifespan="off",
         log_level="warning",
         http=deadline_protocol(

@@ -12,11 +12,21 @@ module without importing each other.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # The proxy names a request's session to llmup's own workers on these private headers: the
@@ -27,12 +37,41 @@ BACKEND_SESSION_HEADER = "X-Llmup-Session"
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
 MAX_JSON_DEPTH = 64
-# A worker's facts the proxy checks requests against (`{"n_vocab": ..., "n_ctx": ...}`).
+# A worker's facts the proxy checks requests against (`{"n_vocab": ..., "n_ctx": ...}`) and
+# what identifies the build it serves (`identity`, for the replies' `system_fingerprint`).
 META_PATH = "/llmup/meta"
+# A request's prompt as the worker renders and tokenizes it (`PromptTokens`): the one count
+# of a prompt's length that the proxy acts on.
+PROMPT_TOKENS_PATH = "/llmup/prompt-tokens"
+# OpenAI's (and llama_cpp.server's) max_tokens for legacy completions when none is given;
+# a worker gives the reply at most this, and never more than the context has left.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_TOOLS = 128
+# `stop`: OpenAI allows 4 strings; llmup takes up to 16 of at most 256 characters each (a
+# worker matches all of them on every token, so an unbounded list would stall it).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 # OpenAI's rule for function names; it also keeps them safe inside a generated grammar
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
+def _bounded_stop(value: Any) -> Any:
+    """Refuse too many or too long stop strings before anything iterates them; the type
+    itself is pydantic's to check."""
+    stops = [value] if isinstance(value, str) else value
+    if isinstance(stops, list) and (
+        len(stops) > MAX_STOPS or any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops)
+    ):
+        raise PydanticCustomError(
+            "too_long",
+            "takes at most {n} strings of at most {chars} characters each",
+            {"n": MAX_STOPS, "chars": MAX_STOP_CHARS},
+        )
+    return value
+
+
+Stop = Annotated[str | list[str], BeforeValidator(_bounded_stop)]
 
 
 def check_plain_json(data: Any) -> None:
@@ -170,7 +209,10 @@ class _SamplingRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Stop | None = Field(
+        default=None,
+        description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each",
+    )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -268,7 +310,6 @@ class ChatCompletionResponse(_Wire):
     model: str
     choices: list[Choice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ChoiceDelta(_Wire):
@@ -296,7 +337,6 @@ class ChatCompletionChunk(_Wire):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class CompletionChoice(_Wire):
@@ -313,7 +353,6 @@ class CompletionResponse(_Wire):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class CompletionChunk(CompletionResponse):
@@ -330,6 +369,35 @@ class ModelCard(_Wire):
 class ModelList(_Wire):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class PromptTokens(_Wire):
+    """A worker's count of a request's prompt, rendered (chat template) and tokenized exactly
+    as it would generate from it. `context` is the most prompt + reply tokens one request may
+    use there; `message_tokens` are each chat message's content tokens (what a session's
+    stored turns are weighed by when the proxy chooses which old ones to leave out)."""
+
+    prompt_tokens: int
+    context: int
+    message_tokens: list[int] | None = None
+
+
+def context_length_message(context: int, prompt: int, completion: int, what: str) -> str:
+    """OpenAI's wording for a request that does not fit (`what`: messages or prompt), from
+    one place so the proxy and the workers say it alike."""
+    return (
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the {what}, {completion} in the "
+        f"completion). Please reduce the length of the {what} or max_tokens."
+    )
+
+
+def system_fingerprint(identity: Mapping[str, Any]) -> str:
+    """OpenAI's `system_fingerprint`: `fp_` and 10 hex digits of a digest of what identifies
+    the served build (llmup and backend versions, the model file, the load settings), so it
+    is the same for every reply of one build and changes when any of them does."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 class TokenizeInputResponse(_Wire):

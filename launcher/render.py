@@ -253,14 +253,24 @@ class LoadingLine:
         )
 
 
-def serving(url: str, model_id: str, *, keyed: bool, keys_file: Path | None = None) -> None:
-    """The ready line with a curl and an openai snippet to paste.
+def serving(
+    url: str,
+    model_id: str,
+    *,
+    keyed: bool,
+    keys_file: Path | None = None,
+    slow: str | None = None,
+) -> None:
+    """The ready line with a curl and an openai snippet to paste, and, for a plan expected
+    to decode below reading speed, the plan's `slow` warning (what would be faster).
 
     The key itself is never printed (this line ends up in journald and docker logs): the
     snippets read it from $LLMUP_API_KEY in the shell they are pasted into, whether the keys
     came from flags, the environment or a keys file (a docker secret), which it names.
     """
     out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
+    if slow:
+        out.print(f"  [yellow]slow:[/yellow] {escape(slow)}", highlight=False, soft_wrap=True)
     auth = ' -H "Authorization: Bearer $LLMUP_API_KEY"' if keyed else ""
     key = "$LLMUP_API_KEY" if keyed else "none"
     if keyed:

@@ -43,6 +43,7 @@ from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
 from launcher.loading import answering_while_loading, replica_headers
 from launcher.planning.plan import Plan
+from launcher.private import private_home
 from launcher.proxy import check_bind, create_app, open_store
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
@@ -83,6 +84,10 @@ class ServedBackend:
         return self.supervisor.supervision
 
     @property
+    def ordered_stops(self) -> int:
+        return self.supervisor.ordered_stops
+
+    @property
     def model_id(self) -> str:
         return self.plan.model.id
 
@@ -116,6 +121,7 @@ def plan_summary(p: Plan) -> dict[str, Any]:
         "parallel": p.parallel,
         "offload": p.placement.offload,
         "memory_mib": p.memory_mib.model_dump(),
+        "speed_warning": p.speed_warning.model_dump() if p.speed_warning else None,
     }
 
 
@@ -300,6 +306,7 @@ def serve(
     """Serve `plan` until SIGINT/SIGTERM (or until the backend cannot be kept up, raised as
     BackendCrashError); the backend always stops and the session store always closes."""
     listener = listener or prepare_listener(settings)
+    private_home(settings.home)  # conversations, saved KV caches and logs: the owner's only
     if settings.runtime == "docker":  # no engine or no image: say so before any download
         docker_runtime().check_engine(plan, settings.docker)
     # the proxy lets as many requests through as the backend decodes together

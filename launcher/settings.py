@@ -26,6 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from launcher.errors import UsageError
+
 
 class PlanningSettings(BaseModel):
     """What the planner is asked for. `model` pins one model (an id or a size: "13b");
@@ -42,6 +44,8 @@ class PlanningSettings(BaseModel):
     allow_offload: bool = False
     gpus: str | None = None  # like --gpus / CUDA_VISIBLE_DEVICES: "0,2"
     min_tokens_per_s: float | None = Field(default=None, ge=0)
+    # below this expected decode speed the plan says it will be slow, and what is faster
+    readable_tokens_per_s: float = Field(default=5.0, gt=0)
     parallel: int | None = Field(default=None, ge=1)  # llama.cpp sequences; None: as fit
     llamacpp_impl: Literal["slots", "server"] = "slots"
 
@@ -101,14 +105,46 @@ def split_keys(value: Any) -> Any:
     return value
 
 
+# A value that names a file rather than being a key: absolute, home- or dot-relative.
+_PATH_LIKE = re.compile(r"^(?:/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
+
+
+def literal_keys(value: Any) -> Any:
+    """Keys from a list setting (LLMUP_API_KEYS, LLMUP_PROXY__API_KEYS): literal keys only.
+
+    A value that looks like a path is refused rather than taken as a key: an older llmup read
+    a file named there, and a key that is really a missing file's name would let anyone who
+    guesses the path in (it fails open). Keys files have their own setting."""
+    keys = split_keys(value)
+    for key in keys if isinstance(keys, list) else []:
+        if isinstance(key, str) and _PATH_LIKE.match(key):
+            raise UsageError(
+                f"LLMUP_API_KEYS (and LLMUP_PROXY__API_KEYS) hold keys, not files, and {key!r} "
+                "looks like a path: name a "
+                "keys file with LLMUP_API_KEYS_FILE (or --api-key-file); a key that really "
+                "starts like a path goes in LLMUP_API_KEY"
+            )
+    return keys
+
+
+def split_hosts(value: Any) -> Any:
+    """Host names from a comma-separated string, lower-cased (DNS names are caseless)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list):
+        return [str(name).strip().lower() for name in value if str(name).strip()]
+    return value
+
+
 class ProxySettings(BaseModel):
     """The public surface: bind address, keys, sessions and the limits in front of the backend.
 
-    `message_overhead_tokens` is what a chat template adds around each message (role markers,
-    BOS/EOS); the proxy counts message contents with the backend's tokenizer and adds this per
-    message. Llama-2's `[INST] ... [/INST]` format costs about 6 per message and 12 for the
-    system block; the proxy raises the figure when a reply's `usage.prompt_tokens` shows more.
-    `default_reserve_tokens` is kept free for the reply when a request sets no `max_tokens`.
+    Whether a prompt fits is the backend's count of it (the rendered chat template,
+    tokenized). `message_overhead_tokens` is only the first guess of what a template adds
+    around each message (role markers, BOS/EOS) when the proxy picks which old turns of a
+    session to try leaving out; the backend's count then decides. `default_reserve_tokens`
+    is the room a session's older turns are left out for when a request sets no `max_tokens`
+    (at most a quarter of the context); such a reply may still run to the end of the context.
     """
 
     host: str = "127.0.0.1"
@@ -116,6 +152,8 @@ class ProxySettings(BaseModel):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     insecure_no_auth: bool = False
+    # Without keys, the Host names (besides loopback and IP addresses) a request may carry
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     context_policy: Literal["drop", "error"] = "drop"
     session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
     # where sessions live: None is sessions.sqlite3 under the llmup home; a path is another
@@ -136,8 +174,14 @@ class ProxySettings(BaseModel):
 
     max_request_messages: int = Field(default=1000, ge=1)
     max_session_messages: int = Field(default=2000, ge=2)
+    # per API key (without keys, every caller is the one anonymous owner): requests queued
+    # or running at once, live sessions, and bytes of stored conversations
+    max_requests_per_key: int = Field(default=32, ge=1)
+    max_sessions_per_key: int = Field(default=10_000, ge=1)
+    max_stored_bytes_per_key: int = Field(default=1024**3, ge=1)
 
-    _split_keys = field_validator("api_keys", mode="before")(split_keys)
+    _split_keys = field_validator("api_keys", mode="before")(literal_keys)
+    _split_hosts = field_validator("allowed_hosts", mode="before")(split_hosts)
     _replica = field_validator("replica_name")(check_replica_name)
     _sessions_db = field_validator("sessions_db")(check_sessions_db)
 
@@ -190,9 +234,13 @@ class Settings(BaseSettings):
     runtime: Literal["local", "docker"] = "local"
 
     # The issue's short environment names, folded into `proxy` (they win over its defaults,
-    # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS may also name a file.
+    # not over LLMUP_PROXY__* values set explicitly). LLMUP_API_KEYS is keys only; a keys
+    # file is LLMUP_API_KEYS_FILE.
     api_key: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEY"))
     api_keys: str | None = Field(default=None, validation_alias=AliasChoices("LLMUP_API_KEYS"))
+    api_keys_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LLMUP_API_KEYS_FILE")
+    )
     context_policy: Literal["drop", "error"] | None = Field(
         default=None, validation_alias=AliasChoices("LLMUP_CONTEXT_POLICY")
     )
@@ -206,11 +254,10 @@ class Settings(BaseSettings):
         keys = list(proxy.api_keys)
         if self.api_key:
             keys.append(self.api_key)
-        if self.api_keys and Path(self.api_keys).is_file():
-            if "api_keys_file" not in given:
-                proxy.api_keys_file = Path(self.api_keys)
-        elif self.api_keys:
-            keys += split_keys(self.api_keys)
+        if self.api_keys:
+            keys += literal_keys(self.api_keys)
+        if self.api_keys_file is not None and "api_keys_file" not in given:
+            proxy.api_keys_file = self.api_keys_file
         proxy.api_keys = list(dict.fromkeys(keys))
         if self.context_policy and "context_policy" not in given:
             proxy.context_policy = self.context_policy

@@ -87,11 +87,12 @@ class Page:
     def open(
         self, key: str | None, *, settings: dict[str, Any] | None = None, hash: str = ""
     ) -> None:
-        """Load the page with this key and these settings in local storage, then wait for it."""
+        """Load the page with this key remembered (as if "remember" were ticked) and these
+        settings in local storage, then wait for it."""
         self.driver.get(self.url + "/")
         self.js(
-            "localStorage.clear();"
-            "if (arguments[0] !== null) localStorage.setItem('llmup.apiKey', arguments[0]);"
+            "localStorage.clear(); sessionStorage.clear();"
+            "if (arguments[0] !== null) localStorage.setItem('llmup.rememberedKey', arguments[0]);"
             "localStorage.setItem('llmup.settings', arguments[1]);",
             key,
             json.dumps(settings or {}),

@@ -34,6 +34,7 @@ from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
 from launcher.backends.slots import SlotManager
 
 IDENTITY = {"model": "tiny", "kv_type": "f16"}
+KEY = b"k" * 32  # the saved-state HMAC key
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0)
 SEEDED = GenerationParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
 
@@ -97,7 +98,7 @@ class Engine:
         self.ctx = NativeContext(
             self.model, ContextOptions(n_ctx_seq=n_ctx_seq, n_seq=n_seq, n_batch=n_batch)
         )
-        disk = DiskStore(slots_dir, IDENTITY, budget=disk_bytes, ttl_s=3600.0)
+        disk = DiskStore(slots_dir, IDENTITY, key=KEY, budget=disk_bytes, ttl_s=3600.0)
         self.store = SlotStore(RamStore(ram_bytes), disk)
         self.slots = SlotManager(self.ctx, self.store, n_swa=self.model.n_swa)
         self.engine = BatchEngine(self.model, self.ctx, self.slots)

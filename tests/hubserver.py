@@ -15,8 +15,10 @@ No Xet headers are ever sent, so the client uses plain HTTP (and its own resume 
 Every commit published stays reachable by its id after a branch moves on. Knobs for tests:
 `cut_after` (drop the connection once after N body bytes), `corrupt` (flip a byte while
 advertising the true sha256), `bare_listing` (model info names the files only, as a mirror
-like olah does), `paths_info` (False: no such endpoint), `require_token`, and `requests` (a
-log of every request with its Range header and the body bytes sent).
+like olah does), `paths_info` (False: no such endpoint), `require_token`, `requests` (a
+log of every request with its Range header and the body bytes sent), and for a hostile hub
+`tamper` (rewrites the JSON of model info and paths-info before it is sent) and
+`file_headers` (overrides headers of every file answer, e.g. a forged ETag).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 _LFS_SUFFIXES = (".gguf", ".safetensors", ".bin")
@@ -79,6 +83,8 @@ class HubState:
     corrupt: set[str] = field(default_factory=set)
     bare_listing: bool = False
     paths_info: bool = True
+    tamper: Callable[[str, Any], Any] | None = None  # ("model_info" | "paths_info", json)
+    file_headers: dict[str, str] = field(default_factory=dict)
     history: dict[str, list[Revision]] = field(default_factory=dict)
     requests: list[Logged] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -225,6 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
             "private": False,
             "siblings": siblings,
         }
+        if self.state.tamper is not None:
+            data = self.state.tamper("model_info", data)
         self._send(
             entry, 200, json.dumps(data).encode(), {"Content-Type": "application/json"}, body=True
         )
@@ -234,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
         if revision is None:
             return self._error(entry, 404, "RevisionNotFound", "Invalid rev id: " + rev)
         infos = [_path_info(p, revision.files[p]) for p in paths if p in revision.files]
+        if self.state.tamper is not None:
+            infos = self.state.tamper("paths_info", infos)
         payload = json.dumps(infos).encode()
         self._send(entry, 200, payload, {"Content-Type": "application/json"}, body=True)
 
@@ -268,6 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if f.lfs:
             headers |= {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(len(content))}
+        headers |= self.state.file_headers
         status, start, end = 200, 0, len(content)
         if body and entry.range and (m := _RANGE.match(entry.range)):
             start = int(m[1])

@@ -4,11 +4,16 @@
 published OpenAPI document (github.com/openai/openai-openapi, `openapi.json`; the commit,
 the conversion to JSON Schema 2020-12 and the one derived schema are recorded in its
 `source` field).
+
+On top of the schemas (where `system_fingerprint` is an optional string), llmup's own
+promise: every chat and completion object and chunk carries a fingerprint, OpenAI-style
+(`fp_` and hex), never null.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ from typing import Any
 import jsonschema
 
 SCHEMAS = Path(__file__).parent / "data" / "openai-response-schemas.json"
+FINGERPRINT = re.compile(r"fp_[0-9a-f]{10}")
 
 
 @cache
@@ -38,20 +44,32 @@ def check(name: str, value: Any) -> None:
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
+def check_fingerprint(value: Any) -> str:
+    """The object's `system_fingerprint`, which must be there and a string like OpenAI's."""
+    fingerprint = value.get("system_fingerprint") if isinstance(value, dict) else None
+    assert isinstance(fingerprint, str), f"system_fingerprint is {fingerprint!r}, not a string"
+    assert FINGERPRINT.fullmatch(fingerprint), fingerprint
+    return fingerprint
+
+
 def check_chat(reply: Any) -> None:
     check("CreateChatCompletionResponse", reply)
+    check_fingerprint(reply)
 
 
 def check_chunk(chunk: Any) -> None:
     check("CreateChatCompletionStreamResponse", chunk)
+    check_fingerprint(chunk)
 
 
 def check_completion(reply: Any) -> None:
     check("CreateCompletionResponse", reply)
+    check_fingerprint(reply)
 
 
 def check_completion_chunk(chunk: Any) -> None:
     check("CreateCompletionStreamResponse", chunk)
+    check_fingerprint(chunk)
 
 
 def check_error(body: Any) -> None:

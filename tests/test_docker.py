@@ -144,7 +144,10 @@ def wait_healthy(url: str, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            reply = httpx.get(url + "/health", timeout=3)
+            # with the key: without one /health tells only the status
+            reply = httpx.get(
+                url + "/health", timeout=3, headers={"Authorization": f"Bearer {KEY}"}
+            )
             if reply.status_code == 200:
                 return reply.json()
         except httpx.HTTPError:
@@ -247,6 +250,7 @@ def test_compose_profile_serves_and_keeps_sessions_across_down_and_up(
         chat_turn(compose.url, "compose-1", "Hello")
         chat_turn(compose.url, "compose-1", "And again")
         assert len(session_messages(compose.url, "compose-1")) == 4
+        assert_home_private(container)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=compose.url + "/v1", api_key="wrong").models.list()
         compose("down")
@@ -265,6 +269,14 @@ def test_compose_profile_serves_and_keeps_sessions_across_down_and_up(
         assert "llmup stopped restarting it" in compose("logs")
     finally:
         compose("down", "-v")
+
+
+def assert_home_private(container) -> None:
+    """The llmup home volume and all in it: the image user's only (0700 folders, 0600 files)."""
+    code, out = container.exec_run(["stat", "-c", "%a %U", "/data/llmup"])
+    assert code == 0 and out.decode().split() == ["700", "llmup"], out
+    code, out = container.exec_run(["find", "/data/llmup", "-perm", "/077"])
+    assert code == 0 and out.decode().strip() == "", out  # nothing readable by others
 
 
 KILL_WORKER = """
@@ -303,7 +315,8 @@ def test_compose_without_a_key_refuses_to_start(engine, cpu_image, tiny_model, t
     try:
         compose("up", "-d")
         deadline = time.monotonic() + 60
-        while "refusing to listen on 0.0.0.0" not in (logs := compose("logs")):
+        # the secret is empty and no LLMUP_API_KEY is set: the keys file holds no key
+        while "holds no key" not in (logs := compose("logs")):
             assert time.monotonic() < deadline, logs
             time.sleep(1)
         with pytest.raises(httpx.HTTPError):

@@ -25,9 +25,11 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.backends.exllamav2_server import create_app
+from launcher.backends.exllamav2_engine import LoadOptions
+from launcher.backends.exllamav2_server import build_identity, create_app
 from launcher.backends.generation import GenerationParams, StopScanner, TokenEvent
 from launcher.backends.llama2_chat import build_prompt
+from launcher.protocol import system_fingerprint
 
 MODEL = "llama-2-7b-chat-gptq"
 REPLY = "Hello there! How can I help you today?"
@@ -338,6 +340,71 @@ def test_stop_strings(client, stream):
     assert run("How") == ("Hello there! ", "stop")
     assert run(["zzz", "e! H"]) == ("Hello ther", "stop")  # spans two tokens
     assert run(["never"]) == (REPLY, "stop")
+
+
+def drain(reply) -> None:
+    """Read a streamed reply to its end (a whole reply is already read)."""
+    if isinstance(reply, openai.Stream):
+        list(reply)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_max_tokens_a_reply_gets_what_the_context_has_left(fake, stream):
+    """A chat reply may run to the end of the context as this worker counts it; a
+    completion gets OpenAI's 16 tokens, or what is left: never a 400 for a limit the client
+    did not set."""
+    with serving(fake, max_seq_len=64) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        drain(chat(client, "Hi", stream=stream))
+        assert fake.params[-1].max_new_tokens == 64 - len(fake.prompts[-1])
+        for prompt, room in (("x" * 10, 16), ("x" * 55, 8)):  # + BOS: 11 and 56 tokens
+            drain(client.completions.create(model=MODEL, prompt=prompt, stream=stream))
+            assert fake.params[-1].max_new_tokens == room
+        with pytest.raises(openai.BadRequestError) as caught:  # a limit the client did set
+            client.completions.create(model=MODEL, prompt="x" * 55, max_tokens=9)
+        assert caught.value.code == "context_length_exceeded"
+        assert "maximum context length is 64 tokens" in caught.value.message
+
+
+def test_prompt_tokens_counts_what_a_generation_reads(url, fake):
+    """/llmup/prompt-tokens renders and tokenizes exactly as a request would (Llama-2 format,
+    BOS and EOS per exchange), without generating; a prompt too long is counted too."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Again"},
+    ]
+    body = {"model": MODEL, "messages": messages}
+    counted = httpx.post(f"{url}/llmup/prompt-tokens", json=body).json()
+    assert fake.prompts == []  # nothing generated
+    httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert counted["prompt_tokens"] == len(fake.prompts[-1]) and counted["context"] == 4096
+    assert counted["message_tokens"] == [len("Be brief."), 2, len("Hello"), len("Again")]
+    completion = httpx.post(f"{url}/llmup/prompt-tokens", json={"model": MODEL, "prompt": "ab"})
+    assert completion.json() == {"prompt_tokens": 3, "context": 4096, "message_tokens": None}
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert httpx.post(f"{url}/llmup/prompt-tokens", json=long).json()["prompt_tokens"] > 5000
+    broken = {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}
+    refused = httpx.post(f"{url}/llmup/prompt-tokens", json=broken)
+    assert refused.status_code == 400 and "alternate" in refused.json()["error"]["message"]
+
+
+def test_meta_names_the_build(url, tmp_path):
+    meta = httpx.get(f"{url}/llmup/meta").json()
+    assert meta["n_ctx"] == 4096 and meta["identity"]["backend"] == "exllamav2"
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
+    options = LoadOptions(tmp_path, 4096, "FP16", None)
+    identity = build_identity(options)
+    assert identity["files"][1][:2] == ("model.safetensors", 10)
+    assert system_fingerprint(identity) == system_fingerprint(build_identity(options))
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 11)  # another model file
+    assert system_fingerprint(identity) != system_fingerprint(build_identity(options))
+    quantized = LoadOptions(tmp_path, 4096, "Q4", None)  # another load setting
+    assert system_fingerprint(build_identity(quantized)) != system_fingerprint(
+        build_identity(options)
+    )
 
 
 def test_tokenize_and_count_use_llama_cpp_shapes(url):

@@ -54,6 +54,9 @@ def test_bad_fields_are_400_naming_the_field(make_proxy) -> None:
         ({**OK, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
          "tool_choice"),
         ({**OK, "seed": 2**70}, "seed"),
+        ({**OK, "stop": ["x"] * 17}, "stop"),  # more than 16 stop strings (issue 19)
+        ({**OK, "stop": ["x" * 257]}, "stop"),  # one longer than 256 characters
+        ({**OK, "stop": "x" * 257}, "stop"),
         ({**OK, "functions": [{"name": "f", "parameters": {"x": 9.2e18}}]},
          "functions.0.parameters"),
     ]  # fmt: skip

@@ -329,19 +329,21 @@ def test_unknown_fields_reach_the_backend(make_proxy) -> None:
 
 def test_replies_never_reach_the_last_context_positions(make_proxy) -> None:
     """llama-cpp-python runs past max_tokens while it completes a UTF-8 character, and fails
-    with a 500 once that passes n_ctx; the proxy keeps the last tokens free and always sends
-    the backend an explicit max_tokens (the client's, OpenAI's 16 for completions, else the
-    rest of the context)."""
+    with a 500 once that passes n_ctx: its worker keeps the last 3 tokens free (the context
+    it counts against, and reports to the proxy, is n_ctx - 3). Without max_tokens a
+    completion gets OpenAI's 16 tokens or what is left, never a refusal."""
     proxy = make_proxy()
     client = proxy.client()
     count = proxy.http().post("/extras/tokenize/count", json={"input": "x"}).status_code
     assert count == 404  # the tokenizer is the backend's, not a public proxy route
     prompt = long_text(N_CTX - 12)  # N_CTX - 11 tokens with BOS
-    with pytest.raises(openai.BadRequestError) as caught:  # + OpenAI's default 16: too long
-        client.completions.create(model=MODEL, prompt=prompt)
-    assert caught.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):  # exactly the context: refused too
+    short = client.completions.create(model=MODEL, prompt=prompt, logit_bias=NO_EOS)
+    assert short.usage.prompt_tokens == N_CTX - 11 and short.usage.completion_tokens <= 8
+    assert short.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as caught:  # asked for the whole context
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=11)
+    assert caught.value.code == "context_length_exceeded"
+    assert f"maximum context length is {N_CTX - 3} tokens" in caught.value.message
     fits = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logit_bias=NO_EOS)
     assert fits.usage.prompt_tokens + fits.usage.completion_tokens <= N_CTX - 3
 

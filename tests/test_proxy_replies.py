@@ -12,6 +12,7 @@ from openai_schemas import (
     check_completion,
     check_completion_chunk,
     check_error,
+    check_fingerprint,
     sse_events,
 )
 
@@ -45,6 +46,30 @@ def test_chat_reply_and_stream_follow_the_schemas_with_exact_usage(make_proxy) -
     # without include_usage: no usage anywhere
     plain = sse_events(http.post(CHAT, json={**body, "stream": True}).text)[:-1]
     assert all("usage" not in c for c in plain) and all(c["choices"] for c in plain)
+    # one build, one fingerprint: the reply and every chunk of both streams
+    assert {check_fingerprint(c) for c in [reply, *chunks, *plain]} == {reply["system_fingerprint"]}
+
+
+def test_the_checks_refuse_a_null_or_missing_fingerprint() -> None:
+    """OpenAI's schema types `system_fingerprint` as a string: a null fails it, and llmup's
+    own check also fails an object without one (objects and chunks alike)."""
+    reply = {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": "hi", "refusal": None}}],
+    }  # fmt: skip
+    chunk = {
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None,
+                     "logprobs": None}],
+    }  # fmt: skip
+    for value, checker in ((reply, check_chat), (chunk, check_chunk)):
+        checker({**value, "system_fingerprint": "fp_0123456789"})
+        for bad in ({"system_fingerprint": None}, {}, {"system_fingerprint": "build 7"}):
+            with pytest.raises(AssertionError):
+                checker({**value, **bad})
+    with pytest.raises(AssertionError, match="system_fingerprint"):
+        check("CreateChatCompletionStreamResponse", {**chunk, "system_fingerprint": None})
 
 
 def test_completions_follow_the_schemas_with_exact_usage(make_proxy) -> None:
@@ -60,6 +85,7 @@ def test_completions_follow_the_schemas_with_exact_usage(make_proxy) -> None:
         "prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9,
     }  # fmt: skip
     assert all(c["usage"] is None for c in chunks[:-1])
+    assert {check_fingerprint(c) for c in chunks} == {reply["system_fingerprint"]}
 
 
 def test_errors_follow_the_schema_with_openai_types_and_codes(make_proxy) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 
 from launcher import render
+from launcher.backends.spec import free_port
 from launcher.errors import InsecureBindError, InvalidApiKeyError, UsageError
 from launcher.proxy.auth import KeyRing, check_bind, configured_keys, owner_of
 from launcher.settings import Settings
@@ -47,13 +49,61 @@ def test_short_environment_names(monkeypatch, tmp_path) -> None:
 def test_keys_file(monkeypatch, tmp_path) -> None:
     keys = tmp_path / "keys.txt"
     keys.write_text("# team keys\nfirst\n\n  second  \n")
-    monkeypatch.setenv("LLMUP_API_KEYS", str(keys))
+    monkeypatch.setenv("LLMUP_API_KEYS_FILE", str(keys))
     assert configured_keys(Settings().proxy) == ["first", "second"]
+    monkeypatch.setenv("LLMUP_PROXY__API_KEYS_FILE", str(tmp_path / "other"))  # the long name wins
+    assert Settings().proxy.api_keys_file == tmp_path / "other"
     keys.unlink()
-    monkeypatch.setenv("LLMUP_PROXY__API_KEYS_FILE", str(keys))
-    monkeypatch.delenv("LLMUP_API_KEYS")
+    monkeypatch.delenv("LLMUP_PROXY__API_KEYS_FILE")
     with pytest.raises(UsageError, match="cannot read the API keys file"):
         configured_keys(Settings().proxy)
+    keys.write_text("# nothing but a comment\n")
+    with pytest.raises(UsageError, match="holds no key"):
+        configured_keys(Settings().proxy)
+    monkeypatch.setenv("LLMUP_API_KEY", "from-env")  # compose: an empty secret beside .env's key
+    assert configured_keys(Settings().proxy) == ["from-env"]
+
+
+@pytest.mark.parametrize("name", ["LLMUP_API_KEYS", "LLMUP_PROXY__API_KEYS"])
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_path_in_the_keys_list_is_refused_not_taken_as_a_key(monkeypatch, tmp_path, name, exists):
+    keys = tmp_path / "api-keys.txt"
+    if exists:
+        keys.write_text("real-key\n")
+    for value in (str(keys), f"good,{keys}", "~/keys.txt", "./keys.txt"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(UsageError, match="looks like a path.*LLMUP_API_KEYS_FILE"):
+            Settings()
+    monkeypatch.setenv(name, "sk-a/b+c=,plain")  # a slash inside a key is fine
+    assert configured_keys(Settings().proxy) == ["sk-a/b+c=", "plain"]
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "needle"),
+    [
+        ({"LLMUP_API_KEYS": "/etc/llmup/api-keys.txt"}, [], "LLMUP_API_KEYS_FILE"),
+        ({"LLMUP_API_KEYS_FILE": "/etc/llmup/api-keys.txt"}, [], "cannot read the API keys file"),
+        ({}, ["--api-key-file", "/etc/llmup/api-keys.txt"], "cannot read the API keys file"),
+        ({}, ["--api-key-file", "EMPTY"], "holds no key"),
+    ],
+)
+def test_serve_stops_on_a_keys_setting_it_cannot_use(tmp_path, env, args, needle) -> None:
+    """The issue's case: a keys file that is not there never becomes a key (fail open on
+    0.0.0.0); serve says so in one line, exit 2, before anything is planned or bound."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    port = str(free_port())
+    res = run_cli("serve", "--host", "0.0.0.0", "--port", port, "--model-file", "x.gguf", *args,
+                  env=env)  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_serve_help_says_command_line_keys_are_visible() -> None:
+    text = " ".join(run_cli("serve", "--help").stdout.split())
+    assert "--api-key-file" in text and "Visible to every local user in `ps`" in text
+    assert "--allowed-host" in text
 
 
 def test_ready_line_with_keys_from_a_file_reads_the_key_from_the_shell(

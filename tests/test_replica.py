@@ -47,19 +47,31 @@ def test_every_answer_names_the_replica(make_proxy) -> None:
         "wrong method": keyed.delete("/v1/models"),
         "unknown session": keyed.get("/v1/sessions/none"),
         "too large": keyed.post(CHAT, content=b"{" + b" " * 8192 + b"}"),
+        "health with key": keyed.get("/health"),
+        "wrong key, with a body": anonymous.post(
+            CHAT, json=chat("hi"), headers={"Authorization": "Bearer wrong"}
+        ),
     }
+    keyless = make_proxy(replica_name="r8").http()  # the Host check (no keys)
+    rebound = keyless.get("/v1/models", headers={"Host": "rebind.attacker.example"})
     statuses = {name: reply.status_code for name, reply in answers.items()}
     assert statuses == {
         "chat": 200, "health": 200, "page": 200, "metrics": 200, "sessions": 200,
         "no key": 401, "bad request": 400, "unknown route": 404, "wrong method": 405,
-        "unknown session": 404, "too large": 413,
+        "unknown session": 404, "too large": 413, "health with key": 200,
+        "wrong key, with a body": 401,
     }  # fmt: skip
     assert {name: r.headers.get(REPLICA_HEADER) for name, r in answers.items()} == dict.fromkeys(
         answers, "r7"
     )
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+    assert rebound.headers[REPLICA_HEADER] == "r8"
     with keyed.stream("POST", CHAT, json=chat("hi", stream=True)) as stream:
         assert stream.headers[REPLICA_HEADER] == "r7"
-    assert answers["health"].json()["replica"] == "r7"
+    # without a key /health tells only the status (what HAProxy's checks read), named all
+    # the same; a key holder also sees the name in the body
+    assert answers["health"].json() == {"status": "ok"}
+    assert answers["health with key"].json()["replica"] == "r7"
 
 
 def test_ids_carry_the_replica_that_made_them() -> None:

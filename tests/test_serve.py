@@ -23,6 +23,7 @@ from launcher.planning.planner import PlanRequest, make_plan
 from launcher.settings import Settings
 
 READ_DEADLINE_S = 2.0
+READER_TOKENS_PER_S = 10**9
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -45,6 +46,8 @@ def served(tiny_model, tmp_path_factory):
             **FAST_HEALTH,
             "LLMUP_SERVE__HEADER_TIMEOUT_S": str(READ_DEADLINE_S),
             "LLMUP_SERVE__BODY_TIMEOUT_S": str(READ_DEADLINE_S),
+            # a reader faster than the tiny model: the plan is "slow", and says so
+            "LLMUP_PLANNING__READABLE_TOKENS_PER_S": str(READER_TOKENS_PER_S),
         },
     )
     server.wait_ready()
@@ -76,6 +79,13 @@ def test_ready_line_and_plan_summary_printed(served):
     assert "tiny-chat F32" in out and "CPU only" in out
     assert f"ready: tiny-chat at {served.url}/v1" in out
     assert "curl " in out and "from openai import OpenAI" in out
+    # the plan is below the (set) reading speed: the ready line says so, and what is faster
+    ready = out[out.index("ready: tiny-chat") :].splitlines()
+    assert ready[1].strip().startswith("slow: expected to decode at ~")
+    assert "below reading speed (1e+09 tokens/s" in ready[1]
+    assert "nothing that fits here is faster" in out  # one local file: no other candidate
+    warning = httpx.get(served.url + "/health", timeout=10).json()["plan"]["speed_warning"]
+    assert warning["readable_tokens_per_s"] == READER_TOKENS_PER_S and warning["faster"] is None
 
 
 def test_calibration_record_matches_the_plan(served, tiny_model):

@@ -1,7 +1,7 @@
 """Sessions that never duplicate, never resurrect and lose nothing: a resent history is
 matched by longest common prefix, an edit rewinds, a retry gets the stored reply, DELETE
-during a turn wins, tool calls are kept, and counting costs one tokenizer call. Every test
-runs twice: sessions in SQLite, and in a real PostgreSQL."""
+during a turn wins, tool calls are kept, and counting a prompt costs one call to the backend.
+Every test runs twice: sessions in SQLite, and in a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -179,12 +179,15 @@ def test_tool_calls_and_tool_results_are_stored_and_replayed(make_proxy) -> None
     assert len(proxy.http().get("/v1/sessions/tools").json()["messages"]) == 6
 
 
-def test_message_caps_and_one_tokenizer_call_per_request(make_proxy, tiny_backend) -> None:
+def test_message_caps_and_one_count_per_request(make_proxy, tiny_backend) -> None:
+    """The backend counts each request's prompt once (the whole rendered prompt, however
+    many messages); nothing is counted message by message."""
     proxy = make_proxy(max_request_messages=400, max_session_messages=6)
     http = proxy.http()
 
     def tokenize_calls() -> int:
-        return tiny_backend.log_path.read_text().count("/extras/tokenize/count")
+        log = tiny_backend.log_path.read_text()
+        return log.count("/llmup/prompt-tokens") + log.count("/extras/tokenize")
 
     many = [{"role": "user", "content": f"m{i}"} for i in range(401)]
     response = http.post(CHAT, json={"model": MODEL, "messages": many})
@@ -192,14 +195,14 @@ def test_message_caps_and_one_tokenizer_call_per_request(make_proxy, tiny_backen
     before = tokenize_calls()
     response = http.post(CHAT, json={"model": MODEL, "messages": many[:300], "max_tokens": 2})
     assert response.json()["error"]["code"] == "context_length_exceeded"
-    assert tokenize_calls() - before <= 1  # 300 messages, one call (it was 300)
+    assert tokenize_calls() - before == 1  # 300 messages, one call
     for turn in range(3):
         before = tokenize_calls()
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"turn {turn}"}],
                 "max_tokens": 2}  # fmt: skip
         response = http.post(CHAT, json=body, headers={"X-Session-Id": "capped"})
         assert response.status_code == 200, response.text
-        assert tokenize_calls() - before <= 1  # the stored history is not counted again
+        assert tokenize_calls() - before == 1  # one count of the prompt, history and all
     response = http.post(CHAT, json=body | {"messages": [{"role": "user", "content": "4"}]},
                          headers={"X-Session-Id": "capped"})  # fmt: skip
     assert response.status_code == 400 and response.json()["error"]["code"] == "session_too_long"

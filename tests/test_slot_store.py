@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from array import array
 
 import pytest
+from worker_fixtures import rewrite_state_header
 
 from launcher.backends.generation import SessionKey
 from launcher.backends.slot_store import (
+    KEY_FILE,
     MAGIC,
     DiskStore,
     RamStore,
     SavedState,
     SlotStore,
     file_name,
+    state_key,
 )
 from launcher.backends.slots import RestoreEstimate, SlotManager, common_prefix
 
 IDENTITY = {"model": "tiny.gguf", "size": 123, "kv_type": "f16"}
+KEY = bytes(range(32))
 
 
 def state(session: str, n_tokens: int = 10, n_bytes: int = 1000, owner: str = "o1") -> SavedState:
@@ -28,7 +33,8 @@ def state(session: str, n_tokens: int = 10, n_bytes: int = 1000, owner: str = "o
 
 
 def disk(tmp_path, **kw) -> DiskStore:
-    return DiskStore(tmp_path / "slots", IDENTITY, **{"budget": 10**6, "ttl_s": 3600.0, **kw})
+    options = {"key": KEY, "budget": 10**6, "ttl_s": 3600.0, **kw}
+    return DiskStore(tmp_path / "slots", IDENTITY, **options)
 
 
 def test_ram_store_spills_least_recently_used_past_its_byte_budget():
@@ -64,7 +70,8 @@ def test_disk_file_names_hide_session_ids_and_keys_never_mix(tmp_path):
 
 def test_a_file_from_another_model_or_layout_is_not_loaded(tmp_path):
     disk(tmp_path).put(state("s"))
-    other = DiskStore(tmp_path / "slots", {**IDENTITY, "kv_type": "q8_0"}, budget=10**6, ttl_s=60)
+    layout = {**IDENTITY, "kv_type": "q8_0"}
+    other = DiskStore(tmp_path / "slots", layout, key=KEY, budget=10**6, ttl_s=60)
     assert other.get(SessionKey("o1", "s")) is None
     assert len(other) == 1  # kept: the session may return under the old model
 
@@ -214,3 +221,70 @@ def test_expired_sessions_are_forgotten_in_ram_on_disk_and_in_sequences(tmp_path
     recent.key, recent.last_used = SessionKey("o", "new"), now - 10
     assert manager.expire() == 1 and old.key is None and ctx.held[0] == 0
     assert recent.key == SessionKey("o", "new")
+
+
+# ---- issue 19, finding 7: a bad file is a miss, never an error, and only ours are loaded --
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"n_tokens": 10**6}, "claims 1000000 tokens"),
+        ({"n_bytes": 2**40}, "claims 10 tokens and 1099511627776 bytes"),
+        ({"n_tokens": -1}, "not counts"),
+        ({"n_bytes": "many"}, "not counts"),
+    ],
+)
+def test_a_header_that_does_not_fit_the_file_is_a_miss_before_anything_is_allocated(
+    tmp_path, caplog, change, reason
+):
+    store = disk(tmp_path)
+    saved = state("s")
+    store.put(saved)
+    path = tmp_path / "slots" / file_name(saved.key)
+    rewrite_state_header(path, **change)
+    assert store.get(saved.key) is None  # no exception, whatever the header says
+    assert not path.exists() and len(store) == 0
+    assert reason in caplog.text
+
+
+def test_a_length_field_past_the_file_and_a_flipped_byte_are_misses(tmp_path, caplog):
+    store = disk(tmp_path)
+    saved = state("s")
+    store.put(saved)
+    path = tmp_path / "slots" / file_name(saved.key)
+    blob = path.read_bytes()
+    path.write_bytes(MAGIC + b"\xff\xff\xff\xff" + blob[len(MAGIC) + 4 :])
+    assert disk(tmp_path).get(saved.key) is None and not path.exists()
+    assert "claims 4294967295 bytes" in caplog.text
+    store = disk(tmp_path)
+    store.put(saved)
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 1  # one bit of the KV data
+    path.write_bytes(bytes(blob))
+    assert store.get(saved.key) is None and not path.exists()
+    assert "not written by this llmup" in caplog.text
+
+
+def test_a_file_signed_with_another_key_is_never_loaded(tmp_path):
+    """A well-formed state file from elsewhere (another llmup, or crafted) is deleted unread."""
+    saved = state("s")
+    elsewhere = DiskStore(tmp_path / "other", IDENTITY, key=b"x" * 32, budget=10**6, ttl_s=60)
+    elsewhere.put(saved)
+    name = file_name(saved.key)
+    (tmp_path / "slots").mkdir()
+    (tmp_path / "slots" / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    assert disk(tmp_path).get(saved.key) is None
+    assert not (tmp_path / "slots" / name).exists()
+    assert elsewhere.get(saved.key).data == saved.data  # under its own key it reads back
+
+
+def test_the_state_key_is_made_once_private_and_replaced_when_damaged(tmp_path):
+    path = tmp_path / KEY_FILE
+    key = state_key(path)
+    assert len(key) == 32 and state_key(path) == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_bytes(b"short")
+    fresh = state_key(path)
+    assert len(fresh) == 32 and fresh != key
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]  # no temp file left behind

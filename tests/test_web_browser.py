@@ -310,6 +310,70 @@ def test_a_wrong_or_missing_key_shows_the_error(served, page):
     assert "401: no API key" in page.find("#banner").text
 
 
+def _stored_anywhere(page: Page, storage: str) -> list[str]:
+    """Names of the items of `storage` whose value holds the key."""
+    return page.js(
+        f"return Object.keys({storage}).filter(k => {storage}.getItem(k).includes(arguments[0]))",
+        KEY,
+    )
+
+
+def _in_a_new_tab(page: Page, served) -> str:
+    """The banner a tab opened by hand (no opener, so no session storage) shows."""
+    first = page.driver.current_window_handle
+    page.driver.switch_to.new_window("tab")
+    try:
+        page.driver.get(served.url + "/")
+        page.wait(lambda: page.js("return document.body.dataset.ready === '1'"), "the new tab")
+        banner = page.find("#banner")
+        page.wait(
+            lambda: banner.is_displayed() or "context 1024" in page.text("#plan-line"),
+            "the plan or the 401",
+        )
+        return banner.text if banner.is_displayed() else ""
+    finally:
+        page.driver.close()
+        page.driver.switch_to.window(first)
+
+
+def test_the_key_is_forgotten_with_the_tab_unless_remembered(served, page):
+    page.open(None)
+    assert page.text("#backend-state") == "ready"  # /health's status, without the key
+    page.wait(lambda: page.find("#api-key").is_displayed(), "the settings, opened by the 401")
+    assert not page.find("#remember-key").is_selected()  # not remembered unless asked
+    page.find("#api-key").send_keys(KEY)
+    page.find("#save-settings").click()
+    page.wait(lambda: "context 1024" in page.text("#plan-line"), "the plan, with the key")
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert _stored_anywhere(page, "localStorage") == []
+    assert "401: no API key" in _in_a_new_tab(page, served)  # a new tab does not have it
+
+    page.find("#toggle-settings").click()
+    page.find("#remember-key").click()
+    page.find("#save-settings").click()
+    assert _stored_anywhere(page, "localStorage") == ["llmup.rememberedKey"]
+    assert _in_a_new_tab(page, served) == ""
+    page.reload()
+    assert page.find("#remember-key").is_selected()
+
+    page.find("#toggle-settings").click()
+    page.find("#remember-key").click()  # untick: gone from the browser, kept by this tab
+    page.find("#save-settings").click()
+    assert _stored_anywhere(page, "localStorage") == []
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert "401: no API key" in _in_a_new_tab(page, served)
+
+
+def test_a_key_an_older_page_left_in_local_storage_is_moved_to_the_tab(served, page):
+    page.open(None)
+    page.js("localStorage.setItem('llmup.apiKey', arguments[0])", KEY)
+    page.reload()
+    assert _stored_anywhere(page, "localStorage") == []
+    assert _stored_anywhere(page, "sessionStorage") == ["llmup.apiKey"]
+    assert not page.find("#remember-key").is_selected()
+    page.wait(lambda: "context 1024" in page.text("#plan-line"), "the plan with the key")
+
+
 def test_deleting_a_conversation(served, page):
     with api(served) as http:
         http.post(
@@ -396,7 +460,8 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
             assert f"{device['device']} NVIDIA RTX A6000" in panel
             assert f"{device['need_mib'] / 1024:.1f} GiB" in panel
         assert f"{plan['model']['params'] / 1e9:.0f} B parameters" in panel
-        assert "Expected speed" in panel
+        assert "Expected speed" in panel and "Below reading speed" not in panel
+        assert not page.find("#speed-warning").is_displayed()  # 70B at ~11 tokens/s: fast
         page.screenshot("plan-panel.png")
         page.find("#prompt").send_keys("hello", Keys.ENTER)
         finished(page)
@@ -405,6 +470,64 @@ def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
     finally:
         page.url = served_url
         proxy.stop()
+
+
+def test_first_messages_without_max_tokens_on_a_llama_gguf_without_a_template(tmp_path, page):
+    """What a newcomer does first: open the page, type a message, nothing set. On a Llama GGUF
+    that carries no chat template (llmup renders Meta's Llama-2 format, as for TheBloke's
+    files) each reply runs to the end of the context, and the next message still gets one
+    (the earlier turn is left out, and the page says so): replies, never an error box."""
+    model = write_llama_gguf(tmp_path / "llama-2-tiny.gguf", tensor_type="F32")
+    server = Served(
+        ["--model-file", str(model), "--context", "256", "--api-key", KEY], tmp_path, free_port()
+    )
+    served_url, page.url = page.url, server.url
+    try:
+        server.wait_ready()
+        page.open(KEY)  # no settings: no max tokens, no system prompt
+        for turn, text in enumerate(["Hello!", "And who are you?"]):
+            send(page, text)
+            finished(page)
+            errors = page.all("#messages .notice.error")
+            assert not errors, errors[0].text
+            assert len(replies(page)) == turn + 1
+            stats = page.all("#messages .msg.assistant .stats")[-1].text
+            assert STATS.fullmatch(stats) and STATS.fullmatch(stats)[2] in ("stop", "length")
+        messages = api(server).get(f"/v1/sessions/{page.session_id()}").json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+    finally:
+        page.url = served_url
+        server.stop()
+
+
+def test_a_plan_below_reading_speed_says_so_in_the_header(tmp_path, page):
+    """This 2-core machine's plan (13B Q8_0, ~1 token/s) in the header: the warning and the
+    flag that would serve something faster; a fast plan shows none."""
+    hardware = load_snapshot(MACHINES / "cpu-2core-24gb.json")
+    slow = make_plan(PlanRequest(hardware=hardware)).model_dump(mode="json")
+    served_url = page.url
+    for plan, shown in ((slow, True), (gpu_plan(), False)):
+        backend = StaticBackend(
+            "http://127.0.0.1:9", plan["model"]["id"], plan["context"], state="loading", plan=plan
+        )
+        proxy = serve_proxy(proxy_settings(tmp_path / f"home-{shown}", api_keys=[KEY]), backend)
+        page.url = proxy.url
+        try:
+            page.open(KEY)
+            warning = page.find("#speed-warning")
+            page.wait(lambda w=warning, s=shown: w.is_displayed() == s, "the header's warning")
+            if shown:
+                flag = slow["speed_warning"]["faster"]["flag"]
+                assert "below reading speed (5 tokens/s" in warning.text
+                assert page.text("#speed-warning code") == flag
+                assert warning.location["y"] < page.find("#messages").location["y"]
+                page.find("#toggle-plan").click()
+                assert "Below reading speed" in page.find("#plan").text
+                assert page.text("#plan dd code") == flag
+                page.screenshot("slow-plan-header.png")
+        finally:
+            page.url = served_url
+            proxy.stop()
 
 
 MARKDOWN = [
@@ -452,6 +575,8 @@ def test_the_page_opened_while_loading_turns_into_the_chat(tmp_path):
         browser.driver.get(server.url + "/")
         assert "llmup is loading tiny-chat" in browser.text("body")
         assert browser.js("return document.body.dataset.ready") is None
+        # remembered key: /health tells the model's name only to a key holder
+        browser.js("localStorage.setItem('llmup.rememberedKey', arguments[0])", KEY)
         backend.resume()
         browser.wait(
             lambda: browser.js("return document.body.dataset.ready === '1'"),

@@ -8,6 +8,7 @@ named by the proxy's private headers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,13 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from backend_fixtures import TEMPLATE
+from ggufgen import write_llama_gguf
 
+from launcher.backends.slot_store import MAGIC
 from launcher.backends.spec import free_port
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 
 # No end of sequence and no byte tokens for the generated model: replies run to max_tokens
 # in whole words, so a reply's text tokenizes back to (mostly) the same ids.
 CLEAN_WORDS = {str(token): -100.0 for token in range(2, 259)}
+
+
+def write_chat_model(folder: Path, *, seed: int = 3) -> Path:
+    """The generated tiny model with the tests' chat template, as the workers load it."""
+    return write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=seed)
 
 
 def session_headers(owner: str, session: str) -> dict[str, str]:
@@ -115,3 +124,14 @@ def text_of(reply: dict[str, Any]) -> str:
 
 def cached_of(reply: dict[str, Any]) -> int:
     return reply["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+def rewrite_state_header(path: Path, **changes: Any) -> None:
+    """A saved-state file with its JSON header changed (its length field made to fit), as
+    a damaged or hand-edited file would be; the rest of the file is left as it was."""
+    blob = path.read_bytes()
+    start = len(MAGIC) + 4
+    length = int.from_bytes(blob[len(MAGIC) : start], "little")
+    header = json.loads(blob[start : start + length])
+    raw = json.dumps({**header, **changes}).encode()
+    path.write_bytes(MAGIC + len(raw).to_bytes(4, "little") + raw + blob[start + length :])

@@ -27,6 +27,7 @@ from launcher.backends.process import SpawnError
 from launcher.backends.spec import BackendSpec
 from launcher.errors import DockerRuntimeError
 from launcher.planning.plan import Plan
+from launcher.private import open_private, private_dir
 from launcher.settings import DockerSettings
 
 try:  # the `docker` extra; without it, connect() says how to install it
@@ -221,7 +222,7 @@ class DockerRuntime:
     def spawn(self, spec: BackendSpec, log_file: BinaryIO) -> ContainerChild:
         remove_orphans(self.client)
         for folder in spec.state_dirs:  # a bind mount needs its source
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)
         options = container_options(spec, image=self.image, weights=self.weights)
         try:
             container = self.client.containers.run(**options)
@@ -256,7 +257,7 @@ class ContainerChild:
         return self._code
 
     def _follow(self, log_path: Path) -> None:
-        with open(log_path, "ab") as out:
+        with open_private(log_path, "ab") as out:
             try:
                 for chunk in self.container.logs(stream=True, follow=True):
                     out.write(chunk)

@@ -17,12 +17,15 @@ per request simple, and the proxy bounds its own queue).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
+from launcher import __version__
 from launcher.backends.exllamav2_engine import (
     ExllamaGenerator,
     GenerationWorker,
@@ -31,18 +34,20 @@ from launcher.backends.exllamav2_engine import (
     WorkerStartupError,
 )
 from launcher.backends.llama2_chat import prompt_tokens
-from launcher.backends.worker_api import (
-    LOG_FORMAT,
-    WorkerState,
-    create_worker_app,
-    run_worker,
-)
+from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.backends.worker_request import WorkerState
 from launcher.planning.exllamav2 import CACHE_MODES
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> FastAPI:
+def create_app(
+    generator: Generator,
+    *,
+    model_alias: str,
+    max_seq_len: int,
+    identity: dict[str, Any] | None = None,
+) -> FastAPI:
     """The worker's FastAPI app; all state lives on `app.state`, so tests build their own."""
     state = WorkerState(
         tokenizer=generator,
@@ -50,8 +55,35 @@ def create_app(generator: Generator, *, model_alias: str, max_seq_len: int) -> F
         chat_prompt=lambda messages: prompt_tokens(generator.encode, messages),
         model_alias=model_alias,
         max_seq_len=max_seq_len,
+        identity=identity or {"backend": "exllamav2", "model": model_alias},
     )
     return create_worker_app(state, title="llmup exllamav2 worker")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_identity(options: LoadOptions) -> dict[str, Any]:
+    """What identifies this worker's build for the replies' `system_fingerprint`: exllamav2's
+    and torch's versions, the model folder's weight and config files (name, size, mtime) and
+    the load settings."""
+    folder = options.model_dir.resolve()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors"))
+    return {
+        "backend": "exllamav2",
+        "llmup": __version__,
+        "exllamav2": _version("exllamav2"),
+        "torch": _version("torch"),
+        "model": str(folder),
+        "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "max_seq_len": options.max_seq_len,
+        "cache_mode": options.cache_mode,
+        "gpu_split": options.gpu_split,
+    }
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -126,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return exc.exit_code
     alias = args.model_alias or default_alias(args.model_dir)
-    app = create_app(generator, model_alias=alias, max_seq_len=args.max_seq_len)
+    app = create_app(
+        generator,
+        model_alias=alias,
+        max_seq_len=args.max_seq_len,
+        identity=build_identity(options),
+    )
     logger.info("serving %s on http://%s:%d/v1", alias, args.host, args.port)
     run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -70,38 +70,80 @@ class GenerationJob:
 
 
 class StopScanner:
-    """Cuts streamed text at the first stop string, holding back what may start one.
+    """Cuts streamed text at the first stop string to complete, holding back what may start
+    one.
 
     Text is released only once it can no longer be the beginning of a stop string, so a stop
-    string split across tokens is never partly sent to the client.
+    string split across tokens is never partly sent to the client. All stop strings are
+    matched together in one pass over each new character (an Aho-Corasick automaton, built
+    once per request), so the cost per token does not grow with the number of stops or their
+    length; the held text is exactly the automaton's current depth. When several stops end at
+    the same character the longest wins (it starts earliest).
     """
 
     def __init__(self, stops: list[str]) -> None:
-        self._stops = [s for s in stops if s]
+        self._automaton = _StopAutomaton([s for s in stops if s])
+        self._state = 0
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to send, whether a stop string was reached)."""
+        automaton, state, start = self._automaton, self._state, len(self._held)
         self._held += text
-        hits = [i for i in (self._held.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            out, self._held = self._held[: min(hits)], ""
-            return out, True
-        keep = max((self._partial(s) for s in self._stops), default=0)
-        cut = len(self._held) - keep
+        for offset, char in enumerate(text):
+            state = automaton.step(state, char)
+            if matched := automaton.matched[state]:
+                end = start + offset + 1
+                out, self._held, self._state = self._held[: end - matched], "", 0
+                return out, True
+        self._state = state
+        cut = len(self._held) - automaton.depth[state]
         out, self._held = self._held[:cut], self._held[cut:]
         return out, False
 
     def flush(self) -> str:
-        out, self._held = self._held, ""
+        out, self._held, self._state = self._held, "", 0
         return out
 
-    def _partial(self, stop: str) -> int:
-        """Length of the longest held suffix that is a proper prefix of `stop`."""
-        for n in range(min(len(stop) - 1, len(self._held)), 0, -1):
-            if self._held.endswith(stop[:n]):
-                return n
-        return 0
+
+class _StopAutomaton:
+    """A trie of the stop strings with failure links: `step` follows one character;
+    `depth[s]` is the length of the longest text suffix that begins a stop, `matched[s]`
+    the length of the longest stop that ends here (0: none)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth, self.matched, self.fail = [0], [0], [0]
+        for stop in stops:
+            self._insert(stop)
+        self._link()
+
+    def _insert(self, stop: str) -> None:
+        state = 0
+        for char in stop:
+            if char not in self.goto[state]:
+                self.goto.append({})
+                self.depth.append(self.depth[state] + 1)
+                self.matched.append(0)
+                self.fail.append(0)
+                self.goto[state][char] = len(self.goto) - 1
+            state = self.goto[state][char]
+        self.matched[state] = len(stop)
+
+    def _link(self) -> None:
+        """Failure links breadth first; a state inherits the match of its failure state."""
+        queue = list(self.goto[0].values())
+        for state in queue:  # the list grows while it is walked: breadth first
+            for char, child in self.goto[state].items():
+                queue.append(child)
+                if state:
+                    self.fail[child] = self.step(self.fail[state], char)
+                self.matched[child] = self.matched[child] or self.matched[self.fail[child]]
+
+    def step(self, state: int, char: str) -> int:
+        while state and char not in self.goto[state]:
+            state = self.fail[state]
+        return self.goto[state].get(char, 0)
 
 
 def first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import llama_cpp
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from launcher import __version__
 from launcher.backends.llamacpp import physical_cores
 from launcher.backends.llamacpp_engine import BatchEngine
 from launcher.backends.llamacpp_native import (
@@ -39,19 +41,12 @@ from launcher.backends.llamacpp_native import (
 )
 from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, json_mode_grammar
 from launcher.backends.llamacpp_text import LlamaText
-from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
+from launcher.backends.slot_store import KEY_FILE, DiskStore, RamStore, SlotStore, state_key
 from launcher.backends.slots import SlotManager
-from launcher.backends.worker_api import (
-    LOG_FORMAT,
-    ApiError,
-    WorkerState,
-    create_worker_app,
-    run_worker,
-    session_key,
-    worker_state,
-)
+from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.backends.worker_request import ApiError, WorkerState, session_key
 from launcher.errors import LlmupError
-from launcher.protocol import META_PATH
+from launcher.private import UMASK
 from launcher.settings import default_home
 
 logger = logging.getLogger(__name__)
@@ -155,14 +150,6 @@ class Slots:
 slot_router = APIRouter()
 
 
-@slot_router.get(META_PATH)
-async def meta(request: Request) -> dict[str, Any]:
-    """The facts the proxy asks for (vocabulary size for logit_bias, context per sequence);
-    every stream ends with exact usage."""
-    state = worker_state(request)
-    return {"n_vocab": state.tokenizer.vocab_size, "n_ctx": state.max_seq_len, "stream_usage": True}
-
-
 def _slots(request: Request) -> Slots:
     return request.app.state.slots
 
@@ -209,6 +196,26 @@ def state_identity(model_path: Path, context: ContextOptions) -> dict[str, Any]:
     }
 
 
+def build_identity(
+    model_path: Path, context: ContextOptions, model: ModelOptions
+) -> dict[str, Any]:
+    """What identifies this worker's build for the replies' `system_fingerprint`: the saved
+    states' identity (model file, llama-cpp-python version, KV layout) and every load
+    setting that can change what the model generates."""
+    return {
+        **state_identity(model_path, context),
+        "backend": "llama.cpp-slots",
+        "llmup": __version__,
+        "n_ctx_seq": context.n_ctx_seq,
+        "n_seq": context.n_seq,
+        "n_batch": context.n_batch,
+        "n_ubatch": context.n_ubatch,
+        "n_gpu_layers": model.n_gpu_layers,
+        "tensor_split": list(model.tensor_split),
+        "repack": model.repack,
+    }
+
+
 def create_app(
     model: NativeModel,
     ctx: NativeContext,
@@ -216,12 +223,18 @@ def create_app(
     slots: SlotOptions,
     *,
     model_alias: str,
+    build: dict[str, Any] | None = None,
 ) -> FastAPI:
-    """The worker's app over a loaded model and context; all state on `app.state`."""
+    """The worker's app over a loaded model and context; all state on `app.state`.
+    `identity` is what a saved state must match; `build` what the fingerprint covers."""
     disk = None
     if slots.folder is not None:
         try:
-            disk = DiskStore(slots.folder, identity, budget=slots.disk_bytes, ttl_s=slots.ttl_s)
+            slots.folder.mkdir(parents=True, exist_ok=True)
+            key = state_key(slots.folder / KEY_FILE)
+            disk = DiskStore(
+                slots.folder, identity, key=key, budget=slots.disk_bytes, ttl_s=slots.ttl_s
+            )
         except OSError as exc:  # serving beats persisting: RAM only, and say so
             logger.warning("saved sessions stay in RAM only: %s", exc)
     store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)
@@ -235,6 +248,7 @@ def create_app(
         model_alias=model_alias,
         max_seq_len=ctx.n_ctx_seq,
         sampling_extras=lambda body: sampling_extras(model, body),
+        identity=build or identity,
     )
     app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
     app.state.slots = Slots(engine, manager, store)
@@ -290,9 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    return ModelOptions(args.model, args.n_gpu_layers, args.tensor_split, args.repack)
+
+
 def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextOptions]:
     flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
-    model = NativeModel(ModelOptions(args.model, args.n_gpu_layers, args.tensor_split, args.repack))
+    model = NativeModel(model_options(args))
     options = ContextOptions(
         n_ctx_seq=args.context,
         n_seq=args.parallel,
@@ -316,6 +334,7 @@ def slot_options(args: argparse.Namespace) -> SlotOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(UMASK)  # it writes only saved sessions into the llmup home: private to its owner
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     route_llama_logs(args.verbose)
     try:
@@ -325,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     alias = args.model_alias or args.model.stem
     identity = state_identity(args.model, options)
-    app = create_app(model, ctx, identity, slot_options(args), model_alias=alias)
+    build = build_identity(args.model, options, model_options(args))
+    app = create_app(model, ctx, identity, slot_options(args), model_alias=alias, build=build)
     logger.info(
         "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens",
         alias, args.host, args.port, options.n_seq, ctx.n_ctx_seq,

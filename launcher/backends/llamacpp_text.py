@@ -5,7 +5,7 @@ renders it (its `Jinja2ChatFormatter`: the same Jinja environment, BOS/EOS texts
 `add_generation_prompt`), then tokenized with special tokens parsed and no extra BOS, as
 llama-cpp-python does for a template. A file without a template gets Meta's Llama-2 chat
 format (the catalog's models), one BOS per segment. Tokenizing only reads the vocabulary, so
-it runs on the HTTP thread while the engine thread decodes.
+it runs on the HTTP layer's worker threads (several at once) while the engine thread decodes.
 """
 
 from __future__ import annotations

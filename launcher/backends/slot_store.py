@@ -7,14 +7,22 @@ go to `DiskStore`, one file per (owner, session) under the llmup home, written a
 (temp file, fsync, rename) with the model's identity and the token ids in a header. A state
 is found only under its own key, and a file is used only when its identity matches the
 running model and settings exactly; anything else is a miss and the history is read again.
+
+A file is read back only when it was written by this llmup: each ends with an HMAC-SHA256
+of everything before it, under a random key kept beside the files (`state_key`, created
+0600), because llama.cpp trusts the KV bytes it is handed. Before anything is allocated the
+header's sizes must add up to the file's size; a file that fails any check (foreign,
+truncated, corrupt, unreadable) is deleted and is a miss, never an error in the engine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import struct
 import time
 from array import array
@@ -28,9 +36,14 @@ from launcher.backends.generation import SessionKey
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"LLMUPKV1"
+MAGIC = b"LLMUPKV2"  # KV1 files (before the HMAC) are unreadable now, so dropped
 SUFFIX = ".kv"
+KEY_FILE = "state.key"  # the HMAC key, in the slots folder (mounted with it into a container)
+KEY_BYTES = 32
+TAG_BYTES = hashlib.sha256().digest_size
+MAX_HEADER_BYTES = 64 * 1024  # a header names the model and the session: a few hundred bytes
 _LEN = struct.Struct("<I")
+_TOKEN_BYTES = array("i").itemsize
 
 
 @dataclass
@@ -105,17 +118,46 @@ def file_name(key: SessionKey) -> str:
     return digest[:40] + SUFFIX
 
 
+def state_key(path: Path) -> bytes:
+    """The HMAC key for saved states: read from `path`, or made (random, mode 0600) when
+    there is none or it is damaged. Created by a hard link of a finished temp file, so two
+    workers starting together agree on one key and never read a half-written one."""
+    try:
+        key = path.read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
+        logger.warning("the saved-state key %s is damaged; making a new one", path)
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(KEY_BYTES))
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(temp, path)
+    except FileExistsError:  # another worker made it first: use theirs
+        pass
+    finally:
+        temp.unlink(missing_ok=True)
+    return state_key(path)
+
+
 class DiskStore:
     """One file per session in `folder`, at most `budget` bytes, none older than `ttl_s`.
 
     `identity` describes the running model and KV settings; a file written under another
     identity is never loaded (it stays until its session saves again, expires or is evicted).
+    `key` signs every file (HMAC-SHA256); one signed under another key is never loaded.
     """
 
     def __init__(
-        self, folder: Path, identity: dict[str, Any], *, budget: int, ttl_s: float
+        self, folder: Path, identity: dict[str, Any], *, key: bytes, budget: int, ttl_s: float
     ) -> None:
         self.folder, self.identity, self.budget, self.ttl_s = folder, identity, budget, ttl_s
+        self._key = key
         folder.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, tuple[int, float]] = {}  # name -> (size, mtime)
         for path in folder.iterdir():
@@ -138,7 +180,7 @@ class DiskStore:
         cannot be written or cannot fit."""
         name = file_name(state.key)
         head = self._head(state)
-        size = len(head) + state.nbytes
+        size = len(head) + state.nbytes + TAG_BYTES
         if size > self.budget:
             logger.warning("a %d-byte session state exceeds the disk budget", size)
             return False
@@ -147,9 +189,11 @@ class DiskStore:
         temp = path.with_name(f"{name}.tmp-{os.getpid()}")
         try:
             with open(temp, "wb") as out:
-                out.write(head)
-                state.tokens.tofile(out)
-                out.write(state.data)
+                tag = hmac.new(self._key, digestmod=hashlib.sha256)
+                for part in (head, state.tokens.tobytes(), state.data):
+                    tag.update(part)
+                    out.write(part)
+                out.write(tag.digest())
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, path)
@@ -178,34 +222,58 @@ class DiskStore:
         return MAGIC + _LEN.pack(len(header)) + header
 
     def get(self, key: SessionKey) -> SavedState | None:
-        """The state saved for `key` under this identity; None when absent or unusable."""
+        """The state saved for `key` under this identity; None when absent or unusable.
+        Any failure to read it is a miss and the file is deleted: the engine thread calls
+        this, and a bad file must cost only a re-read of the history."""
         name = file_name(key)
         if name not in self._files:
             return None
         path = self.folder / name
         try:
             return self._read(path, key)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # whatever the file holds, it is a miss
             logger.warning("dropping unreadable session state %s: %s", path, exc)
             self.delete(key)
             return None
 
     def _read(self, path: Path, key: SessionKey) -> SavedState | None:
         with open(path, "rb") as src:
-            if src.read(len(MAGIC)) != MAGIC:
-                raise ValueError("not a llmup session state file")
-            (length,) = _LEN.unpack(src.read(_LEN.size))
-            header = json.loads(src.read(length))
+            size = os.fstat(src.fileno()).st_size
+            prefix, raw, header = self._read_header(src, size)
             if header["identity"] != self.identity:
                 return None  # another model or KV layout: re-reading the history is right
             if (header["owner"], header["session"]) != (key.owner, key.session):
                 raise ValueError("the file belongs to another session")
+            n_tokens, n_bytes = _sizes(header, size - len(prefix) - len(raw) - TAG_BYTES)
             tokens = array("i")
-            tokens.fromfile(src, header["n_tokens"])
-            data = bytearray(header["n_bytes"])
-            if src.readinto(data) != len(data) or src.read(1):
-                raise ValueError("the file is truncated or too long")
+            tokens.frombytes(_read_exactly(src, n_tokens * _TOKEN_BYTES))
+            data = bytearray(n_bytes)
+            if src.readinto(data) != n_bytes:
+                raise ValueError("the file is truncated")
+            self._check_tag(src.read(), prefix, raw, tokens.tobytes(), data)
         return SavedState(key, tokens, data, used_at=header.get("used_at", 0.0), origin="disk")
+
+    def _read_header(self, src: Any, size: int) -> tuple[bytes, bytes, dict[str, Any]]:
+        """(magic and length, header bytes, header), checked against the file's size
+        before anything the header claims is allocated."""
+        prefix = _read_exactly(src, len(MAGIC) + _LEN.size)
+        if prefix[: len(MAGIC)] != MAGIC:
+            raise ValueError("not a llmup session state file (or one from an older llmup)")
+        (length,) = _LEN.unpack(prefix[len(MAGIC) :])
+        if length > MAX_HEADER_BYTES or len(prefix) + length + TAG_BYTES > size:
+            raise ValueError(f"its header claims {length} bytes in a {size}-byte file")
+        raw = _read_exactly(src, length)
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not an object")
+        return prefix, raw, header
+
+    def _check_tag(self, tag: bytes, *parts: bytes | bytearray) -> None:
+        expected = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in parts:
+            expected.update(part)
+        if not hmac.compare_digest(expected.digest(), tag):
+            raise ValueError("it was not written by this llmup (its HMAC does not match)")
 
     def delete(self, key: SessionKey) -> bool:
         name = file_name(key)
@@ -234,6 +302,27 @@ class DiskStore:
             self._forget(name)
             (self.folder / name).unlink(missing_ok=True)
             logger.info("session state %s evicted from disk (budget %d bytes)", name, self.budget)
+
+
+def _sizes(header: dict[str, Any], room: int) -> tuple[int, int]:
+    """The header's token and byte counts, which must fill the `room` the file has left."""
+    n_tokens, n_bytes = header["n_tokens"], header["n_bytes"]
+    if not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (n_tokens, n_bytes)
+    ):
+        raise ValueError("its header's sizes are not counts")
+    if n_tokens * _TOKEN_BYTES + n_bytes != room:
+        raise ValueError(
+            f"its header claims {n_tokens} tokens and {n_bytes} bytes, the file holds {room}"
+        )
+    return n_tokens, n_bytes
+
+
+def _read_exactly(src: Any, n: int) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise ValueError("the file is truncated")
+    return data
 
 
 # ---- both ---------------------------------------------------------------------------------

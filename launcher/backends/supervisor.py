@@ -44,6 +44,7 @@ from launcher.backends.failure import (
 from launcher.backends.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.backends.spec import BackendSpec, port_is_free
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
+from launcher.private import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class Supervisor:
         self.restarts = 0
         self.failed_health_checks = 0
         self.unhealthy_kills = 0
+        # stops of a running child that the supervisor chose (unhealthy kills, stop()), counted
+        # before the signal: a request whose connection then drops did not crash the backend
+        self.ordered_stops = 0
         self.last_problem: str | None = None
         self.failure: BackendError | None = None
         self._state = State.STOPPED
@@ -197,7 +201,7 @@ class Supervisor:
         """Start the child and block until it is ready; BackendLoadError if it is not."""
         if self._thread is not None:
             raise RuntimeError("a Supervisor starts once; build a new one to start again")
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.spec.log_path.parent)
         _rotate(self.spec.log_path)
         self._set_state(State.STARTING)
         self._thread = threading.Thread(
@@ -230,6 +234,7 @@ class Supervisor:
         with self._lock:
             proc = self._proc
         if proc is not None:
+            self.ordered_stops += 1
             proc.stop(grace)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -302,7 +307,7 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            with open(self.spec.log_path, "ab") as out:
+            with open_private(self.spec.log_path, "ab") as out:
                 out.write(self._banner().encode())
                 out.flush()
                 self._log_offset = out.tell()
@@ -318,7 +323,7 @@ class Supervisor:
 
     def _log_line(self, text: str) -> None:
         """A line of llmup's own in the backend's log, where an operator reads its story."""
-        with contextlib.suppress(OSError), open(self.spec.log_path, "a") as out:
+        with contextlib.suppress(OSError), open_private(self.spec.log_path, "a") as out:
             out.write(f"{OWN_LINE} {self.spec.name} {text}\n")
 
     def _banner(self) -> str:
@@ -412,6 +417,7 @@ class Supervisor:
                 if failed >= self.health_failures:
                     self._set_state(State.RESTARTING)  # not "ready" a moment longer
                     self.unhealthy_kills += 1
+                    self.ordered_stops += 1
                     code = proc.stop(UNHEALTHY_GRACE_S)
                     return f"stopped after {failed} failed health checks ({problem}); " + (
                         exit_text(code)

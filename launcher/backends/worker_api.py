@@ -2,11 +2,15 @@
 
 Both workers (exllamav2 for GPTQ, the llama.cpp session-slot worker for GGUF) serve the same
 routes from here: `/v1/models`, chat and text completions (streamed or not), llama.cpp's
-`/extras/tokenize[/count]` and `/health`. A worker supplies a `WorkerState`: its tokenizer,
-how it renders a chat, which sampling extras it understands, and an engine that takes
-`GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` batches them).
+`/extras/tokenize[/count]`, `/health`, and for the proxy `/llmup/meta` (vocabulary, context,
+the build's identity) and `/llmup/prompt-tokens` (a request's prompt, rendered and counted
+as it would be generated from). A worker supplies a `WorkerState` (`worker_request`): its
+tokenizer, how it renders a chat, which sampling extras it understands, and an engine that
+takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` batches them).
 
-All validation happens before the first response byte, so errors keep their status. Stop
+A request is parsed, checked, rendered and tokenized off the event loop
+(`worker_request.prepared`), so a huge prompt never holds up `/health` or another client's
+stream; all of it happens before the first response byte, so errors keep their status. Stop
 strings are matched here (`StopScanner`), so every engine shares one tested implementation;
 a match, like a client that hangs up, cancels the job. The proxy names a request's session
 on two private headers (owner hash, session id); they reach the engine as the job's
@@ -20,10 +24,9 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -32,24 +35,24 @@ from pydantic import BaseModel
 
 from launcher.api_errors import error_response, install_error_handlers
 from launcher.backends.backend_key import require_backend_key
-from launcher.backends.generation import (
-    END,
-    GenerationJob,
-    GenerationParams,
-    SessionKey,
-    StopScanner,
-    TokenEvent,
-    first_line,
+from launcher.backends.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
+from launcher.backends.worker_request import (
+    Engine,
+    Run,
+    WorkerState,
+    check_model,
+    counted,
+    parsed,
+    prepared,
+    worker_state,
 )
-from launcher.errors import ProxyError
 from launcher.protocol import (
-    BACKEND_OWNER_HEADER,
-    BACKEND_SESSION_HEADER,
+    META_PATH,
+    PROMPT_TOKENS_PATH,
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     Choice,
     ChoiceDelta,
     ChunkChoice,
@@ -59,10 +62,10 @@ from launcher.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    PromptTokens,
     TokenizeInputCountResponse,
     TokenizeInputRequest,
     TokenizeInputResponse,
-    Usage,
     error_body,
     new_id,
     now,
@@ -74,202 +77,14 @@ DISCONNECT_POLL_S = 0.25
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class Tokenizer(Protocol):
-    """`vocab_size` bounds client-supplied token ids: an id past it would fault the engine."""
-
-    vocab_size: int
-
-    def encode(
-        self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False
-    ) -> list[int]:
-        """Token ids of `text`; `special` parses "<s>"-style markers as control tokens."""
-        ...
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens in `text` as llama.cpp's /extras/tokenize/count counts them (BOS, special)."""
-        ...
-
-
-class Engine(Protocol):
-    """What runs the jobs: `fatal_error` is set once it can no longer generate."""
-
-    fatal_error: str | None
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def submit(self, job: GenerationJob) -> None: ...
-
-    def pending(self) -> int: ...
-
-
 class GenerationError(RuntimeError):
     """The engine failed mid-request; the client gets a 500 or an error event."""
-
-
-class ApiError(ProxyError):
-    """A client error to answer with an OpenAI-shaped body (status first, as HTTP reads)."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message, status=status, param=param, code=code)
-
-
-@dataclass
-class WorkerState:
-    """One worker's model-facing parts; `sampling_extras(body)` returns extra
-    `GenerationParams` fields (grammar, logit_bias...) or raises ApiError, and is None for
-    an engine without them (then a non-text response_format is refused)."""
-
-    tokenizer: Tokenizer
-    engine: Engine
-    chat_prompt: Callable[[list[ChatMessage]], list[int]]
-    model_alias: str
-    max_seq_len: int
-    sampling_extras: Callable[[Any], dict[str, Any]] | None = None
-
-
-@dataclass
-class _Run:
-    """One request's prepared inputs and, as generation goes, its outcome."""
-
-    prompt: list[int]
-    params: GenerationParams
-    stops: list[str]
-    session: SessionKey | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    finish_reason: str = "stop"
-
-    def usage(self) -> Usage:
-        usage = Usage.of(len(self.prompt), self.completion_tokens)
-        if self.session is not None or self.cached_tokens:  # an extra field, as OpenAI names it
-            usage.prompt_tokens_details = {"cached_tokens": self.cached_tokens}
-        return usage
-
-
-def worker_state(request: Request) -> WorkerState:
-    return request.app.state.llmup
-
-
-# ---- request handling ---------------------------------------------------------------------
-
-
-def session_key(request: Request) -> SessionKey | None:
-    """The session the proxy named on its private headers: both or neither (the owner is
-    empty when the proxy runs without API keys: every caller is then one owner)."""
-    owner = request.headers.get(BACKEND_OWNER_HEADER)
-    session = request.headers.get(BACKEND_SESSION_HEADER)
-    if owner is None and session is None:
-        return None
-    if owner is None or not session:
-        raise ApiError(400, f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
-    return SessionKey(owner, session)
-
-
-def _check_model(state: WorkerState, model: str | None) -> None:
-    if model is not None and model != state.model_alias:
-        raise ApiError(
-            404,
-            f"The model `{model}` does not exist; this worker serves `{state.model_alias}`.",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def _check_common(request: ChatCompletionRequest | CompletionRequest) -> None:
-    if (request.n or 1) > 1:
-        raise ApiError(400, "n > 1 is not supported by this backend", param="n")
-
-
-def _chat_prompt(state: WorkerState, body: ChatCompletionRequest) -> list[int]:
-    wants_json = body.response_format is not None and body.response_format.type != "text"
-    if wants_json and state.sampling_extras is None:
-        raise ApiError(
-            400, "response_format other than text is not supported", param="response_format"
-        )
-    try:
-        return state.chat_prompt(body.messages)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages") from exc
-
-
-def _completion_prompt(state: WorkerState, body: CompletionRequest) -> list[int]:
-    """Like llama.cpp: a text prompt gets BOS and its "<s>"-style markers parsed."""
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-        return _checked_ids(state, prompt)  # type: ignore[arg-type]
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        return _checked_ids(state, prompt)
-    return state.tokenizer.encode(prompt, bos=True, special=True)
-
-
-def _checked_ids(state: WorkerState, ids: list[int]) -> list[int]:
-    """Client token ids must exist in the vocabulary: a bad id faults the engine."""
-    size = state.tokenizer.vocab_size
-    if not ids or any(not 0 <= i < size for i in ids):
-        raise ApiError(400, f"prompt token ids must be in [0, {size})", param="prompt")
-    return list(ids)
-
-
-def _params(state: WorkerState, body: Any, prompt_len: int) -> GenerationParams:
-    """Sampling settings, after checking the prompt and the reply fit the context."""
-    room = state.max_seq_len - prompt_len
-    wanted = body.requested_max_tokens()
-    if room <= 0 or (wanted is not None and wanted > room):
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {state.max_seq_len} tokens. However, you "
-            f"requested {prompt_len + (wanted or 0)} tokens ({prompt_len} in the prompt, "
-            f"{wanted or 0} in the completion). Please reduce the prompt or max_tokens.",
-            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
-    extras = state.sampling_extras(body) if state.sampling_extras else {}
-    return GenerationParams(
-        max_new_tokens=wanted or room,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        **extras,
-    )
-
-
-def _check_alive(state: WorkerState) -> None:
-    if state.engine.fatal_error:
-        raise ApiError(
-            503,
-            f"the engine failed and needs a restart: {state.engine.fatal_error}",
-            code="engine_failed",
-        )
-
-
-def _prepare(
-    state: WorkerState, body: ChatCompletionRequest | CompletionRequest, request: Request
-) -> _Run:
-    _check_alive(state)
-    _check_model(state, body.model)
-    _check_common(body)
-    session = session_key(request)
-    if isinstance(body, ChatCompletionRequest):
-        prompt = _chat_prompt(state, body)
-    else:
-        prompt = _completion_prompt(state, body)
-    return _Run(prompt, _params(state, body, len(prompt)), body.stop_list(), session)
 
 
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def _token_events(engine: Engine, run: _Run) -> AsyncIterator[TokenEvent]:
+async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
     """Bridge the engine thread into the event loop; leaving early cancels the generation."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[object] = asyncio.Queue()
@@ -293,7 +108,7 @@ async def _token_events(engine: Engine, run: _Run) -> AsyncIterator[TokenEvent]:
         cancel.set()
 
 
-async def _pieces(engine: Engine, run: _Run) -> AsyncIterator[str]:
+async def _pieces(engine: Engine, run: Run) -> AsyncIterator[str]:
     """The reply's text as it comes, cut at a stop string; fills in run's outcome."""
     scanner = StopScanner(run.stops)
     async with aclosing(_token_events(engine, run)) as events:
@@ -312,7 +127,7 @@ async def _pieces(engine: Engine, run: _Run) -> AsyncIterator[str]:
         yield tail
 
 
-async def _collect(request: Request, engine: Engine, run: _Run) -> str | None:
+async def _collect(request: Request, engine: Engine, run: Run) -> str | None:
     """The whole reply, or None when the client hung up (the generation is then cancelled)."""
 
     async def collect() -> str:
@@ -350,7 +165,7 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 
 async def _chat_chunks(
-    engine: Engine, run: _Run, model: str, include_usage: bool
+    engine: Engine, run: Run, model: str, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     cid, created = new_id("chatcmpl"), now()
 
@@ -370,7 +185,7 @@ async def _chat_chunks(
 
 
 async def _completion_chunks(
-    engine: Engine, run: _Run, model: str, include_usage: bool
+    engine: Engine, run: Run, model: str, include_usage: bool
 ) -> AsyncIterator[CompletionChunk]:
     cid, created = new_id("cmpl"), now()
 
@@ -409,11 +224,9 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> ChatCompletionResponse | Response:
+async def chat_completions(request: Request) -> ChatCompletionResponse | Response:
     state = worker_state(request)
-    run = _prepare(state, body, request)
+    body, run = await prepared(request, ChatCompletionRequest)
     if body.stream:
         return _sse(_chat_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
@@ -425,9 +238,9 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
+async def completions(request: Request) -> CompletionResponse | Response:
     state = worker_state(request)
-    run = _prepare(state, body, request)
+    body, run = await prepared(request, CompletionRequest)
     if body.stream:
         return _sse(_completion_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
@@ -438,21 +251,43 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
 
 
 @router.post("/extras/tokenize")
-async def tokenize(body: TokenizeInputRequest, request: Request) -> TokenizeInputResponse:
-    """Same route and shape as llama_cpp.server, so the proxy counts tokens one way."""
+async def tokenize(request: Request) -> TokenizeInputResponse:
+    """Same route and shape as llama_cpp.server, so the proxy counts tokens one way; parsed
+    and tokenized off the event loop, like a generation request."""
     state = worker_state(request)
-    _check_model(state, body.model)
-    tokens = state.tokenizer.encode(body.input, bos=True, special=True)
+    body = await parsed(request, TokenizeInputRequest)
+    check_model(state, body.model)
+    tokens = await asyncio.to_thread(state.tokenizer.encode, body.input, bos=True, special=True)
     return TokenizeInputResponse(tokens=tokens)
 
 
 @router.post("/extras/tokenize/count")
-async def tokenize_count(
-    body: TokenizeInputRequest, request: Request
-) -> TokenizeInputCountResponse:
+async def tokenize_count(request: Request) -> TokenizeInputCountResponse:
     state = worker_state(request)
-    _check_model(state, body.model)
-    return TokenizeInputCountResponse(count=state.tokenizer.count_tokens(body.input))
+    body = await parsed(request, TokenizeInputRequest)
+    check_model(state, body.model)
+    count = await asyncio.to_thread(state.tokenizer.count_tokens, body.input)
+    return TokenizeInputCountResponse(count=count)
+
+
+@router.get(META_PATH)
+async def meta(request: Request) -> dict[str, Any]:
+    """The facts the proxy asks for: the vocabulary size (to check logit_bias), the context
+    per request, that every stream ends with exact usage, and the build's identity."""
+    state = worker_state(request)
+    return {
+        "n_vocab": state.tokenizer.vocab_size,
+        "n_ctx": state.max_seq_len,
+        "stream_usage": True,
+        "identity": state.identity,
+    }
+
+
+@router.post(PROMPT_TOKENS_PATH)
+async def prompt_tokens(request: Request) -> PromptTokens:
+    """A request's prompt as this worker would generate from it: the proxy's one measure of
+    whether a prompt fits."""
+    return await counted(request)
 
 
 # ---- errors as OpenAI bodies --------------------------------------------------------------

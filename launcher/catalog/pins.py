@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,16 +29,19 @@ from pathlib import Path
 
 from launcher.catalog.loader import Catalog
 from launcher.errors import LlmupError
+from launcher.jsonfile import write_text_atomic
+from launcher.private import FILE_MODE
 
 log = logging.getLogger(__name__)
 
 PINS_FILE = "pins.json"
+SHIPPED_MODE = 0o644  # the package's own file is read by every user
 SHIPPED = Path(str(resources.files("launcher.catalog") / PINS_FILE))
 ABOUT = (
     "Commit of each hub source llmup downloads, as {repo_id: {revision: commit}}; "
     "`llmup pins refresh` updates it from the hub."
 )
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 Lookup = Callable[[str, str], str]  # (repo_id, revision) -> commit the hub has now
 
@@ -50,7 +52,7 @@ def shipped_path() -> Path:
 
 
 def is_commit(revision: str) -> bool:
-    return bool(_COMMIT.match(revision))
+    return isinstance(revision, str) and _COMMIT.fullmatch(revision) is not None
 
 
 def read_pins(path: Path) -> dict[str, dict[str, str]]:
@@ -70,13 +72,12 @@ def read_pins(path: Path) -> dict[str, dict[str, str]]:
     }
 
 
-def write_pins(path: Path, pins: dict[str, dict[str, str]]) -> None:
-    """Atomically: a crash never leaves half a pins file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def write_pins(path: Path, pins: dict[str, dict[str, str]], *, shipped: bool = False) -> None:
+    """Atomically: a crash never leaves half a pins file. The home's is private (0600); the
+    file shipped in the package (`shipped`) is for every user (0644)."""
     body = {"about": ABOUT, "pins": {r: dict(sorted(v.items())) for r, v in sorted(pins.items())}}
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, path)
+    mode = SHIPPED_MODE if shipped else FILE_MODE
+    write_text_atomic(path, json.dumps(body, indent=1) + "\n", mode=mode)
 
 
 @dataclass
@@ -142,5 +143,5 @@ def refresh(
             continue
         target.setdefault(repo_id, {})[revision] = new
         changes.append(PinChange(repo_id, revision, old, new))
-    write_pins(into or pins.path, target)
+    write_pins(into or pins.path, target, shipped=into is not None)
     return changes

@@ -87,6 +87,29 @@ class Speed(BaseModel):
     basis: list[str] = Field(default_factory=list)
 
 
+class FasterChoice(BaseModel):
+    """What `flag` (a `--min-tokens-per-s` value) serves instead: the candidate the planner
+    then picks, and its expected decode speed."""
+
+    model: str
+    quant: str
+    backend: Backend
+    decode_tokens_per_s: float
+    flag: str
+
+
+class SpeedWarning(BaseModel):
+    """The chosen candidate is expected to decode slower than people read
+    (`readable_tokens_per_s`, a planning setting): "the largest that fits" stays the policy,
+    and this says so, naming what would be fast enough (`faster`, None when nothing that
+    fits is faster)."""
+
+    decode_tokens_per_s: float
+    readable_tokens_per_s: float
+    message: str
+    faster: FasterChoice | None = None
+
+
 class MemoryMiB(BaseModel):
     weights: int
     kv_cache: int
@@ -133,6 +156,7 @@ class Plan(BaseModel):
     memory_mib: MemoryMiB
     settings: Settings = Field(default_factory=Settings)
     speed: Speed | None = None
+    speed_warning: SpeedWarning | None = None
     notes: list[str] = Field(default_factory=list)
     rejected: list[Rejected] = Field(default_factory=list)
     fallbacks: list[Plan] = Field(default_factory=list)

@@ -3,7 +3,8 @@
 Policy (docs/architecture.md): full accelerator fit, then partial offload (only when allowed), then
 CPU only; within a class the larger model, then the higher bits per weight, then the
 faster backend for the hardware. The context is never cut below what was asked. With
-`min_tokens_per_s` a candidate expected to decode slower is passed over.
+`min_tokens_per_s` a candidate expected to decode slower is passed over; a plan expected to
+decode slower than people read says so (`speed_floor`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from launcher.planning.llamacpp import KV_TYPE_BYTES
 from launcher.planning.machine import machine_for
 from launcher.planning.plan import Plan, Rejected
 from launcher.planning.request import PlanRequest
+from launcher.planning.speed_floor import by_speed, speed_warning
 from launcher.units import ceil_mib
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     else:
         candidates = list(catalog_candidates(req, machine, catalog or load_catalog()))
     fitting = sorted((c for c in candidates if c.fits), key=Candidate.rank_key, reverse=True)
-    fast, slow = _by_speed(fitting, req.min_tokens_per_s)
+    fast, slow = by_speed(fitting, req.min_tokens_per_s)
     rejected = sorted((c for c in candidates if not c.fits), key=lambda c: c.miss)
     if not fast:
         message = _nothing_message(req, slow, rejected)
@@ -49,6 +51,10 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     chosen = widen_parallel(best, req, machine)
     plan = candidate_to_plan(chosen, req)
     plan.notes = _notes(req, machine)
+    widen = lambda c: widen_parallel(c, req, machine)  # noqa: E731 - as the flag's plan would
+    plan.speed_warning = speed_warning(chosen, fitting, req.readable_tokens_per_s, widen)
+    if plan.speed_warning is not None:
+        plan.notes.append(plan.speed_warning.message)
     plan.rejected = [_rejection(c) for c in rejected] + [_too_slow(c, req) for c in slow]
     plan.rejected += [_outranked(c, best) for c in others]
     # the fallbacks hold no more sequences than the chosen plan, and need less than it; the
@@ -62,14 +68,6 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
 def _notes(req: PlanRequest, machine) -> list[str]:
     selected = req.hardware.gpus_selected_by
     return ([f"GPUs narrowed by {selected}"] if selected else []) + list(machine.access.notes)
-
-
-def _by_speed(fitting: list[Candidate], floor: float | None):
-    """(fast enough or of unknown speed, too slow) for --min-tokens-per-s."""
-    if not floor:
-        return fitting, []
-    slow = [c for c in fitting if c.decode_tps is not None and c.decode_tps < floor]
-    return [c for c in fitting if c not in slow], slow
 
 
 def _nothing_message(req: PlanRequest, slow: list[Candidate], rejected: list[Candidate]) -> str:

@@ -36,6 +36,7 @@ class PlanRequest:
     n_batch: int = 512
     n_ubatch: int = 512
     min_tokens_per_s: float | None = None
+    readable_tokens_per_s: float = 5.0  # slower than this, the plan says so
     parallel: int | None = None  # llama.cpp sequences; None: as many as fit (1..8)
     llamacpp_impl: LlamaCppImpl = "slots"
 
@@ -60,6 +61,11 @@ class PlanRequest:
         if self.min_tokens_per_s is not None and self.min_tokens_per_s < 0:
             raise UsageError(
                 f"--min-tokens-per-s must not be negative, got {self.min_tokens_per_s:g}"
+            )
+        if not self.readable_tokens_per_s > 0:
+            raise UsageError(
+                "planning.readable_tokens_per_s must be a positive speed, got "
+                f"{self.readable_tokens_per_s:g}"
             )
         if self.model_file and self.backend == "exllamav2":
             raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")

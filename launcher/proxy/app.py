@@ -19,6 +19,7 @@ from launcher.api_errors import install_error_handlers
 from launcher.errors import ProxyError
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing, configured_keys
+from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import ReplicaHeader
@@ -54,6 +55,9 @@ def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> Fast
     mount_page(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.proxy.max_body_bytes)
+    # outside the body limit: who may call is settled before a byte of the body is read
+    hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
+    app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ReplicaHeader, name=settings.proxy.replica_name)  # outermost: every answer
     _watch_gauges(state)

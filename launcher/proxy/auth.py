@@ -31,23 +31,34 @@ def owner_of(key: str) -> str:
     return hashlib.sha256(b"llmup-session-owner:" + key.encode("utf-8")).hexdigest()[:32]
 
 
+KEYS_FILE_SETTING = "--api-key-file, LLMUP_API_KEYS_FILE or LLMUP_PROXY__API_KEYS_FILE"
+
+
 def read_keys_file(path: Path) -> list[str]:
-    """One key per line; blank lines and `#` comments are skipped."""
+    """One key per line; blank lines and `#` comments are skipped. A file that cannot be
+    read stops serve: starting without the keys someone meant to require would fail open."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise UsageError(
-            f"cannot read the API keys file {path}: {exc.strerror}; "
-            "fix the path in LLMUP_API_KEYS or LLMUP_PROXY__API_KEYS_FILE"
+            f"cannot read the API keys file {path}: {why}; fix the path in {KEYS_FILE_SETTING}"
         ) from exc
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def configured_keys(settings: ProxySettings) -> list[str]:
-    """Every key the settings name: the list, then the file's."""
+    """Every key the settings name: the list, then the file's. A keys file is a promise that
+    keys are required, so one with no key in it (and no key given otherwise) is an error,
+    not keyless mode."""
     keys = list(settings.api_keys)
     if settings.api_keys_file is not None:
         keys += read_keys_file(settings.api_keys_file)
+        if not any(keys):
+            raise UsageError(
+                f"the API keys file {settings.api_keys_file} holds no key (one per line) and "
+                "no other key is set; put a key in it, or set LLMUP_API_KEY"
+            )
     return list(dict.fromkeys(k for k in keys if k))
 
 
@@ -77,6 +88,14 @@ class KeyRing:
         if not matched:
             raise InvalidApiKeyError("invalid API key")
         return owner_of(key)
+
+    def may_see(self, authorization: str | None) -> bool:
+        """Whether the caller may see what only key holders see (always, without keys)."""
+        try:
+            self.owner(authorization)
+        except InvalidApiKeyError:
+            return False
+        return True
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -110,6 +129,6 @@ def check_bind(host: str, keys: Iterable[str], insecure_no_auth: bool = False) -
         return
     raise InsecureBindError(
         f"refusing to listen on {host} without an API key: set one with "
-        "`llmup serve --api-key KEY` (or LLMUP_API_KEY / LLMUP_API_KEYS), bind 127.0.0.1, "
+        "LLMUP_API_KEY, LLMUP_API_KEYS or --api-key-file FILE, bind 127.0.0.1, "
         "or pass --insecure-no-auth if the network is trusted"
     )

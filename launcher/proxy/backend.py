@@ -77,6 +77,12 @@ def restarts_of(backend: Any) -> int:
     return int(getattr(backend, "restarts", 0) or 0)
 
 
+def ordered_stops_of(backend: Any) -> int:
+    """How many times the supervisor stopped the backend on purpose (unhealthy kills and
+    stops): connections dropped then were not the requests' fault. 0 when unsupervised."""
+    return int(getattr(backend, "ordered_stops", 0) or 0)
+
+
 def supervision_of(backend: Any) -> dict[str, Any]:
     """The supervisor's health-check counters and last problem, empty when unsupervised."""
     return dict(getattr(backend, "supervision", None) or {})

@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from launcher.errors import BadRequestError, ContextLengthError, NotFoundError
+from launcher.errors import (
+    BackendDroppedError,
+    BadRequestError,
+    ContextLengthError,
+    NotFoundError,
+)
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 from launcher.proxy import backend as backend_info
 from launcher.proxy import turns
 from launcher.proxy.checks import check_logit_bias, check_supported
-from launcher.proxy.context import (
-    COMPLETION_DEFAULT_MAX_TOKENS,
-    UTF8_HOLDBACK_TOKENS,
-    Fitted,
-    normalize,
-    reply_budget,
-    reply_limit,
-    usable_context,
-)
+from launcher.proxy.context import normalize
 from launcher.proxy.crashes import request_digest
 from launcher.proxy.models import (
     SESSION_ID,
@@ -40,6 +38,7 @@ from launcher.proxy.models import (
     EmbeddingRequest,
     TextCompletionRequest,
 )
+from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
 from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
 from launcher.proxy.replies import conform_reply, replay_events
 from launcher.proxy.state import ProxyState, proxy_state
@@ -74,20 +73,46 @@ def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
     return {BACKEND_OWNER_HEADER: owner, BACKEND_SESSION_HEADER: session_id}
 
 
+# The fields of a chat request that the chat template reads (besides the messages): what the
+# backend needs to count its prompt.
+TEMPLATE_FIELDS = (
+    "model", "tools", "tool_choice", "functions", "function_call", "response_format",
+)  # fmt: skip
+
+
 def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str, Any]:
     """The request as the backend gets it: the fields the proxy knows and checked (unknown
     ones are dropped, `session_id` too), without nulls (OpenAI reads an explicit null as
-    "the default"; llama_cpp.server refuses it), and usage asked for in streams (the proxy
-    drops it again unless the client asked too)."""
-    known = set(type(body).model_fields) - {"session_id"}
+    "the default"; llama_cpp.server refuses it), usage asked for in streams (the proxy drops
+    it again unless the client asked too), and `max_tokens` only when the client set a limit
+    (either name): without one the backend gives the reply the rest of its context."""
+    known = set(type(body).model_fields) - {"session_id", "max_completion_tokens", "max_tokens"}
     payload = body.model_dump(
         mode="json", exclude_unset=True, exclude_none=True, by_alias=True, include=known
     )
+    wanted = getattr(body, "requested_max_tokens", lambda: None)()
+    if wanted is not None:
+        payload["max_tokens"] = wanted
     if messages is not None:
         payload["messages"] = [{k: v for k, v in m.items() if v is not None} for m in messages]
     if payload.get("stream"):
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return payload
+
+
+def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
+    """What a chat request asks of the context: its max_tokens, else (in a session, where
+    old turns can make room) the default reserve for the reply, else one token."""
+    wanted = body.requested_max_tokens()
+    reserve = wanted or 1
+    if session and wanted is None:
+        reserve = min(st.proxy.default_reserve_tokens, st.context // 4)
+    template = upstream_body(body)
+    return FitRequest(
+        reserve=reserve,
+        minimum=wanted or 1,
+        template={k: template[k] for k in TEMPLATE_FIELDS if k in template},
+    )
 
 
 async def _check_request(st: ProxyState, body: Any) -> None:
@@ -99,19 +124,19 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     await st.grammar.check_request(body)
 
 
-async def _check_fit(st: ProxyState, messages: list[Message], max_tokens: int | None) -> Fitted:
-    """A stateless request that cannot fit is refused here (400), not by a backend that may
-    fail on it with a 500; without max_tokens only one reply token is set aside."""
-    budget = reply_budget(st.context, max_tokens or 1, st.proxy.default_reserve_tokens)
-    return await st.fitter.fit(Conversation(), 0, messages, budget=budget)
+async def _check_fit(
+    st: ProxyState, body: ChatRequest, messages: list[Message], owner: str
+) -> Fitted:
+    """A stateless request whose prompt (as the backend counts it) and max_tokens cannot fit
+    is refused here (400) before anything streams; without max_tokens one reply token must
+    fit, the reply then gets what is left."""
+    ask = fit_request(st, body, session=False)
+    return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context, owner=owner)
 
 
-def _account(st: ProxyState, reply: dict[str, Any], fitted: Fitted | None) -> None:
+def _account(st: ProxyState, reply: dict[str, Any]) -> None:
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
     st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
-    prompt = usage.get("prompt_tokens")
-    if fitted is not None and isinstance(prompt, int):
-        st.overhead.observe(prompt, fitted.content_tokens, len(fitted.messages) + 1)
 
 
 async def _forward(
@@ -121,19 +146,29 @@ async def _forward(
     payload: dict[str, Any],
     *,
     body: Any,
+    owner: str,
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
 ) -> dict[str, Any] | Response:
-    """Send the request (once a backend place is free): its JSON reply, or for a stream the
-    relaying response, which from then on owns what `stack` holds."""
+    """Send the request (once a backend place is free): its JSON reply, as OpenAI's schema
+    has it, or for a stream the relaying response, which from then on owns what `stack`
+    holds. The fingerprint is known before anything is sent, so asking for it never costs
+    a generated reply."""
+    kind = "chat" if "messages" in payload else "completion"
+    fingerprint = await st.fingerprint()
     digest = request_digest(route, payload)
-    st.upstream.crashes.refuse_known(digest)
-    await stack.enter_async_context(st.admission.slot())
-    stack.enter_context(st.upstream.crashes.inflight(digest))
-    if not body.stream:
-        return await st.upstream.post_json(route, payload, headers)
+    st.crashes.refuse_known(owner, digest)
+    await stack.enter_async_context(st.admission.slot(owner))
+    ticket = stack.enter_context(st.crashes.inflight(owner, digest))
     started = time.perf_counter()
-    response = await st.upstream.open_stream(route, payload, headers)
+    try:
+        if not body.stream:
+            reply = await st.upstream.post_json(route, payload, headers)
+            return conform_reply(reply, kind, fingerprint)
+        response = await st.upstream.open_stream(route, payload, headers)
+    except BackendDroppedError:
+        st.crashes.backend_dropped(ticket)
+        raise
     stack.push_async_callback(response.aclose)
 
     async def complete(result: StreamResult) -> None:
@@ -142,12 +177,13 @@ async def _forward(
 
     relay = StreamRelay(
         response,
-        result=StreamResult(kind="chat" if "messages" in payload else "completion"),
+        result=StreamResult(kind=kind),
+        fingerprint=fingerprint,
         metrics=st.metrics,
         started=started,
         wants_usage=body.wants_usage_chunk(),
         on_complete=complete,
-        on_backend_drop=st.upstream.crashes.backend_crashed,
+        on_backend_drop=partial(st.crashes.backend_dropped, ticket),
     )
     reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
@@ -158,7 +194,7 @@ def _replay(turn: SessionTurn, body: ChatRequest) -> Response:
     if body.stream:
         events = replay_events(turn.retry, body.wants_usage_chunk())
         return StreamingResponse(events, media_type="text/event-stream", headers=turn.headers())
-    return JSONResponse(turn.retry, headers=turn.headers())
+    return JSONResponse(conform_reply(dict(turn.retry), "chat"), headers=turn.headers())
 
 
 async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Response:
@@ -169,61 +205,55 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         turn = None
         if session_id:
             turn = await turns.prepare(
-                st, stack, body, incoming,
+                st, stack, body, incoming, fit_request(st, body, session=True),
                 owner=owner, session_id=session_id, headers=request.headers,
             )  # fmt: skip
             if turn.retry is not None:
                 return _replay(turn, body)
             fitted = turn.fitted
         else:
-            fitted = await _check_fit(st, incoming, body.requested_max_tokens())
+            fitted = await _check_fit(st, body, incoming, owner)
         payload = upstream_body(body, fitted.messages)
-        payload["max_tokens"] = reply_limit(
-            st.context, body.requested_max_tokens(), fitted.prompt_tokens
-        )
         headers = backend_headers(owner, session_id)
         route = "/v1/chat/completions"
-        reply = await _forward(st, stack, route, payload, body=body, headers=headers, turn=turn)
+        reply = await _forward(
+            st, stack, route, payload, body=body, owner=owner, headers=headers, turn=turn
+        )
         if isinstance(reply, Response):
             return reply
-        reply = conform_reply(reply, "chat")
         if turn is not None:
             await turns.commit(st, turn, reply)
-        _account(st, reply, fitted)
+        _account(st, reply)
         return JSONResponse(reply, headers=turn.headers() if turn else {})
 
 
 async def completion(request: Request, body: TextCompletionRequest, owner: str) -> Response:
-    """Legacy completions: stateless, so only the queue stands between client and backend."""
+    """Legacy completions: stateless, so only the queue stands between client and backend.
+    Without max_tokens the backend gives OpenAI's 16 tokens, or what the context has left."""
     st = proxy_state(request)
     st.require_ready()
     await st.check_model(body.model)
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(st.admission.admit())
+        await stack.enter_async_context(st.admission.admit(owner))
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        needed = await st.fitter.counter.count(prompt) + max_tokens
-        if needed > usable_context(st.context):
-            raise ContextLengthError(
-                f"the prompt and max_tokens ({max_tokens}) need {needed} tokens, more than the "
-                f"model's {st.context}-token context window less {UTF8_HOLDBACK_TOKENS} kept free",
-                param="prompt",
-            )
-        payload = {**upstream_body(body), "max_tokens": max_tokens}
-        reply = await _forward(st, stack, "/v1/completions", payload, body=body)
+        counted = await st.fitter.counter.count(
+            {"model": body.model, "prompt": prompt}, owner=owner
+        )
+        check_fits(counted, body.max_tokens or 1, "prompt")
+        payload = upstream_body(body)
+        reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
         if isinstance(reply, Response):
             return reply
-        reply = conform_reply(reply, "completion")
-        _account(st, reply, None)
+        _account(st, reply)
         return JSONResponse(reply)
 
 
-async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Response:
     st = proxy_state(request)
     if not backend_info.serves_embeddings(st.backend):
         raise NotFoundError(
@@ -232,14 +262,14 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
         )
     st.require_ready()
     await st.check_model(body.model)
-    async with st.admission.admit():
+    async with st.admission.admit(owner):
         for text in body.texts():
-            if await st.fitter.counter.count(text) > st.context:
+            if await st.tokens.count(text, owner=owner) > st.context:
                 raise ContextLengthError(
                     f"an input is longer than the model's {st.context}-token context",
                     param="input",
                 )
-        async with st.admission.slot():
+        async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
-    _account(st, reply, None)
+    _account(st, reply)
     return JSONResponse(reply)

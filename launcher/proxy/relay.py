@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from launcher.errors import ProxyError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
-from launcher.proxy.replies import Reply, conform_chunk, sse
+from launcher.proxy.replies import Reply, conform_chunk, sse, with_fingerprint
 from launcher.proxy.upstream import DROPPED
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class StreamResult:
     model: str | None = None
     created: int | None = None
     first_token_at: float | None = None
+    fingerprint: str | None = None
 
     @property
     def text(self) -> str:
@@ -97,7 +98,7 @@ class StreamResult:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
             message["content"] = self.text or None
         choice = {"index": 0, "message": message, "logprobs": None}
-        return {
+        reply = {
             "id": self.chunk_id or "",
             "object": "chat.completion",
             "created": self.created or int(time.time()),
@@ -105,6 +106,7 @@ class StreamResult:
             "choices": [{**choice, "finish_reason": self.finish_reason}],
             "usage": self.usage,
         }
+        return with_fingerprint(reply, self.fingerprint)
 
 
 def error_event(exc: BaseException) -> bytes:
@@ -134,6 +136,7 @@ class StreamRelay:
         response: httpx.Response,
         *,
         result: StreamResult,
+        fingerprint: str | None = None,
         metrics: Metrics,
         started: float,
         wants_usage: bool,
@@ -142,6 +145,7 @@ class StreamRelay:
     ) -> None:
         self.response = response
         self.result = result
+        self.result.fingerprint = fingerprint
         self.metrics = metrics
         self.started = started
         self.wants_usage = wants_usage
@@ -182,7 +186,8 @@ class StreamRelay:
             self.result.feed(chunk)
             if _usage_only(chunk) and not self.wants_usage:
                 continue
-            yield sse(json.dumps(conform_chunk(chunk, self.wants_usage), ensure_ascii=False))
+            conformed = conform_chunk(chunk, self.wants_usage, self.result.fingerprint)
+            yield sse(json.dumps(conformed, ensure_ascii=False))
         if not done or self.result.finish_reason is None:
             raise IncompleteStream("the backend's stream ended before the reply was complete")
 

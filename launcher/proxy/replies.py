@@ -3,8 +3,10 @@
 A backend's reply or stream chunk is passed on with what OpenAI's response schemas require
 and the backend left out: a chat message's `refusal` (required, nullable), each choice's
 `logprobs`, and, in a stream whose client asked for usage, `"usage": null` on every chunk
-but the last. A session stores the reply as it was sent, so a retry of the same request gets
-exactly that reply again (`replay_events` re-streams it).
+but the last. Every object and chunk carries the served build's `system_fingerprint` (a
+string, as OpenAI's schema types it; never null). A session stores the reply as it was sent,
+so a retry of the same request gets exactly that reply again (`replay_events` re-streams it,
+with the fingerprint of the build that generated it).
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ from typing import Any
 Reply = dict[str, Any]
 
 
-def conform_reply(reply: Reply, kind: str) -> Reply:
+def with_fingerprint(value: Reply, fingerprint: str | None) -> Reply:
+    """`value` with `fingerprint` as its `system_fingerprint`; without one, a non-string
+    value (a null from an older store) is left out rather than sent."""
+    if fingerprint:
+        value["system_fingerprint"] = fingerprint
+    elif not isinstance(value.get("system_fingerprint"), str):
+        value.pop("system_fingerprint", None)
+    return value
+
+
+def conform_reply(reply: Reply, kind: str, fingerprint: str | None = None) -> Reply:
     """A non-streamed reply with every field OpenAI's schema requires."""
+    with_fingerprint(reply, fingerprint)
     for choice in reply.get("choices") or []:
         if not isinstance(choice, dict):
             continue
@@ -29,8 +42,9 @@ def conform_reply(reply: Reply, kind: str) -> Reply:
     return reply
 
 
-def conform_chunk(chunk: Reply, wants_usage: bool) -> Reply:
+def conform_chunk(chunk: Reply, wants_usage: bool, fingerprint: str | None = None) -> Reply:
     """A stream chunk as OpenAI sends it; `usage` is null until the last chunk."""
+    with_fingerprint(chunk, fingerprint)
     for choice in chunk.get("choices") or []:
         if isinstance(choice, dict):
             choice.setdefault("logprobs", None)
@@ -69,6 +83,7 @@ def replay_events(reply: Reply, wants_usage: bool) -> Iterator[bytes]:
     if message.get("tool_calls"):
         delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
     head = {key: reply[key] for key in ("id", "created", "model")}
+    with_fingerprint(head, reply.get("system_fingerprint"))
     chunks = [
         _chunk(head, delta, None),
         _chunk(head, {}, choice.get("finish_reason") or "stop"),

@@ -13,6 +13,7 @@ from launcher.errors import NotFoundError
 from launcher.protocol import ModelCard, ModelList
 from launcher.proxy import backend as backend_info
 from launcher.proxy import chat, slots
+from launcher.proxy.guard import OWNER_STATE
 from launcher.proxy.metrics import CONTENT_TYPE_LATEST
 from launcher.proxy.models import ChatRequest, EmbeddingRequest, TextCompletionRequest
 from launcher.proxy.state import proxy_state
@@ -33,7 +34,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def authenticate(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
 ) -> str:
-    """The caller's owner id (a hash of its key); 401 unless a configured key is sent."""
+    """The caller's owner id (a hash of its key), as `AccessGuard` found it before the body
+    was read; 401 unless a configured key is sent."""
+    owner = request.scope.get("state", {}).get(OWNER_STATE)
+    if owner is not None:
+        return owner
     header = f"Bearer {credentials.credentials}" if credentials else None
     return proxy_state(request).keys.owner(header)
 
@@ -65,7 +70,7 @@ async def create_completion(
 async def create_embedding(
     request: Request, body: EmbeddingRequest, owner: str = Depends(authenticate)
 ) -> Response:
-    return await chat.embeddings(request, body)
+    return await chat.embeddings(request, body, owner)
 
 
 @api.get("/sessions")
@@ -124,12 +129,17 @@ ops = APIRouter()
 
 @ops.get("/health", responses={503: {"description": "Loading, restarting or down"}})
 async def health(request: Request) -> JSONResponse:
-    """200 when the backend is ready, 503 otherwise; open to probes (no key needed)."""
+    """200 when the backend is ready, 503 otherwise; open to probes (no key needed). Only
+    the status without a key when keys are set (what a load balancer needs); the model, the
+    plan and the backend's last problem with one."""
     st = proxy_state(request)
     backend = st.backend
     ready = backend_info.is_ready(backend)
+    status = {"status": "ok" if ready else "unavailable"}
+    if not st.keys.may_see(request.headers.get("authorization")):
+        return JSONResponse(status, status_code=200 if ready else 503)
     body = {
-        "status": "ok" if ready else "unavailable",
+        **status,
         "backend": {
             **backend_info.supervision_of(backend),
             "state": backend_info.state_of(backend),

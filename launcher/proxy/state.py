@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
 from fastapi import Request
 
+from launcher import __version__
 from launcher.errors import NotFoundError
-from launcher.protocol import META_PATH
+from launcher.protocol import META_PATH, system_fingerprint
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing
-from launcher.proxy.context import ContextFitter, OverheadMeter, TokenCounter
+from launcher.proxy.crashes import CrashMemory
 from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
+from launcher.proxy.prompt_fit import ContextFitter, PromptCounter, TokenCounter
 from launcher.proxy.store import SessionStore
 from launcher.proxy.upstream import Upstream
 from launcher.settings import ProxySettings, Settings
@@ -33,8 +36,9 @@ class ProxyState:
     metrics: Metrics
     admission: Admission
     upstream: Upstream
-    overhead: OverheadMeter
     fitter: ContextFitter
+    tokens: TokenCounter
+    crashes: CrashMemory
     grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     _model_id: str | None = None
@@ -48,7 +52,6 @@ class ProxyState:
         upstream = Upstream(
             backend, timeout_s=proxy.backend_timeout_s, retry_after_s=proxy.retry_after_s
         )
-        overhead = OverheadMeter(proxy.message_overhead_tokens)
         metrics = Metrics()
         return cls(
             settings=settings,
@@ -60,11 +63,17 @@ class ProxyState:
                 max_inflight=proxy.max_inflight,
                 queue_size=proxy.queue_size,
                 retry_after_s=proxy.retry_after_s,
+                per_key=proxy.max_requests_per_key,
                 on_reject=metrics.rejected.inc,
             ),
             upstream=upstream,
-            overhead=overhead,
-            fitter=ContextFitter(TokenCounter(upstream), overhead, proxy.context_policy),
+            fitter=ContextFitter(
+                PromptCounter(upstream),
+                policy=proxy.context_policy,
+                allowance=proxy.message_overhead_tokens,
+            ),
+            tokens=TokenCounter(upstream),
+            crashes=CrashMemory(ordered_stops=partial(backend_info.ordered_stops_of, backend)),
         )
 
     @property
@@ -105,12 +114,23 @@ class ProxyState:
             )
 
     async def backend_meta(self) -> dict[str, Any]:
-        """The worker's facts (`n_vocab`, `n_ctx`), asked once per backend start; empty
-        when the backend does not tell (llama_cpp.server itself, exllamav2)."""
+        """The worker's facts (`n_vocab`, `n_ctx`, `identity`), asked once per backend
+        start; empty when the backend does not tell (llama_cpp.server on its own)."""
         restarts = backend_info.restarts_of(self.backend)
         if self._meta is None or self._meta[0] != restarts:
             self._meta = (restarts, await self.upstream.get_json(META_PATH) or {})
         return self._meta[1]
+
+    async def fingerprint(self) -> str:
+        """The replies' `system_fingerprint`: this llmup and the build the worker reports
+        (backend and version, model file, load settings), else what the proxy knows of it;
+        the same for every reply until the backend or the model changes."""
+        identity = (await self.backend_meta()).get("identity") or {
+            "kind": backend_info.kind_of(self.backend),
+            "model": await self.model_id(),
+            "context": self.context,
+        }
+        return system_fingerprint({"llmup": __version__, "backend": identity})
 
     async def aclose(self) -> None:
         await self.upstream.aclose()

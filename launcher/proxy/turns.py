@@ -2,8 +2,9 @@
 prompt, and commit the reply (or, for a retry, find the reply already stored).
 
 The session's lock is held from loading to committing, so one session's turns never
-interleave. A turn that would push the session past its message cap is refused, and one
-that could not be stored (the disk is full) is refused before anything is generated.
+interleave. A turn that would push the session past its message cap is refused, so is one
+that would take its API key past the sessions or stored bytes one key may keep (429), and
+one that could not be stored (the disk is full), all before anything is generated.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ from typing import Any
 
 import anyio
 
-from launcher.errors import BadRequestError
-from launcher.proxy.context import (
-    Fitted,
-    TurnPlan,
-    estimate_tokens,
-    message_text,
-    plan_turn,
-    reply_budget,
-)
+from launcher.errors import BadRequestError, KeyLimitError
+from launcher.proxy.context import TurnPlan, message_text, plan_turn
+from launcher.proxy.prompt_fit import FitRequest, Fitted, estimate_tokens
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
 from launcher.proxy.state import ProxyState
-from launcher.proxy.store import Conversation, Message, NewTurn, TurnRecord
+from launcher.proxy.store import Conversation, Message, NewTurn, TurnRecord, turn_bytes
 
 DROPPED_HEADER = "X-Llmup-Context-Dropped"
 REWOUND_HEADER = "X-Llmup-Session-Rewound"
@@ -85,12 +80,14 @@ async def prepare(
     stack: AsyncExitStack,
     body: Any,
     incoming: list[Message],
+    ask: FitRequest,
     *,
     owner: str,
     session_id: str,
     headers: Mapping[str, str],
 ) -> SessionTurn:
-    """The turn to run, with the session locked (for as long as `stack` stays open)."""
+    """The turn to run, with the session locked (for as long as `stack` stays open), its
+    prompt fitted to the context for `ask`."""
     await stack.enter_async_context(st.session_lock(owner, session_id))
     history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
     request = request_digest(body, headers)
@@ -99,10 +96,10 @@ async def prepare(
     if plan.retry is not None:
         return turn
     _check_size(st, history, plan)
+    await _check_key_quota(st, owner, history, plan)
     await anyio.to_thread.run_sync(st.sessions.check_space)
-    budget = reply_budget(st.context, body.requested_max_tokens(), st.proxy.default_reserve_tokens)
     base = replace(history, system=plan.system or history.system)
-    fitted = await st.fitter.fit(base, plan.keep, plan.messages, budget=budget)
+    fitted = await st.fitter.fit(base, plan.keep, plan.messages, ask, hint=st.context, owner=owner)
     st.metrics.count_drop(fitted.dropped_turns)
     return replace(turn, fitted=fitted)
 
@@ -118,6 +115,33 @@ def _check_size(st: ProxyState, history: Conversation, plan: TurnPlan) -> None:
             "(DELETE /v1/sessions/{id}) or start a new one",
             param="messages",
             code="session_too_long",
+        )
+
+
+async def _check_key_quota(
+    st: ProxyState, owner: str, history: Conversation, plan: TurnPlan
+) -> None:
+    """429 when this turn would take its API key past the sessions or the stored bytes one
+    key may keep (the reply, not yet known, may take it past by that much)."""
+    usage = await anyio.to_thread.run_sync(st.sessions.usage, owner)
+    most = st.proxy.max_sessions_per_key
+    if history.epoch is None and usage.sessions >= most:
+        raise KeyLimitError(
+            f"this API key has {usage.sessions} sessions, the most one key may keep "
+            "(LLMUP_PROXY__MAX_SESSIONS_PER_KEY); delete one (DELETE /v1/sessions/{id}) "
+            "or let idle ones expire",
+            code="sessions_per_key_exceeded",
+        )
+    replaced = range(plan.keep, len(history.turns))
+    freed = sum(turn_bytes(history.turns[i], history.record(i).reply) for i in replaced)
+    adding = turn_bytes(plan.messages + ([plan.system] if plan.system else []), None)
+    limit = st.proxy.max_stored_bytes_per_key
+    if usage.bytes - freed + adding > limit:
+        raise KeyLimitError(
+            f"this API key's stored conversations hold {usage.bytes} bytes and this turn "
+            f"would take them past the {limit} one key may keep "
+            "(LLMUP_PROXY__MAX_STORED_BYTES_PER_KEY); delete sessions it no longer needs",
+            code="storage_per_key_exceeded",
         )
 
 

@@ -5,8 +5,8 @@ answers only requests that carry its per-run key: every call sends the backend's
 `auth_headers` (a backend without them, e.g. a test's StaticBackend, gets none). A
 backend that cannot be reached, or that drops the connection, is "unavailable" (503, the
 supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
-502, so a backend bug is never mistaken for the proxy's own. A dropped connection is also a
-crash for `crashes` (the requests then in flight are not sent again).
+502, so a backend bug is never mistaken for the proxy's own. A dropped connection is a
+`BackendDroppedError`, so the caller can tell `crashes` which request saw the crash.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 
 from launcher.errors import (
+    BackendDroppedError,
     BackendFailedError,
     BackendUnavailableError,
     NotFoundError,
     ProxyError,
 )
-from launcher.proxy.crashes import CrashMemory
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ class Upstream:
         self.client = httpx.AsyncClient(
             timeout=timeout, limits=limits, trust_env=False, headers=headers
         )
-        self.crashes = CrashMemory()
 
     def url(self, path: str) -> str:
         return str(self.backend.base_url).rstrip("/") + path
 
-    def unavailable(self, why: str) -> BackendUnavailableError:
-        return BackendUnavailableError(
+    def unavailable(
+        self, why: str, *, error: type[BackendUnavailableError] = BackendUnavailableError
+    ) -> BackendUnavailableError:
+        return error(
             f"the model backend is unavailable ({why}); retry in a few seconds",
             headers={"Retry-After": str(self.retry_after_s)},
         )
@@ -110,7 +111,7 @@ class Upstream:
             )
         log.warning("backend request failed: %r", exc)
         if isinstance(exc, DROPPED):
-            self.crashes.backend_crashed()
+            return self.unavailable(type(exc).__name__, error=BackendDroppedError)
         return self.unavailable(type(exc).__name__)
 
     async def get_json(self, path: str) -> dict[str, Any] | None:

@@ -15,6 +15,9 @@ from pathlib import Path
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 
+from launcher.catalog.pins import is_commit
+from launcher.errors import UnsafePathError
+
 log = logging.getLogger(__name__)
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -62,15 +65,29 @@ def snapshot_folder(cache_dir: Path, repo_id: str, commit: str) -> Path:
     return repo_folder(cache_dir, repo_id) / "snapshots" / commit
 
 
+def inside(folder: Path, path: Path) -> Path:
+    """`path` itself, if it lies inside `folder` (the folder's real location; the path's own
+    last part is not followed, so a link is judged by where it is); else UnsafePathError."""
+    base = Path(os.path.realpath(folder))
+    where = Path(os.path.realpath(path.parent)) / path.name
+    if path.name in ("", ".", "..") or where == base or not where.is_relative_to(base):
+        raise UnsafePathError(
+            f"refusing to create, link or delete {path}: it is outside {folder}, the "
+            "repository's cache folder; nothing was changed"
+        )
+    return path
+
+
 def resolve_commit(cache_dir: Path, repo_id: str, revision: str) -> str | None:
     """The commit a branch pointed to at the last download (the hub's `refs/` file)."""
-    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+    if is_commit(revision):
         return revision
     ref = repo_folder(cache_dir, repo_id) / "refs" / revision
     try:
-        return ref.read_text().strip() or None
+        commit = ref.read_text().strip()
     except OSError:
         return None
+    return commit if is_commit(commit) else None  # a ref file is a path part's source too
 
 
 def record_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> None:
@@ -81,7 +98,8 @@ def record_ref(cache_dir: Path, repo_id: str, revision: str, commit: str) -> Non
     """
     if revision == commit:
         return
-    ref = repo_folder(cache_dir, repo_id) / "refs" / revision
+    refs = repo_folder(cache_dir, repo_id) / "refs"
+    ref = inside(refs, refs / revision)
     if ref.is_file() and ref.read_text().strip() == commit:
         return
     ref.parent.mkdir(parents=True, exist_ok=True)
@@ -103,10 +121,11 @@ def link_blob(cache_dir: Path, repo_id: str, name: str, commit: str, blob_name: 
     i.e. the checksum the listing gives. A file unchanged across commits is the same blob, so
     a new commit's snapshot can link it without a request. None when no such blob is here.
     """
-    blob = repo_folder(cache_dir, repo_id) / "blobs" / blob_name
+    repo = repo_folder(cache_dir, repo_id)
+    blob = inside(repo / "blobs", repo / "blobs" / blob_name)
     if not blob.is_file():
         return None
-    pointer = snapshot_folder(cache_dir, repo_id, commit) / name
+    pointer = inside(repo / "snapshots", snapshot_folder(cache_dir, repo_id, commit) / name)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex[:8]}.link")
     os.symlink(os.path.relpath(blob, pointer.parent), tmp)
@@ -115,13 +134,14 @@ def link_blob(cache_dir: Path, repo_id: str, name: str, commit: str, blob_name: 
     return pointer
 
 
-def remove_cached_file(pointer: Path) -> Path:
-    """Delete a snapshot entry and its blob; return the blob path.
+def remove_cached_file(repo: Path, pointer: Path) -> Path:
+    """Delete a snapshot entry of `repo` (its cache folder) and its blob; return the blob path.
 
     The blob survives when another snapshot of the repo still links to it, so removing a
-    file from one revision never breaks another.
+    file from one revision never breaks another. Both must lie inside `repo`: a link that
+    points out of it is refused, and nothing is deleted.
     """
-    blob = pointer.resolve()
+    blob = inside(repo, Path(os.path.realpath(inside(repo, pointer))))
     pointer.unlink(missing_ok=True)
     if blob != pointer and not _other_links(blob, pointer):
         blob.unlink(missing_ok=True)

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def output_path(ctx: PullContext, commit: str) -> Path:
-    return cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit) / ctx.source.join.output
+    snapshots = ctx.repo_folder / "snapshots"
+    output = cache.snapshot_folder(ctx.cache_dir, ctx.repo_id, commit) / ctx.source.join.output
+    return cache.inside(snapshots, output)
 
 
 def join_into_snapshot(
@@ -33,11 +35,12 @@ def join_into_snapshot(
     by_name = {f.name: f for f in files}
     parts = [by_name[name].path for name in spec.parts]
     output = output_path(ctx, commit)
-    join_parts(parts, output, tmp_dir=ctx.repo_folder / "blobs", progress=ctx.progress)
+    blobs = cache.inside(ctx.repo_folder, ctx.repo_folder / "blobs")
+    join_parts(parts, output, tmp_dir=blobs, progress=ctx.progress)
     records.add_joined(spec.output, output, _part_digests(spec.parts, records))
     records.save()  # the halves go next: the joined file must be on record first
     for part in parts:
-        cache.remove_cached_file(part)
+        cache.remove_cached_file(ctx.repo_folder, part)
     return output
 
 
@@ -97,7 +100,7 @@ def _link_from_other_commit(
 def _link(source: Path, dest: Path) -> None:
     """One file, two snapshot entries: a hard link (a move where links are impossible)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.unlink(missing_ok=True)
+    dest.unlink(missing_ok=True)  # dest is output_path's: inside the repository's snapshots
     try:
         os.link(source, dest)
     except OSError as exc:

@@ -29,6 +29,7 @@ from launcher.errors import (
     UsageError,
 )
 from launcher.planning.plan import Source
+from launcher.private import private_home
 from launcher.weights import cache
 from launcher.weights.diskspace import Need, check_disk_space
 from launcher.weights.joined import (
@@ -44,6 +45,7 @@ from launcher.weights.remote import (
     is_pattern_selection,
 )
 from launcher.weights.result import GB, PullContext, PulledFile, PullResult
+from launcher.weights.trust import guard_hub_client
 from launcher.weights.verify import Digest, VerifiedRecords, check_or_discard, has_gguf_magic
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ def _local(source: Source, cache_dir: Path) -> PullResult:
 
 
 def _pull_online(ctx: PullContext) -> PullResult:
+    private_home(ctx.home)  # verification records and pins: the owner's, like the rest of it
     listing = fetch_listing(ctx.source, ctx.token, revision=ctx.revision)
     commit, wanted = listing.commit, listing.files
     unverified = _unverifiable(ctx, wanted)
@@ -169,7 +172,7 @@ def _verified_cached(
         records.add(f.name, pointer, f.digest)
         return pointer
     try:
-        check_or_discard(pointer, f.name, f.digest, f.size)
+        check_or_discard(pointer, f.name, f.digest, f.size, repo=ctx.repo_folder)
     except DownloadError as exc:
         log.warning("cached copy is corrupt, downloading again: %s", exc)
         return None
@@ -205,12 +208,13 @@ def _fetch(
     log.info("downloading %s (%.2f GB)", f.name, f.size / GB)
     pointer = _download(ctx, f.name, commit)
     if f.digest is not None:
-        check_or_discard(pointer, f.name, f.digest, f.size)
+        check_or_discard(pointer, f.name, f.digest, f.size, repo=ctx.repo_folder)
         records.add(f.name, pointer, f.digest)
     return PulledFile(f.name, f.size, False, pointer)
 
 
 def _download(ctx: PullContext, name: str, commit: str) -> Path:
+    guard_hub_client()  # the client names the blob after the answer's ETag: checked first
     try:
         with hub_errors(ctx.source, name):
             return Path(
@@ -307,6 +311,7 @@ def _pull_offline(ctx: PullContext) -> PullResult:
             ]
         )
     path, joined = _finish(ctx, commit, files, records)
+    private_home(ctx.home)
     records.save()
     return ctx.result(commit, path, files, offline=True, joined=joined)
 
@@ -338,7 +343,7 @@ def _offline_file(ctx: PullContext, name: str, commit: str, records: VerifiedRec
                 f"{name} is cached but cannot be verified offline; "
                 "run `llmup pull` with network access"
             )
-        check_or_discard(pointer, name, digest, None)
+        check_or_discard(pointer, name, digest, None, repo=ctx.repo_folder)
         records.add(name, pointer, digest)
     return PulledFile(name, pointer.stat().st_size, True, pointer)
 

@@ -7,6 +7,8 @@ hub's API puts checksums there: a mirror (olah serving a local repository) lists
 name only, but answers `paths-info` (`HfApi.get_paths_info(..., expand=True)`) with each
 LFS file's sha256. Files the listing gives no checksum for are asked about there; a file
 that still has none is marked unverifiable, and `pull` refuses it unless told not to verify.
+Every value of the listing is checked here, as it is read (`listed_file`, `Listing`): the
+names, checksums and commit become parts of cache paths (`launcher.weights.trust`).
 Hub exceptions are translated here into llmup errors whose messages say what to do.
 """
 
@@ -38,6 +40,13 @@ from launcher.errors import (
 )
 from launcher.planning.plan import Source
 from launcher.weights.cache import endpoint_label, hub_endpoint
+from launcher.weights.trust import (
+    check_commit,
+    check_digest,
+    check_repo_path,
+    check_size,
+    guard_hub_client,
+)
 from launcher.weights.verify import Digest
 
 log = logging.getLogger(__name__)
@@ -47,16 +56,42 @@ _GLOB = set("*?[")
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """One file of the listing; only made by `listed_file`, so its name is a safe relative
+    path and its digest a checksum (both checked again here, whoever builds one)."""
+
     name: str
     size: int
     digest: Digest | None  # sha256 for LFS files, the git blob id for small files
     lfs: bool
+
+    def __post_init__(self) -> None:
+        check_repo_path(self.name)
+        check_size(self.size, name=self.name)
 
 
 @dataclass(frozen=True)
 class Listing:
     commit: str
     files: list[RemoteFile]
+
+    def __post_init__(self) -> None:
+        check_commit(self.commit)
+
+
+def listed_file(
+    name: object, size: object, *, sha256: object = None, blob_id: object = None
+) -> RemoteFile:
+    """The one way a listing's entry becomes a RemoteFile: every value checked, with the
+    file's name in the message (an LFS sha256 wins over the blob id, as the hub means it)."""
+    name = check_repo_path(name)
+    size = check_size(size if size is not None else 0, name=name)
+    if sha256 is not None:
+        digest = Digest("sha256", check_digest("sha256", sha256, name=name))
+        return RemoteFile(name, size, digest, lfs=True)
+    if blob_id:
+        digest = Digest("git-sha1", check_digest("git-sha1", blob_id, name=name))
+        return RemoteFile(name, size, digest, lfs=False)
+    return RemoteFile(name, size, None, lfs=False)
 
 
 def is_pattern_selection(files: list[str]) -> bool:
@@ -139,6 +174,7 @@ def _auth_message(repo: str | None, status: int | None, gated: bool) -> str:
 def fetch_listing(source: Source, token: str | None, revision: str | None = None) -> Listing:
     """The commit of `revision` (default `source.revision`) and the files of the source,
     with sizes and checksums (from paths-info for files the listing gives none for)."""
+    guard_hub_client()
     api = HfApi(endpoint=hub_endpoint(), token=token)
     with hub_errors(source):
         info = api.model_info(
@@ -146,27 +182,26 @@ def fetch_listing(source: Source, token: str | None, revision: str | None = None
         )
     if not info.sha:
         raise DownloadError(f"the hub at {endpoint_label()} gave no commit for {source.repo_id}")
+    commit = check_commit(info.sha)
     files = select(source, [_remote_file(s) for s in info.siblings or []])
-    return Listing(commit=info.sha, files=_with_checksums(api, source, info.sha, files))
+    return Listing(commit=commit, files=_with_checksums(api, source, commit, files))
 
 
 def commit_of(repo_id: str, revision: str, token: str | None = None) -> str:
     """The commit `revision` of `repo_id` points to now (what `llmup pins refresh` pins)."""
+    guard_hub_client()
     api = HfApi(endpoint=hub_endpoint(), token=token)
     with hub_errors(Source(repo_id=repo_id, revision=revision)):
         sha = api.model_info(repo_id, revision=revision).sha
     if not sha:
         raise DownloadError(f"the hub at {endpoint_label()} gave no commit for {repo_id}")
-    return sha
+    return check_commit(sha)
 
 
 def _remote_file(sibling) -> RemoteFile:
     if sibling.lfs is not None:
-        return RemoteFile(
-            sibling.rfilename, sibling.lfs.size, Digest("sha256", sibling.lfs.sha256), lfs=True
-        )
-    digest = Digest("git-sha1", sibling.blob_id) if sibling.blob_id else None
-    return RemoteFile(sibling.rfilename, sibling.size or 0, digest, lfs=False)
+        return listed_file(sibling.rfilename, sibling.lfs.size, sha256=sibling.lfs.sha256)
+    return listed_file(sibling.rfilename, sibling.size, blob_id=sibling.blob_id)
 
 
 def _with_checksums(
@@ -188,9 +223,8 @@ def _with_checksums(
 
 def _from_path_info(info) -> RemoteFile:
     if info.lfs is not None:
-        return RemoteFile(info.path, info.lfs.size, Digest("sha256", info.lfs.sha256), lfs=True)
-    digest = Digest("git-sha1", info.blob_id) if info.blob_id else None
-    return RemoteFile(info.path, info.size or 0, digest, lfs=False)
+        return listed_file(info.path, info.lfs.size, sha256=info.lfs.sha256)
+    return listed_file(info.path, info.size, blob_id=info.blob_id)
 
 
 def select(source: Source, files: list[RemoteFile]) -> list[RemoteFile]:

@@ -11,22 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from launcher.errors import ChecksumError
-from launcher.weights.cache import remove_cached_file
+from launcher.jsonfile import write_json_atomic
+from launcher.weights.cache import inside, remove_cached_file
+from launcher.weights.trust import check_commit, check_digest, is_blob_name, is_sha256
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 _CHUNK = 8 * 1024 * 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 Algo = Literal["sha256", "git-sha1"]
 
@@ -38,13 +35,16 @@ class Digest:
     algo: Algo
     value: str
 
+    def __post_init__(self) -> None:
+        check_digest(self.algo, self.value)  # it names a blob: never anything but hex
+
     @classmethod
     def from_blob_name(cls, blob: Path) -> Digest | None:
         """The hub names LFS blobs by sha256 and git blobs by their sha1; offline, that is the
         only reference there is."""
-        if _SHA256.match(blob.name):
+        if is_sha256(blob.name):
             return cls("sha256", blob.name)
-        if _SHA1.match(blob.name):
+        if is_blob_name(blob.name):
             return cls("git-sha1", blob.name)
         return None
 
@@ -65,10 +65,13 @@ def has_gguf_magic(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def check_or_discard(pointer: Path, name: str, digest: Digest, size: int | None) -> None:
+def check_or_discard(
+    pointer: Path, name: str, digest: Digest, size: int | None, *, repo: Path
+) -> None:
     """Raise ChecksumError after deleting the blob when the content is not what the hub said.
 
-    Only this file's blob (and its snapshot link) goes: the other files of the pull stay.
+    Only this file's blob (and its snapshot link) goes, and only inside `repo`, the
+    repository's cache folder: the other files of the pull stay.
     """
     actual_size = pointer.stat().st_size
     if size is not None and actual_size != size:
@@ -78,7 +81,7 @@ def check_or_discard(pointer: Path, name: str, digest: Digest, size: int | None)
         if actual == digest.value:
             return
         problem = f"{digest.algo} {actual}, expected {digest.value}"
-    blob = remove_cached_file(pointer)
+    blob = remove_cached_file(repo, pointer)
     raise ChecksumError(
         f"{name} failed verification ({problem}); deleted its blob {blob}. "
         "Run `llmup pull` again to download it afresh."
@@ -109,7 +112,10 @@ class VerifiedRecords:
 
     @classmethod
     def load(cls, home: Path, repo_folder_name: str, commit: str) -> VerifiedRecords:
-        return cls.read(home / "verified" / repo_folder_name / f"{commit}.json")
+        records = Path(home) / "verified"
+        return cls.read(
+            inside(records, records / repo_folder_name / f"{check_commit(commit)}.json")
+        )
 
     @classmethod
     def read(cls, path: Path) -> VerifiedRecords:
@@ -172,7 +178,4 @@ class VerifiedRecords:
 
     def save(self) -> None:
         """Write atomically, so a crash never leaves a half-written record behind."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)

@@ -16,9 +16,11 @@ from launcher.proxy.store.base import (
     Conversation,
     Message,
     NewTurn,
+    OwnerUsage,
     SessionInfo,
     SessionStore,
     TurnRecord,
+    turn_bytes,
 )
 from launcher.proxy.store.sqlite import DB_NAME, SqliteStore
 from launcher.settings import POSTGRES_SCHEMES, Settings
@@ -27,11 +29,13 @@ __all__ = [
     "Conversation",
     "Message",
     "NewTurn",
+    "OwnerUsage",
     "SessionInfo",
     "SessionStore",
     "SqliteStore",
     "TurnRecord",
     "open_store",
+    "turn_bytes",
 ]
 
 

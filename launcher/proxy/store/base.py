@@ -16,18 +16,44 @@ turn with a `SessionConflictError` rather than storing it over the other. Idle s
 expire after `ttl_s` seconds (0: never). A full disk is a `StorageFullError`, a database
 that cannot be reached a `StoreUnavailableError`, never a half-written turn.
 
+Each session also keeps its stored bytes (its messages', system message's and kept
+replies' JSON, as stored), brought up to date by every commit in the same transaction, so
+an owner's usage (sessions and bytes, the per-key limits) is one query, however many
+replicas write.
+
 Stores are synchronous and thread-safe; the proxy calls them from worker threads so the
 event loop never waits on a disk or a database.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 TITLE_CHARS = 80
 
 Message = dict[str, Any]
+
+
+def as_json(value: Any) -> str:
+    """How a message or a reply is stored (the text whose UTF-8 bytes a key's limit counts)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def turn_bytes(messages: list[Message], reply: dict[str, Any] | None) -> int:
+    """What a turn adds to its owner's stored bytes: its messages and the reply kept for
+    retries, as stored (UTF-8 JSON)."""
+    stored = [as_json(m) for m in messages] + ([as_json(reply)] if reply else [])
+    return sum(len(text.encode("utf-8")) for text in stored)
+
+
+@dataclass(frozen=True)
+class OwnerUsage:
+    """What one owner (API key) keeps in the store: live sessions and their stored bytes."""
+
+    sessions: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,9 @@ class SessionStore(Protocol):
 
     def count(self) -> int:
         """Live sessions of every owner (for the metrics gauge)."""
+
+    def usage(self, owner: str) -> OwnerUsage:
+        """The owner's live sessions and their stored bytes (its per-key limits)."""
 
     def check_space(self) -> None:
         """StorageFullError when a turn could not be stored (checked before generating)."""

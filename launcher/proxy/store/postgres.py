@@ -142,6 +142,9 @@ class PostgresStore(SqlStore):
     def json_text(self, column: str, key: str) -> str:
         return f"({column}::json ->> '{key}')"
 
+    def byte_length(self, expr: str) -> str:
+        return f"octet_length(CAST({expr} AS TEXT))"  # a bare parameter is typed unknown
+
     def check_space(self) -> None:
         """Nothing to check here: the database's disk is its server's (a full one is a 507
         from the commit, with nothing stored)."""

@@ -4,8 +4,8 @@
 the rules of the base module: one transaction per turn, the epoch and turn-count claim, the
 TTL. Its subclasses give it a connection (`_transaction` to write, `_reading` for a
 consistent read), the few spellings the two dialects do not share (`json_text`,
-`for_update`) and the translation of their errors into llmup's (a full disk, a database
-that cannot be reached).
+`byte_length`, `for_update`) and the translation of their errors into llmup's (a full disk,
+a database that cannot be reached).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from launcher.proxy.store.base import (
     Conversation,
     Message,
     NewTurn,
+    OwnerUsage,
     SessionInfo,
     TurnRecord,
+    as_json,
+    turn_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,10 @@ class SqlStore(ABC):
     @abstractmethod
     def json_text(self, column: str, key: str) -> str:
         """SQL for a top-level string field of a JSON text column."""
+
+    @abstractmethod
+    def byte_length(self, expr: str) -> str:
+        """SQL for the UTF-8 length in bytes of a text column or parameter (NULL for NULL)."""
 
     @abstractmethod
     def check_space(self) -> None: ...
@@ -142,6 +149,16 @@ class SqlStore(ABC):
                 "SELECT COUNT(*) FROM sessions WHERE updated>=?", (self._cutoff(),)
             ).fetchone()[0]
 
+    def usage(self, owner: str) -> OwnerUsage:
+        """The owner's live sessions and their stored bytes (its per-key limits)."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sessions "
+                "WHERE owner=? AND updated>=?",
+                (owner, self._cutoff()),
+            ).fetchone()
+        return OwnerUsage(int(row[0]), int(row[1]))
+
     # ----- writes
 
     def commit_turn(
@@ -169,13 +186,15 @@ class SqlStore(ABC):
             if not self._claim(db, owner, session_id, turn.base, now):
                 log.info("session %s was deleted during a turn; not stored", session_id)
                 return False
-            self._truncate(db, owner, session_id, turn.keep)
-            self._append(db, owner, session_id, turn)
-            system_json = json.dumps(turn.system, ensure_ascii=False) if turn.system else None
-            db.execute(
-                "UPDATE sessions SET turns=?, updated=?, system=COALESCE(?, system) "
+            freed = self._truncate(db, owner, session_id, turn.keep)
+            added = self._append(db, owner, session_id, turn)
+            system_json = as_json(turn.system) if turn.system else None
+            new, old = self.byte_length("?"), self.byte_length("system")
+            db.execute(  # the new system message's bytes replace the old one's
+                f"UPDATE sessions SET turns=?, updated=?, bytes = bytes + ? + "
+                f"COALESCE({new} - COALESCE({old}, 0), 0), system=COALESCE(?, system) "
                 "WHERE owner=? AND id=?",
-                (turn.keep + 1, now, system_json, owner, session_id),
+                (turn.keep + 1, now, added - freed, system_json, system_json, owner, session_id),
             )
         return True
 
@@ -200,29 +219,35 @@ class SqlStore(ABC):
             raise conflict(sid)
         return True
 
-    def _truncate(self, db: Db, owner: str, sid: str, keep: int) -> None:
-        for table in ("messages", "turns"):
-            db.execute(
-                f"DELETE FROM {table} WHERE owner=? AND id=? AND turn>=?", (owner, sid, keep)
-            )
+    def _truncate(self, db: Db, owner: str, sid: str, keep: int) -> int:
+        """Drop the turns from `keep` on; returns the bytes they held."""
+        freed = 0
+        for table, column in (("messages", "message"), ("turns", "reply")):
+            where = f"FROM {table} WHERE owner=? AND id=? AND turn>=?"
+            (held,) = db.execute(
+                f"SELECT COALESCE(SUM({self.byte_length(column)}), 0) {where}",
+                (owner, sid, keep),
+            ).fetchone()
+            db.execute(f"DELETE {where}", (owner, sid, keep))
+            freed += int(held)
+        return freed
 
-    def _append(self, db: Db, owner: str, sid: str, turn: NewTurn) -> None:
+    def _append(self, db: Db, owner: str, sid: str, turn: NewTurn) -> int:
+        """Store the turn's messages and record; returns the bytes they hold."""
         (seq,) = db.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE owner=? AND id=?", (owner, sid)
         ).fetchone()
         db.executemany(
             "INSERT INTO messages (owner, id, seq, turn, message) VALUES (?, ?, ?, ?, ?)",
-            [
-                (owner, sid, seq + i, turn.keep, json.dumps(m, ensure_ascii=False))
-                for i, m in enumerate(turn.messages)
-            ],
+            [(owner, sid, seq + i, turn.keep, as_json(m)) for i, m in enumerate(turn.messages)],
         )
         record = turn.record
-        reply = json.dumps(record.reply, ensure_ascii=False) if record.reply else None
+        reply = as_json(record.reply) if record.reply else None
         db.execute(
             "INSERT INTO turns (owner, id, turn, tokens, request, reply) VALUES (?, ?, ?, ?, ?, ?)",
             (owner, sid, turn.keep, record.tokens, record.request, reply),
         )
+        return turn_bytes(turn.messages, record.reply)
 
     def _drop_if_expired(self, db: Db, owner: str, session_id: str) -> None:
         db.execute(

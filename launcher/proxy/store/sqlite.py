@@ -3,7 +3,9 @@
 One connection behind a lock serves every thread of the process; writes take SQLite's
 write lock up front (`BEGIN IMMEDIATE`), so two processes sharing a file serialize too. A
 full disk is a `StorageFullError`, checked before a turn is generated (`check_space`) and
-again by the commit, which then leaves nothing written.
+again by the commit, which then leaves nothing written. The file is created 0600 in a
+0700 folder before SQLite opens it (`launcher.private`): SQLite gives its -wal and -shm files
+the database's mode, so the conversations stay their owner's whatever the umask.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from launcher.errors import StorageFullError
+from launcher.private import private_dir, private_file
 from launcher.proxy.store import migrations
 from launcher.proxy.store.sql import DEFAULT_TTL_S, SqlStore
 
@@ -57,7 +60,8 @@ class SqliteStore(SqlStore):
         super().__init__(ttl_s=ttl_s, clock=clock)
         self.path = Path(path)
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # conversations are their owner's only (0700, 0600)
+        private_file(self.path)  # before SQLite creates it: its -wal and -shm take its mode
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -99,6 +103,9 @@ class SqliteStore(SqlStore):
 
     def json_text(self, column: str, key: str) -> str:
         return f"json_extract({column}, '$.{key}')"
+
+    def byte_length(self, expr: str) -> str:
+        return f"length(CAST({expr} AS BLOB))"  # length() of TEXT counts characters
 
     def check_space(self) -> None:
         """StorageFullError when the store's disk has too little room to start a turn."""

@@ -1,5 +1,5 @@
 // The llmup API as the page uses it: the same public routes as any OpenAI client, with the
-// key from local storage as a bearer token. Paths are relative, so the page also works
+// key from the settings as a bearer token. Paths are relative, so the page also works
 // behind a reverse proxy that serves llmup under a prefix.
 
 export const DROPPED_HEADER = "X-Llmup-Context-Dropped";
@@ -62,8 +62,10 @@ export class Api {
     return (await this.request(method, path, body)).json();
   }
 
+  // With the key /health tells the model, plan and backend state; without one (when the
+  // server has keys) only its status.
   health() {
-    return fetch("health", { cache: "no-store" }).then(async (r) => ({
+    return fetch("health", { headers: this.headers(), cache: "no-store" }).then(async (r) => ({
       ok: r.ok,
       body: await r.json().catch(() => null),
     }));

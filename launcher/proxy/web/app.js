@@ -6,7 +6,7 @@
 import { Api, ApiError, DROPPED_HEADER } from "./api.js";
 import { el, withClass } from "./dom.js";
 import { Reply, notice, statsLine, storedMessages, userMessage } from "./messages.js";
-import { planLine, renderPlan } from "./plan.js";
+import { planLine, renderPlan, showSpeedWarning } from "./plan.js";
 import { Settings } from "./settings.js";
 
 const $ = (id) => document.getElementById(id);
@@ -22,6 +22,7 @@ const ui = {
   banner: $("banner"),
   plan: $("plan"),
   planLine: $("plan-line"),
+  speedWarning: $("speed-warning"),
   settings: $("settings"),
   modelName: $("model-name"),
   backendState: $("backend-state"),
@@ -104,14 +105,18 @@ async function pollHealth() {
   } catch {
     body = null;
   }
-  const backendState = body?.backend?.state ?? "unreachable";
+  const status = body?.status === "ok" ? "ready" : body?.status; // /health without the key
+  const backendState = body?.backend?.state ?? status ?? "unreachable";
   ui.backendState.textContent = backendState;
   ui.backendState.className = `state ${STATE_KIND[backendState] || "bad"}`;
   if (body?.model) {
     state.model = body.model;
     ui.modelName.textContent = body.model;
   }
-  if (body && !ui.planLine.dataset.full) ui.planLine.textContent = planLine(body.plan, body.context);
+  if (body && !ui.planLine.dataset.full) {
+    ui.planLine.textContent = planLine(body.plan, body.context);
+    showSpeedWarning(ui.speedWarning, body.plan);
+  }
 }
 
 async function modelId() {
@@ -124,6 +129,7 @@ async function loadPlan() {
     const info = await api.plan();
     renderPlan(ui.plan, info);
     ui.planLine.textContent = planLine(info.plan, info.context);
+    showSpeedWarning(ui.speedWarning, info.plan);
     ui.planLine.dataset.full = "1";
     if (info.model) ui.modelName.textContent = info.model;
   } catch (err) {

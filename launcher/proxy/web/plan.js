@@ -43,6 +43,20 @@ function speedText(plan) {
     .join(", ");
 }
 
+// The plan's warning when it is expected to decode below reading speed, with the flag that
+// would serve something faster shown as code: `--min-tokens-per-s 5` in the message.
+export function speedWarning(plan) {
+  const message = plan?.speed_warning?.message;
+  if (typeof message !== "string" || !message) return null;
+  return message.split("`").map((part, i) => (i % 2 ? el("code", part) : part));
+}
+
+export function showSpeedWarning(node, plan) {
+  const parts = speedWarning(plan);
+  node.hidden = !parts;
+  node.replaceChildren(...(parts || []));
+}
+
 // One line for the top bar: "Q4_K_M · llama.cpp · 4096 ctx · CPU only · 3.9 GiB".
 export function planLine(plan, context) {
   if (!plan) return context ? `context ${context}` : "";
@@ -61,11 +75,12 @@ function facts(plan, info) {
     ["Placement", [OFFLOAD[plan.placement?.offload] ?? "",
       plan.placement?.n_gpu_layers ? `${plan.placement.n_gpu_layers} layers offloaded` : ""].filter(Boolean).join(", ")],
     ["Expected speed", speedText(plan)],
+    ["Below reading speed", speedWarning(plan)],
     ["Source", plan.source?.repo_id
       ? `${plan.source.repo_id} (${(plan.source.files || []).join(", ")}) ${bytes(plan.source.download_bytes)}`
       : plan.source?.local_path || ""],
   ];
-  const dl = el("dl", ...rows.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+  const dl = el("dl", ...rows.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", k), el("dd", ...[v].flat())]));
   dl.className = "facts";
   return dl;
 }

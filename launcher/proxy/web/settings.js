@@ -1,8 +1,13 @@
-// The settings form and local storage: the API key (sent as a bearer token), the system
-// prompt, sampling settings and extra request fields. Nothing here leaves the browser except
-// in the requests the page makes to this server.
+// The settings form and the browser's storage: the API key (sent as a bearer token), the
+// system prompt, sampling settings and extra request fields. Nothing here leaves the browser
+// except in the requests the page makes to this server.
+//
+// The key lives in this tab's session storage (gone when the tab closes) unless the person
+// ticks "remember": then it is also in local storage, for every tab and after a restart.
+// Unticking removes it from local storage. The other settings hold no secret: local storage.
 
-const KEY_ITEM = "llmup.apiKey";
+const KEY_ITEM = "llmup.apiKey"; // session storage; an older page kept it in local storage
+const REMEMBERED_KEY_ITEM = "llmup.rememberedKey"; // local storage, only when ticked
 const SETTINGS_ITEM = "llmup.settings";
 const FIELDS = {
   systemPrompt: "system-prompt",
@@ -12,33 +17,48 @@ const FIELDS = {
   extra: "extra",
 };
 
-function readItem(name) {
+function readItem(name, storage = "localStorage") {
   try {
-    return localStorage.getItem(name);
+    return window[storage].getItem(name);
   } catch {
     return null; // storage disabled: settings last for this page only
   }
 }
 
-function writeItem(name, value) {
+function writeItem(name, value, storage = "localStorage") {
   try {
-    if (value) localStorage.setItem(name, value);
-    else localStorage.removeItem(name);
+    if (value) window[storage].setItem(name, value);
+    else window[storage].removeItem(name);
   } catch {
     // storage disabled or full: keep the values in the form
   }
+}
+
+// A key an older page left in local storage without being asked: this tab keeps it, the
+// browser forgets it (tick "remember" to keep it there).
+function forgetUnaskedKey() {
+  const old = readItem(KEY_ITEM);
+  if (old === null) return;
+  if (readItem(KEY_ITEM, "sessionStorage") === null) writeItem(KEY_ITEM, old, "sessionStorage");
+  writeItem(KEY_ITEM, null);
+}
+
+function storedKey() {
+  return readItem(KEY_ITEM, "sessionStorage") ?? readItem(REMEMBERED_KEY_ITEM);
 }
 
 export class Settings {
   constructor(form) {
     this.form = form;
     this.keyInput = form.querySelector("#api-key");
+    this.rememberInput = form.querySelector("#remember-key");
     this.values = {};
+    forgetUnaskedKey();
     this.load();
   }
 
   get apiKey() {
-    return readItem(KEY_ITEM) ?? this.keyInput.value.trim();
+    return storedKey() ?? this.keyInput.value.trim();
   }
 
   get systemPrompt() {
@@ -57,7 +77,8 @@ export class Settings {
       stored = {};
     }
     for (const name of Object.keys(FIELDS)) this.field(name).value = stored[name] ?? "";
-    this.keyInput.value = readItem(KEY_ITEM) ?? "";
+    this.keyInput.value = storedKey() ?? "";
+    this.rememberInput.checked = readItem(REMEMBERED_KEY_ITEM) !== null;
     this.values = stored;
   }
 
@@ -69,7 +90,9 @@ export class Settings {
     if (problem) return problem;
     this.values = values;
     writeItem(SETTINGS_ITEM, JSON.stringify(values));
-    writeItem(KEY_ITEM, this.keyInput.value.trim());
+    const key = this.keyInput.value.trim();
+    writeItem(KEY_ITEM, key, "sessionStorage");
+    writeItem(REMEMBERED_KEY_ITEM, this.rememberInput.checked ? key : null);
     return null;
   }
 

@@ -83,12 +83,12 @@ def upgrade(db: Any, dialect: str) -> int:
             f"the session store is at schema version {version}, newer than this llmup knows "
             f"({newest}): it was upgraded by a newer llmup; run that version (or a newer one)"
         )
-    if version == 0 and dialect == "sqlite":
-        _adopt_first_release(db)
+    adopted = _adopt_unversioned(db) if version == 0 and dialect == "sqlite" else 0
     for migration in migrations:
         if migration.version > version:
-            for statement in migration.statements():
-                db.execute(statement)
+            if migration.version > adopted:  # else the file already has what it makes
+                for statement in migration.statements():
+                    db.execute(statement)
             db.execute(
                 "INSERT INTO llmup_schema (version, name, applied) VALUES (?, ?, ?)",
                 (migration.version, migration.name, time.time()),
@@ -97,9 +97,13 @@ def upgrade(db: Any, dialect: str) -> int:
     return max(version, newest)
 
 
-def _adopt_first_release(db: Any) -> None:
-    """Files made by the first releases (before versions) lack the `epoch` column that
-    migration 1 declares; its CREATE TABLE IF NOT EXISTS leaves their table as it is."""
+def _adopt_unversioned(db: Any) -> int:
+    """Bring a file made before versions (llmup's first releases, whose store added columns
+    itself) to a version's schema; returns that version, whose migrations are recorded
+    without running them again. Those files may lack the `epoch` column that migration 1
+    declares (its CREATE TABLE IF NOT EXISTS leaves their table as it is); the last of them
+    kept the `bytes` column of migration 2 up to date already."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)").fetchall()}
     if columns and "epoch" not in columns:
         db.execute("ALTER TABLE sessions ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
+    return 2 if "bytes" in columns else 0
