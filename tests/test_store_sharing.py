@@ -4,6 +4,7 @@ once, and a PostgreSQL that goes away is a 503 that ends when it comes back."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from cluster import PostgresServer
 
 from launcher.backends.spec import free_port
 from launcher.errors import SessionConflictError, SessionStoreError, StoreUnavailableError
-from launcher.proxy.store import NewTurn, SqliteStore, migrations
+from launcher.proxy.store import NewTurn, OwnerUsage, SqliteStore, TurnRecord, migrations
 from launcher.proxy.store.postgres import PostgresStore, describe
 
 
@@ -86,9 +87,56 @@ def test_a_file_of_the_first_releases_is_adopted(tmp_path) -> None:
         )
     store = SqliteStore(path, ttl_s=0)
     assert store.load("", "kept").messages() == [{"role": "user", "content": "hi"}]
+    assert store.usage("") == OwnerUsage(1, len('{"role": "user", "content": "hi"}'))
     store.commit_turn("", "kept", turn("more", "ok"))
     assert store.info("", "kept").turns == 2
     store.close()
+
+
+def test_a_file_of_the_last_unversioned_release_is_adopted_with_its_bytes(tmp_path) -> None:
+    """llmup's store before versions added `epoch` and then `bytes` itself (and kept `bytes`
+    up to date): such a file is taken at version 2, its counts kept, nothing added twice."""
+    path = tmp_path / "unversioned.sqlite3"
+    message = '{"role": "user", "content": "hé"}'
+    with sqlite3.connect(path) as db:
+        for statement in migrations.available("sqlite")[0].statements():
+            db.execute(statement)
+        db.execute("ALTER TABLE sessions ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+        db.execute("INSERT INTO sessions VALUES ('k', 's', NULL, 1e12, 1e12, 1, 'e', ?)", (34,))
+        db.execute("INSERT INTO messages VALUES ('k', 's', 0, 0, ?)", (message,))
+    store = SqliteStore(path, ttl_s=0)
+    with store._reading() as db:
+        assert [r[0] for r in db.execute("SELECT version FROM llmup_schema").fetchall()] == [1, 2]
+    assert store.usage("k") == OwnerUsage(1, 34) and len(message.encode()) == 34
+    store.commit_turn("k", "s", turn("more", "ok"))
+    assert store.usage("k").bytes == 34 + len(json.dumps(turn("more", "ok")[0]).encode()) + len(
+        json.dumps(turn("more", "ok")[1]).encode()
+    )
+    store.close()
+
+
+def test_the_bytes_migration_counts_what_was_stored_before_it(make_store) -> None:
+    """A database at version 1 (sessions without their byte counts) gets them when a store
+    opens it: the same counts every commit keeps up to date."""
+    store = make_store(ttl_s=0)
+    store.commit_turn("a", "s", turn("naïve", "1"), system={"role": "system", "content": "é"})
+    reply = {"id": "r", "choices": [{"message": {"content": "ü ✓"}}]}
+    rewind = NewTurn(
+        base=store.load("a", "s"), keep=1, messages=turn("two", "2"), record=TurnRecord(reply=reply)
+    )
+    assert store.commit("a", "s", rewind)
+    store.commit_turn("a", "t", turn("other", "x"))
+    store.commit_turn("b", "u", turn("b", "y"))
+    kept = {owner: store.usage(owner) for owner in ("a", "b")}
+    with store._transaction() as db:  # back to version 1, as before the migration
+        db.execute("ALTER TABLE sessions DROP COLUMN bytes")
+        db.execute("DELETE FROM llmup_schema WHERE version >= 2")
+    store.close()
+    reopened = make_store(ttl_s=0)
+    assert {owner: reopened.usage(owner) for owner in ("a", "b")} == kept
+    assert kept["a"].sessions == 2 and kept["a"].bytes > 0
+    with reopened._reading() as db:
+        assert migrations.current_version(db) == 2
 
 
 def test_replicas_starting_at_once_migrate_once(pg_url) -> None:
