@@ -394,6 +394,21 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
+    sessions_db: Annotated[
+        str | None,
+        typer.Option(
+            "--sessions-db",
+            help="Where sessions live: postgresql://USER@HOST/DB (shared by replicas) or an "
+            "SQLite file (default: sessions.sqlite3 under the llmup home).",
+        ),
+    ] = None,
+    replica_name: Annotated[
+        str | None,
+        typer.Option(
+            "--replica-name",
+            help="This replica's name in X-Llmup-Replica (default: the host name).",
+        ),
+    ] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached weights.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No download bars.")] = False,
     no_verify: NoVerifyOpt = False,
@@ -405,6 +420,7 @@ def serve(
 
     settings, chosen_profile = command_settings(profile)
     serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
+    store_settings(settings, sessions_db=sessions_db, replica_name=replica_name)
     access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
@@ -464,6 +480,22 @@ def serve_settings(settings: Settings, host, port, api_keys, insecure_no_auth, r
         proxy.port = port
     proxy.api_keys = list(dict.fromkeys([*proxy.api_keys, *(api_keys or [])]))
     proxy.insecure_no_auth = proxy.insecure_no_auth or insecure_no_auth
+
+
+def store_settings(
+    settings: Settings, *, sessions_db: str | None, replica_name: str | None
+) -> None:
+    """Lay --sessions-db and --replica-name over the settings, checked as the settings are."""
+    from launcher.settings import check_replica_name, check_sessions_db
+
+    try:
+        if sessions_db is not None:
+            settings.proxy.sessions_db = check_sessions_db(sessions_db)
+        if replica_name is not None:
+            settings.proxy.replica_name = check_replica_name(replica_name)
+    except ValueError as exc:
+        flag = "--replica-name" if replica_name and "replica" in str(exc) else "--sessions-db"
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def access_settings(

@@ -148,6 +148,11 @@ class InsecureBindError(UsageError):
     """`serve` was asked to listen beyond this machine without an API key."""
 
 
+class SessionStoreError(LlmupError):
+    """The session store cannot be opened: a database that does not answer at start, a
+    schema newer than this llmup knows, an address llmup cannot use."""
+
+
 class ProxyError(LlmupError):
     """A request an llmup HTTP server (the proxy, a worker) refuses or cannot serve,
     answered as an OpenAI-shaped error.
@@ -225,6 +230,22 @@ class StorageFullError(ProxyError):
 
     status = 507
     code = "insufficient_storage"
+
+
+class StoreUnavailableError(ProxyError):
+    """The session database cannot be reached or did not answer in time (503): nothing was
+    stored; retry after Retry-After (service resumes by itself when it answers again)."""
+
+    status = 503
+    code = "sessions_store_unavailable"
+
+
+class SessionConflictError(ProxyError):
+    """Another process sharing the session store (a second replica) changed the session
+    while this turn was generated (409): this turn was not stored; send it again."""
+
+    status = 409
+    code = "session_conflict"
 
 
 class BackendUnavailableError(ProxyError):

@@ -41,10 +41,10 @@ from launcher.backends.speedcheck import check_speed
 from launcher.backends.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
-from launcher.loading import answering_while_loading
+from launcher.loading import answering_while_loading, replica_headers
 from launcher.planning.plan import Plan
 from launcher.private import private_home
-from launcher.proxy import SessionStore, check_bind, create_app
+from launcher.proxy import check_bind, create_app, open_store
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
 from launcher.weights.gguf_file import shard_paths
@@ -316,11 +316,11 @@ def serve(
     preload_proxy()
     try:
         with answering_while_loading(listener, settings, plan_summary(plan)):
+            sessions = open_store(settings)  # an unreachable database: said before any load
             backend = start_backend(
                 plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
                 progress=progress,
             )  # fmt: skip
-            sessions = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
             app = create_app(settings, backend, sessions)
         server = _server(settings, app, backend.supervisor)
         if ready:
@@ -340,7 +340,9 @@ def _server(settings: Settings, app: Any, supervisor: Supervisor) -> StoppingSer
     config = uvicorn.Config(
         app,
         log_level="warning",
-        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        http=deadline_protocol(
+            s.header_timeout_s, s.body_timeout_s, headers=replica_headers(settings)
+        ),
         timeout_graceful_shutdown=s.shutdown_timeout_s,  # type: ignore[arg-type]
     )
     return StoppingServer(config, on_shutdown=lambda: supervisor.stop(s.stop_grace_s))

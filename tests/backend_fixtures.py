@@ -26,7 +26,7 @@ from ggufgen import write_llama_gguf
 from launcher.backends.llamacpp import SERVER_ENV_NAMES, SERVER_MODULE
 from launcher.backends.spec import BackendSpec, free_port, new_backend_key
 from launcher.backends.supervisor import Supervisor
-from launcher.proxy import SessionStore, create_app
+from launcher.proxy import SessionStore, create_app, open_store
 from launcher.settings import Settings
 
 MODEL = "tiny"
@@ -134,7 +134,7 @@ class RunningProxy:
 
 def serve_proxy(settings: Settings, backend: Any) -> RunningProxy:
     """create_app + uvicorn in a thread on a free port; returns once it accepts requests."""
-    store = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
+    store = open_store(settings)
     app = create_app(settings, backend, store)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")

@@ -13,8 +13,9 @@ from serving import Served, kill_leftovers
 DATA = Path(__file__).parent / "data"
 MACHINES = DATA / "machines"
 
-# The real-backend fixtures (tiny_backend, make_proxy) for every module that asks for them.
-pytest_plugins = ["backend_fixtures", "hub_fixtures"]
+# The real-backend fixtures (tiny_backend, make_proxy) and the session stores (SQLite, a real
+# PostgreSQL) for every module that asks for them.
+pytest_plugins = ["backend_fixtures", "hub_fixtures", "store_fixtures"]
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time")
+SCRIPTS = (
+    "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out"
+)  # fmt: skip
 OWN_TABLE = {  # a title each script prints
     "calibration": "Error per component",
     "proxy_overhead": "Through llmup vs the backend directly",
@@ -24,6 +26,7 @@ OWN_TABLE = {  # a title each script prints
     "cli_speed": "CLI wall time",
     "memory_over_time": "RSS over a long run",
     "plan_speed": "Expected vs reference speed",
+    "scale_out": "Session turns through HAProxy and PostgreSQL",
 }
 
 
@@ -129,6 +132,32 @@ def test_memory_over_time_samples_both_processes(quick):
     for res in workloads.values():
         assert len(res["samples"]) >= 2
         assert all(s["proxy"] > 0 and s["backend"] > 0 for s in res["samples"])
+
+
+def test_scale_out_measures_every_arm_the_overheads_and_a_failover(quick):
+    report = quick["scale_out"][1]
+    (model,) = report["models"]
+    assert [r["arm"] for r in model["rows"]] == [
+        "direct, SQLite", "direct, PostgreSQL", "HAProxy, 1 replica", "HAProxy, 2 replicas"
+    ]  # fmt: skip
+    for r in model["rows"]:
+        assert r["turns"] > 0 and r["turns_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    arms = {r["arm"]: r for r in model["rows"]}
+    hop = model["overhead"]["haproxy_hop"]
+    assert hop["p50_ms"] == pytest.approx(
+        arms["HAProxy, 1 replica"]["p50_ms"] - arms["direct, PostgreSQL"]["p50_ms"], abs=0.02
+    )
+    assert set(model["overhead"]) == {
+        "postgres_vs_sqlite", "postgres_vs_sqlite_store_only", "haproxy_hop",
+        "haproxy_hop_health_only",
+    }  # fmt: skip
+    assert set(model["hop_only"]) == {"direct", "haproxy"}
+    store = model["store_only"]
+    assert set(store) == {"sqlite", "postgresql"}
+    assert all(0 < c["p50_ms"] <= c["p99_ms"] for c in store.values())
+    assert len(model["failover_s"]) >= 1 and all(d > 0 for d in model["failover_s"])
+    assert "PostgreSQL" in report["conditions"]["postgresql"]
+    assert "HAProxy version 2." in report["conditions"]["haproxy"]
 
 
 def test_report_renders_every_section_as_well_formed_tables(quick, folder, tmp_path):

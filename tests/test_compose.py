@@ -48,8 +48,12 @@ def services_by_profile() -> dict[str, tuple[str, dict]]:
     return found
 
 
+CLUSTER = {name: svc for name, svc in COMPOSE["services"].items() if "cluster" in svc["profiles"]}
+MACHINES = {name: svc for name, svc in COMPOSE["services"].items() if name not in CLUSTER}
+
+
 def test_every_machine_profile_has_its_compose_profile():
-    assert set(services_by_profile()) == set(PROFILES)
+    assert set(services_by_profile()) == set(PROFILES) | {"cluster"}
     assert len(PROFILES) >= 9
 
 
@@ -71,7 +75,7 @@ def test_compose_service_runs_its_profile_on_the_right_image(name):
         assert devices == []
 
 
-@pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
+@pytest.mark.parametrize("name", sorted(MACHINES))
 def test_service_keeps_data_restarts_and_stays_on_loopback(name):
     service = COMPOSE["services"][name]
     assert service["restart"] == "unless-stopped"
@@ -114,3 +118,44 @@ def test_default_base_images_are_the_public_ones():
     assert "ARG BUILD_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04" in cuda
     assert "ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04" in cuda
     assert "-DGGML_CUDA=on" in cuda and '"/src[exllamav2]"' in cuda
+
+
+def test_cluster_profile_is_postgres_replicas_and_haproxy_on_one_published_port():
+    replicas = {name: svc for name, svc in CLUSTER.items() if name.startswith("llmup-")}
+    assert set(CLUSTER) == {"postgres", "haproxy", *replicas} and len(replicas) >= 2
+    postgres = CLUSTER["postgres"]
+    assert postgres["image"] == "${LLMUP_POSTGRES_IMAGE:-postgres:15-bookworm}"  # official
+    assert postgres["volumes"] == ["pg-data:/var/lib/postgresql/data"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/llmup_db_password"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    # only HAProxy is published, on loopback, with the shipped config
+    published = {name: svc["ports"] for name, svc in CLUSTER.items() if svc.get("ports")}
+    assert published == {"haproxy": ["127.0.0.1:${LLMUP_PORT:-8000}:8000"]}
+    assert (
+        "./docker/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"
+        in CLUSTER["haproxy"]["volumes"]
+    )
+    assert set(COMPOSE["secrets"]) == {"llmup_api_keys", "llmup_db_password"}
+
+
+def test_each_replica_is_a_named_haproxy_server_with_its_own_home():
+    haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
+    homes = set()
+    for name, service in CLUSTER.items():
+        if not name.startswith("llmup-"):
+            continue
+        command = service["command"]
+        replica = command[command.index("--replica-name") + 1]
+        env = service["environment"]
+        assert env["LLMUP_PROXY__SESSIONS_DB"] == "postgresql://llmup@postgres:5432/llmup"
+        assert env["LLMUP_PROXY__SESSIONS_DB_PASSWORD_FILE"] == "/run/secrets/llmup_db_password"
+        assert set(service["secrets"]) == {"llmup_api_keys", "llmup_db_password"}
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "--insecure-no-auth" not in command
+        volumes = dict(v.split(":", 1) for v in service["volumes"])
+        assert volumes["hf-cache"] == "/data/huggingface"
+        homes.add(next(v for v, path in volumes.items() if path == "/data/llmup"))
+        # HAProxy's server of that name points at this service, in every backend
+        line = f'server {replica} "${{LLMUP_{replica.upper()}-{name}:8000}}"'
+        assert haproxy.count(line) == 3, line
+    assert len(homes) == len([n for n in CLUSTER if n.startswith("llmup-")])  # one each

@@ -1,6 +1,8 @@
 """Issue 19, finding 11: each API key has its own bounds (requests at once, sessions, stored
 bytes), answered with a 429 that says which; keys take turns at the backend; and the
-token-count cache is kept per key, so it cannot tell one key what another sent."""
+token-count cache is kept per key, so it cannot tell one key what another sent. The limits
+kept in the session store run on SQLite and on a real PostgreSQL, where replicas sharing it
+share each key's counts."""
 
 from __future__ import annotations
 
@@ -115,8 +117,8 @@ def test_requests_per_key(make_proxy) -> None:
     assert _chat(proxy, "key-a", "me too").status_code == 200  # its place is free again
 
 
-def test_sessions_per_key(make_proxy) -> None:
-    proxy = make_proxy(api_keys=KEYS, max_sessions_per_key=2)
+def test_sessions_per_key(make_proxy, store_target) -> None:
+    proxy = make_proxy(api_keys=KEYS, max_sessions_per_key=2, sessions_db=store_target)
     for session in ("one", "two"):
         assert _chat(proxy, "key-a", "hi", session).status_code == 200
     message = _limit_error(_chat(proxy, "key-a", "hi", "three"), "sessions_per_key_exceeded")
@@ -128,8 +130,8 @@ def test_sessions_per_key(make_proxy) -> None:
     assert _chat(proxy, "key-a", "hi", "three").status_code == 200
 
 
-def test_stored_bytes_per_key(make_proxy) -> None:
-    proxy = make_proxy(api_keys=KEYS, max_stored_bytes_per_key=2000)
+def test_stored_bytes_per_key(make_proxy, store_target) -> None:
+    proxy = make_proxy(api_keys=KEYS, max_stored_bytes_per_key=2000, sessions_db=store_target)
     client = proxy.client("key-a")
     text = "hello world " * 50  # about 600 bytes stored per turn
     turns = 0
@@ -147,6 +149,21 @@ def test_stored_bytes_per_key(make_proxy) -> None:
     assert _chat(proxy, "key-b", text, "big").status_code == 200
     assert proxy.http("key-a").delete("/v1/sessions/big").status_code == 200
     assert _chat(proxy, "key-a", text, "again").status_code == 200  # room again
+
+
+def test_replicas_sharing_a_database_share_each_keys_limits(make_proxy, pg_url) -> None:
+    """What a key stored through one replica counts on the other: two replicas do not let a
+    key keep twice its sessions."""
+    first, second = (
+        make_proxy(api_keys=KEYS, max_sessions_per_key=2, sessions_db=pg_url, replica_name=name)
+        for name in ("r1", "r2")
+    )
+    assert _chat(first, "key-a", "hi", "one").status_code == 200
+    assert _chat(second, "key-a", "hi", "two").status_code == 200
+    for replica in (first, second):
+        _limit_error(_chat(replica, "key-a", "hi", "three"), "sessions_per_key_exceeded")
+    assert first.http("key-a").delete("/v1/sessions/one").status_code == 200
+    assert _chat(second, "key-a", "hi", "three").status_code == 200  # the room, seen there
 
 
 def test_the_token_count_cache_is_kept_per_key(make_proxy, tiny_backend) -> None:

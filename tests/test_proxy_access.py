@@ -13,6 +13,7 @@ from backend_fixtures import MODEL
 
 from launcher.loading import loading_app
 from launcher.proxy.auth import KeyRing
+from launcher.proxy.replica import REPLICA_HEADER
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -87,7 +88,7 @@ def test_health_without_a_key_tells_only_the_status(make_proxy) -> None:
 
 def test_loading_health_hides_the_plan_from_callers_without_a_key() -> None:
     summary = {"model": "llama-2-70b-chat", "context": 4096, "quant": "Q4_K_M"}
-    app = loading_app(summary, KeyRing(["k"]))
+    app = loading_app(summary, KeyRing(["k"]), replica="r1")
 
     async def get(headers: dict[str, str]) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -98,6 +99,7 @@ def test_loading_health_hides_the_plan_from_callers_without_a_key() -> None:
     assert bare.status_code == 503 and bare.json() == {"status": "loading"}
     full = anyio.run(get, {"Authorization": "Bearer k"})
     assert full.status_code == 503 and full.json()["plan"]["model"] == "llama-2-70b-chat"
+    assert bare.headers[REPLICA_HEADER] == full.headers[REPLICA_HEADER] == "r1"
 
 
 # ----- keyless mode: the Host header (DNS rebinding)
@@ -150,7 +152,7 @@ def test_allowed_hosts_and_keys_lift_the_check(make_proxy) -> None:
 
 
 def test_the_loading_app_checks_the_host_too() -> None:
-    app = loading_app({"model": "tiny"}, KeyRing([]))
+    app = loading_app({"model": "tiny"}, KeyRing([]), replica="r2")
 
     async def get(host: str) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -162,3 +164,4 @@ def test_the_loading_app_checks_the_host_too() -> None:
     assert (
         refused.status_code == 400 and json.loads(refused.text)["error"]["code"] == "invalid_host"
     )
+    assert refused.headers[REPLICA_HEADER] == "r2"  # the guard's refusal names the replica

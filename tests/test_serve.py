@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     server = Served(
-        ["--model-file", str(tiny_model), "--context", "1024"],
+        ["--model-file", str(tiny_model), "--context", "1024", "--replica-name", "box-1"],
         tmp_path_factory.mktemp("home"),
         free_port(),
         env={
@@ -208,6 +208,7 @@ def _trickle(served, first: bytes, drip: bytes) -> tuple[bytes, float]:
 def test_trickled_headers_get_408_and_the_connection_closes(served):
     answer, closed_after = _trickle(served, b"GET /health HTTP/1.1\r\n", b"X-Slow: abcdefghij")
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"\r\nX-Llmup-Replica: box-1\r\n" in answer.split(b"\r\n\r\n")[0] + b"\r\n"
     assert READ_DEADLINE_S <= closed_after < READ_DEADLINE_S + 3
 
 
@@ -224,26 +225,31 @@ def test_a_trickled_body_closes_the_connection(served):
 def test_the_port_answers_503_loading_until_the_backend_is_ready(tiny_model, tmp_path):
     """The backend is frozen (SIGSTOP) mid-load: /health says loading, the API 503s with
     Retry-After in OpenAI's shape, the official client reads it; thawed, the same port serves."""
-    server = Served(["--model-file", str(tiny_model)], tmp_path, free_port())
+    args = ["--model-file", str(tiny_model), "--replica-name", "r9"]
+    server = Served(args, tmp_path, free_port())
     backend = server.wait_backend()
     backend.suspend()
     try:
         health = httpx.get(server.url + "/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "loading"
+        assert health.headers["x-llmup-replica"] == "r9"  # which replica is loading
         assert health.json()["plan"]["model"] == "tiny-chat"
         models = httpx.get(server.url + "/v1/models", timeout=5)
         assert models.status_code == 503 and models.headers["retry-after"] == "5"
         assert models.json()["error"]["code"] == "model_loading"
+        assert models.headers["x-llmup-replica"] == "r9"
         with pytest.raises(openai.InternalServerError, match="still loading the model"):
             server.client().models.list()
         page = httpx.get(server.url + "/", timeout=5)  # the chat page's address: a page
         assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
         assert '<meta http-equiv="refresh" content="5">' in page.text and "tiny-chat" in page.text
         assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["x-llmup-replica"] == "r9"
     finally:
         backend.resume()
     server.wait_ready()
     assert [m.id for m in server.client().models.list().data] == ["tiny-chat"]
+    assert httpx.get(server.url + "/health").headers["x-llmup-replica"] == "r9"
     server.stop()
 
 

@@ -1,6 +1,7 @@
 """Sessions that never duplicate, never resurrect and lose nothing: a resent history is
 matched by longest common prefix, an edit rewinds, a retry gets the stored reply, DELETE
-during a turn wins, tool calls are kept, and counting a prompt costs one call to the backend."""
+during a turn wins, tool calls are kept, and counting a prompt costs one call to the backend.
+Every test runs twice: sessions in SQLite, and in a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ TOOL = {
                        "required": ["a"]},
     },
 }  # fmt: skip
+
+
+@pytest.fixture
+def make_proxy(make_proxy, store_target):
+    """The shared fixture's proxies, keeping sessions in this run's store (both kinds)."""
+    return lambda backend=None, **proxy: make_proxy(backend, sessions_db=store_target, **proxy)
 
 
 def sid(name: str) -> dict:

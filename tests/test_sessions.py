@@ -1,14 +1,26 @@
-"""The SQLite session store on its own: turns, the system message, owners, expiry, atomicity."""
+"""The session stores on their own, each test on SQLite and on a real PostgreSQL: turns, the
+system message, owners, expiry, atomicity, deletes, rewinds and each owner's usage (sessions
+and stored bytes, the per-key limits)."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import stat
 
 import pytest
 
 from launcher.errors import BadRequestError
 from launcher.proxy.context import TurnPlan, plan_turn
-from launcher.proxy.sessions import Conversation, NewTurn, SessionStore, TurnRecord
+from launcher.proxy.store import (
+    Conversation,
+    NewTurn,
+    OwnerUsage,
+    SessionStore,
+    SqliteStore,
+    TurnRecord,
+)
 
 
 class Clock:
@@ -29,10 +41,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path, clock) -> SessionStore:
-    s = SessionStore(tmp_path / "sessions.sqlite3", ttl_s=3600, clock=clock)
-    yield s
-    s.close()
+def store(make_store, clock) -> SessionStore:
+    return make_store(ttl_s=3600, clock=clock)
 
 
 def test_turns_are_kept_in_order_with_the_system_message_first(store) -> None:
@@ -52,12 +62,12 @@ def test_turns_are_kept_in_order_with_the_system_message_first(store) -> None:
 
 def test_wal_mode_and_survives_reopening(tmp_path, clock) -> None:
     path = tmp_path / "sessions.sqlite3"
-    first = SessionStore(path, clock=clock)
+    first = SqliteStore(path, clock=clock)
     first.commit_turn("", "kept", turn("hi", "hello"))
     first.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    second = SessionStore(path, clock=clock)
+    second = SqliteStore(path, clock=clock)
     assert second.load("", "kept").turns == [turn("hi", "hello")]
     second.close()
 
@@ -129,12 +139,75 @@ def test_a_rewinding_commit_replaces_the_later_turns_atomically(store) -> None:
     assert store.info("", "s").turns == 2 and store.info("", "s").messages == 4
 
 
-def test_ttl_zero_keeps_sessions_forever(tmp_path, clock) -> None:
-    forever = SessionStore(tmp_path / "forever.sqlite3", ttl_s=0, clock=clock)
+def test_ttl_zero_keeps_sessions_forever(make_store, clock) -> None:
+    forever = make_store(ttl_s=0, clock=clock)
     forever.commit_turn("", "s", turn("hi", "hello"))
     clock.now += 10 * 365 * 86400
     assert forever.purge_expired() == 0 and forever.load("", "s").turns == [turn("hi", "hello")]
-    forever.close()
+
+
+def stored(*values: object) -> int:
+    """UTF-8 bytes of values stored as llmup stores them (JSON, non-ASCII kept as is)."""
+    return sum(len(json.dumps(v, ensure_ascii=False).encode("utf-8")) for v in values)
+
+
+def test_usage_counts_each_owners_sessions_and_stored_bytes(store, clock) -> None:
+    assert store.usage("a") == OwnerUsage(0, 0)
+    system = {"role": "system", "content": "réponds brièvement"}  # bytes, not characters
+    first, second = turn("naïve ✓", "1"), turn("two", "2")
+    store.commit_turn("a", "s", first, system=system)
+    store.commit_turn("a", "s", second)
+    store.commit_turn("a", "t", turn("other", "x"))
+    store.commit_turn("b", "s", turn("b's own", "y"))
+    in_s = stored(system, *first, *second)
+    in_t = stored(*turn("other", "x"))
+    assert store.usage("a") == OwnerUsage(2, in_s + in_t)
+    assert store.usage("b") == OwnerUsage(1, stored(*turn("b's own", "y")))
+    # a rewind frees the replaced turns; the reply kept for retries counts; a new system
+    # message replaces the old one's bytes
+    reply = {"id": "chatcmpl-1", "choices": [{"message": {"content": "ü"}}]}
+    new_system = {"role": "system", "content": "short"}
+    rewind = NewTurn(
+        base=store.load("a", "s"), keep=0, messages=turn("again", "3"), system=new_system,
+        record=TurnRecord(tokens=5, request="d", reply=reply),
+    )  # fmt: skip
+    assert store.commit("a", "s", rewind)
+    now_s = stored(new_system, *turn("again", "3"), reply)
+    assert store.usage("a") == OwnerUsage(2, now_s + in_t)
+    assert store.delete("a", "t") and store.usage("a") == OwnerUsage(1, now_s)
+    clock.now += 3601  # expired sessions count for nothing, and are gone when used again
+    assert store.usage("a") == OwnerUsage(0, 0)
+    store.commit_turn("a", "s", turn("fresh", "f"))
+    assert store.usage("a") == OwnerUsage(1, stored(*turn("fresh", "f")))
+
+
+def test_a_failed_commit_changes_no_usage(store) -> None:
+    store.commit_turn("", "s", turn("one", "1"))
+    before = store.usage("")
+    unstorable = [{"role": "user", "content": "two"}, {"role": "assistant", "content": object()}]
+    with pytest.raises(TypeError):
+        store.commit("", "s", NewTurn(base=store.load("", "s"), keep=0, messages=unstorable))
+    assert store.usage("") == before
+
+
+def test_an_sqlite_file_is_private_whatever_the_umask(tmp_path) -> None:
+    """`--sessions-db FILE` outside the home too: its folder 0700, the file, WAL and SHM 0600."""
+    path = tmp_path / "elsewhere" / "deeper" / "sessions.sqlite3"
+    previous = os.umask(0o022)
+    try:
+        store = SqliteStore(path)
+        store.commit_turn("", "s", turn("private", "yes"))
+    finally:
+        os.umask(previous)
+    try:
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {
+            f.name: "0o600" for f in files
+        }
+        for folder in (path.parent, path.parent.parent):
+            assert oct(stat.S_IMODE(folder.stat().st_mode)) == "0o700"
+    finally:
+        store.close()
 
 
 def test_plan_turn_lines_requests_up_with_the_history() -> None:

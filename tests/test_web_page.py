@@ -23,7 +23,8 @@ from launcher.proxy import StaticBackend
 from launcher.proxy.auth import owner_of
 from launcher.proxy.backend import plan_of
 from launcher.proxy.page import WEB_DIR
-from launcher.proxy.sessions import TITLE_CHARS, SessionStore
+from launcher.proxy.store import SqliteStore
+from launcher.proxy.store.base import TITLE_CHARS
 
 KEY = "page-key"
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_plan_of_a_real_plan_keeps_all_but_the_fallbacks() -> None:
 
 
 def test_session_title_is_the_first_user_message_on_one_line(tmp_path) -> None:
-    store = SessionStore(tmp_path / "s.sqlite3")
+    store = SqliteStore(tmp_path / "s.sqlite3")
     long = "Explain\n  the   plan " + "word " * 40
     store.commit_turn(
         "o",

@@ -9,14 +9,21 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.proxy.auth import check_bind
 from launcher.proxy.backend import StaticBackend
-from launcher.proxy.sessions import SessionStore
+from launcher.proxy.store import SessionStore, SqliteStore, open_store
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from launcher.settings import Settings
 
-__all__ = ["SessionStore", "StaticBackend", "check_bind", "create_app"]
+__all__ = [
+    "SessionStore",
+    "SqliteStore",
+    "StaticBackend",
+    "check_bind",
+    "create_app",
+    "open_store",
+]
 
 
 def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> FastAPI:

@@ -16,14 +16,16 @@ from typing import Any
 from fastapi import FastAPI
 
 from launcher.api_errors import install_error_handlers
+from launcher.errors import ProxyError
 from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.page import mount_page
+from launcher.proxy.replica import ReplicaHeader
 from launcher.proxy.routes import api, ops
-from launcher.proxy.sessions import SessionStore
 from launcher.proxy.state import ProxyState
+from launcher.proxy.store import SessionStore
 from launcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> Fast
     hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(ReplicaHeader, name=settings.proxy.replica_name)  # outermost: every answer
     _watch_gauges(state)
     return app
 
@@ -67,7 +70,7 @@ def _watch_gauges(state: ProxyState) -> None:
     def refresh() -> None:
         try:
             metrics.sessions.set(state.sessions.count())
-        except sqlite3.Error as exc:  # a broken store must not take the metrics with it
+        except (ProxyError, sqlite3.Error) as exc:  # a broken store must not take the metrics
             log.warning("cannot count sessions: %s", exc)
         metrics.restarts.set(backend_info.restarts_of(state.backend))
         metrics.backend_up.set(1 if backend_info.is_ready(state.backend) else 0)

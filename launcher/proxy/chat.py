@@ -41,8 +41,8 @@ from launcher.proxy.models import (
 from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
 from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
 from launcher.proxy.replies import conform_reply, replay_events
-from launcher.proxy.sessions import Conversation, Message
 from launcher.proxy.state import ProxyState, proxy_state
+from launcher.proxy.store import Conversation, Message
 from launcher.proxy.turns import SessionTurn
 
 SESSION_HEADER = "X-Session-Id"

@@ -27,7 +27,7 @@ from typing import Any
 from launcher.errors import ContextLengthError, ProxyError
 from launcher.protocol import PROMPT_TOKENS_PATH, PromptTokens, context_length_message
 from launcher.proxy.context import message_text
-from launcher.proxy.sessions import Conversation, Message
+from launcher.proxy.store.base import Conversation, Message
 
 log = logging.getLogger(__name__)
 

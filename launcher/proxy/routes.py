@@ -146,6 +146,8 @@ async def health(request: Request) -> JSONResponse:
             "restarts": backend_info.restarts_of(backend),
         },
         "model": backend_info.model_id_of(backend),
+        "replica": st.proxy.replica_name,
+        "sessions_store": st.sessions.kind,
         "context": st.context,
         "context_policy": st.proxy.context_policy,
         "plan": backend_info.plan_summary_of(backend),

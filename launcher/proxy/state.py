@@ -22,7 +22,7 @@ from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
 from launcher.proxy.prompt_fit import ContextFitter, PromptCounter, TokenCounter
-from launcher.proxy.sessions import SessionStore
+from launcher.proxy.store import SessionStore
 from launcher.proxy.upstream import Upstream
 from launcher.settings import ProxySettings, Settings
 
