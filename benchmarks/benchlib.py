@@ -225,7 +225,7 @@ def no_end_bias(model: Path) -> dict[str, float]:
     same work: the end-of-sequence and end-of-turn tokens banned (Gemma 3 270M is a base
     model: asked to chat, it ends its turn at once); in a tiny random vocabulary also the
     byte tokens, whose text alone is not UTF-8 and would stream as nothing."""
-    from launcher.weights.gguf_file import open_gguf
+    from launcher.catalog.gguf_file import open_gguf
 
     reader = open_gguf(model)
     tokens = reader.get_field("tokenizer.ggml.tokens").contents()

@@ -58,7 +58,7 @@ KV_TYPES = ("f16", "q8_0", "q4_0")
 QUICK = {"gqa-q8": [(512, "f16"), (2048, "q8_0")]}
 COMPONENTS = ("model", "kv", "compute", "process", "total")
 # what llmup serve's default worker (the session-slot worker) has imported before its load
-SERVING_MODULES = ("launcher.backends.llamacpp_server",)
+SERVING_MODULES = ("launcher.workers.llamacpp_slots.server",)
 HARDWARE = ROOT / "tests/data/machines/cpu-2core-24gb.json"
 
 

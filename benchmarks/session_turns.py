@@ -248,7 +248,7 @@ def no_end_bias(model: Path, quick: bool) -> dict[str, float]:
     random tiny model the byte tokens, whose text is not UTF-8) banned."""
     if quick:
         return {str(token): -100.0 for token in range(2, 259)}
-    from launcher.weights.gguf_file import open_gguf
+    from launcher.catalog.gguf_file import open_gguf
 
     gguf = open_gguf(model)
     eos = int(gguf.get_field("tokenizer.ggml.eos_token_id").contents())

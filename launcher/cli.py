@@ -246,7 +246,7 @@ def plan(
 
 def attach_measurement(plan, home: Path) -> None:
     """A model already run on this machine shows what its load measured (plan.measured)."""
-    from launcher.backends.calibration import compare, lookup
+    from launcher.calibration.records import compare, lookup
 
     record = lookup(home, plan)
     if record is not None:

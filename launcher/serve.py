@@ -34,11 +34,12 @@ from typing import Any
 import uvicorn
 
 from launcher.backends.launch import backend_spec
-from launcher.backends.oom_fallback import choose_fallback, is_cached, last_attempt
-from launcher.backends.process import Runtime
 from launcher.backends.spec import http_url
-from launcher.backends.speedcheck import check_speed
-from launcher.backends.supervisor import Progress, State, Supervisor
+from launcher.backends.supervise.process import Runtime
+from launcher.backends.supervise.supervisor import Progress, State, Supervisor
+from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
+from launcher.calibration.speedcheck import check_speed
+from launcher.catalog.gguf_file import shard_paths
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
 from launcher.loading import answering_while_loading, replica_headers
@@ -47,7 +48,6 @@ from launcher.private import private_home
 from launcher.proxy import check_bind, create_app, open_store
 from launcher.proxy.auth import configured_keys
 from launcher.settings import ServeSettings, Settings
-from launcher.weights.gguf_file import shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def start_backend(
 
     Out of memory at load falls back (at most MAX_OOM_FALLBACKS times, each said in a notice
     with its arithmetic) to the best of the plan's fallbacks whose need is below the
-    shortfall the load log measured (see launcher.backends.oom_fallback).
+    shortfall the load log measured (see launcher.calibration.oom_fallback).
     """
     candidate, tried = plan, []
     while True:
@@ -210,9 +210,10 @@ def _start_one(
 
 
 def docker_runtime() -> ModuleType:
-    """The docker runtime (launcher.backends.container), imported for --runtime docker only:
-    it brings the docker SDK, ~0.15 s of imports that a local backend's start does without."""
-    from launcher.backends import container
+    """The docker runtime (launcher.backends.supervise.container), imported for --runtime
+    docker only: it brings the docker SDK, ~0.15 s of imports that a local backend's start
+    does without."""
+    from launcher.backends.supervise import container
 
     return container
 
@@ -231,7 +232,7 @@ def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime
 
 def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:
     """Predicted vs measured buffers, kept for `llmup plan` to show next time."""
-    from launcher.backends.calibration import record_load
+    from launcher.calibration.records import record_load
 
     try:
         record = record_load(home, plan, supervisor.attempt_log())

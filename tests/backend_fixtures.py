@@ -2,7 +2,7 @@
 
 Test modules import the fixtures they use (`from backend_fixtures import tiny_backend`). The
 backend is started as `llmup serve` starts it: llmup's llama.cpp worker
-(`launcher.backends.llamacpp_worker`: llama_cpp.server with llmup's additions, /health and
+(`launcher.workers.llamacpp_python.server`: llama_cpp.server with llmup's additions, /health and
 the per-run key) under the project's Supervisor (so a test can kill it and watch the restart); each
 proxy runs in a uvicorn thread on 127.0.0.1 with its own settings and session store.
 """
@@ -23,9 +23,9 @@ import pytest
 import uvicorn
 from ggufgen import write_llama_gguf
 
-from launcher.backends.llamacpp import SERVER_ENV_NAMES, SERVER_MODULE
+from launcher.backends.launch.llamacpp_python import SERVER_ENV_NAMES, SERVER_MODULE
 from launcher.backends.spec import BackendSpec, free_port, new_backend_key
-from launcher.backends.supervisor import Supervisor
+from launcher.backends.supervise.supervisor import Supervisor
 from launcher.proxy import SessionStore, create_app, open_store
 from launcher.settings import Settings
 

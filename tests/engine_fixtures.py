@@ -15,23 +15,23 @@ from typing import Any
 
 from ggufgen import write_llama_gguf
 
-from launcher.backends.generation import (
+from launcher.workers.generation import (
     END,
     GenerationJob,
     GenerationParams,
     SessionKey,
     TokenEvent,
 )
-from launcher.backends.llamacpp_engine import BatchEngine
-from launcher.backends.llamacpp_native import (
+from launcher.workers.llamacpp_slots.engine import BatchEngine
+from launcher.workers.llamacpp_slots.native import (
     ContextOptions,
     ModelOptions,
     NativeContext,
     NativeModel,
     route_llama_logs,
 )
-from launcher.backends.slot_store import DiskStore, RamStore, SlotStore
-from launcher.backends.slots import SlotManager
+from launcher.workers.llamacpp_slots.slot_store import DiskStore, RamStore, SlotStore
+from launcher.workers.llamacpp_slots.slots import SlotManager
 
 IDENTITY = {"model": "tiny", "kv_type": "f16"}
 KEY = b"k" * 32  # the saved-state HMAC key

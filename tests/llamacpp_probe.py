@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+from launcher.calibration.llamacpp_log import LoadBuffers, parse_load_log
 
 FlashAttn = bool | Literal["auto"] | None
 
@@ -55,7 +55,7 @@ if opts["flash_attn"] == "auto":
     C.LLAMA_FLASH_ATTN_TYPE_DISABLED = C.LLAMA_FLASH_ATTN_TYPE_AUTO
     kwargs["flash_attn"] = False
 if not opts["use_extra_bufts"]:
-    from launcher.backends.llamacpp_worker import disable_weight_repack
+    from launcher.workers.llamacpp_python.server import disable_weight_repack
     disable_weight_repack()
 llm = llama_cpp.Llama(verbose=True, **kwargs)
 if opts["eval_tokens"]:
@@ -138,7 +138,7 @@ def _load_in_child(code: str, options: str, timeout: float, what: str) -> str:
 
 _SLOTS_CHILD = r"""
 import json, sys
-from launcher.backends.llamacpp_native import (
+from launcher.workers.llamacpp_slots.native import (
     ContextOptions, ModelOptions, NativeContext, NativeModel, route_llama_logs,
 )
 opts = json.loads(sys.argv[1])

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from test_exllamav2_server import MODEL, FakeGenerator, serving_app
 
-from launcher.backends import exllamav2_server, worker_api
-from launcher.backends.backend_key import BackendKeyMiddleware, require_backend_key
 from launcher.backends.spec import KEY_ENV, new_backend_key
+from launcher.workers import api as worker_api
+from launcher.workers.backend_key import BackendKeyMiddleware, require_backend_key
+from launcher.workers.exllamav2 import server as exllamav2_server
 
 
 @pytest.fixture

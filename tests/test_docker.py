@@ -28,8 +28,8 @@ from backend_fixtures import TEMPLATE
 from conftest import run_cli
 from ggufgen import write_llama_gguf
 
-from launcher.backends.container import BACKEND_LABEL, OWNER_LABEL
 from launcher.backends.spec import KEY_ENV, free_port
+from launcher.backends.supervise.container import BACKEND_LABEL, OWNER_LABEL
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -286,7 +286,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         cmd = open(f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         continue
-    if int(pid) != os.getpid() and b"-m\\0launcher.backends.llamacpp" in cmd:
+    if int(pid) != os.getpid() and b"-m\\0launcher.workers.llamacpp" in cmd:
         os.kill(int(pid), signal.SIGKILL)
         print(pid)
 """

@@ -10,15 +10,15 @@ import pytest
 from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
 
-from launcher.backends.container import (
+from launcher.backends.launch import backend_spec
+from launcher.backends.spec import KEY_ENV, BackendSpec
+from launcher.backends.supervise.container import (
     BACKEND_LABEL,
     accelerator,
     container_options,
     image_for,
     weight_mounts,
 )
-from launcher.backends.launch import backend_spec
-from launcher.backends.spec import KEY_ENV, BackendSpec
 from launcher.errors import DockerRuntimeError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
@@ -51,7 +51,7 @@ def test_two_gpu_plan_requests_exactly_its_gpus_and_publishes_on_loopback(tiny, 
         {"Target": slots, "Source": slots, "Type": "bind", "ReadOnly": False},
     ]
     command = opts["command"]
-    assert command[:3] == ["python", "-m", "launcher.backends.llamacpp_server"]
+    assert command[:3] == ["python", "-m", "launcher.workers.llamacpp_slots.server"]
     assert command[command.index("--slots-dir") + 1] == slots
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--model") + 1] == str(tiny)  # the mount's own path

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.backends.exllamav2_engine import ExllamaGenerator, GenerationParams, LoadOptions
-from launcher.backends.exllamav2_server import create_app
+from launcher.workers.exllamav2.engine import ExllamaGenerator, GenerationParams, LoadOptions
+from launcher.workers.exllamav2.server import create_app
 
 pytestmark = pytest.mark.gpu
 

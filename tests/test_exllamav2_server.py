@@ -25,11 +25,11 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.backends.exllamav2_engine import LoadOptions
-from launcher.backends.exllamav2_server import build_identity, create_app
-from launcher.backends.generation import GenerationParams, StopScanner, TokenEvent
-from launcher.backends.llama2_chat import build_prompt
 from launcher.protocol import system_fingerprint
+from launcher.workers.exllamav2.engine import LoadOptions
+from launcher.workers.exllamav2.server import build_identity, create_app
+from launcher.workers.generation import GenerationParams, StopScanner, TokenEvent
+from launcher.workers.llama2_chat import build_prompt
 
 MODEL = "llama-2-7b-chat-gptq"
 REPLY = "Hello there! How can I help you today?"
@@ -592,7 +592,7 @@ def test_health_answers_while_generating_and_requests_queue():
 
 
 def run_worker(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "launcher.backends.exllamav2_server", *args]
+    command = [sys.executable, "-m", "launcher.workers.exllamav2.server", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
@@ -694,7 +694,7 @@ class StubTokenizer:
 def stub_generator(engine: StubEngine):
     from types import SimpleNamespace
 
-    from launcher.backends.exllamav2_engine import ExllamaGenerator
+    from launcher.workers.exllamav2.engine import ExllamaGenerator
 
     modules = {
         "torch": SimpleNamespace(tensor=lambda data, dtype: data, long="long"),
@@ -762,7 +762,7 @@ def test_exllama_encode_and_vocab():
 def test_load_uses_manual_split_or_autosplit(tmp_path, split):
     from types import SimpleNamespace
 
-    from launcher.backends.exllamav2_engine import LoadOptions, _load_model
+    from launcher.workers.exllamav2.engine import LoadOptions, _load_model
 
     calls: list = []
 
@@ -783,7 +783,7 @@ def test_load_uses_manual_split_or_autosplit(tmp_path, split):
 
 
 def test_load_errors_are_classified(tmp_path):
-    from launcher.backends.exllamav2_engine import (
+    from launcher.workers.exllamav2.engine import (
         LoadOptions,
         WorkerModelError,
         _load_error,
@@ -800,7 +800,7 @@ def test_load_errors_are_classified(tmp_path):
 
 
 def test_default_alias_names_the_hub_repo(tmp_path):
-    from launcher.backends.exllamav2_server import default_alias
+    from launcher.workers.exllamav2.server import default_alias
 
     snapshot = tmp_path / "models--TheBloke--Llama-2-7B-Chat-GPTQ" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)

@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import MACHINES
 
-from launcher.backends.exllamav2_server import build_parser
 from launcher.backends.launch import backend_spec
 from launcher.errors import ModelFileError, UsageError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.planner import PlanRequest, make_plan
+from launcher.workers.exllamav2.server import build_parser
 
 
 def gptq_folder(tmp_path):
@@ -29,7 +29,7 @@ def test_single_gpu_plan(tmp_path):
     plan = plan_for("a6000-48gb", kv_cache="q8_0")
     spec = backend_spec(plan, gptq_folder(tmp_path), home=tmp_path)
     args = build_parser().parse_args(spec.command[3:])
-    assert spec.command[1:3] == ["-m", "launcher.backends.exllamav2_server"]
+    assert spec.command[1:3] == ["-m", "launcher.workers.exllamav2.server"]
     assert spec.health_path == "/health" and spec.auth_headers["Authorization"].startswith(
         "Bearer "
     )

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGUFReader
 from ggufgen import model_tensor_bytes, write_llama_gguf
 
-from launcher.weights.gguf_file import open_gguf, read_model_file
+from launcher.catalog.gguf_file import open_gguf, read_model_file
 
 
 def _same(path) -> None:

@@ -13,16 +13,16 @@ import pytest
 from conftest import MACHINES
 from ggufgen import write_llama_gguf
 
-from launcher.backends import calibration
 from launcher.backends.launch import backend_spec
-from launcher.backends.llamacpp import (
+from launcher.backends.launch.llamacpp_python import (
     GGML_TYPES,
     SERVER_ENV_NAMES,
     physical_cores,
     ready_timeout_s,
 )
-from launcher.backends.llamacpp_log import parse_load_log
-from launcher.backends.supervisor import State, Supervisor
+from launcher.backends.supervise.supervisor import State, Supervisor
+from launcher.calibration import records as calibration
+from launcher.calibration.llamacpp_log import parse_load_log
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.plan import Plan
@@ -73,7 +73,7 @@ def post(sup: Supervisor, path: str, body: dict) -> dict:
 def test_flags_are_the_plans_and_the_server_accepts_them(tiny):
     plan = cpu_plan(tiny)
     spec = backend_spec(plan, tiny, home=home(), port=12345)
-    assert spec.command[1:3] == ["-m", "launcher.backends.llamacpp_worker"]
+    assert spec.command[1:3] == ["-m", "launcher.workers.llamacpp_python.server"]
     args = server_parser().parse_args(spec.command[3:])
     assert args.model == str(tiny) and args.model_alias == plan.model.id == spec.model_alias
     assert (args.host, args.port) == ("127.0.0.1", 12345)
@@ -225,7 +225,7 @@ def test_a_planned_file_is_read_once(tmp_path, monkeypatch, template):
     """The plan of a local GGUF says whether it has a chat template (its header was read at
     planning), so the launch reads the file no second time; a plan without that knowledge
     (a download) still reads it."""
-    from launcher.backends import llamacpp
+    from launcher.backends.launch import llamacpp_python as llamacpp
 
     model = write_llama_gguf(tmp_path / "m.gguf", n_layer=2, chat_template=template)
     plan = cpu_plan(model)

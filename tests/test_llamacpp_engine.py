@@ -8,9 +8,9 @@ import json
 import pytest
 from engine_fixtures import GREEDY, Engine, tiny_engine_model
 
-from launcher.backends.generation import GenerationParams, SessionKey
-from launcher.backends.slot_store import file_name
-from launcher.backends.slots import common_prefix
+from launcher.workers.generation import GenerationParams, SessionKey
+from launcher.workers.llamacpp_slots.slot_store import file_name
+from launcher.workers.llamacpp_slots.slots import common_prefix
 
 ALICE, BOB = "a1ice0000000000000000000000000000", "b0b00000000000000000000000000000"
 USER_TURNS = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+from launcher.calibration.llamacpp_log import LoadBuffers, parse_load_log
 from launcher.units import MIB
 from tests.ggufgen import model_tensor_bytes, write_llama_gguf
 
@@ -198,7 +198,7 @@ def test_probe_quantized_kv_and_model_bytes(tiny_f16: Path) -> None:
 _GENERATE = r"""
 import json, sys
 import llama_cpp
-from launcher.backends.llamacpp_worker import disable_weight_repack
+from launcher.workers.llamacpp_python.server import disable_weight_repack
 disable_weight_repack()
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)
 text = llm("hello world", max_tokens=4)["choices"][0]["text"]

@@ -14,9 +14,9 @@ from backend_fixtures import TEMPLATE
 from ggufgen import write_llama_gguf
 from worker_fixtures import CLEAN_WORDS, SlotWorker, cached_of, session_headers, text_of
 
-from launcher.backends.generation import SessionKey
-from launcher.backends.slot_store import file_name
 from launcher.backends.spec import KEY_ENV
+from launcher.workers.generation import SessionKey
+from launcher.workers.llamacpp_slots.slot_store import file_name
 
 ALICE, BOB = "a" * 32, "b" * 32
 USERS = [

@@ -7,8 +7,8 @@ import pytest
 from launcher.catalog.loader import load_catalog
 from launcher.catalog.models import Architecture
 from launcher.catalog.shape import ModelShape, WeightLayout, layout_from_catalog
-from launcher.planning import exllamav2 as exl
-from launcher.planning.llamacpp import (
+from launcher.planning import memory_exllamav2 as exl
+from launcher.planning.memory_llamacpp import (
     MIB,
     LlamaCppSettings,
     compute_bytes,

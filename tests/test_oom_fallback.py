@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import DATA, MACHINES
 
-from launcher.backends.oom_fallback import (
+from launcher.calibration.oom_fallback import (
     MARGIN_MIB,
     choose_fallback,
     last_attempt,

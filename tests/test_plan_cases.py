@@ -14,7 +14,7 @@ from launcher.hardware.installed import detect_backends
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
 from launcher.planning.backend_access import ASSUMED
-from launcher.planning.llamacpp import (
+from launcher.planning.memory_llamacpp import (
     LlamaCppSettings,
     compute_bytes,
     pipeline_copies_bytes,

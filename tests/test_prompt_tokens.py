@@ -12,7 +12,7 @@ from backend_fixtures import TEMPLATE
 from ggufgen import write_llama_gguf
 from worker_fixtures import SlotWorker
 
-from launcher.backends import llamacpp_patches
+from launcher.workers.llamacpp_python import patches as llamacpp_patches
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -20,7 +20,7 @@ from backend_fixtures import (
 )
 
 from launcher.backends.spec import BackendSpec, free_port, new_backend_key
-from launcher.backends.supervisor import Supervisor
+from launcher.backends.supervise.supervisor import Supervisor
 from launcher.errors import BadRequestError
 from launcher.proxy.crashes import CrashMemory
 
@@ -85,7 +85,7 @@ def _supervised_slot_worker(folder: Path) -> Supervisor:
     enough that a frozen backend is killed for ill health within seconds."""
     port = free_port()
     command = [
-        sys.executable, "-m", "launcher.backends.llamacpp_server",
+        sys.executable, "-m", "launcher.workers.llamacpp_slots.server",
         "--model", str(write_tiny_model(folder)), "--model-alias", MODEL,
         "--host", "127.0.0.1", "--port", str(port), "--context", "512",
         "--parallel", "2", "--threads", "1", "--no-disk-slots",

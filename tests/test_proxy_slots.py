@@ -9,10 +9,10 @@ from backend_fixtures import TEMPLATE, proxy_settings, serve_proxy
 from ggufgen import write_llama_gguf
 from worker_fixtures import CLEAN_WORDS, SlotWorker
 
-from launcher.backends.generation import SessionKey
-from launcher.backends.slot_store import file_name
 from launcher.proxy.auth import owner_of
 from launcher.proxy.backend import StaticBackend
+from launcher.workers.generation import SessionKey
+from launcher.workers.llamacpp_slots.slot_store import file_name
 
 KEYS = ["key-a", "key-b"]
 FIRST = "hello world the a an and of to in is it you that he"

@@ -16,8 +16,8 @@ from conftest import MACHINES, run_cli
 from ggufgen import write_llama_gguf
 from serving import FAST_HEALTH, Served, descendants, gone
 
-from launcher.backends.calibration import compare, lookup
 from launcher.backends.spec import BackendSpec, free_port
+from launcher.calibration.records import compare, lookup
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.planner import PlanRequest, make_plan
 from launcher.settings import Settings

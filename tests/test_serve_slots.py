@@ -9,13 +9,13 @@ from conftest import MACHINES
 from ggufgen import write_llama_gguf
 from serving import Served
 
-from launcher.backends.calibration import lookup
 from launcher.backends.launch import backend_spec
-from launcher.backends.llamacpp_server import build_parser
 from launcher.backends.spec import KEY_ENV, free_port
+from launcher.calibration.records import lookup
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.plan import Plan
 from launcher.planning.planner import PlanRequest, make_plan
+from launcher.workers.llamacpp_slots.server import build_parser
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -32,8 +32,8 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize(
     ("impl", "module"),
     [
-        ("slots", "launcher.backends.llamacpp_server"),
-        ("server", "launcher.backends.llamacpp_worker"),
+        ("slots", "launcher.workers.llamacpp_slots.server"),
+        ("server", "launcher.workers.llamacpp_python.server"),
     ],
 )
 def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):
@@ -78,7 +78,7 @@ def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch)
     plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
     assert len(plan.placement.devices) == 2 and plan.parallel >= 1
     spec = backend_spec(plan, tiny_model, home=tmp_path, session_ttl_s=3600, port=12345)
-    assert spec.command[1:3] == ["-m", "launcher.backends.llamacpp_server"]
+    assert spec.command[1:3] == ["-m", "launcher.workers.llamacpp_slots.server"]
     args = build_parser().parse_args(spec.command[3:])
     assert (args.context, args.parallel) == (plan.context, plan.parallel)
     assert args.tensor_split == tuple(plan.placement.tensor_split)
@@ -90,4 +90,4 @@ def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch)
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.launch_env()[KEY_ENV]
     request = PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
     stock = backend_spec(make_plan(request), tiny_model, home=tmp_path)
-    assert "launcher.backends.llamacpp_worker" in stock.command
+    assert "launcher.workers.llamacpp_python.server" in stock.command

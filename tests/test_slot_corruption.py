@@ -15,8 +15,8 @@ from worker_fixtures import (
     write_chat_model,
 )
 
-from launcher.backends.generation import SessionKey
-from launcher.backends.slot_store import file_name
+from launcher.workers.generation import SessionKey
+from launcher.workers.llamacpp_slots.slot_store import file_name
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,8 +10,8 @@ from array import array
 import pytest
 from worker_fixtures import rewrite_state_header
 
-from launcher.backends.generation import SessionKey
-from launcher.backends.slot_store import (
+from launcher.workers.generation import SessionKey
+from launcher.workers.llamacpp_slots.slot_store import (
     KEY_FILE,
     MAGIC,
     DiskStore,
@@ -21,7 +21,7 @@ from launcher.backends.slot_store import (
     file_name,
     state_key,
 )
-from launcher.backends.slots import RestoreEstimate, SlotManager, common_prefix
+from launcher.workers.llamacpp_slots.slots import RestoreEstimate, SlotManager, common_prefix
 
 IDENTITY = {"model": "tiny.gguf", "size": 123, "kv_type": "f16"}
 KEY = bytes(range(32))

@@ -18,9 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ggufgen import write_llama_gguf
 
-from launcher.backends.calibration import lookup, record_load, save_record
 from launcher.backends.spec import free_port
-from launcher.backends.speedcheck import check_speed
+from launcher.calibration.records import lookup, record_load, save_record
+from launcher.calibration.speedcheck import check_speed
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
 
@@ -51,7 +51,7 @@ def _measured(home, plan, *, predicted_decode: float) -> None:
 def _check(plan, home, caplog, base_url: str = "http://127.0.0.1:9") -> list[str]:
     notes: list[str] = []
     served = SimpleNamespace(plan=plan, base_url=base_url)  # by default nothing listens there
-    with caplog.at_level(logging.INFO, logger="launcher.backends.speedcheck"):
+    with caplog.at_level(logging.INFO, logger="launcher.calibration.speedcheck"):
         check_speed(served, home, notify=notes.append)
     return notes
 

@@ -21,9 +21,9 @@ import httpx
 import psutil
 import pytest
 
-from launcher.backends.failure import classify_failure
 from launcher.backends.spec import BackendSpec, free_port, port_is_free
-from launcher.backends.supervisor import Progress, State, Supervisor
+from launcher.backends.supervise.failure import classify_failure
+from launcher.backends.supervise.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendCrashError, BackendLoadError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ PARENT = r"""
 import sys, time
 from pathlib import Path
 from launcher.backends.spec import BackendSpec
-from launcher.backends.supervisor import Supervisor
+from launcher.backends.supervise.supervisor import Supervisor
 
 script, port, log_path = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 spec = BackendSpec(name="child", command=[sys.executable, "-u", script, str(port)],
@@ -282,7 +282,7 @@ def test_a_hung_child_is_restarted(make_spec):
 
 def test_the_child_arms_the_parent_death_signal_itself(make_spec, monkeypatch):
     """No preexec_fn (unsafe when forking from a thread): the child runs prctl itself."""
-    from launcher.backends import supervisor as supervisor_module
+    from launcher.backends.supervise import supervisor as supervisor_module
 
     seen: list[dict] = []
     real_popen = subprocess.Popen

@@ -1,6 +1,6 @@
 """llmup's llama.cpp session-slot worker as a real child process on 127.0.0.1.
 
-`SlotWorker.start(model, slots_dir, ...)` runs `python -m launcher.backends.llamacpp_server`
+`SlotWorker.start(model, slots_dir, ...)` runs `python -m launcher.workers.llamacpp_slots.server`
 as the supervisor would and waits for /health; `stop()` sends SIGTERM (the worker then saves
 its sessions to disk) and waits. `chat(...)` posts one chat request, optionally in a session
 named by the proxy's private headers.
@@ -22,9 +22,9 @@ import httpx
 from backend_fixtures import TEMPLATE
 from ggufgen import write_llama_gguf
 
-from launcher.backends.slot_store import MAGIC
 from launcher.backends.spec import free_port
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
+from launcher.workers.llamacpp_slots.slot_store import MAGIC
 
 # No end of sequence and no byte tokens for the generated model: replies run to max_tokens
 # in whole words, so a reply's text tokenizes back to (mostly) the same ids.
@@ -63,7 +63,7 @@ class SlotWorker:
         port = free_port()
         log = slots_dir.parent / f"worker-{port}.log"
         command = [
-            sys.executable, "-m", "launcher.backends.llamacpp_server",
+            sys.executable, "-m", "launcher.workers.llamacpp_slots.server",
             "--model", str(model), "--port", str(port), "--model-alias", alias,
             "--slots-dir", str(slots_dir), "--threads", "1", *args,
         ]  # fmt: skip

@@ -10,5 +10,8 @@ from launcher.lazy import lazy_names
 __all__ = ["BackendSpec", "Supervisor"]
 __getattr__ = lazy_names(
     __name__,
-    {"Supervisor": "launcher.backends.supervisor", "BackendSpec": "launcher.backends.spec"},
+    {
+        "Supervisor": "launcher.backends.supervise.supervisor",
+        "BackendSpec": "launcher.backends.spec",
+    },
 )

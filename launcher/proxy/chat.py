@@ -32,15 +32,15 @@ from launcher.proxy import turns
 from launcher.proxy.checks import check_logit_bias, check_supported
 from launcher.proxy.context import normalize
 from launcher.proxy.crashes import request_digest
-from launcher.proxy.models import (
+from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
+from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
+from launcher.proxy.replies import conform_reply, replay_events
+from launcher.proxy.request_models import (
     SESSION_ID,
     ChatRequest,
     EmbeddingRequest,
     TextCompletionRequest,
 )
-from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
-from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
-from launcher.proxy.replies import conform_reply, replay_events
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import Conversation, Message
 from launcher.proxy.turns import SessionTurn

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.errors import BadRequestError
-from launcher.proxy.models import LLAMA_CPP_FIELDS
+from launcher.proxy.request_models import LLAMA_CPP_FIELDS
 
 # fields a backend kind ignores (so a request relying on them must hear it)
 UNSUPPORTED = {

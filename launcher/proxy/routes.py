@@ -12,10 +12,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from launcher.errors import NotFoundError
 from launcher.protocol import ModelCard, ModelList
 from launcher.proxy import backend as backend_info
-from launcher.proxy import chat, slots
+from launcher.proxy import chat, worker_slots
 from launcher.proxy.guard import OWNER_STATE
 from launcher.proxy.metrics import CONTENT_TYPE_LATEST
-from launcher.proxy.models import ChatRequest, EmbeddingRequest, TextCompletionRequest
+from launcher.proxy.request_models import ChatRequest, EmbeddingRequest, TextCompletionRequest
 from launcher.proxy.state import proxy_state
 
 bearer = HTTPBearer(auto_error=False, description="one of the proxy's API keys")
@@ -108,7 +108,7 @@ async def delete_session(
     store = proxy_state(request).sessions
     if not await anyio.to_thread.run_sync(store.delete, owner, session_id):
         raise _no_session(session_id)
-    await slots.forget_session(proxy_state(request), owner, session_id)
+    await worker_slots.forget_session(proxy_state(request), owner, session_id)
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
@@ -164,6 +164,6 @@ async def openapi_schema(request: Request, owner: str = Depends(authenticate)) -
 @ops.get("/metrics", response_class=Response)
 async def metrics(request: Request, owner: str = Depends(authenticate)) -> Response:
     st = proxy_state(request)
-    await slots.refresh_slot_metrics(st)
+    await worker_slots.refresh_slot_metrics(st)
     data = await anyio.to_thread.run_sync(st.metrics.render)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -23,10 +23,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.backends.generation import END, GenerationJob, TokenEvent, first_line
-from launcher.backends.llamacpp_native import Batch, DecodeError, NativeContext, NativeModel
-from launcher.backends.llamacpp_sampling import SamplerChain
-from launcher.backends.slots import Slot, SlotManager
+from launcher.workers.generation import END, GenerationJob, TokenEvent, first_line
+from launcher.workers.llamacpp_slots.native import Batch, DecodeError, NativeContext, NativeModel
+from launcher.workers.llamacpp_slots.sampling import SamplerChain
+from launcher.workers.llamacpp_slots.slots import Slot, SlotManager
 
 logger = logging.getLogger(__name__)
 

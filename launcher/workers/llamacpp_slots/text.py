@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from launcher.backends.llama2_chat import prompt_tokens
-from launcher.backends.llamacpp_native import NativeModel
 from launcher.protocol import ChatMessage
+from launcher.workers.llama2_chat import prompt_tokens
+from launcher.workers.llamacpp_slots.native import NativeModel
 
 TEMPLATE_KEY = "tokenizer.chat_template"
 

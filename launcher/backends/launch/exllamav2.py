@@ -8,7 +8,7 @@ from launcher.backends.spec import WorkerLaunch
 from launcher.errors import ModelFileError
 from launcher.planning.plan import Plan
 
-WORKER_MODULE = "launcher.backends.exllamav2_server"
+WORKER_MODULE = "launcher.workers.exllamav2.server"
 READY_BASE_S = 60.0
 READY_PER_GB_S = 15.0
 

@@ -21,9 +21,9 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from launcher.backends.generation import SessionKey
-from launcher.backends.llamacpp_native import NativeContext
-from launcher.backends.slot_store import SavedState, SlotStore
+from launcher.workers.generation import SessionKey
+from launcher.workers.llamacpp_slots.native import NativeContext
+from launcher.workers.llamacpp_slots.slot_store import SavedState, SlotStore
 
 logger = logging.getLogger(__name__)
 

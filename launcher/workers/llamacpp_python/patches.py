@@ -1,6 +1,6 @@
 """What llmup's llama.cpp worker adds to llama-cpp-python's OpenAI server.
 
-Applied by `launcher.backends.llamacpp_worker` inside the backend process only, before the
+Applied by `launcher.workers.llamacpp_python.server` inside the backend process only, before the
 server is built:
 
 - **Exact usage in streams.** llama_cpp.server sends no usage in a stream (it ignores

@@ -1,7 +1,7 @@
 """llmup's HTTP worker for GPTQ models: exllamav2's dynamic generator behind OpenAI routes.
 
 exllamav2 ships no OpenAI server, so this module is one. It is started by the supervisor as
-``python -m launcher.backends.exllamav2_server --model-dir DIR --port N`` on 127.0.0.1; the
+``python -m launcher.workers.exllamav2.server --model-dir DIR --port N`` on 127.0.0.1; the
 proxy is the public surface, and the worker answers only requests that carry the run's
 backend key (`backend_key`). Argument parsing and ``--help`` never import torch or exllamav2,
 and a missing package or GPU ends the process with exit code 2 and one log line that says what
@@ -26,17 +26,17 @@ from typing import Any
 from fastapi import FastAPI
 
 from launcher import __version__
-from launcher.backends.exllamav2_engine import (
+from launcher.planning.memory_exllamav2 import CACHE_MODES
+from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,
     GenerationWorker,
     Generator,
     LoadOptions,
     WorkerStartupError,
 )
-from launcher.backends.llama2_chat import prompt_tokens
-from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
-from launcher.backends.worker_request import WorkerState
-from launcher.planning.exllamav2 import CACHE_MODES
+from launcher.workers.llama2_chat import prompt_tokens
+from launcher.workers.request import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _gpu_split(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.backends.exllamav2_server",
+        prog="python -m launcher.workers.exllamav2.server",
         description="OpenAI-compatible worker serving a GPTQ Llama-2 with exllamav2. It binds "
         "127.0.0.1 by default: llmup's proxy is the public surface.",
     )

@@ -3,8 +3,9 @@
 The parts every backend shares live here once: the Python module run as the child, the
 loopback address and private port, the child's environment (`backend_env`), the log file,
 the model alias, the devices and the per-run key. Each backend module adds only what is its
-own (`slots_spec.launch` for llmup's GGUF worker, `llamacpp.launch` for llama-cpp-python's
-server, `exllamav2.launch`: flags, ready timeout, names to scrub from the environment).
+own (`llamacpp_slots.launch` for llmup's GGUF worker, `llamacpp_python.launch` for
+llama-cpp-python's server, `exllamav2.launch`: flags, ready timeout, names to scrub from the
+environment).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from launcher.backends import exllamav2, llamacpp, slots_spec
+from launcher.backends.launch import exllamav2, llamacpp_python, llamacpp_slots
 from launcher.backends.spec import (
     LOOPBACK,
     BackendSpec,
@@ -41,7 +42,7 @@ def backend_spec(
     """The launch of the plan's backend serving `model_path` (a GGUF file, a GPTQ folder).
 
     `port` None picks a free one; `threads` and `chat_format` are llama.cpp's (see
-    `llamacpp.launch`); `session_ttl_s` is when the slot worker's saved sessions expire.
+    `llamacpp_python.launch`); `session_ttl_s` is when the slot worker's saved sessions expire.
     """
     worker = _worker(
         plan,
@@ -82,9 +83,9 @@ def _worker(
     """GGUF goes to llmup's session-slot worker unless the plan names llama-cpp-python's
     server (`--llamacpp-impl server`)."""
     if plan.backend == "llama.cpp" and plan.settings.llamacpp_impl == "server":
-        return llamacpp.launch(plan, model_path, threads=threads, chat_format=chat_format)
+        return llamacpp_python.launch(plan, model_path, threads=threads, chat_format=chat_format)
     if plan.backend == "llama.cpp":
-        return slots_spec.launch(
+        return llamacpp_slots.launch(
             plan, model_path, home=home, threads=threads, session_ttl_s=session_ttl_s
         )
     if plan.backend == "exllamav2":

@@ -25,7 +25,6 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from launcher.backends.generation import GenerationJob, GenerationParams, SessionKey
 from launcher.errors import ProxyError
 from launcher.protocol import (
     BACKEND_OWNER_HEADER,
@@ -38,6 +37,7 @@ from launcher.protocol import (
     Usage,
     context_length_message,
 )
+from launcher.workers.generation import GenerationJob, GenerationParams, SessionKey
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 

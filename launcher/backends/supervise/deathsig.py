@@ -1,5 +1,5 @@
-"""`python -m launcher.backends.deathsig PARENT_PID COMMAND...`: run COMMAND so that it dies
-with the process that started it.
+"""`python -m launcher.backends.supervise.deathsig PARENT_PID COMMAND...`: run COMMAND so
+that it dies with the process that started it.
 
 On Linux the wrapper asks the kernel for SIGKILL when its parent goes (prctl
 PR_SET_PDEATHSIG, which survives execve), checks the parent did not go already, then execs
@@ -20,7 +20,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-MODULE = "launcher.backends.deathsig"
+MODULE = "launcher.backends.supervise.deathsig"
 
 
 def guarded(command: list[str], parent: int | None = None) -> list[str]:

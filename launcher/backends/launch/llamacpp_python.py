@@ -1,6 +1,6 @@
 """The llama.cpp backend: llama-cpp-python's OpenAI server, launched with the plan's settings.
 
-The command runs `launcher.backends.llamacpp_worker`: `llama_cpp.server`'s app and flags, plus
+The command runs `launcher.workers.llamacpp_python.server`: `llama_cpp.server`'s app and flags, plus
 a `/health` route that answers while a generation holds the model, the per-run backend key,
 and weight repacking turned off on AMX CPUs (there this llama.cpp build segfaults on the first
 token of a quantized model: measured here with a Q8_0 model, exit -11 under plain
@@ -38,15 +38,15 @@ from pathlib import Path
 import psutil
 
 from launcher.backends.spec import WorkerLaunch
+from launcher.catalog.gguf_file import open_gguf, shard_paths
 from launcher.errors import ModelFileError, UsageError
 from launcher.planning.plan import Plan
-from launcher.weights.gguf_file import open_gguf, shard_paths
 
 log = logging.getLogger(__name__)
 
 READY_BASE_S = 30.0
 READY_PER_GB_S = 10.0
-SERVER_MODULE = "launcher.backends.llamacpp_worker"
+SERVER_MODULE = "launcher.workers.llamacpp_python.server"
 FALLBACK_CHAT_FORMAT = "llama-2"
 
 # ggml_type ids, as llama_cpp.GGML_TYPE_* (a test checks them against the installed module;

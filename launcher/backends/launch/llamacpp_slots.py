@@ -1,6 +1,6 @@
 """The worker part of the launch of llmup's own GGUF worker (session slots) for a plan.
 
-`python -m launcher.backends.llamacpp_server` gets every value the plan assumed: the context
+`python -m launcher.workers.llamacpp_slots.server` gets every value the plan assumed: the context
 of one sequence and `parallel` sequences (the KV cache the plan sized), batch sizes, layers on
 the GPUs and their split, the KV cache type, flash attention, all physical cores, the RAM the
 plan left for saved session states, and the folder beside the sessions database where they
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.backends.llamacpp import model_bytes, physical_cores, ready_timeout_s
+from launcher.backends.launch.llamacpp_python import model_bytes, physical_cores, ready_timeout_s
 from launcher.backends.spec import WorkerLaunch
 from launcher.errors import ModelFileError
 from launcher.planning.plan import Plan
 
-WORKER_MODULE = "launcher.backends.llamacpp_server"
+WORKER_MODULE = "launcher.workers.llamacpp_slots.server"
 SLOTS_DIR = "slots"
 DISK_SLOTS_MIB = 8192
 DEFAULT_TTL_S = 7 * 86400.0

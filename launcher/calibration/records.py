@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from launcher.backends.llamacpp_log import LoadBuffers, parse_load_log
+from launcher.calibration.llamacpp_log import LoadBuffers, parse_load_log
 from launcher.jsonfile import read_json, write_json_atomic
 from launcher.planning.plan import Plan
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from launcher.backends.generation import (
+from launcher.errors import LlmupError
+from launcher.workers.generation import (
     END,
     GenerationJob,
     GenerationParams,
     TokenEvent,
     first_line,
 )
-from launcher.errors import LlmupError
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.backends.generation import SessionKey
+from launcher.workers.generation import SessionKey
 
 logger = logging.getLogger(__name__)
 

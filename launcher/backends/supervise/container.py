@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from launcher.backends.process import SpawnError
 from launcher.backends.spec import BackendSpec
+from launcher.backends.supervise.process import SpawnError
 from launcher.errors import DockerRuntimeError
 from launcher.planning.plan import Plan
 from launcher.private import open_private, private_dir

@@ -34,18 +34,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from launcher.api_errors import error_response, install_error_handlers
-from launcher.backends.backend_key import require_backend_key
-from launcher.backends.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
-from launcher.backends.worker_request import (
-    Engine,
-    Run,
-    WorkerState,
-    check_model,
-    counted,
-    parsed,
-    prepared,
-    worker_state,
-)
 from launcher.protocol import (
     META_PATH,
     PROMPT_TOKENS_PATH,
@@ -69,6 +57,18 @@ from launcher.protocol import (
     error_body,
     new_id,
     now,
+)
+from launcher.workers.backend_key import require_backend_key
+from launcher.workers.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
+from launcher.workers.request import (
+    Engine,
+    Run,
+    WorkerState,
+    check_model,
+    counted,
+    parsed,
+    prepared,
+    worker_state,
 )
 
 logger = logging.getLogger(__name__)

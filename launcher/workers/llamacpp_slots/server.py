@@ -1,6 +1,6 @@
 """llmup's own GGUF worker: session slots and continuous batching on llama.cpp's C API.
 
-Started by the supervisor as ``python -m launcher.backends.llamacpp_server --model PATH
+Started by the supervisor as ``python -m launcher.workers.llamacpp_slots.server --model PATH
 --port N [--parallel S --context C ...]``; it binds 127.0.0.1, answers only requests that
 carry the run's backend key (`backend_key`), and the proxy is the public surface. One
 llama_context holds `--parallel` sequences of `--context` tokens each; the routes are
@@ -30,24 +30,30 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher import __version__
-from launcher.backends.llamacpp import physical_cores
-from launcher.backends.llamacpp_engine import BatchEngine
-from launcher.backends.llamacpp_native import (
+from launcher.backends.launch.llamacpp_python import physical_cores
+from launcher.errors import LlmupError
+from launcher.private import UMASK
+from launcher.settings import default_home
+from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.workers.llamacpp_slots.engine import BatchEngine
+from launcher.workers.llamacpp_slots.native import (
     ContextOptions,
     ModelOptions,
     NativeContext,
     NativeModel,
     route_llama_logs,
 )
-from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, json_mode_grammar
-from launcher.backends.llamacpp_text import LlamaText
-from launcher.backends.slot_store import KEY_FILE, DiskStore, RamStore, SlotStore, state_key
-from launcher.backends.slots import SlotManager
-from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
-from launcher.backends.worker_request import ApiError, WorkerState, session_key
-from launcher.errors import LlmupError
-from launcher.private import UMASK
-from launcher.settings import default_home
+from launcher.workers.llamacpp_slots.sampling import GrammarError, check_grammar, json_mode_grammar
+from launcher.workers.llamacpp_slots.slot_store import (
+    KEY_FILE,
+    DiskStore,
+    RamStore,
+    SlotStore,
+    state_key,
+)
+from launcher.workers.llamacpp_slots.slots import SlotManager
+from launcher.workers.llamacpp_slots.text import LlamaText
+from launcher.workers.request import ApiError, WorkerState, session_key
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +280,7 @@ def _split(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.backends.llamacpp_server",
+        prog="python -m launcher.workers.llamacpp_slots.server",
         description="llmup's OpenAI-compatible GGUF worker: session slots (each conversation's "
         "KV cache kept between turns) and continuous batching. Binds 127.0.0.1 by default: "
         "llmup's proxy is the public surface.",

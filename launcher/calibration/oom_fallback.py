@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.backends.calibration import plan_device
-from launcher.backends.failure import OWN_LINE
-from launcher.backends.llamacpp_log import parse_load_log
+from launcher.backends.supervise.failure import OWN_LINE
+from launcher.calibration.llamacpp_log import parse_load_log
+from launcher.calibration.records import plan_device
 from launcher.planning.plan import Plan, Source
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import signal
 import subprocess
 from typing import BinaryIO, Protocol
 
-from launcher.backends.deathsig import guarded
 from launcher.backends.spec import BackendSpec
+from launcher.backends.supervise.deathsig import guarded
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,15 @@ from typing import Any
 
 import httpx
 
-from launcher.backends.failure import (
+from launcher.backends.spec import BackendSpec, port_is_free
+from launcher.backends.supervise.failure import (
     KIND_TEXT,
     OWN_LINE,
     classify_failure,
     exit_text,
     load_error,
 )
-from launcher.backends.process import Child, LocalRuntime, Runtime, SpawnError
-from launcher.backends.spec import BackendSpec, port_is_free
+from launcher.backends.supervise.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
 from launcher.private import open_private, private_dir
 

@@ -15,8 +15,8 @@ from typing import Any
 import llama_cpp.llama_cpp as lib
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from launcher.backends.generation import GenerationParams
-from launcher.backends.llamacpp_native import NativeContext, NativeModel
+from launcher.workers.generation import GenerationParams
+from launcher.workers.llamacpp_slots.native import NativeContext, NativeModel
 
 PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back over
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from launcher.backends.calibration import lookup, save_record
+from launcher.calibration.records import lookup, save_record
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """llama-cpp-python's OpenAI server, with what llmup needs around it.
 
-Run as `python -m launcher.backends.llamacpp_worker [--repack auto|on|off] <llama_cpp.server
+Run as `python -m launcher.workers.llamacpp_python.server [--repack auto|on|off] <llama_cpp.server
 args>`. The app and every flag are llama_cpp.server's own (its `create_app`, its settings
 parser); the worker adds:
 
@@ -8,7 +8,7 @@ parser); the worker adds:
   routes all wait for that lock, so during a long generation they cannot tell "busy" from
   "hung"; /health can: it fails only when the process stops answering (stopped, wedged).
 - the per-run backend key (`backend_key`): no request reaches the app without it.
-- `launcher.backends.llamacpp_patches`: exact usage in streams, a grammar llama.cpp refuses
+- `launcher.workers.llamacpp_python.patches`: exact usage in streams, a grammar llama.cpp refuses
   answered as an error instead of a crash, `GET /llmup/meta`.
 - a bounded graceful shutdown: on SIGTERM, streams in flight get 2 s, not for ever.
 - weight repacking as a switch. llama.cpp copies CPU-resident weights into "extra buffer
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launcher.backends.backend_key import require_backend_key
+from launcher.workers.backend_key import require_backend_key
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def build_app(argv: list[str]) -> tuple[Any, str, int]:
     from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
     from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
 
-    parser = argparse.ArgumentParser(prog="python -m launcher.backends.llamacpp_worker")
+    parser = argparse.ArgumentParser(prog="python -m launcher.workers.llamacpp_python.server")
     add_args_from_model(parser, Settings)
     args = parser.parse_args(argv)
     server = parse_model_from_args(ServerSettings, args)
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     if not repack_enabled(ours.repack, amx=cpu_has_amx()):
         disable_weight_repack()
         print("llmup worker: weight repacking off (AMX CPU or --repack off)", file=sys.stderr)
-    from launcher.backends import llamacpp_patches
+    from launcher.workers.llamacpp_python import patches
 
-    llamacpp_patches.apply()  # before build_app imports create_app
+    patches.apply()  # before build_app imports create_app
     app, host, port = build_app(rest)
     uvicorn.run(
         require_backend_key(app),
