@@ -192,9 +192,9 @@ def model_cache() -> Path:
 
 
 def generated_model(name: str, **shape: Any) -> Path:
-    """A random-weight Llama GGUF (tests/ggufgen.py) of this shape, written once."""
+    """A random-weight Llama GGUF (tests/support/ggufgen.py) of this shape, written once."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from ggufgen import write_llama_gguf
+    from support.ggufgen import write_llama_gguf
 
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
     path = model_cache() / f"{name}-{digest}.gguf"

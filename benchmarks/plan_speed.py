@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from benchlib import Run  # noqa: E402
-from ggufgen import write_llama_gguf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from support.ggufgen import write_llama_gguf  # noqa: E402
 
 from launcher.backends.launch.llamacpp_python import physical_cores  # noqa: E402
 from launcher.catalog.loader import load_catalog  # noqa: E402

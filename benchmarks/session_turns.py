@@ -22,7 +22,7 @@ bounded (here: never above the RAM the plan accounts for, model + KV + compute +
 session store). The load average before and after each server is recorded: the machine
 may be shared, rerun when it was busy. `--quick` runs a generated tiny model, two sessions
 of three turns, llmup and the stock server only, in well under a minute
-(tests/test_session_turns_bench.py runs it).
+(tests/project/test_session_turns_bench.py runs it).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def shapes(quick: bool) -> dict[str, Any]:
 def bench_model(quick: bool, folder: Path) -> Path:
     if quick:
         sys.path.insert(0, str(ROOT / "tests"))
-        from ggufgen import write_llama_gguf
+        from support.ggufgen import write_llama_gguf
 
         template = (
             "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -4,7 +4,7 @@ Figures follow llama.cpp's own allocation code paths (https://github.com/ggml-or
 src/llama-kv-cache.cpp for the KV cache and its padding, src/llama-context.cpp for the
 compute and output buffers, src/llama-model.cpp for which device holds each layer) and are
 checked against the buffer sizes llama.cpp logs when it loads a model
-(tests/test_calibration.py). Units are bytes until the plan rounds to MiB.
+(tests/calibration/test_calibration.py). Units are bytes until the plan rounds to MiB.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def compute_bytes(shape: ModelShape, settings: LlamaCppSettings) -> int:
     Without flash attention the peak is the attention scores (C x u x n_head, f32)
     beside five activation rows and K/V, the FFN (three n_ff rows beside five of width
     E) or the logits (n_vocab beside three rows of width E), whichever is largest.
-    Fitted to the "compute buffer size" llama.cpp logs (tests/test_calibration.py); it
+    Fitted to the "compute buffer size" llama.cpp logs (tests/calibration/test_calibration.py); it
     is within 8% of the 296 MiB the reference logged for 7B at 4096/512, erring high.
 
     Flash attention never materialises the scores; its peak depends on how the graph
