@@ -311,7 +311,7 @@ def serve(
     if settings.runtime == "docker":  # no engine or no image: say so before any download
         docker_runtime().check_engine(plan, settings.docker)
     # the proxy lets as many requests through as the backend decodes together
-    settings.proxy.max_inflight = max(settings.proxy.max_inflight, plan.parallel)
+    settings = settings.with_proxy(max_inflight=max(settings.proxy.max_inflight, plan.parallel))
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
     backend = sessions = None
     preload_proxy()

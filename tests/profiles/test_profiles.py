@@ -119,12 +119,13 @@ def test_a_pinned_model_lifts_the_size_cap():
 
 
 def test_serve_lays_profile_port_under_environment_and_flags(tmp_path):
-    from launcher.cli.commands import command_settings, serve_settings
+    from launcher.cli.commands import command_settings
+    from launcher.cli.serving import serve_settings
 
     path = write_profile(tmp_path, "porty", "[settings.proxy]\nport = 8123")
     settings, profile = command_settings(str(path))
     assert (settings.proxy.port, profile.name) == (8123, "porty")
-    serve_settings(settings, None, 9001, None, False, "docker")
+    settings = serve_settings(settings, None, 9001, None, False, "docker")
     assert (settings.proxy.port, settings.runtime) == (9001, "docker")
 
 
