@@ -36,15 +36,15 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from support.ggufgen import write_llama_gguf  # noqa: E402
 
-from launcher.backends.launch.llamacpp_python import physical_cores  # noqa: E402
 from launcher.catalog.loader import load_catalog  # noqa: E402
+from launcher.engines import physical_cores  # noqa: E402
 from launcher.hardware.cpuspeed import measure_cpu_speed  # noqa: E402
 from launcher.hardware.detect import detect  # noqa: E402
 from launcher.hardware.snapshot import Gpu, HardwareSnapshot, SystemInfo  # noqa: E402
 from launcher.planning import PlanRequest, make_plan  # noqa: E402
 from launcher.planning.memory import DeviceMemory  # noqa: E402
 from launcher.planning.speed import Work, device_rates, estimate, placement_work  # noqa: E402
-from launcher.workers.llamacpp_python.server import cpu_has_amx, repack_enabled  # noqa: E402
+from launcher.workers.repack import cpu_has_amx, repack_enabled  # noqa: E402
 
 TOLERANCE = 0.30
 GIB = 2**30

@@ -15,7 +15,6 @@ from launcher.catalog.models import Architecture, GptqVariant
 from launcher.planning.memory import DeviceMemory
 from launcher.units import MIB
 
-CACHE_MODES = ("FP16", "Q8", "Q6", "Q4")
 _CACHE_BITS = {"Q8": 8, "Q6": 6, "Q4": 4}
 TORCH_CONTEXT = 400 * MIB
 FIRST_DEVICE_RESERVE = 192 * MIB

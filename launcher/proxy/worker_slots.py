@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from launcher.errors import ProxyError
-from launcher.proxy import backend as backend_info
-from launcher.proxy.chat import backend_headers
+from launcher.errors import ApiError
+from launcher.protocol import backend_headers
 from launcher.proxy.state import ProxyState
 
 log = logging.getLogger(__name__)
@@ -18,19 +17,19 @@ SLOTS_PATH = "/slots"
 
 async def forget_session(st: ProxyState, owner: str, session_id: str) -> None:
     """Drop the session's KV cache and saved state in the backend."""
-    if not backend_info.keeps_slots(st.backend):
+    if not st.backend.kind.keeps_slots:
         return
     try:
         headers = backend_headers(owner, session_id)
         await st.upstream.call_json("DELETE", SLOTS_PATH, headers=headers)
-    except ProxyError as exc:
+    except ApiError as exc:
         log.warning("the backend could not forget session %s: %s", session_id, exc)
 
 
 async def refresh_slot_metrics(st: ProxyState) -> None:
-    if not backend_info.keeps_slots(st.backend) or not backend_info.is_ready(st.backend):
+    if not st.backend.kind.keeps_slots or not st.ready:
         return
     try:
         st.metrics.set_slots(await st.upstream.call_json("GET", SLOTS_PATH) or {})
-    except (ProxyError, KeyError) as exc:
+    except (ApiError, KeyError) as exc:
         log.warning("no slot figures from the backend: %s", exc)

@@ -4,12 +4,12 @@ Both workers (exllamav2 for GPTQ, the llama.cpp session-slot worker for GGUF) se
 routes from here: `/v1/models`, chat and text completions (streamed or not), llama.cpp's
 `/extras/tokenize[/count]`, `/health`, and for the proxy `/llmup/meta` (vocabulary, context,
 the build's identity) and `/llmup/prompt-tokens` (a request's prompt, rendered and counted
-as it would be generated from). A worker supplies a `WorkerState` (`worker_request`): its
+as it would be generated from). A worker supplies a `WorkerState` (`workers.request`): its
 tokenizer, how it renders a chat, which sampling extras it understands, and an engine that
 takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` batches them).
 
 A request is parsed, checked, rendered and tokenized off the event loop
-(`worker_request.prepared`), so a huge prompt never holds up `/health` or another client's
+(`request.prepared`), so a huge prompt never holds up `/health` or another client's
 stream; all of it happens before the first response byte, so errors keep their status. Stop
 strings are matched here (`StopScanner`), so every engine shares one tested implementation;
 a match, like a client that hangs up, cancels the job. The proxy names a request's session
@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -164,41 +164,80 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-async def _chat_chunks(
-    engine: Engine, run: Run, model: str, include_usage: bool
-) -> AsyncIterator[ChatCompletionChunk]:
-    cid, created = new_id("chatcmpl"), now()
+class ChunkFactory(Protocol):
+    """How one endpoint's stream chunks look; `_chunks` streams either kind alike."""
 
-    def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+    def opening(self) -> list[BaseModel]: ...
+
+    def text_chunk(self, text: str) -> BaseModel: ...
+
+    def finish_chunk(self, reason: str | None) -> BaseModel: ...
+
+    def usage_chunk(self, usage: Any) -> BaseModel: ...
+
+
+class ChatChunks:
+    """A streamed chat completion: a first chunk naming the assistant, content deltas, then
+    the finish reason."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.id, self.created = model, new_id("chatcmpl"), now()
+
+    def _chunk(self, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
         choice = ChunkChoice(delta=delta, finish_reason=finish)
-        return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[choice]
+        )
 
-    yield chunk(ChoiceDelta(role="assistant", content=""))
-    async with aclosing(_pieces(engine, run)) as pieces:
-        async for text in pieces:
-            yield chunk(ChoiceDelta(content=text))
-    yield chunk(ChoiceDelta(), run.finish_reason)
-    if include_usage:
-        yield ChatCompletionChunk(
-            id=cid, created=created, model=model, choices=[], usage=run.usage()
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [self._chunk(ChoiceDelta(role="assistant", content=""))]
+
+    def text_chunk(self, text: str) -> ChatCompletionChunk:
+        return self._chunk(ChoiceDelta(content=text))
+
+    def finish_chunk(self, reason: str | None) -> ChatCompletionChunk:
+        return self._chunk(ChoiceDelta(), reason)
+
+    def usage_chunk(self, usage: Any) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
         )
 
 
-async def _completion_chunks(
-    engine: Engine, run: Run, model: str, include_usage: bool
-) -> AsyncIterator[CompletionChunk]:
-    cid, created = new_id("cmpl"), now()
+class CompletionChunks:
+    """A streamed text completion: text pieces, then the finish reason."""
 
-    def chunk(text: str, finish: str | None = None) -> CompletionChunk:
+    def __init__(self, model: str) -> None:
+        self.model, self.id, self.created = model, new_id("cmpl"), now()
+
+    def opening(self) -> list[CompletionChunk]:
+        return []
+
+    def text_chunk(self, text: str, finish: str | None = None) -> CompletionChunk:
         choice = CompletionChoice(text=text, finish_reason=finish)
-        return CompletionChunk(id=cid, created=created, model=model, choices=[choice])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
+    def finish_chunk(self, reason: str | None) -> CompletionChunk:
+        return self.text_chunk("", reason)
+
+    def usage_chunk(self, usage: Any) -> CompletionChunk:
+        return CompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
+        )
+
+
+async def _chunks(
+    engine: Engine, run: Run, factory: ChunkFactory, include_usage: bool
+) -> AsyncIterator[BaseModel]:
+    """One streamer for both endpoints; `factory` shapes its chunks."""
+    for chunk in factory.opening():
+        yield chunk
     async with aclosing(_pieces(engine, run)) as pieces:
         async for text in pieces:
-            yield chunk(text)
-    yield chunk("", run.finish_reason)
+            yield factory.text_chunk(text)
+    yield factory.finish_chunk(run.finish_reason)
     if include_usage:
-        yield CompletionChunk(id=cid, created=created, model=model, choices=[], usage=run.usage())
+        yield factory.usage_chunk(run.usage())
 
 
 # ---- routes -------------------------------------------------------------------------------
@@ -228,7 +267,8 @@ async def chat_completions(request: Request) -> ChatCompletionResponse | Respons
     state = worker_state(request)
     body, run = await prepared(request, ChatCompletionRequest)
     if body.stream:
-        return _sse(_chat_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
+        chunks = ChatChunks(body.model)
+        return _sse(_chunks(state.engine, run, chunks, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
     if text is None:
         return Response(status_code=499)
@@ -242,7 +282,8 @@ async def completions(request: Request) -> CompletionResponse | Response:
     state = worker_state(request)
     body, run = await prepared(request, CompletionRequest)
     if body.stream:
-        return _sse(_completion_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
+        chunks = CompletionChunks(body.model)
+        return _sse(_chunks(state.engine, run, chunks, body.wants_usage_chunk()))
     text = await _collect(request, state.engine, run)
     if text is None:
         return Response(status_code=499)

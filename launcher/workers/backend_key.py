@@ -15,8 +15,7 @@ import logging
 import os
 from typing import Any
 
-from launcher.backends.spec import KEY_ENV
-from launcher.protocol import error_body
+from launcher.protocol import KEY_ENV, error_body
 
 log = logging.getLogger(__name__)
 

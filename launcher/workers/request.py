@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from launcher.errors import ProxyError
+from launcher.errors import ApiError, BadRequestError, NotFoundError
 from launcher.protocol import (
     BACKEND_OWNER_HEADER,
     BACKEND_SESSION_HEADER,
@@ -72,19 +72,10 @@ class Engine(Protocol):
     def pending(self) -> int: ...
 
 
-class ApiError(ProxyError):
-    """A client error to answer with an OpenAI-shaped body (status first, as HTTP reads)."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message, status=status, param=param, code=code)
-
-
 @dataclass
 class WorkerState:
     """One worker's model-facing parts; `sampling_extras(body)` returns extra
-    `GenerationParams` fields (grammar, logit_bias...) or raises ApiError, and is None for
+    `GenerationParams` fields (grammar, logit_bias...) or raises BadRequestError, and is None for
     an engine without them (then a non-text response_format is refused). `identity` is what
     identifies the served build (backend and version, model files, load settings): the proxy
     derives the replies' `system_fingerprint` from it."""
@@ -132,14 +123,13 @@ def session_key(request: Request) -> SessionKey | None:
     if owner is None and session is None:
         return None
     if owner is None or not session:
-        raise ApiError(400, f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
+        raise BadRequestError(f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
     return SessionKey(owner, session)
 
 
 def check_model(state: WorkerState, model: str | None) -> None:
     if model is not None and model != state.model_alias:
-        raise ApiError(
-            404,
+        raise NotFoundError(
             f"The model `{model}` does not exist; this worker serves `{state.model_alias}`.",
             param="model",
             code="model_not_found",
@@ -148,19 +138,19 @@ def check_model(state: WorkerState, model: str | None) -> None:
 
 def _check_common(request: ChatCompletionRequest | CompletionRequest) -> None:
     if (request.n or 1) > 1:
-        raise ApiError(400, "n > 1 is not supported by this backend", param="n")
+        raise BadRequestError("n > 1 is not supported by this backend", param="n")
 
 
 def _chat_prompt(state: WorkerState, body: ChatCompletionRequest) -> list[int]:
     wants_json = body.response_format is not None and body.response_format.type != "text"
     if wants_json and state.sampling_extras is None:
-        raise ApiError(
-            400, "response_format other than text is not supported", param="response_format"
+        raise BadRequestError(
+            "response_format other than text is not supported", param="response_format"
         )
     try:
         return state.chat_prompt(body.messages)
     except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages") from exc
+        raise BadRequestError(str(exc), param="messages") from exc
 
 
 def _completion_prompt(state: WorkerState, body: CompletionRequest) -> list[int]:
@@ -170,7 +160,7 @@ def _completion_prompt(state: WorkerState, body: CompletionRequest) -> list[int]
         return _checked_ids(state, prompt)  # type: ignore[arg-type]
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
+            raise BadRequestError("exactly one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, list):
         return _checked_ids(state, prompt)
@@ -181,7 +171,7 @@ def _checked_ids(state: WorkerState, ids: list[int]) -> list[int]:
     """Client token ids must exist in the vocabulary: a bad id faults the engine."""
     size = state.tokenizer.vocab_size
     if not ids or any(not 0 <= i < size for i in ids):
-        raise ApiError(400, f"prompt token ids must be in [0, {size})", param="prompt")
+        raise BadRequestError(f"prompt token ids must be in [0, {size})", param="prompt")
     return list(ids)
 
 
@@ -195,8 +185,7 @@ def _params(state: WorkerState, body: Any, prompt_len: int) -> GenerationParams:
     wanted = body.requested_max_tokens()
     if room <= 0 or (wanted is not None and wanted > room):
         chat = isinstance(body, ChatCompletionRequest)
-        raise ApiError(
-            400,
+        raise BadRequestError(
             context_length_message(
                 state.max_seq_len, prompt_len, wanted or 1, "messages" if chat else "prompt"
             ),
@@ -221,8 +210,8 @@ def _params(state: WorkerState, body: Any, prompt_len: int) -> GenerationParams:
 def _check_alive(state: WorkerState) -> None:
     if state.engine.fatal_error:
         raise ApiError(
-            503,
             f"the engine failed and needs a restart: {state.engine.fatal_error}",
+            status=503,
             code="engine_failed",
         )
 
@@ -255,7 +244,7 @@ def count_prompt(state: WorkerState, body: dict[str, Any]) -> PromptTokens:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
     prompt = _completion_prompt(state, completion)
     return PromptTokens(prompt_tokens=len(prompt), context=state.max_seq_len)
 
@@ -266,7 +255,7 @@ def _content_tokens(state: WorkerState, message: ChatMessage) -> int:
     try:
         text = "\n".join([message.text(), *calls])
     except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages") from exc
+        raise BadRequestError(str(exc), param="messages") from exc
     return len(state.tokenizer.encode(text))
 
 
@@ -309,7 +298,7 @@ def _count_raw(state: WorkerState, raw: bytes) -> PromptTokens:
     try:
         body = json.loads(raw)
     except ValueError as exc:
-        raise ApiError(400, f"the body is not JSON: {exc}") from None
+        raise BadRequestError(f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
+        raise BadRequestError("the body must be a JSON object")
     return count_prompt(state, body)

@@ -11,7 +11,7 @@ from conftest import MACHINES, run_cli
 from support.ggufgen import write_llama_gguf
 
 from launcher.backends.launch import backend_spec
-from launcher.backends.spec import KEY_ENV, BackendSpec
+from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.container import (
     BACKEND_LABEL,
     accelerator,
@@ -22,6 +22,7 @@ from launcher.backends.supervise.container import (
 from launcher.errors import DockerRuntimeError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
+from launcher.protocol import KEY_ENV
 from launcher.settings import DockerSettings
 
 

@@ -14,15 +14,11 @@ from conftest import MACHINES
 from support.ggufgen import write_llama_gguf
 
 from launcher.backends.launch import backend_spec
-from launcher.backends.launch.llamacpp_python import (
-    GGML_TYPES,
-    SERVER_ENV_NAMES,
-    physical_cores,
-    ready_timeout_s,
-)
+from launcher.backends.launch.llamacpp_python import SERVER_ENV_NAMES, ready_timeout_s
 from launcher.backends.supervise.supervisor import State, Supervisor
 from launcher.calibration import records as calibration
 from launcher.calibration.llamacpp_log import parse_load_log
+from launcher.engines import GGML_TYPES, physical_cores
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.plan import Plan

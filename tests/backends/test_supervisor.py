@@ -21,10 +21,11 @@ import httpx
 import psutil
 import pytest
 
-from launcher.backends.spec import BackendSpec, free_port, port_is_free
+from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.failure import classify_failure
 from launcher.backends.supervise.supervisor import Progress, State, Supervisor
 from launcher.errors import BackendCrashError, BackendLoadError
+from launcher.netaddr import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parents[2]
 

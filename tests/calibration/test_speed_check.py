@@ -18,10 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from support.ggufgen import write_llama_gguf
 
-from launcher.backends.spec import free_port
 from launcher.calibration.records import lookup, record_load, save_record
 from launcher.calibration.speedcheck import check_speed
 from launcher.hardware.snapshot import load_snapshot
+from launcher.netaddr import free_port
 from launcher.planning import PlanRequest, make_plan
 
 LOAD_LOG = DATA / "llamacpp-logs" / "cpu-f16-ctx512-no-repack.log"

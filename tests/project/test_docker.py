@@ -28,8 +28,9 @@ from conftest import run_cli
 from support.backend_fixtures import TEMPLATE
 from support.ggufgen import write_llama_gguf
 
-from launcher.backends.spec import KEY_ENV, free_port
 from launcher.backends.supervise.container import BACKEND_LABEL, OWNER_LABEL
+from launcher.netaddr import free_port
+from launcher.protocol import KEY_ENV
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from support.backend_fixtures import MODEL, NO_EOS, proxy_settings, serve_proxy
+from support.backend_fixtures import MODEL, NO_EOS, proxy_settings, serve_proxy, served
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,7 +72,7 @@ def say(client: openai.OpenAI, text: str, **kw):
 
 
 def test_full_disk_is_a_clear_507_and_service_resumes(small_disk, tiny_backend) -> None:
-    proxy = serve_proxy(proxy_settings(small_disk / "home"), tiny_backend)
+    proxy = serve_proxy(proxy_settings(small_disk / "home"), served(tiny_backend))
     try:
         client = proxy.client()
         say(client, "one")

@@ -15,14 +15,17 @@ from support.backend_fixtures import (
     NO_EOS,
     proxy_settings,
     serve_proxy,
+    served,
     start_backend,
     write_tiny_model,
 )
 
-from launcher.backends.spec import BackendSpec, free_port, new_backend_key
+from launcher.backends.spec import BackendSpec, new_backend_key
 from launcher.backends.supervise.supervisor import Supervisor
 from launcher.errors import BadRequestError
+from launcher.netaddr import free_port
 from launcher.proxy.crashes import CrashMemory
+from launcher.served import WorkerKind
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,7 +39,7 @@ def _wait_restarted(supervisor, restarts: int = 1, timeout: float = 60) -> None:
 
 def test_backend_killed_mid_stream(tmp_path: Path) -> None:
     supervisor = start_backend(tmp_path / "backend")
-    proxy = serve_proxy(proxy_settings(tmp_path / "home"), supervisor)
+    proxy = serve_proxy(proxy_settings(tmp_path / "home"), served(supervisor))
     try:
         client = proxy.client()
         sid = {"X-Session-Id": "crash"}
@@ -142,7 +145,8 @@ def _refused(client: openai.OpenAI, body: dict) -> bool:
 
 def test_only_a_request_that_crashed_the_backend_alone_or_twice_is_refused(tmp_path):
     supervisor = _supervised_slot_worker(tmp_path / "backend")
-    proxy = serve_proxy(proxy_settings(tmp_path / "home", api_keys=["ka", "kb"]), supervisor)
+    backend = served(supervisor, WorkerKind.LLAMACPP_SLOTS, embeddings=False)
+    proxy = serve_proxy(proxy_settings(tmp_path / "home", api_keys=["ka", "kb"]), backend)
     a, b = proxy.client("ka"), proxy.client("kb")
     try:
         alone, x, y, z = _long("alone"), _long("ex"), _long("why"), _long("zed")
@@ -165,7 +169,7 @@ def test_nothing_is_held_against_requests_caught_in_an_unhealthy_kill(tmp_path):
     """The backend hangs (SIGSTOP) with one request at it; the supervisor kills it for ill
     health. That request did not crash anything: sent again unchanged, it is answered."""
     supervisor = _supervised_slot_worker(tmp_path / "backend")
-    proxy = serve_proxy(proxy_settings(tmp_path / "home"), supervisor)
+    proxy = serve_proxy(proxy_settings(tmp_path / "home"), served(supervisor))
     client = proxy.client()
     try:
         body = _long("frozen")

@@ -12,7 +12,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support.backend_fixtures import MODEL, NO_EOS, proxy_settings, serve_proxy, start_backend
+from support.backend_fixtures import (
+    MODEL,
+    NO_EOS,
+    proxy_settings,
+    serve_proxy,
+    served,
+    start_backend,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,7 +121,7 @@ def test_the_worker_itself_survives_a_bad_grammar(tiny_backend) -> None:
 
 def test_a_request_in_flight_at_a_crash_is_not_sent_again(tmp_path: Path) -> None:
     supervisor = start_backend(tmp_path / "backend")
-    proxy = serve_proxy(proxy_settings(tmp_path / "home"), supervisor)
+    proxy = serve_proxy(proxy_settings(tmp_path / "home"), served(supervisor))
     try:
         client = proxy.client()
         body = {

@@ -26,7 +26,7 @@ from schemathesis.generation import GenerationMode
 # ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905), as they do
 # once the proxy's uvicorn thread is up.
 from schemathesis.specs.openapi import schemas as _openapi_schemas  # noqa: F401
-from support.backend_fixtures import MODEL, proxy_settings, serve_proxy
+from support.backend_fixtures import MODEL, proxy_settings, serve_proxy, served
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = 60  # per operation and mode
@@ -36,7 +36,7 @@ BYTE_TOKENS = {str(token): -100 for token in range(3, 259)}
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, tiny_backend):
     home = tmp_path_factory.mktemp("schema-home")
-    proxy = serve_proxy(proxy_settings(home, max_body_bytes=256 * 1024), tiny_backend)
+    proxy = serve_proxy(proxy_settings(home, max_body_bytes=256 * 1024), served(tiny_backend))
     yield schemathesis.openapi.from_url(proxy.url + "/openapi.json")
     proxy.stop()
 

@@ -6,8 +6,8 @@ import pytest
 from conftest import run_cli
 
 from launcher import render
-from launcher.backends.spec import free_port
 from launcher.errors import InsecureBindError, InvalidApiKeyError, UsageError
+from launcher.netaddr import free_port
 from launcher.proxy.auth import KeyRing, check_bind, configured_keys, owner_of
 from launcher.settings import Settings
 

@@ -10,7 +10,7 @@ from support.ggufgen import write_llama_gguf
 from support.worker_fixtures import CLEAN_WORDS, SlotWorker
 
 from launcher.proxy.auth import owner_of
-from launcher.proxy.backend import StaticBackend
+from launcher.served import StaticBackend, WorkerKind
 from launcher.workers.generation import SessionKey
 from launcher.workers.llamacpp_slots.slot_store import file_name
 
@@ -31,7 +31,7 @@ def worker(tmp_path_factory):
 @pytest.fixture
 def proxy(worker, tmp_path):
     backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=512, kind="llama.cpp-slots", slots=True
+        base_url=worker.url, model_id="tiny", context=512, kind=WorkerKind.LLAMACPP_SLOTS
     )
     running = serve_proxy(proxy_settings(tmp_path / "home", api_keys=KEYS), backend)
     yield running

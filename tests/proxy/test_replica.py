@@ -13,7 +13,7 @@ from support.backend_fixtures import MODEL, NO_EOS
 from support.cluster import PostgresServer
 from support.ggufgen import write_llama_gguf
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 from launcher.proxy.replica import REPLICA_HEADER, replica_of, routed_id
 from launcher.settings import Settings, default_replica_name
 

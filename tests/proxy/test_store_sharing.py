@@ -14,8 +14,8 @@ import time
 import pytest
 from support.cluster import PostgresServer
 
-from launcher.backends.spec import free_port
 from launcher.errors import SessionConflictError, SessionStoreError, StoreUnavailableError
+from launcher.netaddr import free_port
 from launcher.proxy.store import NewTurn, OwnerUsage, SqliteStore, TurnRecord, migrations
 from launcher.proxy.store.postgres import PostgresStore, describe
 

@@ -22,8 +22,8 @@ from support.browser import DESKTOP, PHONE, Page, require_chromium
 from support.ggufgen import write_llama_gguf
 from support.serving import Served
 
-from launcher.backends.spec import free_port
 from launcher.hardware.snapshot import load_snapshot
+from launcher.netaddr import free_port
 from launcher.planning.planner import PlanRequest, make_plan
 from launcher.proxy import StaticBackend
 
@@ -443,7 +443,7 @@ def gpu_plan() -> dict:
 def test_gpu_plan_speed_and_a_loading_backend(tmp_path, page):
     plan = gpu_plan()
     backend = StaticBackend(
-        "http://127.0.0.1:9", plan["model"]["id"], plan["context"], state="loading", plan=plan
+        "http://127.0.0.1:9", plan["model"]["id"], plan["context"], state="loading", plan_json=plan
     )
     proxy = serve_proxy(proxy_settings(tmp_path / "home", api_keys=[KEY]), backend)
     served_url, page.url = page.url, proxy.url
@@ -508,7 +508,11 @@ def test_a_plan_below_reading_speed_says_so_in_the_header(tmp_path, page):
     served_url = page.url
     for plan, shown in ((slow, True), (gpu_plan(), False)):
         backend = StaticBackend(
-            "http://127.0.0.1:9", plan["model"]["id"], plan["context"], state="loading", plan=plan
+            "http://127.0.0.1:9",
+            plan["model"]["id"],
+            plan["context"],
+            state="loading",
+            plan_json=plan,
         )
         proxy = serve_proxy(proxy_settings(tmp_path / f"home-{shown}", api_keys=[KEY]), backend)
         page.url = proxy.url

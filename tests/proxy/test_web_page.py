@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import MACHINES
@@ -21,10 +20,11 @@ from launcher.hardware.snapshot import load_snapshot
 from launcher.planning.planner import PlanRequest, make_plan
 from launcher.proxy import StaticBackend
 from launcher.proxy.auth import owner_of
-from launcher.proxy.backend import plan_of
 from launcher.proxy.page import WEB_DIR
 from launcher.proxy.store import SqliteStore
 from launcher.proxy.store.base import TITLE_CHARS
+from launcher.serve import SupervisedModel
+from launcher.served import WorkerKind
 
 KEY = "page-key"
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ MARKUP_SINKS = re.compile(
 @pytest.fixture
 def page_proxy(tmp_path):
     plan = {"model": {"id": "tiny", "params": 1}, "quant": "F32", "context": 512}
-    backend = StaticBackend("http://127.0.0.1:9", "tiny", 512, plan=plan)
+    backend = StaticBackend("http://127.0.0.1:9", "tiny", 512, plan_json=plan)
     proxy = serve_proxy(proxy_settings(tmp_path / "home", api_keys=[KEY]), backend)
     proxy.store.commit_turn(
         owner_of(KEY),
@@ -103,12 +103,12 @@ def test_plan_of_a_real_plan_keeps_all_but_the_fallbacks() -> None:
     hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
     plan = make_plan(PlanRequest(hardware=hardware, allow_offload=True))
     assert plan.fallbacks and plan.rejected
-    shown = plan_of(SimpleNamespace(plan=plan))
+    shown = SupervisedModel.for_plan(None, plan).plan_json
     assert "fallbacks" not in shown and shown["quant"] == plan.quant
     assert shown["placement"] == plan.placement.model_dump(mode="json")
     assert shown["memory_mib"]["total"] == plan.memory_mib.total
     assert len(shown["rejected"]) == len(plan.rejected)
-    assert plan_of(SimpleNamespace()) is None
+    assert SupervisedModel(None, "tiny", 512, WorkerKind.LLAMACPP_SLOTS).plan_json is None
 
 
 def test_session_title_is_the_first_user_message_on_one_line(tmp_path) -> None:

@@ -14,9 +14,9 @@ import pytest
 from support.ggufgen import write_llama_gguf
 from support.serving import Served
 
-from launcher.backends.spec import free_port
 from launcher.catalog.pins import write_pins
 from launcher.jsonfile import write_json_atomic
+from launcher.netaddr import free_port
 from launcher.private import private_dir, private_home
 
 pytestmark = pytest.mark.timeout(240)

@@ -30,7 +30,7 @@ from support.openai_schemas import (
 )
 from support.serving import Served
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

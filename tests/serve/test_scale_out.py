@@ -19,7 +19,7 @@ from support.cluster import FAST, HAPROXY_CFG, HAProxy, PostgresServer
 from support.ggufgen import write_llama_gguf
 from support.serving import FAST_HEALTH, Served
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 from launcher.proxy.replica import routed_id
 
 pytestmark = pytest.mark.timeout(600)

@@ -16,9 +16,10 @@ from conftest import MACHINES, run_cli
 from support.ggufgen import write_llama_gguf
 from support.serving import FAST_HEALTH, Served, descendants, gone
 
-from launcher.backends.spec import BackendSpec, free_port
+from launcher.backends.spec import BackendSpec
 from launcher.calibration.records import compare, lookup
 from launcher.hardware.snapshot import load_snapshot
+from launcher.netaddr import free_port
 from launcher.planning.planner import PlanRequest, make_plan
 from launcher.settings import Settings
 

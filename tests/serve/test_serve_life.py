@@ -18,7 +18,8 @@ from support.backend_fixtures import NO_EOS
 from support.ggufgen import write_llama_gguf
 from support.serving import FAST_HEALTH, Served, descendants, gone
 
-from launcher.backends.spec import KEY_ENV, free_port
+from launcher.netaddr import free_port
+from launcher.protocol import KEY_ENV
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -10,11 +10,12 @@ from support.ggufgen import write_llama_gguf
 from support.serving import Served
 
 from launcher.backends.launch import backend_spec
-from launcher.backends.spec import KEY_ENV, free_port
 from launcher.calibration.records import lookup
 from launcher.hardware.snapshot import load_snapshot
+from launcher.netaddr import free_port
 from launcher.planning.plan import Plan
 from launcher.planning.planner import PlanRequest, make_plan
+from launcher.protocol import KEY_ENV
 from launcher.workers.llamacpp_slots.server import build_parser
 
 TEMPLATE = (

@@ -21,13 +21,16 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from support.ggufgen import write_llama_gguf
 
 from launcher.backends.launch.llamacpp_python import SERVER_ENV_NAMES, SERVER_MODULE
-from launcher.backends.spec import BackendSpec, free_port, new_backend_key
+from launcher.backends.spec import BackendSpec, new_backend_key
 from launcher.backends.supervise.supervisor import Supervisor
+from launcher.netaddr import free_port
 from launcher.proxy import SessionStore, create_app, open_store
+from launcher.serve import SupervisedModel
+from launcher.served import ServedModel, WorkerKind
 from launcher.settings import Settings
+from support.ggufgen import write_llama_gguf
 
 MODEL = "tiny"
 N_CTX = 512
@@ -77,8 +80,18 @@ def start_backend(folder: Path) -> Supervisor:
     """A supervised llama_cpp.server on the tiny model; the caller stops it."""
     spec = llama_spec(write_tiny_model(folder), folder)
     supervisor = Supervisor(spec, backoff_initial=0.2, max_restarts=3)
-    supervisor.embeddings = True  # what the proxy reads to allow /v1/embeddings
     return supervisor.start()
+
+
+def served(
+    supervisor: Supervisor,
+    kind: WorkerKind = WorkerKind.LLAMACPP_PYTHON,
+    *,
+    embeddings: bool = True,
+) -> SupervisedModel:
+    """A supervised tiny backend as the proxy sees it: by default llama-cpp-python's server
+    as `start_backend` starts it (with `--embedding true`, so embeddings go through)."""
+    return SupervisedModel(supervisor, MODEL, N_CTX, kind, embeddings=embeddings)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +145,7 @@ class RunningProxy:
         self.store.close()
 
 
-def serve_proxy(settings: Settings, backend: Any) -> RunningProxy:
+def serve_proxy(settings: Settings, backend: ServedModel) -> RunningProxy:
     """create_app + uvicorn in a thread on a free port; returns once it accepts requests."""
     store = open_store(settings)
     app = create_app(settings, backend, store)
@@ -156,7 +169,7 @@ def make_proxy(tmp_path: Path, tiny_backend: Supervisor) -> Iterator[Any]:
 
     def make(backend: Any = None, **proxy: Any) -> RunningProxy:
         home = tmp_path / f"home{len(running)}"
-        started = serve_proxy(proxy_settings(home, **proxy), backend or tiny_backend)
+        started = serve_proxy(proxy_settings(home, **proxy), backend or served(tiny_backend))
         running.append(started)
         return started
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",

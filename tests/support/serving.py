@@ -14,7 +14,7 @@ import httpx
 import openai
 import psutil
 
-from launcher.backends.spec import http_url
+from launcher.netaddr import http_url
 
 # Health checks fast enough for a test to see a hung backend replaced within seconds.
 FAST_HEALTH = {
@@ -73,7 +73,7 @@ class Served:
 
     def backend(self) -> psutil.Process:
         kids = psutil.Process(self.proc.pid).children(recursive=True)
-        workers = ("llamacpp_worker", "llamacpp_server")
+        workers = ("launcher.workers.llamacpp_python", "launcher.workers.llamacpp_slots")
         return next(p for p in kids if any(w in " ".join(p.cmdline()) for w in workers))
 
     def wait_backend(self, timeout: float = 60) -> psutil.Process:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cluster import FAST, PostgresServer
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 from launcher.proxy.store import SessionStore, SqliteStore
 from launcher.proxy.store.postgres import PostgresStore
+from support.cluster import FAST, PostgresServer
 
 STORES = ("sqlite", "postgresql")
 _numbers = itertools.count()

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from support.backend_fixtures import TEMPLATE
-from support.ggufgen import write_llama_gguf
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
 from launcher.workers.llamacpp_slots.slot_store import MAGIC
+from support.backend_fixtures import TEMPLATE
+from support.ggufgen import write_llama_gguf
 
 # No end of sequence and no byte tokens for the generated model: replies run to max_tokens
 # in whole words, so a reply's text tokenizes back to (mostly) the same ids.

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.worker_fixtures import CLEAN_WORDS, SlotWorker, text_of, write_chat_model
 
-from launcher.backends.spec import free_port
+from launcher.netaddr import free_port
 from launcher.protocol import MAX_STOP_CHARS, MAX_STOPS
 from launcher.workers.generation import StopScanner
 from launcher.workers.llamacpp_slots import server as llamacpp_server

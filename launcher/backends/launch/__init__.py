@@ -15,15 +15,10 @@ import sys
 from pathlib import Path
 
 from launcher.backends.launch import exllamav2, llamacpp_python, llamacpp_slots
-from launcher.backends.spec import (
-    LOOPBACK,
-    BackendSpec,
-    WorkerLaunch,
-    free_port,
-    new_backend_key,
-)
-from launcher.errors import UsageError
+from launcher.backends.spec import BackendSpec, WorkerLaunch, new_backend_key
+from launcher.netaddr import LOOPBACK, free_port
 from launcher.planning.plan import Plan
+from launcher.served import WorkerKind
 
 HEALTH_PATH = "/health"  # both workers answer it without touching the model
 
@@ -80,17 +75,15 @@ def _worker(
     chat_format: str | None,
     session_ttl_s: float | None,
 ) -> WorkerLaunch:
-    """GGUF goes to llmup's session-slot worker unless the plan names llama-cpp-python's
-    server (`--llamacpp-impl server`)."""
-    if plan.backend == "llama.cpp" and plan.settings.llamacpp_impl == "server":
+    """The launch of the worker the plan's kind names (`Plan.worker_kind`)."""
+    kind = plan.worker_kind
+    if kind is WorkerKind.LLAMACPP_PYTHON:
         return llamacpp_python.launch(plan, model_path, threads=threads, chat_format=chat_format)
-    if plan.backend == "llama.cpp":
+    if kind is WorkerKind.LLAMACPP_SLOTS:
         return llamacpp_slots.launch(
             plan, model_path, home=home, threads=threads, session_ttl_s=session_ttl_s
         )
-    if plan.backend == "exllamav2":
-        return exllamav2.launch(plan, model_path)
-    raise UsageError(f"llmup cannot launch the {plan.backend!r} backend")
+    return exllamav2.launch(plan, model_path)
 
 
 def backend_env(plan: Plan) -> dict[str, str]:

@@ -32,14 +32,12 @@ so the spec removes those names from the inherited environment.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-
-import psutil
 
 from launcher.backends.spec import WorkerLaunch
 from launcher.catalog.gguf_file import open_gguf, shard_paths
-from launcher.errors import ModelFileError, UsageError
+from launcher.engines import kv_type_id, physical_cores
+from launcher.errors import ModelFileError
 from launcher.planning.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -48,20 +46,6 @@ READY_BASE_S = 30.0
 READY_PER_GB_S = 10.0
 SERVER_MODULE = "launcher.workers.llamacpp_python.server"
 FALLBACK_CHAT_FORMAT = "llama-2"
-
-# ggml_type ids, as llama_cpp.GGML_TYPE_* (a test checks them against the installed module;
-# they are part of the GGUF format, so they do not move between releases).
-GGML_TYPES = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
 
 # Every llama_cpp.server 0.3.36 setting (ModelSettings + ServerSettings) plus the names its
 # __main__ reads itself; none may leak in from the user's environment.
@@ -135,15 +119,6 @@ def server_args(
     return args
 
 
-def kv_type_id(name: str) -> int:
-    try:
-        return GGML_TYPES[name.lower()]
-    except KeyError:
-        raise UsageError(
-            f"KV cache type {name!r} is not one llama.cpp accepts ({', '.join(GGML_TYPES)})"
-        ) from None
-
-
 def chat_format_flag(plan: Plan, model_path: Path) -> str | None:
     """None (let llama-cpp-python use the GGUF's template) or the format to pass.
 
@@ -169,14 +144,6 @@ def gguf_chat_template(path: Path) -> str | None:
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         log.debug("cannot read the chat template of %s: %s", path, exc)
         return None
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (affinity counts, e.g. in a container)."""
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        cores = min(cores, len(os.sched_getaffinity(0)))
-    return max(cores, 1)
 
 
 def model_bytes(path: Path) -> int:

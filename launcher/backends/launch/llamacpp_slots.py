@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.backends.launch.llamacpp_python import model_bytes, physical_cores, ready_timeout_s
+from launcher.backends.launch.llamacpp_python import model_bytes, ready_timeout_s
 from launcher.backends.spec import WorkerLaunch
+from launcher.engines import physical_cores
 from launcher.errors import ModelFileError
 from launcher.planning.plan import Plan
 

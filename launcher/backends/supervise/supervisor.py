@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from launcher.backends.spec import BackendSpec, port_is_free
+from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.failure import (
     KIND_TEXT,
     OWN_LINE,
@@ -44,6 +44,7 @@ from launcher.backends.supervise.failure import (
 )
 from launcher.backends.supervise.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
+from launcher.netaddr import port_is_free
 from launcher.private import open_private, private_dir
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 The interface (`Generator`, with `GenerationParams` and `TokenEvent` from `generation`) and
 the thread that drives one (`GenerationWorker`) are engine-agnostic: the HTTP layer in
-`exllamav2_server` uses only them, so it runs on the CPU against a fake in tests.
+`exllamav2.server` uses only them, so it runs on the CPU against a fake in tests.
 `ExllamaGenerator` implements the interface on exllamav2's dynamic generator. torch and
 exllamav2 are imported only inside `ExllamaGenerator.load`, after `check_runtime` has turned a
 missing package or GPU into one actionable line (exit code 2), never a traceback.

@@ -7,7 +7,7 @@ backend key (`backend_key`). Argument parsing and ``--help`` never import torch 
 and a missing package or GPU ends the process with exit code 2 and one log line that says what
 to install, so the supervisor can classify the failure as a missing dependency.
 
-The routes are llmup's shared worker layer (`worker_api`) over the small `Generator`
+The routes are llmup's shared worker layer (`workers.api`) over the small `Generator`
 interface of `exllamav2_engine`, so tests drive it on the CPU with a fake. Generation runs on
 one worker thread that owns the model: requests are served one at a time in arrival order
 (the dynamic generator's batching is not used; one job keeps cancellation, errors and memory
@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from launcher import __version__
-from launcher.planning.memory_exllamav2 import CACHE_MODES
+from launcher.engines import CACHE_MODES
 from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,

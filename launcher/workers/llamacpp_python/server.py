@@ -23,23 +23,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from launcher.workers.backend_key import require_backend_key
+from launcher.workers.repack import cpu_has_amx, repack_enabled
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 2
-
-
-def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU advertises AMX tiles (Sapphire Rapids and later Xeons)."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    return any(line.startswith("flags") and " amx_int8" in line for line in text.splitlines())
 
 
 def disable_weight_repack() -> None:
@@ -54,12 +45,6 @@ def disable_weight_repack() -> None:
         return params
 
     lib.llama_model_default_params = without_extra_buffers
-
-
-def repack_enabled(choice: str, *, amx: bool) -> bool:
-    if choice == "auto":
-        return not amx
-    return choice == "on"
 
 
 def build_app(argv: list[str]) -> tuple[Any, str, int]:

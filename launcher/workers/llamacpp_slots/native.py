@@ -20,9 +20,9 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as lib
 
-from launcher.backends.launch.llamacpp_python import kv_type_id
+from launcher.engines import kv_type_id
 from launcher.errors import LlmupError, ModelFileError
-from launcher.workers.llamacpp_python.server import cpu_has_amx, repack_enabled
+from launcher.workers.repack import cpu_has_amx, repack_enabled
 
 logger = logging.getLogger(__name__)
 

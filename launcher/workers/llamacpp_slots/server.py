@@ -4,7 +4,7 @@ Started by the supervisor as ``python -m launcher.workers.llamacpp_slots.server 
 --port N [--parallel S --context C ...]``; it binds 127.0.0.1, answers only requests that
 carry the run's backend key (`backend_key`), and the proxy is the public surface. One
 llama_context holds `--parallel` sequences of `--context` tokens each; the routes are
-llmup's shared worker layer (`worker_api`) over the `BatchEngine`, which decodes every
+llmup's shared worker layer (`workers.api`) over the `BatchEngine`, which decodes every
 active request together, keeps each session's KV cache in a sequence between turns, and
 moves the least recently used ones to a byte-bounded RAM store and then to one file per
 session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
@@ -30,8 +30,8 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher import __version__
-from launcher.backends.launch.llamacpp_python import physical_cores
-from launcher.errors import LlmupError
+from launcher.engines import physical_cores
+from launcher.errors import BadRequestError, LlmupError
 from launcher.private import UMASK
 from launcher.settings import default_home
 from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
@@ -53,7 +53,7 @@ from launcher.workers.llamacpp_slots.slot_store import (
 )
 from launcher.workers.llamacpp_slots.slots import SlotManager
 from launcher.workers.llamacpp_slots.text import LlamaText
-from launcher.workers.request import ApiError, WorkerState, session_key
+from launcher.workers.request import WorkerState, session_key
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,13 @@ def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     extra = body.model_extra or {}
     for name in NOT_HERE:
         if getattr(body, name, None) is not None or extra.get(name) is not None:
-            raise ApiError(400, f"`{name}` is not supported by this worker", param=name)
+            raise BadRequestError(f"`{name}` is not supported by this worker", param=name)
     try:
         extras = _Extras.model_validate(extra)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
     return {
         "grammar": _grammar(model, extras.grammar, getattr(body, "response_format", None)),
         "top_k": extras.top_k,
@@ -106,8 +106,8 @@ def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
 def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int, float]:
     bias = {int(token): value for token, value in (given or {}).items()}
     if any(not 0 <= token < model.vocab_size for token in bias):
-        raise ApiError(
-            400, f"logit_bias token ids must be in [0, {model.vocab_size})", param="logit_bias"
+        raise BadRequestError(
+            f"logit_bias token ids must be in [0, {model.vocab_size})", param="logit_bias"
         )
     return bias
 
@@ -118,9 +118,9 @@ def _grammar(model: NativeModel, grammar: str | None, response_format: Any) -> s
         try:
             grammar = json_mode_grammar(response_format.type, response_format.json_schema_)
         except GrammarError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
+            raise BadRequestError(str(exc), param="response_format") from None
     if grammar is not None and not check_grammar(model, grammar):
-        raise ApiError(400, "the grammar does not parse as llama.cpp GBNF", param="grammar")
+        raise BadRequestError("the grammar does not parse as llama.cpp GBNF", param="grammar")
     return grammar
 
 
@@ -171,7 +171,7 @@ async def forget_session(request: Request) -> dict[str, Any]:
     """Forget one session (named by the private headers): sequence, RAM and disk."""
     key = session_key(request)
     if key is None:
-        raise ApiError(400, "name the session with the proxy's private session headers")
+        raise BadRequestError("name the session with the proxy's private session headers")
     slots = _slots(request)
     held = await asyncio.wrap_future(slots.engine.call(lambda: slots.manager.forget(key)))
     return {"deleted": bool(held)}
