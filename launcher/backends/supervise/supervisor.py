@@ -1,7 +1,7 @@
 """Run one backend as a supervised child: a local process, or a container.
 
-The supervisor starts the spec's command through a runtime (backends/process.py: a local
-process group by default; backends/container.py: a docker container), appends its output to a
+The supervisor starts the spec's command through a runtime (supervise/process.py: a local
+process group by default; supervise/container.py: a docker container), appends its output to a
 log file, waits until the health URL answers, and then keeps watching: it polls the health URL
 while the child runs, and a child that exits, or fails `health_failures` polls in a row (it
 answers 503, or it hangs and answers nothing), is stopped and restarted with exponential

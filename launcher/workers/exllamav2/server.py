@@ -8,7 +8,7 @@ and a missing package or GPU ends the process with exit code 2 and one log line 
 to install, so the supervisor can classify the failure as a missing dependency.
 
 The routes are llmup's shared worker layer (`workers.api`) over the small `Generator`
-interface of `exllamav2_engine`, so tests drive it on the CPU with a fake. Generation runs on
+interface of `exllamav2.engine`, so tests drive it on the CPU with a fake. Generation runs on
 one worker thread that owns the model: requests are served one at a time in arrival order
 (the dynamic generator's batching is not used; one job keeps cancellation, errors and memory
 per request simple, and the proxy bounds its own queue).
