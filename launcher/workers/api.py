@@ -4,12 +4,12 @@ Both workers (exllamav2 for GPTQ, the llama.cpp session-slot worker for GGUF) se
 routes from here: `/v1/models`, chat and text completions (streamed or not), llama.cpp's
 `/extras/tokenize[/count]`, `/health`, and for the proxy `/llmup/meta` (vocabulary, context,
 the build's identity) and `/llmup/prompt-tokens` (a request's prompt, rendered and counted
-as it would be generated from). A worker supplies a `WorkerState` (`workers.request`): its
+as it would be generated from). A worker supplies a `WorkerState` (`workers.prepare`): its
 tokenizer, how it renders a chat, which sampling extras it understands, and an engine that
 takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` batches them).
 
 A request is parsed, checked, rendered and tokenized off the event loop
-(`request.prepared`), so a huge prompt never holds up `/health` or another client's
+(`prepare.prepared`), so a huge prompt never holds up `/health` or another client's
 stream; all of it happens before the first response byte, so errors keep their status. Stop
 strings are matched here (`StopScanner`), so every engine shares one tested implementation;
 a match, like a client that hangs up, cancels the job. The proxy names a request's session
@@ -60,7 +60,7 @@ from launcher.protocol import (
 )
 from launcher.workers.backend_key import require_backend_key
 from launcher.workers.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
-from launcher.workers.request import (
+from launcher.workers.prepare import (
     Engine,
     Run,
     WorkerState,

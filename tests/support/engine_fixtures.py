@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support.ggufgen import write_llama_gguf
-
 from launcher.workers.generation import (
     END,
     GenerationJob,
@@ -32,6 +30,7 @@ from launcher.workers.llamacpp_slots.native import (
 )
 from launcher.workers.llamacpp_slots.slot_store import DiskStore, RamStore, SlotStore
 from launcher.workers.llamacpp_slots.slots import SlotManager
+from support.ggufgen import write_llama_gguf
 
 IDENTITY = {"model": "tiny", "kv_type": "f16"}
 KEY = b"k" * 32  # the saved-state HMAC key

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
-from support.ggufgen import write_llama_gguf
-from support.hubserver import HubServer
 
 from launcher.catalog.loader import load_catalog
 from launcher.planning.plan import JoinSpec, Source
+from support.ggufgen import write_llama_gguf
+from support.hubserver import HubServer
 
 GGUF_REPO = "TheBloke/Llama-2-7B-Chat-GGUF"
 GGUF_FILE = "llama-2-7b-chat.Q4_K_M.gguf"

@@ -36,7 +36,7 @@ from launcher.workers.exllamav2.engine import (
     WorkerStartupError,
 )
 from launcher.workers.llama2_chat import prompt_tokens
-from launcher.workers.request import WorkerState
+from launcher.workers.prepare import WorkerState
 
 logger = logging.getLogger(__name__)
 

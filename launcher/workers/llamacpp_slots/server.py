@@ -53,7 +53,7 @@ from launcher.workers.llamacpp_slots.slot_store import (
 )
 from launcher.workers.llamacpp_slots.slots import SlotManager
 from launcher.workers.llamacpp_slots.text import LlamaText
-from launcher.workers.request import WorkerState, session_key
+from launcher.workers.prepare import WorkerState, session_key
 
 logger = logging.getLogger(__name__)
 
