@@ -38,7 +38,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("LLMUP_TEST_BASE_IMAGE", "llmup-base:bookworm")
 IMAGE = "llmup-test:cpu"
 KEY = "docker-test-key"
-CONTEXT_FILES = ["pyproject.toml", "README.md", ".dockerignore", "launcher", "profiles", "docker"]
+# what .dockerignore lets into the build context
+CONTEXT_FILES = [
+    "pyproject.toml",
+    "requirements.txt",
+    "README.md",
+    ".dockerignore",
+    "launcher",
+    "profiles",
+    "docker",
+]
 
 
 def sh(*args: str, log: Path | None = None, timeout: float = 600, **kw) -> str:
