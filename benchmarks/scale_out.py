@@ -6,7 +6,7 @@ Run: python benchmarks/scale_out.py [--quick] [--out benchmarks/results/scale_ou
 
 Starts, on this machine and on loopback only: a PostgreSQL 15 of its own (Debian's package,
 default durability: fsync on), `llmup serve --model-file M` replicas and HAProxy on the
-shipped docker/haproxy.cfg (tests/cluster.py starts the last two servers). Session turns
+shipped docker/haproxy.cfg (tests/support/cluster.py starts the last two servers). Session turns
 (a new user message with X-Session-Id, the reply capped at max_tokens with the end tokens
 banned, so every turn does the same work) from concurrent clients, each session four turns,
 every arm on fresh sessions; the arms alternate in blocks so that the machine's load falls
@@ -77,7 +77,7 @@ from benchlib import (
 )
 
 sys.path.insert(0, str(ROOT / "tests"))
-from cluster import HAProxy, PostgresServer  # noqa: E402
+from support.cluster import HAProxy, PostgresServer  # noqa: E402
 
 from launcher.proxy.store import NewTurn, SqliteStore  # noqa: E402
 from launcher.proxy.store.postgres import PostgresStore  # noqa: E402

@@ -24,8 +24,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from launcher.backends.spec import bind_socket
 from launcher.errors import UsageError
+from launcher.netaddr import bind_socket
 
 TIMEOUT_HEAD = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"

@@ -265,6 +265,12 @@ class Settings(BaseSettings):
             proxy.session_ttl = self.session_ttl
         return self
 
+    def with_proxy(self, **changes: Any) -> Settings:
+        """A copy with these proxy settings changed; this tree stays as it was (the CLI's
+        flags and serve's own adjustments build new settings, never assign into a shared
+        one)."""
+        return self.model_copy(update={"proxy": self.proxy.model_copy(update=changes)})
+
 
 class ProfileSource(PydanticBaseSettingsSource):
     """A machine profile's pinned settings: one layer above the defaults, below the

@@ -11,13 +11,11 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
 from launcher.api_errors import install_error_handlers
-from launcher.errors import ProxyError
-from launcher.proxy import backend as backend_info
+from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
@@ -26,13 +24,14 @@ from launcher.proxy.replica import ReplicaHeader
 from launcher.proxy.routes import api, ops
 from launcher.proxy.state import ProxyState
 from launcher.proxy.store import SessionStore
+from launcher.served import ServedModel
 from launcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> FastAPI:
-    """The proxy app for `backend` (anything with base_url, state and restarts)."""
+def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore) -> FastAPI:
+    """The proxy app in front of `backend`."""
     state = ProxyState.build(settings, backend, sessions, KeyRing(configured_keys(settings.proxy)))
 
     @asynccontextmanager
@@ -70,13 +69,13 @@ def _watch_gauges(state: ProxyState) -> None:
     def refresh() -> None:
         try:
             metrics.sessions.set(state.sessions.count())
-        except (ProxyError, sqlite3.Error) as exc:  # a broken store must not take the metrics
+        except (ApiError, sqlite3.Error) as exc:  # a broken store must not take the metrics
             log.warning("cannot count sessions: %s", exc)
-        metrics.restarts.set(backend_info.restarts_of(state.backend))
-        metrics.backend_up.set(1 if backend_info.is_ready(state.backend) else 0)
+        metrics.restarts.set(state.backend.restarts)
+        metrics.backend_up.set(1 if state.ready else 0)
         metrics.backend_state.clear()  # one series: the state it is in now
-        metrics.backend_state.labels(backend_info.state_of(state.backend)).set(1)
-        supervision = backend_info.supervision_of(state.backend)
+        metrics.backend_state.labels(state.backend.state).set(1)
+        supervision = state.backend.supervision
         metrics.health_failures.set(supervision.get("failed_health_checks", 0))
         metrics.unhealthy_restarts.set(supervision.get("unhealthy_restarts", 0))
         metrics.queue_depth.set(state.admission.waiting)
