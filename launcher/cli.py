@@ -394,6 +394,14 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-alias",
+            help="Another name the served model answers to, e.g. an app's fixed default "
+            "(repeatable; `*` for any name). Unknown names are a 404 otherwise.",
+        ),
+    ] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached weights.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No download bars.")] = False,
     no_verify: NoVerifyOpt = False,
@@ -405,7 +413,9 @@ def serve(
 
     settings, chosen_profile = command_settings(profile)
     serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
-    access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
+    access_settings(
+        settings, api_key_file=api_key_file, allowed_hosts=allowed_host, aliases=model_alias
+    )
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -442,6 +452,7 @@ def serve(
             keyed=keyed,
             keys_file=settings.proxy.api_keys_file,
             slow=b.plan.speed_warning.message if b.plan.speed_warning else None,
+            aliases=settings.proxy.model_aliases,
         ),
     )
 
@@ -467,16 +478,22 @@ def serve_settings(settings: Settings, host, port, api_keys, insecure_no_auth, r
 
 
 def access_settings(
-    settings: Settings, *, api_key_file: Path | None, allowed_hosts: list[str] | None
+    settings: Settings,
+    *,
+    api_key_file: Path | None,
+    allowed_hosts: list[str] | None,
+    aliases: list[str] | None = None,
 ) -> None:
-    """Lay the keys-file and allowed-host flags over the settings (flags win)."""
-    from launcher.settings import split_hosts
+    """Lay the keys-file, allowed-host and model-alias flags over the settings (flags win;
+    names add to the environment's)."""
+    from launcher.settings import split_hosts, split_names
 
     proxy = settings.proxy
     if api_key_file is not None:
         proxy.api_keys_file = api_key_file
     extra = split_hosts(allowed_hosts or [])
     proxy.allowed_hosts = list(dict.fromkeys([*proxy.allowed_hosts, *extra]))
+    proxy.model_aliases = split_names([*proxy.model_aliases, *(aliases or [])])
 
 
 @app.command()

@@ -260,6 +260,7 @@ def serving(
     keyed: bool,
     keys_file: Path | None = None,
     slow: str | None = None,
+    aliases: list[str] | None = None,
 ) -> None:
     """The ready line with a curl and an openai snippet to paste, and, for a plan expected
     to decode below reading speed, the plan's `slow` warning (what would be faster).
@@ -269,6 +270,9 @@ def serving(
     came from flags, the environment or a keys file (a docker secret), which it names.
     """
     out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
+    if aliases:
+        names = ", ".join("any name" if a == "*" else a for a in aliases)
+        out.print(f"  also answers to: {names}", highlight=False, soft_wrap=True, markup=False)
     if slow:
         out.print(f"  [yellow]slow:[/yellow] {escape(slow)}", highlight=False, soft_wrap=True)
     auth = ' -H "Authorization: Bearer $LLMUP_API_KEY"' if keyed else ""
