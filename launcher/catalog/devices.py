@@ -20,37 +20,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from launcher.errors import CatalogError
 
 
-class DeviceSpec(BaseModel):
+class _Entry(BaseModel):
+    """A table entry: what it is, the lower-case names that match it, where its figure is from."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["cuda", "metal"]
     match: list[str] = Field(min_length=1)
+    source: str
+
+
+class DeviceSpec(_Entry):
+    kind: Literal["cuda", "metal"]
     bandwidth_gbs: float = Field(gt=0)
     tflops: float | None = Field(default=None, gt=0)
-    source: str
 
 
-class MemorySpec(BaseModel):
+class MemorySpec(_Entry):
     """A CPU memory system: DDR generation, speed grade and channels; its peak bandwidth."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    match: list[str] = Field(min_length=1)
     bandwidth_gbs: float = Field(gt=0)
-    source: str
 
 
-class CoreSpec(BaseModel):
+class CoreSpec(_Entry):
     """A CPU core class and the FP32 GFLOPS one such core sustains in a matrix multiply."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    match: list[str] = Field(min_length=1)
     gflops: float = Field(gt=0)
-    source: str
 
 
 class DeviceTable(BaseModel):
@@ -74,7 +69,7 @@ class DeviceTable(BaseModel):
         return _best(self.cpu_cores, cpu_name)
 
 
-Spec = TypeVar("Spec", DeviceSpec, MemorySpec, CoreSpec)
+Spec = TypeVar("Spec", bound=_Entry)
 
 
 def _best(specs: list[Spec], name: str) -> Spec | None:

@@ -105,14 +105,11 @@ def _cpu_rate(snapshot: HardwareSnapshot) -> DeviceRate:
     if s.memory_bandwidth_gbs:
         eff = EFFICIENCY["cpu"]
         gflops = s.cpu_gflops or 0.0
-        return DeviceRate(
-            "cpu",
-            s.memory_bandwidth_gbs * 1e9 * eff.bandwidth,
-            gflops * 1e9 * eff.prompt or None,
-            gflops * 1e9 * (eff.decode_compute or 0) or None,
-            basis=f"cpu: measured {s.memory_bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}, "
-            f"{gflops:g} GFLOPS x {eff.prompt:.2f} (prompt) / {eff.decode_compute:.2f} (decode)",
+        basis = (
+            f"cpu: measured {s.memory_bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}, "
+            f"{gflops:g} GFLOPS x {eff.prompt:.2f} (prompt) / {eff.decode_compute:.2f} (decode)"
         )
+        return _cpu(s.memory_bandwidth_gbs, gflops, eff, basis)
     chip = _apple_chip(snapshot)
     if chip is not None:
         eff = EFFICIENCY["apple_cpu"]
@@ -130,6 +127,20 @@ def _cpu_rate(snapshot: HardwareSnapshot) -> DeviceRate:
     )
 
 
+def _cpu(
+    bandwidth_gbs: float, gflops: float, eff: Efficiency, basis: str, *, assumed: bool = False
+) -> DeviceRate:
+    """A CPU's rates from its bandwidth and GFLOPS (0: unknown, no compute figures)."""
+    return DeviceRate(
+        "cpu",
+        bandwidth_gbs * 1e9 * eff.bandwidth,
+        gflops * 1e9 * eff.prompt or None,
+        gflops * 1e9 * (eff.decode_compute or 0) or None,
+        basis=basis,
+        assumed=assumed,
+    )
+
+
 def _described_cpu(snapshot: HardwareSnapshot) -> DeviceRate | None:
     """A CPU described rather than measured: the table's peak bandwidth for its memory and,
     when its name names a core class, that class's GFLOPS per core; assumed, and said so."""
@@ -139,22 +150,18 @@ def _described_cpu(snapshot: HardwareSnapshot) -> DeviceRate | None:
         return None
     eff = EFFICIENCY["cpu_table"]
     core = device_table().core(s.cpu_name) if s.cpu_name else None
-    gflops = core.gflops * s.cpu_cores if core else 0.0
     compute = (
         f", {s.cpu_cores} x {core.gflops:g} GFLOPS ({core.name}) x {eff.prompt:.2f} / "
         f"{eff.decode_compute:.2f}"
         if core
         else ", GFLOPS unknown (no core class in system.cpu_name)"
     )
-    return DeviceRate(
-        "cpu",
-        memory.bandwidth_gbs * 1e9 * eff.bandwidth,
-        gflops * 1e9 * eff.prompt or None,
-        gflops * 1e9 * (eff.decode_compute or 0) or None,
-        basis=f"cpu: assumed {memory.name} {memory.bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}"
-        f"{compute} (the device table's typical figures, not measured)",
-        assumed=True,
+    basis = (
+        f"cpu: assumed {memory.name} {memory.bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}"
+        f"{compute} (the device table's typical figures, not measured)"
     )
+    gflops = core.gflops * s.cpu_cores if core else 0.0
+    return _cpu(memory.bandwidth_gbs, gflops, eff, basis, assumed=True)
 
 
 def _apple_chip(snapshot: HardwareSnapshot):
