@@ -75,6 +75,7 @@ async def create_embedding(
 
 
 API_PREFIX = "/v1"
+llmup_api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # llmup's own: sessions, the plan
 # OpenAI's routes: (method, path below the prefix, handler, response model). A route added
 # here is served under both prefixes.
 OPENAI_ROUTES: tuple[tuple[str, str, Callable[..., Any], Any], ...] = (
@@ -102,9 +103,6 @@ def mount_api(app: FastAPI) -> None:
     app.include_router(openai_router(API_PREFIX, documented=True))
     app.include_router(openai_router("", documented=False))
     app.include_router(llmup_api)
-
-
-llmup_api = APIRouter(prefix=API_PREFIX, responses=ERRORS)
 
 
 @llmup_api.get("/sessions")
