@@ -16,20 +16,21 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.errors import BadRequestError
-from launcher.proxy.models import LLAMA_CPP_FIELDS
+from launcher.proxy.request_models import LLAMA_CPP_FIELDS
+from launcher.served import WorkerKind
 
 # fields a backend kind ignores (so a request relying on them must hear it)
 UNSUPPORTED = {
-    "exllamav2": (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice", "functions",
-                  "function_call"),
+    WorkerKind.EXLLAMAV2: (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice",
+                           "functions", "function_call"),
     # llmup's session-slot worker: grammar, top_k, min_p, repeat_penalty and JSON mode, but
     # not llama-cpp-python's tool calling, mirostat or min_tokens
-    "llama.cpp-slots": ("tools", "tool_choice", "functions", "function_call", "mirostat_mode",
-                        "mirostat_tau", "mirostat_eta", "min_tokens"),
+    WorkerKind.LLAMACPP_SLOTS: ("tools", "tool_choice", "functions", "function_call",
+                                "mirostat_mode", "mirostat_tau", "mirostat_eta", "min_tokens"),
 }  # fmt: skip
 
 
-def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
+def check_supported(body: Any, kind: WorkerKind, *, max_messages: int) -> None:
     """BadRequestError for what the backend `kind` cannot do with this request."""
     if (body.n or 1) > 1:
         raise BadRequestError(

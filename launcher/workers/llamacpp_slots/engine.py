@@ -1,0 +1,321 @@
+"""Continuous batching on llama.cpp: every active request advances in one llama_decode a step.
+
+One engine thread owns the model and the context. Each step it admits waiting requests to
+sequences (`SlotManager`: prefix kept, state restored, or a session evicted), drops the ones
+whose client left, then builds one batch: the last sampled token of every generating request
+(one row each) and, in the room left up to n_batch, chunks of new prompts. After the decode
+each request's own sampler chain picks its next token from its row's logits. Requests of one
+session run one after another in arrival order; different sessions interleave freely.
+
+It implements the worker's engine interface (`submit`, `pending`, `fatal_error`, `start`,
+`stop`) with `GenerationJob`s in and `TokenEvent`s, `END` or an exception out.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.workers.generation import END, GenerationJob, TokenEvent, first_line
+from launcher.workers.llamacpp_slots.native import Batch, DecodeError, NativeContext, NativeModel
+from launcher.workers.llamacpp_slots.sampling import SamplerChain
+from launcher.workers.llamacpp_slots.slots import Slot, SlotManager
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5
+EXPIRE_EVERY_S = 600.0  # how often idle sessions past their TTL are looked for
+PROMPT_RATE_MIN_TOKENS = 32  # batches this large measure prompt speed for the restore estimate
+
+
+@dataclass(eq=False)
+class _Active:
+    job: GenerationJob
+    slot: Slot
+    sampler: SamplerChain
+    pending: list[int]  # prompt tokens not yet evaluated
+    next_token: int | None = None  # sampled and sent, to be evaluated next step
+    generated: int = 0
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def emit(self, item: object) -> None:
+        self.job.emit(item)
+
+
+@dataclass
+class EngineStats:
+    generated_tokens: int = 0
+    steps: int = 0
+    decode_seconds: float = 0.0
+
+
+class BatchEngine:
+    """The llama.cpp worker's engine thread (see the module docstring)."""
+
+    def __init__(self, model: NativeModel, ctx: NativeContext, slots: SlotManager) -> None:
+        self.model, self.ctx, self.slots = model, ctx, slots
+        self.batch = Batch(ctx.n_batch)
+        self.stats = EngineStats()
+        self.fatal_error: str | None = None
+        self._inbox: deque[GenerationJob | Callable[[], None]] = deque()
+        self._wake = threading.Condition()
+        self._waiting: deque[GenerationJob] = deque()
+        self._active: list[_Active] = []
+        self._stopping = False
+        self._closed = False
+        self._expired_at = time.monotonic()
+        self._thread: threading.Thread | None = None
+
+    # ---- the interface the HTTP layer uses ----------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmup-batch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish: cancel what runs, save every session's KV to disk, free the context.
+        A second call does nothing."""
+        if self._closed:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("the engine thread did not stop in %.0f s", timeout)
+                return
+        self._closed = True
+        self._close()
+
+    def submit(self, job: GenerationJob) -> None:
+        self._post(job)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between two steps (it owns the context)."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        self._post(run)
+        return future
+
+    def pending(self) -> int:
+        return len(self._inbox) + len(self._waiting) + len(self._active)
+
+    def active(self) -> int:
+        return len(self._active)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _post(self, item: GenerationJob | Callable[[], None]) -> None:
+        with self._wake:
+            self._inbox.append(item)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        try:
+            while self._next_round():
+                self._step()
+        except Exception as exc:
+            logger.exception("the engine thread failed")
+            self.fatal_error = first_line(exc)
+            self._fail_all(exc)
+        finally:
+            self._cancel_all()
+
+    def _next_round(self) -> bool:
+        """Take new work; block while there is none. False once stopping."""
+        with self._wake:
+            while not self._stopping and not (self._inbox or self._waiting or self._active):
+                self._wake.wait(IDLE_WAIT_S)
+                self._expire_now_and_then()
+            if self._stopping:
+                return False
+            items = list(self._inbox)
+            self._inbox.clear()
+        for item in items:
+            if isinstance(item, GenerationJob):
+                self._waiting.append(item)
+            else:
+                item()
+        return True
+
+    def _expire_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self._expired_at >= EXPIRE_EVERY_S:
+            self._expired_at = now
+            if dropped := self.slots.expire():
+                logger.info("%d expired session state(s) dropped", dropped)
+
+    def _step(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        if not self._active:
+            if self._waiting:  # every sequence busy with cancelled work: nothing to run
+                time.sleep(0.01)
+            return
+        rows = self._fill_batch()
+        started = time.perf_counter()
+        try:
+            self.ctx.decode(self.batch)
+        except DecodeError as exc:
+            self._fail(list(self._active), exc)
+            return
+        spent = time.perf_counter() - started
+        self.stats.steps += 1
+        self.stats.decode_seconds += spent
+        if self.batch.size >= PROMPT_RATE_MIN_TOKENS:
+            self.slots.estimate.record_prompt(self.batch.size, spent)
+        for row, active in rows:
+            self._advance(active, active.sampler.sample(self.ctx, row))
+
+    # ---- admission and batch building ---------------------------------------------------
+
+    def _admit(self) -> None:
+        """Place waiting jobs in arrival order; a session's later job never passes its
+        earlier one."""
+        blocked: set[object] = set()
+        for job in list(self._waiting):
+            if job.cancel.is_set():
+                self._waiting.remove(job)
+                job.emit(END)
+                continue
+            if job.session is not None and job.session in blocked:
+                continue
+            placed = self._place(job)
+            if placed:
+                self._waiting.remove(job)
+            elif job.session is not None:
+                blocked.add(job.session)
+
+    def _place(self, job: GenerationJob) -> bool:
+        if len(job.prompt) >= self.ctx.n_ctx_seq:
+            job.emit(ValueError(f"the prompt needs more than {self.ctx.n_ctx_seq} tokens"))
+            job.emit(END)
+            return True
+        placement = self.slots.acquire(job.session, job.prompt)
+        if placement is None:
+            return False
+        try:
+            sampler = SamplerChain(self.model, job.params)
+        except Exception as exc:
+            self.slots.release(placement.slot, keep=True)
+            job.emit(exc)
+            job.emit(END)
+            return True
+        pending = job.prompt[placement.reused :]
+        job.cached_tokens = placement.reused
+        self.slots.stats.evaluated_tokens += len(pending)
+        self._active.append(_Active(job, placement.slot, sampler, pending))
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for active in [a for a in self._active if a.job.cancel.is_set()]:
+            self._finish(active, None)
+
+    def _fill_batch(self) -> list[tuple[int, _Active]]:
+        """Generating requests first (one token each), then prompt chunks in the room left."""
+        batch = self.batch
+        batch.clear()
+        rows = []
+        for active in self._active:
+            if active.next_token is not None:
+                rows.append((self._add(active, active.next_token, logits=True), active))
+                active.next_token = None
+        for active in self._active:
+            room = batch.capacity - batch.size
+            if not active.pending or room <= 0:
+                continue
+            chunk, active.pending = active.pending[:room], active.pending[room:]
+            for i, token in enumerate(chunk):
+                last = i == len(chunk) - 1 and not active.pending
+                row = self._add(active, token, logits=last)
+            if not active.pending:
+                rows.append((row, active))
+        return rows
+
+    def _add(self, active: _Active, token: int, *, logits: bool) -> int:
+        slot = active.slot
+        row = self.batch.add(token, len(slot.tokens), slot.index, logits=logits)
+        slot.tokens.append(token)
+        return row
+
+    # ---- after the decode ---------------------------------------------------------------
+
+    def _advance(self, active: _Active, token: int) -> None:
+        if self.model.is_end(token):
+            self._finish(active, "stop")
+            return
+        active.generated += 1
+        self.stats.generated_tokens += 1
+        done = (
+            active.generated >= active.job.params.max_new_tokens
+            or len(active.slot.tokens) >= self.ctx.n_ctx_seq  # no room to evaluate it
+        )
+        text = active.decoder.decode(self.model.piece(token), final=done)
+        active.emit(TokenEvent(text, 1, "length" if done else None))
+        if done:
+            self._finish(active, None)
+        else:
+            active.next_token = token
+
+    def _finish(self, active: _Active, reason: str | None) -> None:
+        """End a request: its last event (when `reason`), END, and its sequence released."""
+        if reason is not None:
+            active.emit(TokenEvent(active.decoder.decode(b"", final=True), 0, reason))
+        self._active.remove(active)
+        active.sampler.close()
+        self.slots.release(active.slot, keep=active.job.session is not None)
+        active.emit(END)
+
+    def _fail(self, failed: list[_Active], exc: Exception) -> None:
+        """A decode failed: its requests get the error and their sequences are emptied (what
+        they hold is no longer known)."""
+        logger.error("decode failed for %d request(s): %s", len(failed), exc)
+        for active in failed:
+            self._active.remove(active)
+            active.sampler.close()
+            self.slots.release(active.slot, keep=False)
+            active.emit(exc)
+            active.emit(END)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for active in list(self._active):
+            active.emit(exc)
+        for job in self._waiting:
+            job.emit(exc)
+
+    def _cancel_all(self) -> None:
+        for active in list(self._active):
+            self._active.remove(active)
+            active.sampler.close()
+            self.slots.release(active.slot, keep=active.job.session is not None)
+            active.emit(END)
+        while self._waiting:
+            self._waiting.popleft().emit(END)
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, GenerationJob):
+                item.emit(END)
+
+    def _close(self) -> None:
+        try:
+            saved = self.slots.save_all()
+            logger.info("saved %d session state(s) for the next start", saved)
+        except Exception:
+            logger.exception("saving session states at shutdown failed")
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()

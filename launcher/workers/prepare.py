@@ -1,0 +1,304 @@
+"""A request as llmup's workers take it in: the model-facing parts a worker supplies
+(`WorkerState`), and what one request asks of them: its session, its prompt tokens (the chat
+template rendered, or the completion prompt), and its sampling settings after checking that
+the prompt and the reply fit the context.
+
+Counting a prompt (`count_prompt`, the proxy's `/llmup/prompt-tokens`) runs the same code as
+preparing a generation, so the proxy's idea of a prompt's length is the worker's own.
+
+Parsing, rendering and tokenizing run on a worker thread (`prepared`, `parsed`), never on the
+event loop: a prompt of megabytes takes a second of CPU, and on the event loop it would hold
+up `/health` (the supervisor restarts a worker that stops answering it) and every other
+client's stream. The engine thread is never involved. All validation happens before the
+first response byte, so errors keep their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from launcher.errors import ApiError, BadRequestError, NotFoundError
+from launcher.protocol import (
+    BACKEND_OWNER_HEADER,
+    BACKEND_SESSION_HEADER,
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    PromptTokens,
+    Usage,
+    context_length_message,
+)
+from launcher.workers.generation import GenerationJob, GenerationParams, SessionKey
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+class Tokenizer(Protocol):
+    """`vocab_size` bounds client-supplied token ids: an id past it would fault the engine."""
+
+    vocab_size: int
+
+    def encode(
+        self, text: str, *, bos: bool = False, eos: bool = False, special: bool = False
+    ) -> list[int]:
+        """Token ids of `text`; `special` parses "<s>"-style markers as control tokens."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` as llama.cpp's /extras/tokenize/count counts them (BOS, special)."""
+        ...
+
+
+class Engine(Protocol):
+    """What runs the jobs: `fatal_error` is set once it can no longer generate."""
+
+    fatal_error: str | None
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, job: GenerationJob) -> None: ...
+
+    def pending(self) -> int: ...
+
+
+@dataclass
+class WorkerState:
+    """One worker's model-facing parts; `sampling_extras(body)` returns extra
+    `GenerationParams` fields (grammar, logit_bias...) or raises BadRequestError, and is None for
+    an engine without them (then a non-text response_format is refused). `identity` is what
+    identifies the served build (backend and version, model files, load settings): the proxy
+    derives the replies' `system_fingerprint` from it."""
+
+    tokenizer: Tokenizer
+    engine: Engine
+    chat_prompt: Callable[[list[ChatMessage]], list[int]]
+    model_alias: str
+    max_seq_len: int
+    sampling_extras: Callable[[Any], dict[str, Any]] | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """One request's prepared inputs and, as generation goes, its outcome."""
+
+    prompt: list[int]
+    params: GenerationParams
+    stops: list[str]
+    session: SessionKey | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str = "stop"
+
+    def usage(self) -> Usage:
+        usage = Usage.of(len(self.prompt), self.completion_tokens)
+        if self.session is not None or self.cached_tokens:  # an extra field, as OpenAI names it
+            usage.prompt_tokens_details = {"cached_tokens": self.cached_tokens}
+        return usage
+
+
+def worker_state(request: Request) -> WorkerState:
+    return request.app.state.llmup
+
+
+# ---- request handling ---------------------------------------------------------------------
+
+
+def session_key(request: Request) -> SessionKey | None:
+    """The session the proxy named on its private headers: both or neither (the owner is
+    empty when the proxy runs without API keys: every caller is then one owner)."""
+    owner = request.headers.get(BACKEND_OWNER_HEADER)
+    session = request.headers.get(BACKEND_SESSION_HEADER)
+    if owner is None and session is None:
+        return None
+    if owner is None or not session:
+        raise BadRequestError(f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
+    return SessionKey(owner, session)
+
+
+def check_model(state: WorkerState, model: str | None) -> None:
+    if model is not None and model != state.model_alias:
+        raise NotFoundError(
+            f"The model `{model}` does not exist; this worker serves `{state.model_alias}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_common(request: ChatCompletionRequest | CompletionRequest) -> None:
+    if (request.n or 1) > 1:
+        raise BadRequestError("n > 1 is not supported by this backend", param="n")
+
+
+def _chat_prompt(state: WorkerState, body: ChatCompletionRequest) -> list[int]:
+    wants_json = body.response_format is not None and body.response_format.type != "text"
+    if wants_json and state.sampling_extras is None:
+        raise BadRequestError(
+            "response_format other than text is not supported", param="response_format"
+        )
+    try:
+        return state.chat_prompt(body.messages)
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param="messages") from exc
+
+
+def _completion_prompt(state: WorkerState, body: CompletionRequest) -> list[int]:
+    """Like llama.cpp: a text prompt gets BOS and its "<s>"-style markers parsed."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        return _checked_ids(state, prompt)  # type: ignore[arg-type]
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequestError("exactly one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return _checked_ids(state, prompt)
+    return state.tokenizer.encode(prompt, bos=True, special=True)
+
+
+def _checked_ids(state: WorkerState, ids: list[int]) -> list[int]:
+    """Client token ids must exist in the vocabulary: a bad id faults the engine."""
+    size = state.tokenizer.vocab_size
+    if not ids or any(not 0 <= i < size for i in ids):
+        raise BadRequestError(f"prompt token ids must be in [0, {size})", param="prompt")
+    return list(ids)
+
+
+def _params(state: WorkerState, body: Any, prompt_len: int) -> GenerationParams:
+    """Sampling settings, after checking the prompt and the reply fit the context.
+
+    Without max_tokens a chat reply may run to the end of the context (OpenAI's and
+    llama-server's behaviour) and a completion gets OpenAI's 16 tokens, or what is left:
+    this worker counted the prompt, so nothing it did not count can make it refuse."""
+    room = state.max_seq_len - prompt_len
+    wanted = body.requested_max_tokens()
+    if room <= 0 or (wanted is not None and wanted > room):
+        chat = isinstance(body, ChatCompletionRequest)
+        raise BadRequestError(
+            context_length_message(
+                state.max_seq_len, prompt_len, wanted or 1, "messages" if chat else "prompt"
+            ),
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
+    if wanted is None:
+        chat = isinstance(body, ChatCompletionRequest)
+        wanted = room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
+    extras = state.sampling_extras(body) if state.sampling_extras else {}
+    return GenerationParams(
+        max_new_tokens=wanted,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        **extras,
+    )
+
+
+def _check_alive(state: WorkerState) -> None:
+    if state.engine.fatal_error:
+        raise ApiError(
+            f"the engine failed and needs a restart: {state.engine.fatal_error}",
+            status=503,
+            code="engine_failed",
+        )
+
+
+def prepare(
+    state: WorkerState, body: ChatCompletionRequest | CompletionRequest, session: SessionKey | None
+) -> Run:
+    _check_alive(state)
+    check_model(state, body.model)
+    _check_common(body)
+    if isinstance(body, ChatCompletionRequest):
+        prompt = _chat_prompt(state, body)
+    else:
+        prompt = _completion_prompt(state, body)
+    return Run(prompt, _params(state, body, len(prompt)), body.stop_list(), session)
+
+
+def count_prompt(state: WorkerState, body: dict[str, Any]) -> PromptTokens:
+    """A chat or completion request's prompt as this worker would generate from it (the
+    same rendering and tokenizing), without generating."""
+    try:
+        if "messages" in body:
+            chat = ChatCompletionRequest.model_validate(body)
+            return PromptTokens(
+                prompt_tokens=len(_chat_prompt(state, chat)),
+                context=state.max_seq_len,
+                message_tokens=[_content_tokens(state, m) for m in chat.messages],
+            )
+        completion = CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
+    prompt = _completion_prompt(state, completion)
+    return PromptTokens(prompt_tokens=len(prompt), context=state.max_seq_len)
+
+
+def _content_tokens(state: WorkerState, message: ChatMessage) -> int:
+    """A message's content (and tool calls) in tokens, without the template's markers."""
+    calls = [f"{c.function.name}\n{c.function.arguments}" for c in message.tool_calls or []]
+    try:
+        text = "\n".join([message.text(), *calls])
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param="messages") from exc
+    return len(state.tokenizer.encode(text))
+
+
+def _validated(model: type[BodyT], raw: bytes) -> BodyT:
+    """The body as `model`; a failure is the same 400 FastAPI's own validation gives."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _parse_and_prepare(
+    state: WorkerState, model: type[BodyT], raw: bytes, session: SessionKey | None
+) -> tuple[BodyT, Run]:
+    body = _validated(model, raw)
+    return body, prepare(state, body, session)  # type: ignore[arg-type]
+
+
+async def parsed(request: Request, model: type[BodyT]) -> BodyT:
+    """A request body parsed and validated off the event loop (see `prepared`)."""
+    return await asyncio.to_thread(_validated, model, await request.body())
+
+
+async def prepared(request: Request, model: type[BodyT]) -> tuple[BodyT, Run]:
+    """Parse, validate, render and tokenize a generation request on a worker thread."""
+    state = worker_state(request)
+    session = session_key(request)
+    raw = await request.body()
+    return await asyncio.to_thread(_parse_and_prepare, state, model, raw, session)
+
+
+async def counted(request: Request) -> PromptTokens:
+    """`count_prompt` of the request's JSON body, off the event loop like a generation."""
+    state = worker_state(request)
+    raw = await request.body()
+    return await asyncio.to_thread(_count_raw, state, raw)
+
+
+def _count_raw(state: WorkerState, raw: bytes) -> PromptTokens:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequestError(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return count_prompt(state, body)
