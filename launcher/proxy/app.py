@@ -21,7 +21,7 @@ from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import ReplicaHeader
-from launcher.proxy.routes import api, ops
+from launcher.proxy.routes import mount_api, ops
 from launcher.proxy.state import ProxyState
 from launcher.proxy.store import SessionStore
 from launcher.served import ServedModel
@@ -49,7 +49,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
         lifespan=lifespan,
     )
     app.state.proxy = state
-    app.include_router(api)
+    mount_api(app)
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)
