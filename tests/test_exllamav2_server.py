@@ -385,7 +385,8 @@ def test_prompt_tokens_counts_what_a_generation_reads(url, fake):
     assert completion.json() == {"prompt_tokens": 3, "context": 4096, "message_tokens": None}
     long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}
     assert httpx.post(f"{url}/llmup/prompt-tokens", json=long).json()["prompt_tokens"] > 5000
-    broken = {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}
+    two = [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]
+    broken = {"model": MODEL, "messages": two}
     refused = httpx.post(f"{url}/llmup/prompt-tokens", json=broken)
     assert refused.status_code == 400 and "alternate" in refused.json()["error"]["message"]
 

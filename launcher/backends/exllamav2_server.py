@@ -52,7 +52,9 @@ def create_app(
     state = WorkerState(
         tokenizer=generator,
         engine=GenerationWorker(generator),
-        chat_prompt=lambda messages: prompt_tokens(generator.encode, messages),
+        chat_prompt=lambda turns: prompt_tokens(
+            generator.encode, turns.messages, prefill=turns.prefill
+        ),
         model_alias=model_alias,
         max_seq_len=max_seq_len,
         identity=identity or {"backend": "exllamav2", "model": model_alias},

@@ -10,8 +10,10 @@ moves the least recently used ones to a byte-bounded RAM store and then to one f
 session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
 private session headers) forgets one session everywhere.
 
-Beyond OpenAI's fields a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
-and `logit_bias`; `response_format` json_object / json_schema becomes a grammar.
+Beyond OpenAI's fields (tools, JSON replies, log probabilities, n choices, a reply to
+continue) a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
+`repeat_penalty`, `min_tokens` and `mirostat_mode` / `_tau` / `_eta`; tool calls and
+`response_format` json_object / json_schema become a grammar (`launcher.json_grammar`).
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ from launcher.backends.llamacpp_native import (
     NativeModel,
     route_llama_logs,
 )
-from launcher.backends.llamacpp_sampling import GrammarError, check_grammar, json_mode_grammar
+from launcher.backends.llamacpp_sampling import check_grammar
 from launcher.backends.llamacpp_text import LlamaText
 from launcher.backends.slot_store import KEY_FILE, DiskStore, RamStore, SlotStore, state_key
 from launcher.backends.slots import SlotManager
 from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.backends.worker_request import ApiError, WorkerState, session_key
 from launcher.errors import LlmupError
+from launcher.json_grammar import ReplyGrammar, reply_grammar
 from launcher.private import UMASK
+from launcher.reply_format import ReplyFormatError, grammar_spec
 from launcher.settings import default_home
 
 logger = logging.getLogger(__name__)
@@ -59,41 +63,40 @@ STATE_FORMAT = 1  # bump when the file layout or what identity means changes
 
 
 class _Extras(BaseModel):
-    """The request fields beyond OpenAI's that llama.cpp's servers accept (and this one
-    implements)."""
+    """The request fields beyond OpenAI's that llama.cpp's servers accept (this one
+    implements all of llama_cpp.server's)."""
 
     model_config = ConfigDict(extra="ignore")
     grammar: str | None = None
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
-
-
-# what llama_cpp.server does and this worker does not (the proxy refuses them before)
-NOT_HERE = (
-    "tools", "tool_choice", "functions", "function_call", "mirostat_mode", "mirostat_tau",
-    "mirostat_eta", "min_tokens",
-)  # fmt: skip
+    min_tokens: int = Field(default=0, ge=0)
+    mirostat_mode: int = Field(default=0, ge=0, le=2)
+    mirostat_tau: float = Field(default=5.0, ge=0.0, le=10.0)
+    mirostat_eta: float = Field(default=0.1, ge=0.001, le=1.0)
 
 
 def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
-    extra = body.model_extra or {}
-    for name in NOT_HERE:
-        if getattr(body, name, None) is not None or extra.get(name) is not None:
-            raise ApiError(400, f"`{name}` is not supported by this worker", param=name)
     try:
-        extras = _Extras.model_validate(extra)
+        extras = _Extras.model_validate(body.model_extra or {})
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+    grammar = _grammar(model, extras.grammar, body)
     return {
-        "grammar": _grammar(model, extras.grammar, getattr(body, "response_format", None)),
+        "grammar": grammar.text if grammar else None,
+        "grammar_triggers": grammar.triggers if grammar else (),
         "top_k": extras.top_k,
         "min_p": extras.min_p,
         "repeat_penalty": extras.repeat_penalty,
         "logit_bias": _logit_bias(model, body.logit_bias),
+        "min_tokens": extras.min_tokens,
+        "mirostat": extras.mirostat_mode,
+        "mirostat_tau": extras.mirostat_tau,
+        "mirostat_eta": extras.mirostat_eta,
     }
 
 
@@ -106,16 +109,25 @@ def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int,
     return bias
 
 
-def _grammar(model: NativeModel, grammar: str | None, response_format: Any) -> str | None:
-    """The request's grammar, or JSON mode's; one llama.cpp cannot parse is a 400."""
-    if grammar is None and response_format is not None:
-        try:
-            grammar = json_mode_grammar(response_format.type, response_format.json_schema_)
-        except GrammarError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
-    if grammar is not None and not check_grammar(model, grammar):
+def _grammar(model: NativeModel, grammar: str | None, body: Any) -> ReplyGrammar | None:
+    """The request's own grammar, or the one its tools and JSON reply make
+    (`json_grammar`); one llama.cpp cannot parse, or a schema it cannot convert, is a 400."""
+    try:
+        spec = grammar_spec(body)
+        built = reply_grammar(spec) if spec is not None else None
+    except ReplyFormatError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_schema") from None
+    if grammar is not None and built is not None:
+        raise ApiError(
+            400,
+            "`grammar` cannot be combined with tool calls or a JSON response_format",
+            param="grammar",
+        )
+    if grammar is not None:
+        built = ReplyGrammar(grammar)
+    if built is not None and not check_grammar(model, built.text):
         raise ApiError(400, "the grammar does not parse as llama.cpp GBNF", param="grammar")
-    return grammar
+    return built
 
 
 # ---- the slot routes ----------------------------------------------------------------------
@@ -249,6 +261,9 @@ def create_app(
         max_seq_len=ctx.n_ctx_seq,
         sampling_extras=lambda body: sampling_extras(model, body),
         identity=build or identity,
+        native_tools=text.knows_tools,
+        max_choices=ctx.n_seq,
+        logprobs=True,
     )
     app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
     app.state.slots = Slots(engine, manager, store)

@@ -11,11 +11,13 @@ takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` bat
 A request is parsed, checked, rendered and tokenized off the event loop
 (`worker_request.prepared`), so a huge prompt never holds up `/health` or another client's
 stream; all of it happens before the first response byte, so errors keep their status. Stop
-strings are matched here (`StopScanner`), so every engine shares one tested implementation;
-a match, like a client that hangs up, cancels the job. The proxy names a request's session
-on two private headers (owner hash, session id); they reach the engine as the job's
-`SessionKey`, and a slot-keeping engine reports the prompt tokens it did not re-evaluate as
-OpenAI's `usage.prompt_tokens_details.cached_tokens`.
+strings and tool calls are read out of each choice here (`worker_choices`), so every engine
+shares one tested implementation; a stop string ends its choice, and a client that hangs up
+cancels the job. A request for n choices gets them interleaved as they come, each with its
+own index, as OpenAI streams them (`worker_replies` has the shapes). The proxy names a
+request's session on two private headers (owner hash, session id); they reach the engine as
+the job's `SessionKey`, and a slot-keeping engine reports the prompt tokens it did not
+re-evaluate as OpenAI's `usage.prompt_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ from pydantic import BaseModel
 
 from launcher.api_errors import error_response, install_error_handlers
 from launcher.backends.backend_key import require_backend_key
-from launcher.backends.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
+from launcher.backends.generation import END, GenerationJob, TokenEvent, first_line
+from launcher.backends.worker_choices import ChoiceOutput, Delta
+from launcher.backends.worker_replies import (
+    chat_delta,
+    chat_logprobs,
+    chat_message,
+    completion_logprobs,
+    finish_reason,
+)
 from launcher.backends.worker_request import (
     Engine,
     Run,
@@ -50,7 +60,6 @@ from launcher.protocol import (
     META_PATH,
     PROMPT_TOKENS_PATH,
     ChatCompletionChunk,
-    ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
@@ -81,11 +90,12 @@ class GenerationError(RuntimeError):
     """The engine failed mid-request; the client gets a 500 or an error event."""
 
 
-# ---- generation ---------------------------------------------------------------------------
+# ---- generation ----------------------------------------------------------------------------
 
 
-async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
-    """Bridge the engine thread into the event loop; leaving early cancels the generation."""
+async def _token_events(engine: Engine, run: Run, stopped: set[int]) -> AsyncIterator[TokenEvent]:
+    """Bridge the engine thread into the event loop; leaving early cancels the generation,
+    and a choice added to `stopped` is ended alone."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[object] = asyncio.Queue()
     cancel = threading.Event()
@@ -96,7 +106,7 @@ async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
         except RuntimeError:  # the loop is gone: nobody is listening any more
             cancel.set()
 
-    job = GenerationJob(run.prompt, run.params, cancel, emit, run.session)
+    job = GenerationJob(run.prompt, run.params, cancel, emit, run.session, stopped=stopped)
     engine.submit(job)
     try:
         while (item := await inbox.get()) is not END:
@@ -108,31 +118,40 @@ async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
         cancel.set()
 
 
-async def _pieces(engine: Engine, run: Run) -> AsyncIterator[str]:
-    """The reply's text as it comes, cut at a stop string; fills in run's outcome."""
-    scanner = StopScanner(run.stops)
-    async with aclosing(_token_events(engine, run)) as events:
+def _outputs(run: Run) -> list[ChoiceOutput]:
+    return [ChoiceOutput(i, run.stops, tools=run.tools is not None) for i in range(run.params.n)]
+
+
+async def _deltas(
+    engine: Engine, run: Run, outputs: list[ChoiceOutput]
+) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
+    """Each choice's deltas as they come, interleaved; a choice that reaches a stop string
+    is ended alone, and the generation once every choice is over."""
+    stopped: set[int] = set()
+    async with aclosing(_token_events(engine, run, stopped)) as events:
         async for event in events:
+            output = outputs[event.choice]
+            if output.done:
+                continue
             run.completion_tokens += event.tokens
-            text, matched = scanner.feed(event.text)
-            if text:
-                yield text
-            if matched:
-                run.finish_reason = "stop"
+            delta = output.feed(event)
+            if output.done and event.finish_reason is None:
+                stopped.add(output.index)
+            yield output, delta
+            if all(o.done for o in outputs):
                 return
-            if event.finish_reason:
-                run.finish_reason = event.finish_reason
-                break
-    if tail := scanner.flush():
-        yield tail
 
 
-async def _collect(request: Request, engine: Engine, run: Run) -> str | None:
-    """The whole reply, or None when the client hung up (the generation is then cancelled)."""
+async def _collect(request: Request, engine: Engine, run: Run) -> list[ChoiceOutput] | None:
+    """Every choice whole, or None when the client hung up (the generation is then
+    cancelled)."""
 
-    async def collect() -> str:
-        async with aclosing(_pieces(engine, run)) as pieces:
-            return "".join([piece async for piece in pieces])
+    async def collect() -> list[ChoiceOutput]:
+        outputs = _outputs(run)
+        async with aclosing(_deltas(engine, run, outputs)) as deltas:
+            async for _ in deltas:
+                pass
+        return outputs
 
     task = asyncio.ensure_future(collect())
     try:
@@ -164,39 +183,91 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
+def _legacy(run: Run) -> bool:
+    return bool(run.tools and run.tools.legacy)
+
+
+def _chat_choices(run: Run, outputs: list[ChoiceOutput]) -> list[Choice]:
+    legacy, wants = _legacy(run), run.params.logprobs is not None
+    return [
+        Choice(
+            index=o.index,
+            message=chat_message(o, legacy=legacy),
+            finish_reason=finish_reason(o, legacy=legacy),
+            logprobs=chat_logprobs(o.logprobs) if wants else None,
+        )
+        for o in outputs
+    ]
+
+
 async def _chat_chunks(
     engine: Engine, run: Run, model: str, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
+    """The first delta of every choice, then their deltas interleaved as they come, each
+    choice's finish as it ends, and the usage (OpenAI's order)."""
     cid, created = new_id("chatcmpl"), now()
+    legacy, wants = _legacy(run), run.params.logprobs is not None
 
-    def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
+    def chunk(index: int, delta: ChoiceDelta, finish: str | None = None, **extra: Any):
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, **extra)
         return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
-    yield chunk(ChoiceDelta(role="assistant", content=""))
-    async with aclosing(_pieces(engine, run)) as pieces:
-        async for text in pieces:
-            yield chunk(ChoiceDelta(content=text))
-    yield chunk(ChoiceDelta(), run.finish_reason)
+    outputs = _outputs(run)
+    for output in outputs:
+        yield chunk(output.index, ChoiceDelta(role="assistant", content=""))
+    async with aclosing(_deltas(engine, run, outputs)) as deltas:
+        async for output, delta in deltas:
+            if delta:
+                logprobs = chat_logprobs(delta.logprobs) if wants else None
+                yield chunk(output.index, chat_delta(delta, legacy=legacy), logprobs=logprobs)
+            if output.done:
+                yield chunk(output.index, ChoiceDelta(), finish_reason(output, legacy=legacy))
+    for output in outputs:
+        if not output.done:  # the engine ended it without a word (shutting down)
+            yield chunk(output.index, ChoiceDelta(), finish_reason(output, legacy=legacy))
     if include_usage:
         yield ChatCompletionChunk(
             id=cid, created=created, model=model, choices=[], usage=run.usage()
         )
 
 
+def _completion_choices(run: Run, outputs: list[ChoiceOutput]) -> list[CompletionChoice]:
+    wants = run.params.logprobs is not None
+    return [
+        CompletionChoice(
+            index=o.index,
+            text=run.echo + o.content,
+            finish_reason=o.finish_reason or "stop",
+            logprobs=completion_logprobs(o.logprobs, run.offset) if wants else None,
+        )
+        for o in outputs
+    ]
+
+
 async def _completion_chunks(
     engine: Engine, run: Run, model: str, include_usage: bool
 ) -> AsyncIterator[CompletionChunk]:
     cid, created = new_id("cmpl"), now()
+    wants = run.params.logprobs is not None
 
-    def chunk(text: str, finish: str | None = None) -> CompletionChunk:
-        choice = CompletionChoice(text=text, finish_reason=finish)
+    def chunk(index: int, text: str, finish: str | None = None, **extra: Any):
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, **extra)
         return CompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
-    async with aclosing(_pieces(engine, run)) as pieces:
-        async for text in pieces:
-            yield chunk(text)
-    yield chunk("", run.finish_reason)
+    outputs = _outputs(run)
+    for output in outputs if run.echo else ():
+        yield chunk(output.index, run.echo)
+    async with aclosing(_deltas(engine, run, outputs)) as deltas:
+        async for output, delta in deltas:
+            if delta:
+                offset = run.offset + len(output.content) - len(delta.content)
+                logprobs = completion_logprobs(delta.logprobs, offset) if wants else None
+                yield chunk(output.index, delta.content, logprobs=logprobs)
+            if output.done:
+                yield chunk(output.index, "", output.finish_reason)
+    for output in outputs:
+        if not output.done:
+            yield chunk(output.index, "", "stop")
     if include_usage:
         yield CompletionChunk(id=cid, created=created, model=model, choices=[], usage=run.usage())
 
@@ -229,12 +300,11 @@ async def chat_completions(request: Request) -> ChatCompletionResponse | Respons
     body, run = await prepared(request, ChatCompletionRequest)
     if body.stream:
         return _sse(_chat_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
-    text = await _collect(request, state.engine, run)
-    if text is None:
+    outputs = await _collect(request, state.engine, run)
+    if outputs is None:
         return Response(status_code=499)
-    message = ChatCompletionMessage(content=text)
-    choice = Choice(message=message, finish_reason=run.finish_reason)
-    return ChatCompletionResponse(model=body.model, choices=[choice], usage=run.usage())
+    choices = _chat_choices(run, outputs)
+    return ChatCompletionResponse(model=body.model, choices=choices, usage=run.usage())
 
 
 @router.post("/v1/completions", response_model=None)
@@ -243,11 +313,11 @@ async def completions(request: Request) -> CompletionResponse | Response:
     body, run = await prepared(request, CompletionRequest)
     if body.stream:
         return _sse(_completion_chunks(state.engine, run, body.model, body.wants_usage_chunk()))
-    text = await _collect(request, state.engine, run)
-    if text is None:
+    outputs = await _collect(request, state.engine, run)
+    if outputs is None:
         return Response(status_code=499)
-    choice = CompletionChoice(text=text, finish_reason=run.finish_reason)
-    return CompletionResponse(model=body.model, choices=[choice], usage=run.usage())
+    choices = _completion_choices(run, outputs)
+    return CompletionResponse(model=body.model, choices=choices, usage=run.usage())
 
 
 @router.post("/extras/tokenize")

@@ -121,7 +121,7 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     check_supported(body, kind, max_messages=st.proxy.max_request_messages)
     if body.logit_bias:
         check_logit_bias(body, (await st.backend_meta()).get("n_vocab"))
-    await st.grammar.check_request(body)
+    await st.grammar.check_request(body, kind)
 
 
 async def _check_fit(

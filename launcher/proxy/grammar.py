@@ -21,20 +21,32 @@ from collections.abc import Iterator
 from typing import Any
 
 from launcher.errors import BadRequestError
+from launcher.reply_format import ReplyFormatError, grammar_spec
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 10.0
 CACHE_SIZE = 1024
 CHILD = [sys.executable, "-m", "launcher.proxy.gbnf_child"]
+SLOTS_KIND = "llama.cpp-slots"
 
 
-def grammar_requests(body: Any) -> Iterator[tuple[str, dict[str, str]]]:
-    """(param, child request) for each grammar the backend would build from `body`."""
+def grammar_requests(body: Any, kind: str = "llama.cpp") -> Iterator[tuple[str, dict[str, str]]]:
+    """(param, child request) for each grammar the backend `kind` would build from `body`:
+    llmup's slot worker builds one from the tools and the JSON reply together
+    (`launcher.json_grammar`), llama_cpp.server one per schema."""
     if getattr(body, "grammar", None) is not None:
         yield "grammar", {"grammar": body.grammar}
+    if kind == SLOTS_KIND:
+        try:
+            spec = grammar_spec(body)
+        except ReplyFormatError as exc:
+            raise BadRequestError(str(exc), param=exc.param) from None
+        if spec is not None:
+            yield "tools" if spec.tools else spec.json.param, {"spec": spec.to_json()}
+        return
     response_format = getattr(body, "response_format", None)
-    schema = response_format.json_schema_ if response_format else None
+    schema = response_format.schema()[1] if response_format else None
     if schema is not None and response_format.type == "json_object":
         yield "response_format.schema", {"schema": json.dumps(schema)}
     for i, tool in enumerate(getattr(body, "tools", None) or []):
@@ -52,33 +64,38 @@ class GrammarChecker:
         self.command = command
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self._verdicts: OrderedDict[str, str | None] = OrderedDict()
+        self._verdicts: OrderedDict[str, tuple[str, str | None] | None] = OrderedDict()
 
-    async def check_request(self, body: Any) -> None:
+    async def check_request(self, body: Any, kind: str = "llama.cpp") -> None:
         """BadRequestError naming the field of the first grammar llama.cpp would refuse."""
-        for param, request in grammar_requests(body):
-            error = await self.verdict(request)
-            if error is not None:
-                raise BadRequestError(
-                    f"`{param}` is not a grammar llama.cpp can use: {error}",
-                    param=param,
-                    code="invalid_grammar",
-                )
+        for param, request in grammar_requests(body, kind):
+            verdict = await self.verdict(request)
+            if verdict is None:
+                continue
+            error, where = verdict
+            if "spec" in request and where:  # the converter refused a schema: named
+                raise BadRequestError(error, param=where, code="invalid_schema")
+            raise BadRequestError(
+                f"`{param}` is not a grammar llama.cpp can use: {error}",
+                param=param,
+                code="invalid_grammar",
+            )
 
-    async def verdict(self, request: dict[str, str]) -> str | None:
-        """None when llama.cpp accepts the grammar, else its reason (cached by content)."""
+    async def verdict(self, request: dict[str, str]) -> tuple[str, str | None] | None:
+        """None when llama.cpp accepts the grammar, else its reason and the failing part of
+        a schema when the child names one (cached by content)."""
         key = json.dumps(request, sort_keys=True)
         if key in self._verdicts:
             self._verdicts.move_to_end(key)
             return self._verdicts[key]
         async with self._lock:
-            error = await self._ask(key)
-        self._verdicts[key] = error
+            verdict = await self._ask(key)
+        self._verdicts[key] = verdict
         if len(self._verdicts) > CACHE_SIZE:
             self._verdicts.popitem(last=False)
-        return error
+        return verdict
 
-    async def _ask(self, line: str) -> str | None:
+    async def _ask(self, line: str) -> tuple[str, str | None] | None:
         proc = await self._child()
         try:
             proc.stdin.write(line.encode("utf-8") + b"\n")
@@ -88,8 +105,10 @@ class GrammarChecker:
         except (OSError, ValueError, asyncio.TimeoutError) as exc:
             log.warning("the grammar parser failed on a grammar (%r); starting a new one", exc)
             await self._stop()
-            return "it crashed or hung llama.cpp's grammar parser"
-        return None if reply.get("ok") else str(reply.get("error") or "refused")
+            return "it crashed or hung llama.cpp's grammar parser", None
+        if reply.get("ok"):
+            return None
+        return str(reply.get("error") or "refused"), reply.get("param")
 
     async def _child(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
