@@ -391,6 +391,14 @@ def serve(
             "addresses (repeatable; `*` for any). Guards against DNS rebinding.",
         ),
     ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A web origin (https://app.example.com) whose pages may call the API from a "
+            "browser (repeatable; or LLMUP_PROXY__CORS_ORIGINS). Off by default.",
+        ),
+    ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
@@ -405,7 +413,9 @@ def serve(
 
     settings, chosen_profile = command_settings(profile)
     serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
-    access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
+    access_settings(
+        settings, api_key_file=api_key_file, allowed_hosts=allowed_host, cors_origins=cors_origin
+    )
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -467,16 +477,25 @@ def serve_settings(settings: Settings, host, port, api_keys, insecure_no_auth, r
 
 
 def access_settings(
-    settings: Settings, *, api_key_file: Path | None, allowed_hosts: list[str] | None
+    settings: Settings,
+    *,
+    api_key_file: Path | None,
+    allowed_hosts: list[str] | None,
+    cors_origins: list[str] | None = None,
 ) -> None:
-    """Lay the keys-file and allowed-host flags over the settings (flags win)."""
-    from launcher.settings import split_hosts
+    """Lay the keys-file, allowed-host and CORS flags over the settings (flags win)."""
+    from launcher.settings import split_hosts, split_origins
 
     proxy = settings.proxy
     if api_key_file is not None:
         proxy.api_keys_file = api_key_file
     extra = split_hosts(allowed_hosts or [])
     proxy.allowed_hosts = list(dict.fromkeys([*proxy.allowed_hosts, *extra]))
+    try:
+        origins = split_origins(cors_origins or [])
+    except ValueError as exc:
+        raise UsageError(f"--cors-origin: {exc}") from None
+    proxy.cors_origins = list(dict.fromkeys([*proxy.cors_origins, *origins]))
 
 
 @app.command()

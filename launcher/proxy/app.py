@@ -2,7 +2,8 @@
 
 Every error leaves as OpenAI-shaped JSON (`{"error": {message, type, param, code}}`) with
 its proper status (see `launcher.api_errors`); request validation failures are 400
-(OpenAI's status), not FastAPI's 422.
+(OpenAI's status), not FastAPI's 422. With `proxy.cors_origins` set, web pages of those
+origins may call the API from a browser (CORS, off by default).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from launcher.api_errors import install_error_handlers
 from launcher.proxy import backend as backend_info
@@ -24,6 +26,7 @@ from launcher.proxy.page import mount_page
 from launcher.proxy.routes import api, ops
 from launcher.proxy.sessions import SessionStore
 from launcher.proxy.state import ProxyState
+from launcher.proxy.turns import DROPPED_HEADER, REPLAYED_HEADER, REWOUND_HEADER
 from launcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,34 @@ def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> Fast
     hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    # outermost: a browser's preflight carries no key, so it is answered before the guard
+    if settings.proxy.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.proxy.cors_origins))
     _watch_gauges(state)
     return app
+
+
+# What a browser page may send: the key, JSON, the session and retry headers, and the
+# openai SDKs' own `x-stainless-*` headers (their browser builds send them)
+CORS_HEADERS = (
+    "Authorization", "Content-Type", "X-Session-Id", "Idempotency-Key",
+    "X-Stainless-Arch", "X-Stainless-Lang", "X-Stainless-OS", "X-Stainless-Package-Version",
+    "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Retry-Count",
+    "X-Stainless-Timeout",
+)  # fmt: skip
+CORS_EXPOSED = (DROPPED_HEADER, REWOUND_HEADER, REPLAYED_HEADER, "Retry-After")
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """Starlette's CORSMiddleware for the listed origins only (`*`: any): a preflight from
+    another origin is refused, and no other origin's page may read a reply."""
+    return {
+        "allow_origins": origins,
+        "allow_methods": ("GET", "POST", "DELETE", "OPTIONS"),
+        "allow_headers": CORS_HEADERS,
+        "expose_headers": CORS_EXPOSED,
+        "max_age": 600,
+    }
 
 
 def _watch_gauges(state: ProxyState) -> None:

@@ -1,10 +1,14 @@
 """What the request models cannot know: what this backend supports, and what it would
 crash on. Everything here runs before a request is admitted to the backend.
 
-- `n` above 1 and log probabilities are refused (neither backend returns them: llama.cpp
-  needs `logits_all`, which costs memory on every request, and answers a 500 without it);
+- llmup's session-slot worker (the default for GGUF) takes every field the proxy accepts:
+  tools and functions, JSON replies, `n` > 1, log probabilities, a reply to continue, and
+  llama.cpp's own sampling fields;
+- llama-cpp-python's server (`--llamacpp-impl server`) generates one choice and no log
+  probabilities (it needs `logits_all`, which costs memory on every request, and answers a
+  500 without it): `n` above 1 and `logprobs` are refused there;
 - llama.cpp's own fields, `logit_bias`, tools and functions are refused on exllamav2,
-  which ignores them;
+  which cannot apply them (no grammar, no logit bias), and so are `n` above 1 and `logprobs`;
 - `tool_choice` and `function_call` must name a tool or function of the request;
 - `logit_bias` token ids must exist in the model's vocabulary (llama-cpp-python indexes
   its logits with them unchecked: an IndexError, a 500);
@@ -18,35 +22,41 @@ from typing import Any
 from launcher.errors import BadRequestError
 from launcher.proxy.models import LLAMA_CPP_FIELDS
 
-# fields a backend kind ignores (so a request relying on them must hear it)
+SLOTS = "llama.cpp-slots"
+# fields a backend kind cannot honour (so a request relying on them must hear it), and
+# what to run instead
 UNSUPPORTED = {
     "exllamav2": (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice", "functions",
                   "function_call"),
-    # llmup's session-slot worker: grammar, top_k, min_p, repeat_penalty and JSON mode, but
-    # not llama-cpp-python's tool calling, mirostat or min_tokens
-    "llama.cpp-slots": ("tools", "tool_choice", "functions", "function_call", "mirostat_mode",
-                        "mirostat_tau", "mirostat_eta", "min_tokens"),
 }  # fmt: skip
+INSTEAD = {
+    "exllamav2": "serve a GGUF model with `--backend llama.cpp`",
+    "llama.cpp": "run llmup's own worker (leave out `--llamacpp-impl server`)",
+}
 
 
 def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
     """BadRequestError for what the backend `kind` cannot do with this request."""
-    if (body.n or 1) > 1:
+    instead = f" ({INSTEAD[kind]})" if kind in INSTEAD else ""
+    if (body.n or 1) > 1 and kind != SLOTS:
         raise BadRequestError(
-            "n must be 1: this server generates one choice per request (send n requests)",
+            "n must be 1: this server's backend generates one choice per request (send n "
+            f"requests){instead}",
             param="n",
             code="unsupported_value",
         )
-    if body.logprobs or getattr(body, "top_logprobs", None):
+    wants_logprobs = body.logprobs or getattr(body, "top_logprobs", None)
+    if wants_logprobs and kind != SLOTS:
         raise BadRequestError(
-            "log probabilities are not available from this server; leave `logprobs` unset",
+            "log probabilities are not available from this server's backend; leave "
+            f"`logprobs` unset{instead}",
             param="logprobs",
             code="unsupported_parameter",
         )
     for name in UNSUPPORTED.get(kind, ()):
         if getattr(body, name, None) is not None:
             raise BadRequestError(
-                f"`{name}` is not supported by the {kind} backend this server runs",
+                f"`{name}` is not supported by the {kind} backend this server runs{instead}",
                 param=name,
                 code="unsupported_parameter",
             )

@@ -4,10 +4,14 @@ llama-cpp-python hands a grammar to `llama_sampler_init_grammar`; when llama.cpp
 parse it, that returns NULL, llama-cpp-python adds the NULL to its sampler chain, and the
 backend dies with SIGSEGV on the next sample (`"grammar": "root ::= ("` or
 `"root ::= foo"`). A few such requests used to exhaust the supervisor's restart budget.
-So every grammar llmup would forward (the `grammar` field, and the grammars llama-cpp-python
-builds from `response_format.schema` and from tool or function parameters) is first parsed
-by the same parser in `launcher.proxy.gbnf_child`, a long-lived child process: a grammar it
-refuses is a 400 naming the field, and one that crashes or hangs it costs only that child.
+So every grammar llmup would forward is first parsed by the same parser in
+`launcher.proxy.gbnf_child`, a long-lived child process: the `grammar` field, and the
+grammars the backend builds from JSON schemas. For llama_cpp.server those are one per
+schema (`response_format.schema`, each tool's or function's parameters); llmup's slot worker
+builds one grammar from the request's tools and JSON reply together
+(`launcher.json_grammar.reply_grammar`), and the child builds exactly that one. A grammar it
+refuses is a 400 naming the field (a schema the converter cannot handle names its failing
+part), and one that crashes or hangs the parser costs only that child.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def grammar_requests(body: Any, kind: str = "llama.cpp") -> Iterator[tuple[str, 
         return
     response_format = getattr(body, "response_format", None)
     schema = response_format.schema()[1] if response_format else None
-    if schema is not None and response_format.type == "json_object":
+    if schema is not None and response_format.type != "text":
         yield "response_format.schema", {"schema": json.dumps(schema)}
     for i, tool in enumerate(getattr(body, "tools", None) or []):
         param = f"tools.{i}.function.parameters"

@@ -99,11 +99,17 @@ ChatMessage = Annotated[
 
 
 class ResponseFormat(_ResponseFormat):
-    """`text` or `json_object` (llama.cpp constrains the reply to JSON with a grammar, built
-    from `schema` when given); `type` is required on the wire. OpenAI's `json_schema` is not
-    offered: llama_cpp.server does not accept it."""
+    """`text`, `json_object` (llama.cpp constrains the reply to JSON with a grammar, built
+    from llama.cpp's `schema` when given) or OpenAI's `json_schema` (the grammar is built
+    from `json_schema.schema`); `type` is required on the wire."""
 
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+
+    @model_validator(mode="after")
+    def _json_schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type `json_schema` needs the `json_schema` object (its `schema`)")
+        return self
 
 
 class LlamaFunction(FunctionDefinition):
