@@ -6,7 +6,9 @@ converter in the copy llama-cpp-python ships (`llama_cpp.llama_grammar.SchemaCon
 one converter for the whole grammar so the rules of several tools live side by side (each
 tool's `$defs` renamed apart first: the converter names a definition's rule by its last path
 segment). A call is the fixed text of `reply_format.format_call` around the arguments rule
-of one of the tools; with `tool_choice` `auto` and no JSON reply the grammar is lazy: text is
+of one of the tools (strings without raw control characters, which JSON forbids, and
+integers within their `minimum` / `maximum`, which the converter ignores:
+`launcher.grammar_ranges`); with `tool_choice` `auto` and no JSON reply the grammar is lazy: text is
 free until the model writes `<tool_call>` (llama.cpp's trigger pattern), then the call is
 forced, as llama.cpp's server does for the Hermes 2 Pro format.
 
@@ -27,8 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
+from launcher.grammar_ranges import bounds, integer_range
 from launcher.reply_format import (
     ARGS_KEY,
     CALL_HEAD,
@@ -40,8 +43,16 @@ from launcher.reply_format import (
     ToolDef,
 )
 
-# llama.cpp matches the whole text generated so far; the grammar applies from group 1 on
-TRIGGER_PATTERN = r"[\s\S]*?(" + TOOL_OPEN + r")[\s\S]*"
+# A JSON string's character: llama-cpp-python's converter lets control characters through,
+# which JSON forbids unescaped (Python's json.loads refuses them); llama.cpp's current
+# converter excludes them as here.
+JSON_CHAR = (
+    r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F]'
+    r" [0-9a-fA-F])"
+)
+# llama.cpp searches the text generated so far for it (regex_search); the grammar applies
+# from the match on. A leading `[\s\S]*?` would only add backtracking on every token.
+TRIGGER_PATTERN = TOOL_OPEN
 MAX_REASON_CHARS = 200
 _DEFS = ("$defs", "definitions")
 
@@ -67,12 +78,33 @@ def reply_grammar(spec: GrammarSpec) -> ReplyGrammar:
     if not alternatives:
         raise ValueError("an empty GrammarSpec has no grammar")
     converter._add_rule("root", " | ".join(alternatives))
+    if "char" in converter._rules:
+        converter._rules["char"] = JSON_CHAR
     lazy = bool(spec.tools) and not spec.forced and spec.json is None
     return ReplyGrammar(converter.format_grammar(), lazy, (TRIGGER_PATTERN,) if lazy else ())
 
 
+class _Converter(SchemaConverter):
+    """llama-cpp-python's converter, with the integer bounds it ignores enforced."""
+
+    def visit(self, schema: Any, name: str) -> str:
+        limits = bounds(schema) if isinstance(schema, dict) else None
+        if schema.get("type") != "integer" or limits is None or _has_other_shape(schema):
+            return super().visit(schema, name)
+        expression = integer_range(*limits)
+        if expression is None:
+            raise ValueError(f"no integer lies within the bounds {limits}")
+        rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+        return self._add_rule(rule_name, f"{expression} space")
+
+
+def _has_other_shape(schema: dict[str, Any]) -> bool:
+    """A union, a reference, a constant or a list of values decides the shape first."""
+    return any(key in schema for key in ("$ref", "anyOf", "oneOf", "const", "enum"))
+
+
 def _converter() -> SchemaConverter:
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    return _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def _literal(converter: SchemaConverter, text: str) -> str:

@@ -272,6 +272,7 @@ class CompletionRequest(_SamplingRequest):
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    response_format: ResponseFormat | None = None  # llama.cpp's: the text follows a schema
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

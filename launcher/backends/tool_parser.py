@@ -114,9 +114,10 @@ class ToolCallParser:
                 return out
 
     def close(self) -> list[str | CallDelta]:
-        """The reply ended: held text is content (an unfinished call stays as it is)."""
+        """The reply ended: held text is content, unless calls came before it (then it can
+        only be the start of another call, cut off); an unfinished call stays as it is."""
         out: list[str | CallDelta] = []
-        if self._state == "text" and self._buf:
+        if self._state == "text" and self._buf and not self.calls:
             out.append(self._buf)
         self._buf = ""
         return out

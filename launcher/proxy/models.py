@@ -163,6 +163,7 @@ class TextCompletionRequest(LlamaCppOptions, CompletionRequest):
     """One text prompt: llama_cpp.server takes no token-id prompts and no batch of them."""
 
     prompt: str | list[str] = Field(description="one prompt (a list of at most one)")
+    response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
     @classmethod
