@@ -194,6 +194,33 @@ def session_turns(r: dict[str, Any]) -> list[str]:
     return parts
 
 
+def tool_turns(r: dict[str, Any]) -> list[str]:
+    shape = r["conditions"]["shape"]
+    parts = [
+        f"Model: {r['conditions']['model']}; context {shape['context']}, two sessions "
+        f"interleaved, {shape['words']}-word user messages and {shape['reply']}-token "
+        "replies; TTFT in seconds."
+    ]
+    rows = [
+        (t["turn"], f"{t['plain']['ttft']:.3f}", f"{t['tools']['ttft']:.3f}",
+         f"{t['plain']['prompt_tokens']} / {t['tools']['prompt_tokens']}",
+         f"{t['plain']['cached_tokens']} / {t['tools']['cached_tokens']}")
+        for t in r["turns"]
+    ]  # fmt: skip
+    columns = ("turn", "TTFT without tools", "TTFT with tools", "prompt tokens (without / with)",
+               "cached tokens (without / with)")  # fmt: skip
+    parts.append(md_table(columns, rows))
+    rows = [
+        (x["round"], f"{x['call_ttft']:.3f}", f"{x['result_ttft']:.3f}", x["call_prompt_tokens"],
+         x["result_prompt_tokens"], x["result_cached_tokens"])
+        for x in r["rounds"]
+    ]  # fmt: skip
+    columns = ("round trip", "call TTFT", "result TTFT", "call prompt tokens",
+               "result prompt tokens", "result cached tokens")  # fmt: skip
+    parts.append(md_table(columns, rows))
+    return parts
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "calibration": calibration,
     "proxy_overhead": proxy_overhead,
@@ -202,6 +229,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "memory_over_time": memory_over_time,
     "plan_speed": plan_speed,
     "session_turns": session_turns,
+    "tool_turns": tool_turns,
 }
 
 

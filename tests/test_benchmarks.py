@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time")
+SCRIPTS = (
+    "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "tool_turns"
+)  # fmt: skip
 OWN_TABLE = {  # a title each script prints
     "calibration": "Error per component",
     "proxy_overhead": "Through llmup vs the backend directly",
@@ -24,6 +26,7 @@ OWN_TABLE = {  # a title each script prints
     "cli_speed": "CLI wall time",
     "memory_over_time": "RSS over a long run",
     "plan_speed": "Expected vs reference speed",
+    "tool_turns": "Session turns with and without tools",
 }
 
 
@@ -129,6 +132,20 @@ def test_memory_over_time_samples_both_processes(quick):
     for res in workloads.values():
         assert len(res["samples"]) >= 2
         assert all(s["proxy"] > 0 and s["backend"] > 0 for s in res["samples"])
+
+
+def test_tool_turns_measures_both_sessions_and_the_round_trips(quick):
+    report = quick["tool_turns"][1]
+    assert [t["turn"] for t in report["turns"]] == [1, 2, 3]
+    for turn in report["turns"][1:]:  # a continued turn reuses what the session holds
+        for side in ("plain", "tools"):
+            assert 0 < turn[side]["cached_tokens"] < turn[side]["prompt_tokens"]
+        assert turn["tools"]["prompt_tokens"] > turn["plain"]["prompt_tokens"]
+    assert len(report["rounds"]) == 2
+    assert all(r["result_prompt_tokens"] > r["call_prompt_tokens"] for r in report["rounds"])
+    assert [t["name"] for t in report["targets"]] == [
+        "continued_turn_ttft_tools_vs_plain", "result_turn_reuses_the_call_prompt"
+    ]  # fmt: skip
 
 
 def test_report_renders_every_section_as_well_formed_tables(quick, folder, tmp_path):

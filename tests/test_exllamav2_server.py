@@ -27,7 +27,13 @@ from hypothesis import strategies as st
 
 from launcher.backends.exllamav2_engine import LoadOptions
 from launcher.backends.exllamav2_server import build_identity, create_app
-from launcher.backends.generation import GenerationParams, StopScanner, TokenEvent
+from launcher.backends.generation import (
+    GenerationParams,
+    StopScanner,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
+)
 from launcher.backends.llama2_chat import build_prompt
 from launcher.protocol import system_fingerprint
 
@@ -85,12 +91,21 @@ class FakeGenerator:
                 last = i + 1 == len(words) or i + 1 == params.max_new_tokens
                 reason = None if not last else "stop" if i + 1 == len(words) else "length"
                 finished = last
-                yield TokenEvent(word, 1, reason)
+                yield TokenEvent(word, 1, reason, logprobs=self.logprobs(word, params))
                 if last:
                     return
         finally:
             if not finished:
                 self.cancelled.set()
+
+    @staticmethod
+    def logprobs(word: str, params: GenerationParams) -> tuple[TokenLogprob, ...]:
+        """A made-up log probability per word, with `params.logprobs` alternatives."""
+        if params.logprobs is None:
+            return ()
+        raw = tuple(word.encode())
+        top = tuple(TopLogprob(word.upper(), raw, -0.1 * (i + 1)) for i in range(params.logprobs))
+        return (TokenLogprob(word, raw, -0.5, top),)
 
 
 def decode(ids: list[int]) -> str:
@@ -489,8 +504,12 @@ def test_context_too_long_is_400_before_generating(fake):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"grammar": 'root ::= "a"'}, "grammar"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+        ({"mirostat_mode": 1}, "mirostat_mode"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ],
 )
@@ -640,13 +659,18 @@ class StubIds:
     def tolist(self) -> list[int]:
         return self._ids
 
+    def reshape(self, *shape: int) -> StubIds:
+        return self
+
 
 class StubEngine:
     """Replays ExLlamaV2DynamicGenerator.iterate() results as exllamav2 0.3 documents them:
     start and prefill stages, streamed text, and a final eos result carrying `new_tokens`."""
 
-    def __init__(self, pieces: list[str], eos_reason: str = "stop_token") -> None:
-        self.pieces, self.eos_reason = pieces, eos_reason
+    def __init__(
+        self, pieces: list[str], eos_reason: str = "stop_token", logits: list | None = None
+    ) -> None:
+        self.pieces, self.eos_reason, self.logits = pieces, eos_reason, logits
         self.jobs: list = []
         self.cancelled: list = []
         self._steps = iter(())
@@ -660,12 +684,12 @@ class StubEngine:
         yield [{"job": job, "stage": "started", "eos": False}]
         yield [{"job": job, "stage": "prefill", "curr_progress": 3, "max_progress": 3}]
         streamed = self.pieces if self.eos_reason == "stop_token" else self.pieces[:-1]
-        for piece in streamed:
-            yield [
-                {"job": other, "stage": "streaming", "eos": False, "text": "NOT OURS"},
-                {"job": job, "stage": "streaming", "eos": False, "text": piece,
-                 "token_ids": StubIds([7])},
-            ]  # fmt: skip
+        for i, piece in enumerate(streamed):
+            ours = {"job": job, "stage": "streaming", "eos": False, "text": piece,
+                    "token_ids": StubIds([7])}  # fmt: skip
+            if self.logits is not None and job.return_logits:
+                ours["logits"] = StubLogits(self.logits[i])
+            yield [{"job": other, "stage": "streaming", "eos": False, "text": "NOT OURS"}, ours]
         final = {"job": job, "stage": "streaming", "eos": True, "eos_reason": self.eos_reason}
         if self.eos_reason == "stop_token":  # the EOS token is counted but its text is held
             final["new_tokens"] = len(self.pieces) + 1
@@ -681,11 +705,32 @@ class StubEngine:
         self.cancelled.append(job)
 
 
+class StubLogits:
+    """Stands in for a (1, 1, vocab) torch tensor of logits."""
+
+    def __init__(self, row: list[float]) -> None:
+        self.row = row
+
+    def float(self) -> StubLogits:
+        return self
+
+    def cpu(self) -> StubLogits:
+        return self
+
+    def numpy(self):
+        import numpy as np
+
+        return np.array([[self.row]], dtype=np.float32)
+
+
 class StubTokenizer:
     eos_token_id = 2
 
     def get_vocab_size(self) -> int:
         return 32000
+
+    def get_id_to_piece_list(self, include_special: bool) -> list[str]:
+        return [chr(0x41 + i % 26) for i in range(32000)]
 
     def encode(self, text, add_bos=False, add_eos=False, encode_special_tokens=False):
         ids = [1] * add_bos + [ord(c) for c in text] + [2] * add_eos

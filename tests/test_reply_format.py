@@ -228,7 +228,7 @@ def test_calls_are_read_out_of_a_stream_cut_anywhere():
 
 
 def _event(text: str, finish: str | None = None) -> TokenEvent:
-    return TokenEvent(text, 1, finish, logprob=TokenLogprob(text, tuple(text.encode()), -1.0))
+    return TokenEvent(text, 1, finish, logprobs=(TokenLogprob(text, tuple(text.encode()), -1.0),))
 
 
 def test_a_stop_string_cuts_the_text_and_its_tokens_logprobs():

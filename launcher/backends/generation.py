@@ -83,7 +83,7 @@ class TokenEvent:
     tokens: int = 0
     finish_reason: str | None = None
     choice: int = 0
-    logprob: TokenLogprob | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens it accounts for, when asked
 
 
 END = object()  # an engine emits this after a job's last event (of every choice)

@@ -328,7 +328,8 @@ class BatchEngine:
         )
         text = active.decoder.decode(self.model.piece(token), final=done)
         reason = "length" if done else None
-        active.emit(TokenEvent(text, 1, reason, choice=active.choice, logprob=logprob))
+        logprobs = (logprob,) if logprob is not None else ()
+        active.emit(TokenEvent(text, 1, reason, choice=active.choice, logprobs=logprobs))
         if done:
             self._finish(active, None)
         else:

@@ -15,13 +15,12 @@ own copy and do not change them.
 
 from __future__ import annotations
 
-import math
-
 import llama_cpp.llama_cpp as lib
 import numpy as np
 
-from launcher.backends.generation import TokenLogprob, TopLogprob
+from launcher.backends.generation import TokenLogprob
 from launcher.backends.llamacpp_native import NativeContext, NativeModel
+from launcher.backends.logprob_math import token_logprob
 
 
 class LogitReader:
@@ -47,18 +46,7 @@ class LogitReader:
 
     def logprob(self, ctx: NativeContext, row: int, token: int, top: int) -> TokenLogprob:
         """The sampled `token`'s log probability at `row`, with the `top` most likely."""
-        logits = self._row(ctx, row).astype(np.float64)
-        peak = float(logits.max())
-        norm = peak + math.log(float(np.exp(logits - peak).sum()))
-        text, raw = self.token(token)
-        alternatives: tuple[TopLogprob, ...] = ()
-        if top > 0:
-            best = np.argpartition(-logits, min(top, logits.size) - 1)[:top]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            alternatives = tuple(
-                TopLogprob(*self.token(int(i)), float(logits[i]) - norm) for i in best
-            )
-        return TokenLogprob(text, raw, float(logits[token]) - norm, alternatives)
+        return token_logprob(self._row(ctx, row), token, top, self.token)
 
     def hold_off_end(self, ctx: NativeContext, row: int) -> None:
         """No end-of-generation token may be picked from `row` (min_tokens)."""

@@ -29,7 +29,6 @@ from typing import Any
 
 import llama_cpp
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher import __version__
 from launcher.backends.llamacpp import physical_cores
@@ -47,6 +46,7 @@ from launcher.backends.slot_store import KEY_FILE, DiskStore, RamStore, SlotStor
 from launcher.backends.slots import SlotManager
 from launcher.backends.worker_api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.backends.worker_request import ApiError, WorkerState, session_key
+from launcher.backends.worker_request import sampling_extras as checked_extras
 from launcher.errors import LlmupError
 from launcher.json_grammar import ReplyGrammar, reply_grammar
 from launcher.private import UMASK
@@ -62,41 +62,15 @@ STATE_FORMAT = 1  # bump when the file layout or what identity means changes
 # ---- llama.cpp's sampling extras ----------------------------------------------------------
 
 
-class _Extras(BaseModel):
-    """The request fields beyond OpenAI's that llama.cpp's servers accept (this one
-    implements all of llama_cpp.server's)."""
-
-    model_config = ConfigDict(extra="ignore")
-    grammar: str | None = None
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
-    min_tokens: int = Field(default=0, ge=0)
-    mirostat_mode: int = Field(default=0, ge=0, le=2)
-    mirostat_tau: float = Field(default=5.0, ge=0.0, le=10.0)
-    mirostat_eta: float = Field(default=0.1, ge=0.001, le=1.0)
-
-
 def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
-    try:
-        extras = _Extras.model_validate(body.model_extra or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+    extras = checked_extras(body)
     grammar = _grammar(model, extras.grammar, body)
     return {
+        **extras.params(),
         "grammar": grammar.text if grammar else None,
         "grammar_triggers": grammar.triggers if grammar else (),
-        "top_k": extras.top_k,
-        "min_p": extras.min_p,
-        "repeat_penalty": extras.repeat_penalty,
         "logit_bias": _logit_bias(model, body.logit_bias),
-        "min_tokens": extras.min_tokens,
-        "mirostat": extras.mirostat_mode,
-        "mirostat_tau": extras.mirostat_tau,
-        "mirostat_eta": extras.mirostat_eta,
     }
 
 
@@ -264,6 +238,7 @@ def create_app(
         native_tools=text.knows_tools,
         max_choices=ctx.n_seq,
         logprobs=True,
+        grammar=True,
     )
     app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
     app.state.slots = Slots(engine, manager, store)

@@ -58,8 +58,7 @@ class ChoiceOutput:
         delta = Delta()
         if self.done:
             return delta
-        if event.logprob is not None:
-            self._queued.append((self._raw, event.logprob))
+        self._queued += [(self._raw, entry) for entry in event.logprobs]
         self._raw += len(event.text)
         items = self.parser.feed(event.text) if self.parser else [event.text]
         if self._take(items, delta):

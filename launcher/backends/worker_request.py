@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.backends.chat_render import ChatTurns, chat_turns
 from launcher.backends.generation import GenerationJob, GenerationParams, SessionKey
@@ -74,6 +74,43 @@ class Engine(Protocol):
     def pending(self) -> int: ...
 
 
+class SamplingExtras(BaseModel):
+    """The request fields beyond OpenAI's that llama.cpp's servers accept, with their bounds;
+    each worker takes what its engine can apply."""
+
+    model_config = ConfigDict(extra="ignore")
+    grammar: str | None = None
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
+    min_tokens: int = Field(default=0, ge=0)
+    mirostat_mode: int = Field(default=0, ge=0, le=2)
+    mirostat_tau: float = Field(default=5.0, ge=0.0, le=10.0)
+    mirostat_eta: float = Field(default=0.1, ge=0.001, le=1.0)
+
+    def params(self) -> dict[str, Any]:
+        """The `GenerationParams` fields they set (the grammar aside: a worker builds it)."""
+        return {
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "min_tokens": self.min_tokens,
+            "mirostat": self.mirostat_mode,
+            "mirostat_tau": self.mirostat_tau,
+            "mirostat_eta": self.mirostat_eta,
+        }
+
+
+def sampling_extras(body: Any) -> SamplingExtras:
+    """A request's extras, checked; a bad one is a 400 naming it."""
+    try:
+        return SamplingExtras.model_validate(body.model_extra or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+
+
 class ApiError(ProxyError):
     """A client error to answer with an OpenAI-shaped body (status first, as HTTP reads)."""
 
@@ -86,9 +123,9 @@ class ApiError(ProxyError):
 @dataclass
 class WorkerState:
     """One worker's model-facing parts; `sampling_extras(body)` returns extra
-    `GenerationParams` fields (grammar, logit_bias...) or raises ApiError, and is None for
-    an engine without them (then a JSON response_format and tool calls, which need a
-    grammar, are refused). `identity` is what identifies the served build (backend and
+    `GenerationParams` fields (grammar, logit_bias...) or raises ApiError; `grammar` says
+    whether the engine applies grammars (without, a JSON response_format and tool calls
+    are refused). `identity` is what identifies the served build (backend and
     version, model files, load settings): the proxy derives the replies'
     `system_fingerprint` from it. `native_tools`: the model's chat template renders tools
     itself; `max_choices`: the most choices (`n`) one request may ask for; `logprobs`: the
@@ -104,6 +141,7 @@ class WorkerState:
     native_tools: bool = False
     max_choices: int = 1
     logprobs: bool = False
+    grammar: bool = False
 
 
 @dataclass
@@ -171,7 +209,7 @@ def _check_common(state: WorkerState, body: ChatCompletionRequest | CompletionRe
         )
     response_format = getattr(body, "response_format", None)
     wants_json = response_format is not None and response_format.type != "text"
-    if wants_json and state.sampling_extras is None:
+    if wants_json and not state.grammar:
         raise ApiError(
             400,
             "a JSON response_format needs a grammar, which this backend cannot apply; serve "
@@ -186,7 +224,7 @@ def _tool_use(state: WorkerState, body: ChatCompletionRequest) -> ToolUse | None
         use = tool_use(body)
     except ReplyFormatError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
-    if use is not None and use.callable and state.sampling_extras is None:
+    if use is not None and use.callable and not state.grammar:
         field = "functions" if use.legacy else "tools"
         raise ApiError(
             400,

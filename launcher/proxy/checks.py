@@ -7,8 +7,8 @@ crash on. Everything here runs before a request is admitted to the backend.
 - llama-cpp-python's server (`--llamacpp-impl server`) generates one choice and no log
   probabilities (it needs `logits_all`, which costs memory on every request, and answers a
   500 without it): `n` above 1 and `logprobs` are refused there;
-- llama.cpp's own fields, `logit_bias`, tools and functions are refused on exllamav2,
-  which cannot apply them (no grammar, no logit bias), and so are `n` above 1 and `logprobs`;
+- `grammar`, `logit_bias`, tools and functions are refused on exllamav2, which cannot
+  apply them (no grammar, no logit bias); its worker refuses JSON replies and mirostat 1;
 - `tool_choice` and `function_call` must name a tool or function of the request;
 - `logit_bias` token ids must exist in the model's vocabulary (llama-cpp-python indexes
   its logits with them unchecked: an IndexError, a 500);
@@ -20,15 +20,15 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.errors import BadRequestError
-from launcher.proxy.models import LLAMA_CPP_FIELDS
 
-SLOTS = "llama.cpp-slots"
 # fields a backend kind cannot honour (so a request relying on them must hear it), and
 # what to run instead
 UNSUPPORTED = {
-    "exllamav2": (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice", "functions",
+    "exllamav2": ("grammar", "logit_bias", "tools", "tool_choice", "functions",
                   "function_call"),
 }  # fmt: skip
+# n > 1 and log probabilities: llmup's own workers (llama_cpp.server: one choice, none)
+MANY_CHOICES = ("llama.cpp-slots", "exllamav2")
 INSTEAD = {
     "exllamav2": "serve a GGUF model with `--backend llama.cpp`",
     "llama.cpp": "run llmup's own worker (leave out `--llamacpp-impl server`)",
@@ -38,7 +38,7 @@ INSTEAD = {
 def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
     """BadRequestError for what the backend `kind` cannot do with this request."""
     instead = f" ({INSTEAD[kind]})" if kind in INSTEAD else ""
-    if (body.n or 1) > 1 and kind != SLOTS:
+    if (body.n or 1) > 1 and kind not in MANY_CHOICES:
         raise BadRequestError(
             "n must be 1: this server's backend generates one choice per request (send n "
             f"requests){instead}",
@@ -46,7 +46,7 @@ def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
             code="unsupported_value",
         )
     wants_logprobs = body.logprobs or getattr(body, "top_logprobs", None)
-    if wants_logprobs and kind != SLOTS:
+    if wants_logprobs and kind not in MANY_CHOICES:
         raise BadRequestError(
             "log probabilities are not available from this server's backend; leave "
             f"`logprobs` unset{instead}",

@@ -32,11 +32,6 @@ from launcher.protocol import ResponseFormat as _ResponseFormat
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 NonEmpty = Annotated[str, Field(min_length=1)]
 MAX_GRAMMAR_CHARS = 100_000
-# the llama.cpp-only fields, in the order the README lists them
-LLAMA_CPP_FIELDS = (
-    "grammar", "top_k", "min_p", "repeat_penalty", "mirostat_mode", "mirostat_tau",
-    "mirostat_eta", "min_tokens",
-)  # fmt: skip
 
 
 class TextPart(BaseModel):
