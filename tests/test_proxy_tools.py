@@ -193,3 +193,9 @@ def test_json_schema_reaches_llama_cpp_server_as_its_own_schema(make_proxy, tiny
             model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=2
         )
     assert "leave out `--llamacpp-impl server`" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:  # llama_cpp.server would ignore it
+        client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=2,
+            extra_body={"response_format": {"type": "json_object"}},
+        )  # fmt: skip
+    assert caught.value.body["param"] == "response_format"

@@ -29,6 +29,7 @@ UNSUPPORTED = {
 }  # fmt: skip
 # n > 1 and log probabilities: llmup's own workers (llama_cpp.server: one choice, none)
 MANY_CHOICES = ("llama.cpp-slots", "exllamav2")
+GRAMMAR_COMPLETIONS = "llama.cpp-slots"  # a JSON response_format on text completions
 INSTEAD = {
     "exllamav2": "serve a GGUF model with `--backend llama.cpp`",
     "llama.cpp": "run llmup's own worker (leave out `--llamacpp-impl server`)",
@@ -51,6 +52,14 @@ def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
             "log probabilities are not available from this server's backend; leave "
             f"`logprobs` unset{instead}",
             param="logprobs",
+            code="unsupported_parameter",
+        )
+    completion_format = getattr(body, "prompt", None) is not None and body.response_format
+    if completion_format and body.response_format.type != "text" and kind != GRAMMAR_COMPLETIONS:
+        raise BadRequestError(
+            "a JSON response_format on /v1/completions needs llmup's own llama.cpp worker "
+            f"(llama_cpp.server ignores it){instead}",
+            param="response_format",
             code="unsupported_parameter",
         )
     for name in UNSUPPORTED.get(kind, ()):
