@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import tool_turns as tools_bench
 from benchlib import RESULTS, ROOT
 
 MARKERS = re.compile(
@@ -201,23 +202,8 @@ def tool_turns(r: dict[str, Any]) -> list[str]:
         f"interleaved, {shape['words']}-word user messages and {shape['reply']}-token "
         "replies; TTFT in seconds."
     ]
-    rows = [
-        (t["turn"], f"{t['plain']['ttft']:.3f}", f"{t['tools']['ttft']:.3f}",
-         f"{t['plain']['prompt_tokens']} / {t['tools']['prompt_tokens']}",
-         f"{t['plain']['cached_tokens']} / {t['tools']['cached_tokens']}")
-        for t in r["turns"]
-    ]  # fmt: skip
-    columns = ("turn", "TTFT without tools", "TTFT with tools", "prompt tokens (without / with)",
-               "cached tokens (without / with)")  # fmt: skip
-    parts.append(md_table(columns, rows))
-    rows = [
-        (x["round"], f"{x['call_ttft']:.3f}", f"{x['result_ttft']:.3f}", x["call_prompt_tokens"],
-         x["result_prompt_tokens"], x["result_cached_tokens"])
-        for x in r["rounds"]
-    ]  # fmt: skip
-    columns = ("round trip", "call TTFT", "result TTFT", "call prompt tokens",
-               "result prompt tokens", "result cached tokens")  # fmt: skip
-    parts.append(md_table(columns, rows))
+    parts.append(md_table(tools_bench.TURN_COLUMNS, tools_bench.turn_rows(r)))
+    parts.append(md_table(tools_bench.ROUND_COLUMNS, tools_bench.round_rows(r)))
     return parts
 
 

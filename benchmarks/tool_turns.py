@@ -158,26 +158,34 @@ def targets(report: dict[str, Any]) -> list[dict]:
     ]
 
 
-def render(report: dict[str, Any]) -> None:
-    rows = [
+def turn_rows(report: dict[str, Any]) -> list[tuple]:
+    """The turns table (this script's and the benchmarks page's)."""
+    return [
         (r["turn"], f"{r['plain']['ttft']:.3f}", f"{r['tools']['ttft']:.3f}",
          f"{r['plain']['prompt_tokens']} / {r['tools']['prompt_tokens']}",
          f"{r['plain']['cached_tokens']} / {r['tools']['cached_tokens']}")
         for r in report["turns"]
     ]  # fmt: skip
-    print_table("Session turns with and without tools", TURN_COLUMNS, rows)
-    rows = [
+
+
+def round_rows(report: dict[str, Any]) -> list[tuple]:
+    return [
         (r["round"], f"{r['call_ttft']:.3f}", f"{r['result_ttft']:.3f}", r["call_prompt_tokens"],
          r["result_prompt_tokens"], r["result_cached_tokens"])
         for r in report["rounds"]
     ]  # fmt: skip
-    print_table("Tool round trips (a forced call, then its result)", ROUND_COLUMNS, rows)
 
 
-TURN_COLUMNS = ("turn", "TTFT plain s", "TTFT tools s", "prompt plain / tools",
-                "cached plain / tools")  # fmt: skip
-ROUND_COLUMNS = ("round", "call TTFT s", "result TTFT s", "call prompt", "result prompt",
-                 "result cached")  # fmt: skip
+TURN_COLUMNS = ("turn", "TTFT without tools", "TTFT with tools", "prompt tokens (without / with)",
+                "cached tokens (without / with)")  # fmt: skip
+ROUND_COLUMNS = ("round trip", "call TTFT", "result TTFT", "call prompt tokens",
+                 "result prompt tokens", "result cached tokens")  # fmt: skip
+
+
+def render(report: dict[str, Any]) -> None:
+    print_table("Session turns with and without tools", TURN_COLUMNS, turn_rows(report))
+    print_table("Tool round trips (a forced call, then its result)", ROUND_COLUMNS,
+                round_rows(report))  # fmt: skip
 
 
 def main() -> None:

@@ -53,12 +53,9 @@ class TopLogprob:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class TokenLogprob(TopLogprob):
     """The sampled token's log probability under the model, and the most likely tokens."""
 
-    token: str
-    bytes: tuple[int, ...]
-    logprob: float
     top: tuple[TopLogprob, ...] = ()
 
 

@@ -237,6 +237,7 @@ def create_app(
         identity=build or identity,
         native_tools=text.knows_tools,
         max_choices=ctx.n_seq,
+        choices_limit=" (the sequences it decodes at once: `llmup serve --parallel N`)",
         logprobs=True,
         grammar=True,
     )

@@ -140,6 +140,7 @@ class WorkerState:
     identity: dict[str, Any] = field(default_factory=dict)
     native_tools: bool = False
     max_choices: int = 1
+    choices_limit: str = ""  # why max_choices, for the 400 that names it
     logprobs: bool = False
     grammar: bool = False
 
@@ -203,7 +204,7 @@ def _check_common(state: WorkerState, body: ChatCompletionRequest | CompletionRe
         raise ApiError(
             400,
             f"n is {n}, but this server generates at most {state.max_choices} choices per "
-            "request (the sequences it decodes at once: `llmup serve --parallel`)",
+            f"request{state.choices_limit}",
             param="n",
             code="unsupported_value",
         )
