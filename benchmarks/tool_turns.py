@@ -96,6 +96,7 @@ def stream(arm: Arm, session: str, messages: list[dict], **fields: Any) -> dict[
     return {"ttft": first or time.perf_counter() - started, "text": text,
             "calls": [calls[i] for i in sorted(calls)],
             "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
             "cached_tokens": details.get("cached_tokens", 0)}  # fmt: skip
 
 
@@ -129,6 +130,7 @@ def round_trips(arm: Arm, s: dict[str, int], bias: dict) -> list[dict[str, Any]]
                         logit_bias=bias)  # fmt: skip
         rows.append({"round": turn, "call_ttft": call["ttft"], "result_ttft": answer["ttft"],
                      "call_prompt_tokens": call["prompt_tokens"],
+                     "call_tokens": call["completion_tokens"],
                      "result_prompt_tokens": answer["prompt_tokens"],
                      "result_cached_tokens": answer["cached_tokens"]})  # fmt: skip
     return rows
@@ -171,7 +173,7 @@ def turn_rows(report: dict[str, Any]) -> list[tuple]:
 def round_rows(report: dict[str, Any]) -> list[tuple]:
     return [
         (r["round"], f"{r['call_ttft']:.3f}", f"{r['result_ttft']:.3f}", r["call_prompt_tokens"],
-         r["result_prompt_tokens"], r["result_cached_tokens"])
+         r["call_tokens"], r["result_prompt_tokens"], r["result_cached_tokens"])
         for r in report["rounds"]
     ]  # fmt: skip
 
@@ -179,7 +181,7 @@ def round_rows(report: dict[str, Any]) -> list[tuple]:
 TURN_COLUMNS = ("turn", "TTFT without tools", "TTFT with tools", "prompt tokens (without / with)",
                 "cached tokens (without / with)")  # fmt: skip
 ROUND_COLUMNS = ("round trip", "call TTFT", "result TTFT", "call prompt tokens",
-                 "result prompt tokens", "result cached tokens")  # fmt: skip
+                 "call tokens", "result prompt tokens", "result cached tokens")  # fmt: skip
 
 
 def render(report: dict[str, Any]) -> None:

@@ -77,7 +77,9 @@ def reply_grammar(spec: GrammarSpec) -> ReplyGrammar:
         alternatives.append(_schema_rule(converter, schema, "reply", spec.json.param))
     if not alternatives:
         raise ValueError("an empty GrammarSpec has no grammar")
-    converter._add_rule("root", " | ".join(alternatives))
+    # a space may lead (Llama-2's format puts one before every answer; a forced reply that
+    # may not write it would never match its own history in the next turn's prompt)
+    converter._add_rule("root", f'" "? ( {" | ".join(alternatives)} )')
     if "char" in converter._rules:
         converter._rules["char"] = JSON_CHAR
     lazy = bool(spec.tools) and not spec.forced and spec.json is None

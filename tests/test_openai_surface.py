@@ -265,6 +265,17 @@ def test_min_tokens_mirostat_and_seeds(client):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_penalties_change_the_reply(client):
+    """presence/frequency/repeat penalties reach llama.cpp's penalties sampler (its
+    constructor takes the vocabulary size first: a 500 for any penalty before)."""
+    fields = {"max_tokens": 12, "temperature": 0, "extra_body": WORDS}
+    plain = chat(client, **fields).choices[0].message.content
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        assert chat(client, **fields, **penalty).choices[0].message.content != plain
+    repeat = {**fields, "extra_body": {**WORDS, "repeat_penalty": 3.0}}
+    assert chat(client, **repeat).choices[0].message.content != plain
+
+
 def test_echo_and_what_is_refused(worker):
     echoed = raw(worker, "/v1/completions", {"prompt": "hello", "max_tokens": 3, "echo": True,
                                              **WORDS}).json()  # fmt: skip

@@ -19,6 +19,13 @@ import schemathesis
 from backend_fixtures import MODEL, proxy_settings, serve_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from openai_schemas import (
+    check_chat,
+    check_chunk,
+    check_completion,
+    check_completion_chunk,
+    sse_events,
+)
 from schemathesis.generation import GenerationMode
 
 # Imported here, at collection, not lazily by `from_url` inside the fixture: pytest rewrites the
@@ -27,6 +34,9 @@ from schemathesis.generation import GenerationMode
 # ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905), as they do
 # once the proxy's uvicorn thread is up.
 from schemathesis.specs.openapi import schemas as _openapi_schemas  # noqa: F401
+from worker_fixtures import SlotWorker, write_chat_model
+
+from launcher.proxy.backend import StaticBackend
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = 60  # per operation and mode
@@ -109,3 +119,60 @@ def test_no_server_error(api_schema, tiny_backend, mode) -> None:
     else:
         assert seen[("/v1/chat/completions", 4)] > 0
     assert tiny_backend.restarts == restarts and tiny_backend.state == "ready"
+
+
+@pytest.fixture(scope="module")
+def slots_schema(tmp_path_factory):
+    """The proxy in front of llmup's slot worker (the default backend), which takes tools,
+    JSON replies, log probabilities and n."""
+    folder = tmp_path_factory.mktemp("schema-slots")
+    worker = SlotWorker.start(write_chat_model(folder), folder / "slots", "--parallel", "2")
+    backend = StaticBackend(
+        base_url=worker.url, model_id=MODEL, context=4096, kind="llama.cpp-slots", slots=True
+    )
+    worker.model = MODEL
+    proxy = serve_proxy(proxy_settings(folder / "home", max_body_bytes=256 * 1024), backend)
+    yield schemathesis.openapi.from_url(proxy.url + "/openapi.json"), worker
+    proxy.stop()
+    worker.stop()
+
+
+GENERATION = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+def check_shapes(case: Any, seen: Counter) -> None:
+    """No 5xx, and every reply (and every chunk) in OpenAI's published shape."""
+    case.body = aim(case.body)
+    if isinstance(case.body, dict):
+        seen.update(f"field:{name}" for name in case.body)
+    response = case.call()
+    seen[response.status_code // 100] += 1
+    assert response.status_code < 500, (case.path, response.text[:300], case.body)
+    if response.status_code != 200:
+        return
+    kind = GENERATION[case.path]
+    if response.headers["content-type"].startswith("text/event-stream"):
+        for chunk in sse_events(response.text)[:-1]:
+            if "error" not in chunk:
+                (check_chunk if kind == "chat" else check_completion_chunk)(chunk)
+        return
+    (check_chat if kind == "chat" else check_completion)(response.json())
+
+
+def test_the_slot_worker_answers_generated_requests_in_openais_shapes(slots_schema) -> None:
+    api_schema, worker = slots_schema
+    seen: Counter = Counter()
+    for operation in operations(api_schema):
+        if operation.path not in GENERATION:
+            continue
+
+        @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+        @settings(
+            max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def run(case: Any) -> None:
+            check_shapes(case, seen)
+
+        run()
+    assert seen[2] > 0, seen
+    assert worker.proc.poll() is None  # nothing generated took the worker down

@@ -109,6 +109,7 @@ class SamplerChain:
         if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1:
             self._add(
                 lib.llama_sampler_init_penalties(
+                    model.vocab_size,
                     PENALTY_LAST_N,
                     params.repeat_penalty,
                     params.frequency_penalty,
