@@ -107,6 +107,22 @@ def test_a_streamed_call_is_stored_like_a_whole_one(proxy):
     json.loads(arguments)
 
 
+def test_a_streamed_function_call_is_stored_too(proxy):
+    """The legacy functions API: `function_call` deltas, stored as the message's call."""
+    function = TOOLS[0]["function"]
+    chunks = list(
+        proxy.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "look up"}], stream=True,
+            functions=[function], function_call={"name": "lookup"}, max_tokens=200,
+            temperature=0, extra_headers={"X-Session-Id": "f"},
+        )
+    )  # fmt: skip
+    pieces = [c.choices[0].delta.function_call for c in chunks if c.choices[0].delta.function_call]
+    assert pieces[0].name == "lookup" and chunks[-1].choices[0].finish_reason == "function_call"
+    stored_call = stored(proxy, "f")[1]["function_call"]
+    assert stored_call == {"name": "lookup", "arguments": "".join(p.arguments for p in pieces)}
+
+
 def test_a_continued_reply_is_stored_as_one_message(proxy):
     client = proxy.client()
     words = {"logit_bias": CLEAN_WORDS}
