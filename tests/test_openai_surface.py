@@ -294,3 +294,58 @@ def test_echo_and_what_is_refused(worker):
     ):
         refused = raw(worker, "/v1/chat/completions", {"messages": ASK, **body})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+
+
+# A template of the Hermes / Qwen family: it renders the tools, the calls and `tool` messages
+HERMES_TEMPLATE = (
+    "{% if tools %}<|system|>Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}"
+    " Call one in <tool_call></tool_call>.</s>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
+    "{{ c.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+    "</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes(tmp_path_factory):
+    from ggufgen import write_llama_gguf
+
+    folder = tmp_path_factory.mktemp("hermes")
+    model = write_llama_gguf(folder / "hermes.gguf", chat_template=HERMES_TEMPLATE, seed=3)
+    running = SlotWorker.start(model, folder / "slots", "--parallel", "1")
+    yield running
+    running.stop()
+
+
+def test_a_template_that_knows_tools_renders_them_itself(hermes):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    client = openai.OpenAI(base_url=hermes.url + "/v1", api_key="unused", max_retries=0)
+    first = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=300, temperature=0, extra_body=ASCII,
+    )  # fmt: skip
+    call = first.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    history = [*ASK, first.choices[0].message.model_dump(exclude_none=True), result]
+    counted = raw(hermes, "/llmup/prompt-tokens", {"messages": history, "tools": TOOLS}).json()
+    # exactly the template's own rendering: tools, the call (arguments as an object), the result
+    rendered = Jinja2ChatFormatter(HERMES_TEMPLATE, eos_token="</s>", bos_token="<s>")(
+        messages=[
+            ASK[0],
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call.id,
+             "type": "function", "function": {"name": call.function.name,
+             "arguments": json.loads(call.function.arguments)}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": call.id},
+        ],
+        tools=TOOLS,
+    ).prompt  # fmt: skip
+    assert "Tools: " in rendered and "<tool_response>" not in rendered
+    tokens = raw(hermes, "/extras/tokenize", {"input": rendered}).json()["tokens"]
+    assert counted["prompt_tokens"] == len(tokens) - 1  # /extras/tokenize adds a BOS
+    reply = client.chat.completions.create(
+        model="tiny", messages=history, tools=TOOLS, max_tokens=4, extra_body=WORDS
+    )
+    assert reply.choices[0].message.content
