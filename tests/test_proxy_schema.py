@@ -18,6 +18,7 @@ import pytest
 import schemathesis
 from backend_fixtures import MODEL, proxy_settings, serve_proxy
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from openai_schemas import (
     check_chat,
@@ -138,10 +139,29 @@ def slots_schema(tmp_path_factory):
 
 
 GENERATION = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}  # fmt: skip
+JSON_REPLY = {"type": "json_schema", "json_schema": {"name": "r", "schema": TOOL["function"][
+    "parameters"]}}  # fmt: skip
+# the new surface, drawn on top of each generated body (few generated bodies carry it)
+EXTRAS = {
+    "chat": st.fixed_dictionaries({}, optional={
+        "n": st.integers(1, 3), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
+        "tools": st.just([TOOL]), "tool_choice": st.sampled_from(["auto", "none", "required"]),
+        "parallel_tool_calls": st.booleans(), "stream": st.booleans(),
+        "response_format": st.sampled_from([{"type": "json_object"}, JSON_REPLY]),
+    }),
+    "completion": st.fixed_dictionaries({}, optional={
+        "n": st.integers(1, 3), "logprobs": st.integers(0, 5), "echo": st.booleans(),
+        "stream": st.booleans(), "response_format": st.just(JSON_REPLY),
+    }),
+}  # fmt: skip
 
 
-def check_shapes(case: Any, seen: Counter) -> None:
+def check_shapes(case: Any, extra: dict, seen: Counter) -> None:
     """No 5xx, and every reply (and every chunk) in OpenAI's published shape."""
+    if isinstance(case.body, dict):
+        case.body = {**case.body, **extra}
     case.body = aim(case.body)
     if isinstance(case.body, dict):
         seen.update(f"field:{name}" for name in case.body)
@@ -150,8 +170,11 @@ def check_shapes(case: Any, seen: Counter) -> None:
     assert response.status_code < 500, (case.path, response.text[:300], case.body)
     if response.status_code != 200:
         return
+    if isinstance(case.body, dict):
+        seen.update(f"answered:{name}" for name in case.body)
     kind = GENERATION[case.path]
-    if response.headers["content-type"].startswith("text/event-stream"):
+    content_type = response.headers.get("content-type") or ""  # schemathesis: a list
+    if "text/event-stream" in str(content_type):
         for chunk in sse_events(response.text)[:-1]:
             if "error" not in chunk:
                 (check_chunk if kind == "chat" else check_completion_chunk)(chunk)
@@ -166,13 +189,18 @@ def test_the_slot_worker_answers_generated_requests_in_openais_shapes(slots_sche
         if operation.path not in GENERATION:
             continue
 
-        @given(case=operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+
+        @given(case=strategy, extra=EXTRAS[GENERATION[operation.path]])
         @settings(
-            max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
         )
-        def run(case: Any) -> None:
-            check_shapes(case, seen)
+        def run(case: Any, extra: dict) -> None:
+            check_shapes(case, extra, seen)
 
         run()
     assert seen[2] > 0, seen
+    # replies to generated bodies with these fields were checked (each in some, seen)
+    for name in ("tools", "logprobs", "n", "response_format", "stream"):
+        assert seen[f"answered:{name}"] > 0, seen
     assert worker.proc.poll() is None  # nothing generated took the worker down
