@@ -37,7 +37,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from launcher.backends.spec import KEY_ENV
+from launcher.protocol import KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -192,9 +192,9 @@ def model_cache() -> Path:
 
 
 def generated_model(name: str, **shape: Any) -> Path:
-    """A random-weight Llama GGUF (tests/ggufgen.py) of this shape, written once."""
+    """A random-weight Llama GGUF (tests/support/ggufgen.py) of this shape, written once."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from ggufgen import write_llama_gguf
+    from support.ggufgen import write_llama_gguf
 
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
     path = model_cache() / f"{name}-{digest}.gguf"
@@ -225,7 +225,7 @@ def no_end_bias(model: Path) -> dict[str, float]:
     same work: the end-of-sequence and end-of-turn tokens banned (Gemma 3 270M is a base
     model: asked to chat, it ends its turn at once); in a tiny random vocabulary also the
     byte tokens, whose text alone is not UTF-8 and would stream as nothing."""
-    from launcher.weights.gguf_file import open_gguf
+    from launcher.catalog.gguf_file import open_gguf
 
     reader = open_gguf(model)
     tokens = reader.get_field("tokenizer.ggml.tokens").contents()

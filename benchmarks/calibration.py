@@ -9,7 +9,7 @@ point is planned for this machine's 2-core/24 GB snapshot and loaded in a fresh 
 llama-cpp-python with mmap off (weights in the process's own memory, as the RSS then
 counts them), the modules of llmup's default worker imported first, and one batch of up to
 512 tokens evaluated, so the compute buffer is used. One sequence (`--parallel 1`): the
-grid is the plan's per-sequence arithmetic; tests/test_calibration.py checks parallel
+grid is the plan's per-sequence arithmetic; tests/calibration/test_calibration.py checks parallel
 sequences against the slot worker's load log. Compared: the plan's model, KV and compute
 buffers against llama.cpp's load log; the plan's runtime overhead (the serving process)
 against the process's RSS before the load; and the plan's total (weights + KV + compute +
@@ -32,7 +32,7 @@ from benchlib import GIB, MIB, ROOT, Run, generated_model, parser, print_table
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llamacpp_probe import measure_load, resident_bytes  # noqa: E402
+from support.llamacpp_probe import measure_load, resident_bytes  # noqa: E402
 
 from launcher.hardware.snapshot import load_snapshot  # noqa: E402
 from launcher.planning.planner import PlanRequest, make_plan  # noqa: E402
@@ -58,7 +58,7 @@ KV_TYPES = ("f16", "q8_0", "q4_0")
 QUICK = {"gqa-q8": [(512, "f16"), (2048, "q8_0")]}
 COMPONENTS = ("model", "kv", "compute", "process", "total")
 # what llmup serve's default worker (the session-slot worker) has imported before its load
-SERVING_MODULES = ("launcher.backends.llamacpp_server",)
+SERVING_MODULES = ("launcher.workers.llamacpp_slots.server",)
 HARDWARE = ROOT / "tests/data/machines/cpu-2core-24gb.json"
 
 

@@ -71,7 +71,7 @@ mark("interpreter")
 # the modules llmup serve imports on its way (counted together as "imports")
 import launcher.cli
 import gguf, launcher.serve, launcher.hardware.detect as hw, launcher.planning.planner as planner
-from launcher.backends.supervisor import Supervisor
+from launcher.backends.supervise.supervisor import Supervisor
 mark("imported")
 def wrap(owner, name, label):
     real = getattr(owner, name)

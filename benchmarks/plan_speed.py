@@ -32,19 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from benchlib import Run  # noqa: E402
-from ggufgen import write_llama_gguf  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from support.ggufgen import write_llama_gguf  # noqa: E402
 
-from launcher.backends.llamacpp import physical_cores  # noqa: E402
-from launcher.backends.llamacpp_worker import cpu_has_amx, repack_enabled  # noqa: E402
 from launcher.catalog.loader import load_catalog  # noqa: E402
+from launcher.engines import physical_cores  # noqa: E402
 from launcher.hardware.cpuspeed import measure_cpu_speed  # noqa: E402
 from launcher.hardware.detect import detect  # noqa: E402
 from launcher.hardware.snapshot import Gpu, HardwareSnapshot, SystemInfo  # noqa: E402
 from launcher.planning import PlanRequest, make_plan  # noqa: E402
 from launcher.planning.memory import DeviceMemory  # noqa: E402
 from launcher.planning.speed import Work, device_rates, estimate, placement_work  # noqa: E402
+from launcher.workers.repack import cpu_has_amx, repack_enabled  # noqa: E402
 
 TOLERANCE = 0.30
 GIB = 2**30
@@ -71,7 +71,7 @@ CHILD = r"""
 import json, sys, time
 opts = json.loads(sys.argv[1])
 if not opts["repack"]:
-    from launcher.backends.llamacpp_worker import disable_weight_repack
+    from launcher.workers.llamacpp_python.server import disable_weight_repack
     disable_weight_repack()
 import llama_cpp
 clock = getattr(time, opts["clock"])

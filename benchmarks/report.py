@@ -195,6 +195,40 @@ def session_turns(r: dict[str, Any]) -> list[str]:
     return parts
 
 
+def scale_out(r: dict[str, Any]) -> list[str]:
+    c = r["conditions"]
+    note = (
+        f"{c['clients']} clients, {c['sessions_per_arm']} sessions of {c['turns_per_session']} "
+        f"turns per arm, max_tokens {c['max_tokens']}, non-streamed; {c['postgresql']}, "
+        f"{c['haproxy'].split(' - ')[0]}; latency of one turn, p50 and p99."
+    )
+    rows = [
+        (x["model"], x["arm"], x["turns"], x["turns_per_s"], x["p50_ms"], x["p99_ms"])
+        for m in r["models"]
+        for x in m["rows"]
+    ]
+    arms = md_table(("model", "arm", "turns", "turns/s", "p50 ms", "p99 ms"), rows)
+    names = {"postgres_vs_sqlite": "PostgreSQL vs SQLite",
+             "postgres_vs_sqlite_store_only": "PostgreSQL vs SQLite, the store's work only",
+             "haproxy_hop": "HAProxy hop",
+             "haproxy_hop_health_only": "HAProxy hop, GET /health only"}  # fmt: skip
+    added = md_table(
+        ("model", "added per turn", "p50 ms", "p99 ms"),
+        [(m["model"], names[k], f"{o['p50_ms']:+.2f}", f"{o['p99_ms']:+.2f}")
+         for m in r["models"] for k, o in m["overhead"].items()],
+    )  # fmt: skip
+    deaths = md_table(
+        ("model", "replica killed to its session's next answered turn, s (each run)"),
+        [(m["model"], ", ".join(f"{d:.2f}" for d in m["failover_s"])) for m in r["models"]],
+    )
+    store = md_table(
+        ("model", "store", "load + commit of a turn, p50 ms", "p99 ms"),
+        [(m["model"], kind, c["p50_ms"], c["p99_ms"]) for m in r["models"]
+         for kind, c in m["store_only"].items()],
+    )  # fmt: skip
+    return [note, arms, added, store, deaths]
+
+
 def tool_turns(r: dict[str, Any]) -> list[str]:
     shape = r["conditions"]["shape"]
     parts = [
@@ -215,6 +249,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "memory_over_time": memory_over_time,
     "plan_speed": plan_speed,
     "session_turns": session_turns,
+    "scale_out": scale_out,
     "tool_turns": tool_turns,
 }
 

@@ -44,7 +44,7 @@ class Arm:
         """Resident bytes of the process holding the model (the worker under llmup)."""
         root = psutil.Process(self.proc.pid)
         workers = [
-            p for p in root.children(recursive=True) if "launcher.backends" in " ".join(p.cmdline())
+            p for p in root.children(recursive=True) if "launcher.workers" in " ".join(p.cmdline())
         ]
         return (workers[0] if workers else root).memory_info().rss
 

@@ -22,7 +22,7 @@ bounded (here: never above the RAM the plan accounts for, model + KV + compute +
 session store). The load average before and after each server is recorded: the machine
 may be shared, rerun when it was busy. `--quick` runs a generated tiny model, two sessions
 of three turns, llmup and the stock server only, in well under a minute
-(tests/test_session_turns_bench.py runs it).
+(tests/project/test_session_turns_bench.py runs it).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def shapes(quick: bool) -> dict[str, Any]:
 def bench_model(quick: bool, folder: Path) -> Path:
     if quick:
         sys.path.insert(0, str(ROOT / "tests"))
-        from ggufgen import write_llama_gguf
+        from support.ggufgen import write_llama_gguf
 
         template = (
             "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -248,7 +248,7 @@ def no_end_bias(model: Path, quick: bool) -> dict[str, float]:
     random tiny model the byte tokens, whose text is not UTF-8) banned."""
     if quick:
         return {str(token): -100.0 for token in range(2, 259)}
-    from launcher.weights.gguf_file import open_gguf
+    from launcher.catalog.gguf_file import open_gguf
 
     gguf = open_gguf(model)
     eos = int(gguf.get_field("tokenizer.ggml.eos_token_id").contents())

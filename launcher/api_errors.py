@@ -1,7 +1,7 @@
 """OpenAI-shaped errors for every FastAPI app llmup serves (the proxy and its workers).
 
 One home for what each app needs to answer an error the way OpenAI's API does: the
-handlers (llmup's own `ProxyError`, request validation as a 400 rather than FastAPI's 422,
+handlers (llmup's own `ApiError`, request validation as a 400 rather than FastAPI's 422,
 HTTP errors such as an unknown route), the readable summary of a validation failure, and a
 last-resort middleware for bugs. That middleware answers 500 with `Connection: close` and
 does not re-raise: Starlette's own catch-all re-raises after answering, and uvicorn then
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from launcher.asgi import send_error
-from launcher.errors import ProxyError
+from launcher.errors import ApiError
 from launcher.protocol import error_body
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Handlers for llmup's errors, validation failures and HTTP errors, plus the
     catch-all middleware (add further middleware after this call: it must stay innermost)."""
 
-    async def proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
+    async def proxy_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(
             exc.message, exc.status, code=exc.code, param=exc.param, headers=exc.headers
         )
@@ -119,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
             code=HTTP_CODES.get(exc.status_code), headers=getattr(exc, "headers", None),
         )  # fmt: skip
 
-    app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(ApiError, proxy_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(CatchAllMiddleware)
@@ -148,5 +148,5 @@ class CatchAllMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:  # mid-response: nothing sane can follow; let the server end it
                 raise
-            error = ProxyError(INTERNAL_MESSAGE, status=500, code="internal_error")
+            error = ApiError(INTERNAL_MESSAGE, status=500, code="internal_error")
             await send_error(send, error, [(b"connection", b"close")])

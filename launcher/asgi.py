@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from launcher.errors import ProxyError
+from launcher.errors import ApiError
 from launcher.protocol import error_body
 
 Scope = MutableMapping[str, Any]
@@ -23,9 +23,7 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def send_error(
-    send: Send, exc: ProxyError, extra: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
+async def send_error(send: Send, exc: ApiError, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
     """An OpenAI-shaped error sent straight on the ASGI channel (no route involved)."""
     body = json.dumps(
         error_body(exc.message, status=exc.status, code=exc.code, param=exc.param)

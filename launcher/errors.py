@@ -148,8 +148,13 @@ class InsecureBindError(UsageError):
     """`serve` was asked to listen beyond this machine without an API key."""
 
 
-class ProxyError(LlmupError):
-    """A request an llmup HTTP server (the proxy, a worker) refuses or cannot serve,
+class SessionStoreError(LlmupError):
+    """The session store cannot be opened: a database that does not answer at start, a
+    schema newer than this llmup knows, an address llmup cannot use."""
+
+
+class ApiError(LlmupError):
+    """A request an llmup HTTP server (the proxy or a worker) refuses or cannot serve,
     answered as an OpenAI-shaped error.
 
     `status` is the HTTP status, `code` OpenAI's machine-readable `error.code`, `param` the
@@ -176,8 +181,8 @@ class ProxyError(LlmupError):
         self.status = status or type(self).status
 
 
-class BadRequestError(ProxyError):
-    """The request is malformed or asks for something the proxy cannot do (400)."""
+class BadRequestError(ApiError):
+    """The request is malformed or asks for something the server cannot do (400)."""
 
 
 class ContextLengthError(BadRequestError):
@@ -186,48 +191,64 @@ class ContextLengthError(BadRequestError):
     code = "context_length_exceeded"
 
 
-class InvalidApiKeyError(ProxyError):
+class InvalidApiKeyError(ApiError):
     """No API key, or one that is not among the configured keys (401)."""
 
     status = 401
     code = "invalid_api_key"
 
 
-class NotFoundError(ProxyError):
+class NotFoundError(ApiError):
     """An unknown model, session or route (404); never says whether another key owns it."""
 
     status = 404
 
 
-class BodyTooLargeError(ProxyError):
+class BodyTooLargeError(ApiError):
     """The request body exceeds the configured limit (413); it was never parsed."""
 
     status = 413
     code = "request_too_large"
 
 
-class QueueFullError(ProxyError):
+class QueueFullError(ApiError):
     """Every slot of the bounded queue in front of the backend is taken (429)."""
 
     status = 429
     code = "rate_limit_exceeded"
 
 
-class KeyLimitError(ProxyError):
+class KeyLimitError(ApiError):
     """One API key reached one of its own limits (429): too many requests at once, too many
     sessions, or too many bytes of stored conversations; `code` says which."""
 
     status = 429
 
 
-class StorageFullError(ProxyError):
+class StorageFullError(ApiError):
     """The session store's disk is full (507): the turn was not stored, nothing half-written."""
 
     status = 507
     code = "insufficient_storage"
 
 
-class BackendUnavailableError(ProxyError):
+class StoreUnavailableError(ApiError):
+    """The session database cannot be reached or did not answer in time (503): nothing was
+    stored; retry after Retry-After (service resumes by itself when it answers again)."""
+
+    status = 503
+    code = "sessions_store_unavailable"
+
+
+class SessionConflictError(ApiError):
+    """Another process sharing the session store (a second replica) changed the session
+    while this turn was generated (409): this turn was not stored; send it again."""
+
+    status = 409
+    code = "session_conflict"
+
+
+class BackendUnavailableError(ApiError):
     """The backend is loading, restarting or unreachable (503): retry after Retry-After."""
 
     status = 503
@@ -238,7 +259,7 @@ class BackendDroppedError(BackendUnavailableError):
     """The backend closed the connection in the middle of a request: it died (503)."""
 
 
-class BackendFailedError(ProxyError):
+class BackendFailedError(ApiError):
     """The backend answered with a server error or an unreadable reply (502)."""
 
     status = 502

@@ -24,13 +24,14 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from launcher.backends.spec import bind_socket
 from launcher.errors import UsageError
+from launcher.netaddr import bind_socket
 
-TIMEOUT_RESPONSE = (
+TIMEOUT_HEAD = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"connection: close\r\ncontent-length: 24\r\n\r\nrequest not sent in time"
+    b"connection: close\r\ncontent-length: 24\r\n"
 )
+TIMEOUT_BODY = b"\r\nrequest not sent in time"
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -56,6 +57,7 @@ class ReadDeadlineProtocol(H11Protocol):
 
     header_timeout_s: float = 20.0
     body_timeout_s: float = 60.0
+    extra_headers: bytes = b""  # raw "name: value\r\n" lines added to the 408
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -99,13 +101,21 @@ class ReadDeadlineProtocol(H11Protocol):
             return
         self.logger.warning("closing a connection: its %s did not arrive in time", self._reading)
         if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(TIMEOUT_RESPONSE)
+            self.transport.write(TIMEOUT_HEAD + self.extra_headers + TIMEOUT_BODY)
         self.transport.close()
 
 
-def deadline_protocol(header_timeout_s: float, body_timeout_s: float) -> type[H11Protocol]:
-    """ReadDeadlineProtocol with these deadlines (uvicorn builds one per connection)."""
-    attrs = {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s}
+def deadline_protocol(
+    header_timeout_s: float, body_timeout_s: float, *, headers: dict[str, str] | None = None
+) -> type[H11Protocol]:
+    """ReadDeadlineProtocol with these deadlines (uvicorn builds one per connection); its
+    408 carries `headers` too (the replica's name)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    attrs = {
+        "header_timeout_s": header_timeout_s,
+        "body_timeout_s": body_timeout_s,
+        "extra_headers": extra.encode("latin-1"),
+    }
     return type("ReadDeadlineProtocol", (ReadDeadlineProtocol,), attrs)
 
 

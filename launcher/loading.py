@@ -30,6 +30,7 @@ from launcher.protocol import error_body
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.page_policy import PAGE_HEADERS
+from launcher.proxy.replica import REPLICA_HEADER, ReplicaHeader
 from launcher.settings import Settings
 
 RETRY_AFTER_S = 5
@@ -61,6 +62,11 @@ def loading_bodies(summary: dict[str, Any]) -> tuple[bytes, bytes, bytes]:
     return json.dumps(health).encode(), json.dumps(status).encode(), json.dumps(error).encode()
 
 
+def replica_headers(settings: Settings) -> dict[str, str]:
+    """The header naming this replica, for answers made outside the proxy's app."""
+    return {REPLICA_HEADER: settings.proxy.replica_name}
+
+
 def loading_page(summary: dict[str, Any]) -> bytes:
     """The page at `/` while loading: no script, a meta refresh (allowed by the page policy)."""
     model = html.escape(str(summary.get("model") or "the model"))
@@ -68,10 +74,15 @@ def loading_page(summary: dict[str, Any]) -> bytes:
 
 
 def loading_app(
-    summary: dict[str, Any], keys: KeyRing | None = None, allowed_hosts: Iterable[str] = ()
+    summary: dict[str, Any],
+    keys: KeyRing | None = None,
+    allowed_hosts: Iterable[str] = (),
+    *,
+    replica: str,
 ) -> Any:
     """A bare ASGI app (no framework to import while the proxy's own app is preloaded),
-    behind the proxy's Host check; /health shows the plan only to a key holder."""
+    behind the proxy's Host check; /health shows the plan only to a key holder. Every
+    answer, the guard's 400 and 401 too, names the replica."""
     keys = keys or KeyRing([])
     health, bare_health, error = loading_bodies(summary)
     retry = (b"retry-after", str(RETRY_AFTER_S).encode())
@@ -93,7 +104,8 @@ def loading_app(
         await send({"type": "http.response.body", "body": body})
 
     hosts = host_policy(keys, allowed_hosts)
-    return AccessGuard(app, keys=keys, hosts=hosts, needs_key=lambda path: False)
+    guarded = AccessGuard(app, keys=keys, hosts=hosts, needs_key=lambda path: False)
+    return ReplicaHeader(guarded, name=replica)
 
 
 class LoadingServer(uvicorn.Server):
@@ -124,10 +136,14 @@ def answering_while_loading(
     s = settings.serve
     keys = KeyRing(configured_keys(settings.proxy))
     config = uvicorn.Config(
-        loading_app(summary, keys, settings.proxy.allowed_hosts),
+        loading_app(
+            summary, keys, settings.proxy.allowed_hosts, replica=settings.proxy.replica_name
+        ),
         lifespan="off",
         log_level="warning",
-        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        http=deadline_protocol(
+            s.header_timeout_s, s.body_timeout_s, headers=replica_headers(settings)
+        ),
         timeout_graceful_shutdown=1,
     )
     server = LoadingServer(config)

@@ -33,6 +33,9 @@ from pydantic_core import PydanticCustomError
 # owner (a hash of the caller's API key, never the key) and the session id.
 BACKEND_OWNER_HEADER = "X-Llmup-Owner"
 BACKEND_SESSION_HEADER = "X-Llmup-Session"
+# Every backend run's random key reaches the worker in this environment variable (never on its
+# command line, which any local user can read); the worker refuses a request without it.
+KEY_ENV = "LLMUP_BACKEND_KEY"
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
@@ -286,6 +289,14 @@ class TokenizeInputRequest(_Request):
 
 
 # ---- responses ----------------------------------------------------------------------------
+
+
+def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
+    """The session for slot-keeping workers, on private headers: the owner (a hash of the
+    key, empty without keys) and the id, so two keys never share one; others ignore them."""
+    if session_id is None:
+        return {}
+    return {BACKEND_OWNER_HEADER: owner, BACKEND_SESSION_HEADER: session_id}
 
 
 def new_id(prefix: str) -> str:

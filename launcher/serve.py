@@ -34,20 +34,21 @@ from typing import Any
 import uvicorn
 
 from launcher.backends.launch import backend_spec
-from launcher.backends.oom_fallback import choose_fallback, is_cached, last_attempt
-from launcher.backends.process import Runtime
-from launcher.backends.spec import http_url
-from launcher.backends.speedcheck import check_speed
-from launcher.backends.supervisor import Progress, State, Supervisor
+from launcher.backends.supervise.process import Runtime
+from launcher.backends.supervise.supervisor import Progress, State, Supervisor
+from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
+from launcher.calibration.speedcheck import check_speed
+from launcher.catalog.gguf_file import shard_paths
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
-from launcher.loading import answering_while_loading
+from launcher.loading import answering_while_loading, replica_headers
+from launcher.netaddr import http_url
 from launcher.planning.plan import Plan
 from launcher.private import private_home
-from launcher.proxy import SessionStore, check_bind, create_app
+from launcher.proxy import check_bind, create_app, open_store
 from launcher.proxy.auth import configured_keys
+from launcher.served import WorkerKind
 from launcher.settings import ServeSettings, Settings
-from launcher.weights.gguf_file import shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,22 @@ PROXY_APP = "launcher.proxy.app"
 MAX_OOM_FALLBACKS = 2
 
 
-@dataclass
-class ServedBackend:
-    """The supervised backend plus what the proxy shows of the plan behind it."""
+@dataclass(frozen=True)
+class SupervisedModel:
+    """The supervised backend as the proxy sees it (a `ServedModel`): where it listens and how
+    it is doing from the supervisor, what it serves from the plan (`for_plan`), or as given
+    where there is no plan (a test's supervised llama_cpp.server)."""
 
     supervisor: Supervisor
-    plan: Plan
+    model_id: str
+    context: int
+    kind: WorkerKind
+    embeddings: bool = False
+    plan: Plan | None = None
+
+    @classmethod
+    def for_plan(cls, supervisor: Supervisor, plan: Plan) -> SupervisedModel:
+        return cls(supervisor, plan.model.id, plan.context, plan.worker_kind, plan=plan)
 
     @property
     def base_url(self) -> str:
@@ -72,8 +83,8 @@ class ServedBackend:
         return self.supervisor.auth_headers
 
     @property
-    def state(self) -> Any:
-        return self.supervisor.state
+    def state(self) -> str:
+        return self.supervisor.state.value
 
     @property
     def restarts(self) -> int:
@@ -88,27 +99,14 @@ class ServedBackend:
         return self.supervisor.ordered_stops
 
     @property
-    def model_id(self) -> str:
-        return self.plan.model.id
+    def plan_json(self) -> dict[str, Any] | None:
+        if self.plan is None:
+            return None
+        return self.plan.model_dump(mode="json", exclude={"fallbacks"})
 
     @property
-    def context(self) -> int:
-        return self.plan.context
-
-    @property
-    def kind(self) -> str:
-        """Which worker serves ("llama.cpp", "llama.cpp-slots", "exllamav2"): what the proxy
-        lets through depends on it."""
-        return f"{self.plan.backend}-slots" if self.slots else self.plan.backend
-
-    @property
-    def slots(self) -> bool:
-        """The backend keeps sessions' KV caches (the proxy forwards deletes and metrics)."""
-        return self.plan.backend == "llama.cpp" and self.plan.settings.llamacpp_impl != "server"
-
-    @property
-    def plan_summary(self) -> dict[str, Any]:
-        return plan_summary(self.plan)
+    def plan_summary(self) -> dict[str, Any] | None:
+        return None if self.plan is None else plan_summary(self.plan)
 
 
 def plan_summary(p: Plan) -> dict[str, Any]:
@@ -146,12 +144,12 @@ def start_backend(
     quiet: bool = False,
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
-) -> ServedBackend:
+) -> SupervisedModel:
     """Pull, start and wait for the backend, then check its speed against the plan.
 
     Out of memory at load falls back (at most MAX_OOM_FALLBACKS times, each said in a notice
     with its arithmetic) to the best of the plan's fallbacks whose need is below the
-    shortfall the load log measured (see launcher.backends.oom_fallback).
+    shortfall the load log measured (see launcher.calibration.oom_fallback).
     """
     candidate, tried = plan, []
     while True:
@@ -192,7 +190,7 @@ def weights_path(plan: Plan, *, offline: bool, verify: bool, quiet: bool) -> Pat
 
 def _start_one(
     plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
-) -> ServedBackend:
+) -> SupervisedModel:
     model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
     spec = backend_spec(
         plan, model_path, home=settings.home, session_ttl_s=settings.proxy.session_ttl
@@ -206,13 +204,14 @@ def _start_one(
     supervisor.start()
     if plan.backend == "llama.cpp":
         _record_calibration(plan, supervisor, settings.home)
-    return ServedBackend(supervisor, plan)
+    return SupervisedModel.for_plan(supervisor, plan)
 
 
 def docker_runtime() -> ModuleType:
-    """The docker runtime (launcher.backends.container), imported for --runtime docker only:
-    it brings the docker SDK, ~0.15 s of imports that a local backend's start does without."""
-    from launcher.backends import container
+    """The docker runtime (launcher.backends.supervise.container), imported for --runtime
+    docker only: it brings the docker SDK, ~0.15 s of imports that a local backend's start
+    does without."""
+    from launcher.backends.supervise import container
 
     return container
 
@@ -231,7 +230,7 @@ def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime
 
 def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:
     """Predicted vs measured buffers, kept for `llmup plan` to show next time."""
-    from launcher.backends.calibration import record_load
+    from launcher.calibration.records import record_load
 
     try:
         record = record_load(home, plan, supervisor.attempt_log())
@@ -301,7 +300,7 @@ def serve(
     quiet: bool = False,
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
-    ready: Callable[[str, ServedBackend], None] | None = None,
+    ready: Callable[[str, SupervisedModel], None] | None = None,
 ) -> None:
     """Serve `plan` until SIGINT/SIGTERM (or until the backend cannot be kept up, raised as
     BackendCrashError); the backend always stops and the session store always closes."""
@@ -310,17 +309,17 @@ def serve(
     if settings.runtime == "docker":  # no engine or no image: say so before any download
         docker_runtime().check_engine(plan, settings.docker)
     # the proxy lets as many requests through as the backend decodes together
-    settings.proxy.max_inflight = max(settings.proxy.max_inflight, plan.parallel)
+    settings = settings.with_proxy(max_inflight=max(settings.proxy.max_inflight, plan.parallel))
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
     backend = sessions = None
     preload_proxy()
     try:
         with answering_while_loading(listener, settings, plan_summary(plan)):
+            sessions = open_store(settings)  # an unreachable database: said before any load
             backend = start_backend(
                 plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
                 progress=progress,
             )  # fmt: skip
-            sessions = SessionStore.at_home(settings.home, ttl_s=settings.proxy.session_ttl)
             app = create_app(settings, backend, sessions)
         server = _server(settings, app, backend.supervisor)
         if ready:
@@ -340,7 +339,9 @@ def _server(settings: Settings, app: Any, supervisor: Supervisor) -> StoppingSer
     config = uvicorn.Config(
         app,
         log_level="warning",
-        http=deadline_protocol(s.header_timeout_s, s.body_timeout_s),
+        http=deadline_protocol(
+            s.header_timeout_s, s.body_timeout_s, headers=replica_headers(settings)
+        ),
         timeout_graceful_shutdown=s.shutdown_timeout_s,  # type: ignore[arg-type]
     )
     return StoppingServer(config, on_shutdown=lambda: supervisor.stop(s.stop_grace_s))

@@ -7,6 +7,7 @@ given for; core code receives values, never reads the environment itself.
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -65,6 +66,37 @@ def parse_duration(value: Any) -> Any:
 # An idle session's lifetime, however it is spelled (LLMUP_SESSION_TTL or
 # LLMUP_PROXY__SESSION_TTL): seconds or "30m"/"12h"/"7d", at least 0; 0 keeps sessions forever.
 SessionTtl = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# A replica's name: what it says in X-Llmup-Replica, HAProxy's name for its server and the
+# tag in the ids it hands out, so letters, digits, "." and "-" (a host name's characters).
+REPLICA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+
+
+def default_replica_name() -> str:
+    """The host name (a container's is its id), or "llmup" when it is not a usable name."""
+    name = socket.gethostname()
+    return name if REPLICA_NAME.match(name) else "llmup"
+
+
+def check_replica_name(value: str) -> str:
+    if not REPLICA_NAME.match(value):
+        raise ValueError(
+            "a replica name is 1-63 letters, digits, '.' or '-', starting with a letter or "
+            "digit (it is HAProxy's name for the server and goes into ids)"
+        )
+    return value
+
+
+def check_sessions_db(value: str | None) -> str | None:
+    """A postgresql:// URL or the path of an SQLite file; any other URL is refused."""
+    if value is not None and "://" in value and not value.startswith(POSTGRES_SCHEMES):
+        raise ValueError(
+            "sessions_db must be a postgresql:// URL or the path of an SQLite file, not "
+            f"{value.split('://', 1)[0]}://..."
+        )
+    return value or None
 
 
 def split_keys(value: Any) -> Any:
@@ -146,7 +178,14 @@ class ProxySettings(BaseModel):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     context_policy: Literal["drop", "error"] = "drop"
     session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
-    sessions_db: Path | None = None
+    # where sessions live: None is sessions.sqlite3 under the llmup home; a path is another
+    # SQLite file; a postgresql:// URL a database shared by replicas (its password may come
+    # from `sessions_db_password_file`, a docker secret, rather than the URL)
+    sessions_db: str | None = None
+    sessions_db_password_file: Path | None = None
+    sessions_db_pool_size: int = Field(default=8, ge=1)
+    sessions_db_timeout_s: float = Field(default=5.0, gt=0)
+    replica_name: str = Field(default_factory=default_replica_name)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_inflight: int = Field(default=4, ge=1)
     queue_size: int = Field(default=64, ge=0)
@@ -166,6 +205,8 @@ class ProxySettings(BaseModel):
     _split_keys = field_validator("api_keys", mode="before")(literal_keys)
     _split_hosts = field_validator("allowed_hosts", mode="before")(split_hosts)
     _split_origins = field_validator("cors_origins", mode="before")(split_origins)
+    _replica = field_validator("replica_name")(check_replica_name)
+    _sessions_db = field_validator("sessions_db")(check_sessions_db)
 
 
 class ServeSettings(BaseModel):
@@ -246,6 +287,12 @@ class Settings(BaseSettings):
         if self.session_ttl is not None and "session_ttl" not in given:
             proxy.session_ttl = self.session_ttl
         return self
+
+    def with_proxy(self, **changes: Any) -> Settings:
+        """A copy with these proxy settings changed; this tree stays as it was (the CLI's
+        flags and serve's own adjustments build new settings, never assign into a shared
+        one)."""
+        return self.model_copy(update={"proxy": self.proxy.model_copy(update=changes)})
 
 
 class ProfileSource(PydanticBaseSettingsSource):

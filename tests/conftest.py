@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from serving import Served, kill_leftovers
+from support.serving import Served, kill_leftovers
 
 DATA = Path(__file__).parent / "data"
 MACHINES = DATA / "machines"
 
-# The real-backend fixtures (tiny_backend, make_proxy) for every module that asks for them.
-pytest_plugins = ["backend_fixtures", "hub_fixtures"]
+# The real-backend fixtures (tiny_backend, make_proxy) and the session stores (SQLite, a real
+# PostgreSQL) for every module that asks for them.
+pytest_plugins = ["support.backend_fixtures", "support.hub_fixtures", "support.store_fixtures"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,9 @@
-"""Stage 4: the backend process. Entry point: `Supervisor(spec).start()` on the BackendSpec
-of a plan (`launcher.backends.launch.backend_spec`).
+"""Stage 4: what the parent does with a backend process. `launch/` builds the BackendSpec
+of a plan (`launcher.backends.launch.backend_spec`), `supervise/` runs it
+(`Supervisor(spec).start()`). The processes themselves are `launcher.workers`.
 
-Both are resolved on first use: the supervisor imports httpx, which planning and the
-workers that import `launcher.backends.*` modules should not pay for.
+Both names are resolved on first use: the supervisor imports httpx, which a caller that only
+builds a spec should not pay for.
 """
 
 from launcher.lazy import lazy_names
@@ -10,5 +11,8 @@ from launcher.lazy import lazy_names
 __all__ = ["BackendSpec", "Supervisor"]
 __getattr__ = lazy_names(
     __name__,
-    {"Supervisor": "launcher.backends.supervisor", "BackendSpec": "launcher.backends.spec"},
+    {
+        "Supervisor": "launcher.backends.supervise.supervisor",
+        "BackendSpec": "launcher.backends.spec",
+    },
 )

@@ -7,17 +7,17 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from launcher.catalog.gguf_file import read_model_file
 from launcher.catalog.loader import Catalog
 from launcher.catalog.models import Architecture, ModelSpec
 from launcher.catalog.shape import ModelShape, layout_from_catalog
-from launcher.planning import exllamav2 as exl
+from launcher.planning import memory_exllamav2 as exl
 from launcher.planning.candidates import Candidate
-from launcher.planning.llamacpp import LlamaCppSettings
 from launcher.planning.machine import Machine, ModelCost
+from launcher.planning.memory_llamacpp import LlamaCppSettings
 from launcher.planning.place_exllamav2 import place_exllamav2
 from launcher.planning.place_llamacpp import place_llamacpp
 from launcher.planning.request import KV_TO_EXL, PlanRequest
-from launcher.weights.gguf_file import read_model_file
 
 MAX_AUTO_PARALLEL = 8  # sequences the planner gives the slot worker when it picks
 

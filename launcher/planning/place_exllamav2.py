@@ -3,7 +3,7 @@ no CPU path), on the fastest subset of the usable cards that holds it."""
 
 from __future__ import annotations
 
-from launcher.planning import exllamav2 as exl
+from launcher.planning import memory_exllamav2 as exl
 from launcher.planning.budget import Budgets, DeviceBudget
 from launcher.planning.candidates import (
     Candidate,

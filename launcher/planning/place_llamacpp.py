@@ -14,7 +14,7 @@ from launcher.planning.candidates import (
     report_aggregate,
 )
 from launcher.planning.gpu_sets import gpu_subsets, left_out_suffix, not_needed, usable_gpus
-from launcher.planning.llamacpp import (
+from launcher.planning.memory_llamacpp import (
     DEVICE_OVERHEAD,
     LlamaCppSettings,
     compute_bytes,

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import UsageError
+from launcher.served import WorkerKind
 
 Backend = Literal["llama.cpp", "exllamav2"]
 
@@ -160,6 +161,11 @@ class Plan(BaseModel):
     notes: list[str] = Field(default_factory=list)
     rejected: list[Rejected] = Field(default_factory=list)
     fallbacks: list[Plan] = Field(default_factory=list)
+
+    @property
+    def worker_kind(self) -> WorkerKind:
+        """Which worker serves this plan: decided here once, for the launch and the proxy."""
+        return WorkerKind.of(self.backend, self.settings.llamacpp_impl)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -20,8 +20,8 @@ from launcher.planning.catalog_candidates import (
     file_candidate,
     widen_parallel,
 )
-from launcher.planning.llamacpp import KV_TYPE_BYTES
 from launcher.planning.machine import machine_for
+from launcher.planning.memory_llamacpp import KV_TYPE_BYTES
 from launcher.planning.plan import Plan, Rejected
 from launcher.planning.request import PlanRequest
 from launcher.planning.speed_floor import by_speed, speed_warning

@@ -5,21 +5,28 @@ Only `create_app` imports FastAPI; `check_bind` and the session store are usable
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from launcher.proxy.auth import check_bind
-from launcher.proxy.backend import StaticBackend
-from launcher.proxy.sessions import SessionStore
+from launcher.proxy.store import SessionStore, SqliteStore, open_store
+from launcher.served import ServedModel, StaticBackend
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from launcher.settings import Settings
 
-__all__ = ["SessionStore", "StaticBackend", "check_bind", "create_app"]
+__all__ = [
+    "SessionStore",
+    "SqliteStore",
+    "StaticBackend",
+    "check_bind",
+    "create_app",
+    "open_store",
+]
 
 
-def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> FastAPI:
+def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore) -> FastAPI:
     """See `launcher.proxy.app.create_app` (imported here lazily: it pulls in FastAPI)."""
     from launcher.proxy.app import create_app as build
 

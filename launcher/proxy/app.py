@@ -18,22 +18,24 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from launcher.api_errors import install_error_handlers
-from launcher.proxy import backend as backend_info
+from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.page import mount_page
+from launcher.proxy.replica import REPLICA_HEADER, ReplicaHeader
 from launcher.proxy.routes import api, ops
-from launcher.proxy.sessions import SessionStore
 from launcher.proxy.state import ProxyState
+from launcher.proxy.store import SessionStore
 from launcher.proxy.turns import DROPPED_HEADER, REPLAYED_HEADER, REWOUND_HEADER
+from launcher.served import ServedModel
 from launcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> FastAPI:
-    """The proxy app for `backend` (anything with base_url, state and restarts)."""
+def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore) -> FastAPI:
+    """The proxy app in front of `backend`."""
     state = ProxyState.build(settings, backend, sessions, KeyRing(configured_keys(settings.proxy)))
 
     @asynccontextmanager
@@ -60,9 +62,10 @@ def create_app(settings: Settings, backend: Any, sessions: SessionStore) -> Fast
     hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    # outermost: a browser's preflight carries no key, so it is answered before the guard
+    # outside the guard: a browser's preflight carries no key, so it is answered first
     if settings.proxy.cors_origins:
         app.add_middleware(CORSMiddleware, **cors_options(settings.proxy.cors_origins))
+    app.add_middleware(ReplicaHeader, name=settings.proxy.replica_name)  # outermost: every answer
     _watch_gauges(state)
     return app
 
@@ -75,7 +78,7 @@ CORS_HEADERS = (
     "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Retry-Count",
     "X-Stainless-Timeout",
 )  # fmt: skip
-CORS_EXPOSED = (DROPPED_HEADER, REWOUND_HEADER, REPLAYED_HEADER, "Retry-After")
+CORS_EXPOSED = (DROPPED_HEADER, REWOUND_HEADER, REPLAYED_HEADER, REPLICA_HEADER, "Retry-After")
 
 
 def cors_options(origins: list[str]) -> dict[str, Any]:
@@ -96,13 +99,13 @@ def _watch_gauges(state: ProxyState) -> None:
     def refresh() -> None:
         try:
             metrics.sessions.set(state.sessions.count())
-        except sqlite3.Error as exc:  # a broken store must not take the metrics with it
+        except (ApiError, sqlite3.Error) as exc:  # a broken store must not take the metrics
             log.warning("cannot count sessions: %s", exc)
-        metrics.restarts.set(backend_info.restarts_of(state.backend))
-        metrics.backend_up.set(1 if backend_info.is_ready(state.backend) else 0)
+        metrics.restarts.set(state.backend.restarts)
+        metrics.backend_up.set(1 if state.ready else 0)
         metrics.backend_state.clear()  # one series: the state it is in now
-        metrics.backend_state.labels(backend_info.state_of(state.backend)).set(1)
-        supervision = backend_info.supervision_of(state.backend)
+        metrics.backend_state.labels(state.backend.state).set(1)
+        supervision = state.backend.supervision
         metrics.health_failures.set(supervision.get("failed_health_checks", 0))
         metrics.unhealthy_restarts.set(supervision.get("unhealthy_restarts", 0))
         metrics.queue_depth.set(state.admission.waiting)

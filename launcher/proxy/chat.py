@@ -26,24 +26,24 @@ from launcher.errors import (
     ContextLengthError,
     NotFoundError,
 )
-from launcher.protocol import BACKEND_OWNER_HEADER, BACKEND_SESSION_HEADER
-from launcher.proxy import backend as backend_info
+from launcher.protocol import backend_headers
 from launcher.proxy import turns
 from launcher.proxy.checks import check_logit_bias, check_supported
 from launcher.proxy.context import normalize
 from launcher.proxy.crashes import request_digest
-from launcher.proxy.models import (
+from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
+from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
+from launcher.proxy.replies import conform_reply, replay_events
+from launcher.proxy.request_models import (
     SESSION_ID,
     ChatRequest,
     EmbeddingRequest,
     TextCompletionRequest,
 )
-from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
-from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
-from launcher.proxy.replies import conform_reply, replay_events
-from launcher.proxy.sessions import Conversation, Message
 from launcher.proxy.state import ProxyState, proxy_state
+from launcher.proxy.store import Conversation, Message
 from launcher.proxy.turns import SessionTurn
+from launcher.served import WorkerKind
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -63,14 +63,6 @@ def session_id_for(request: Request, body: ChatRequest) -> str | None:
             param="session_id",
         )
     return session_id
-
-
-def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
-    """The session for slot-keeping workers, on private headers: the owner (a hash of the
-    key, empty without keys) and the id, so two keys never share one; others ignore them."""
-    if session_id is None:
-        return {}
-    return {BACKEND_OWNER_HEADER: owner, BACKEND_SESSION_HEADER: session_id}
 
 
 # The fields of a chat request that the chat template reads (besides the messages): what the
@@ -104,7 +96,7 @@ def for_backend(st: ProxyState, payload: dict[str, Any]) -> dict[str, Any]:
     """llama_cpp.server takes no `json_schema` response format: it gets the same schema
     as its own `json_object` + `schema`, which constrains the reply alike."""
     response_format = payload.get("response_format") or {}
-    if backend_info.kind_of(st.backend) == "llama.cpp" and "json_schema" in response_format:
+    if st.backend.kind is WorkerKind.LLAMACPP_PYTHON and "json_schema" in response_format:
         schema = response_format["json_schema"].get("schema")
         payload["response_format"] = {"type": "json_object"}
         if schema is not None:
@@ -129,11 +121,10 @@ def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
 
 async def _check_request(st: ProxyState, body: Any) -> None:
     """What the backend cannot do, or would crash on, refused before any queueing."""
-    kind = backend_info.kind_of(st.backend)
-    check_supported(body, kind, max_messages=st.proxy.max_request_messages)
+    check_supported(body, st.backend.kind, max_messages=st.proxy.max_request_messages)
     if body.logit_bias:
         check_logit_bias(body, (await st.backend_meta()).get("n_vocab"))
-    await st.grammar.check_request(body, kind)
+    await st.grammar.check_request(body, st.backend.kind)
 
 
 async def _check_fit(
@@ -267,7 +258,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
 
 async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Response:
     st = proxy_state(request)
-    if not backend_info.serves_embeddings(st.backend):
+    if not st.backend.embeddings:
         raise NotFoundError(
             "this backend does not serve embeddings (llama.cpp needs `--embedding true`)",
             code="embeddings_unsupported",

@@ -20,23 +20,24 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.errors import BadRequestError
+from launcher.served import WorkerKind
 
 # fields a backend kind cannot honour (so a request relying on them must hear it), and
 # what to run instead
 UNSUPPORTED = {
-    "exllamav2": ("grammar", "logit_bias", "tools", "tool_choice", "functions",
-                  "function_call"),
+    WorkerKind.EXLLAMAV2: ("grammar", "logit_bias", "tools", "tool_choice", "functions",
+                           "function_call"),
 }  # fmt: skip
 # n > 1 and log probabilities: llmup's own workers (llama_cpp.server: one choice, none)
-MANY_CHOICES = ("llama.cpp-slots", "exllamav2")
-GRAMMAR_COMPLETIONS = "llama.cpp-slots"  # a JSON response_format on text completions
+MANY_CHOICES = (WorkerKind.LLAMACPP_SLOTS, WorkerKind.EXLLAMAV2)
+GRAMMAR_COMPLETIONS = WorkerKind.LLAMACPP_SLOTS  # a JSON response_format on text completions
 INSTEAD = {
-    "exllamav2": "serve a GGUF model with `--backend llama.cpp`",
-    "llama.cpp": "run llmup's own worker (leave out `--llamacpp-impl server`)",
+    WorkerKind.EXLLAMAV2: "serve a GGUF model with `--backend llama.cpp`",
+    WorkerKind.LLAMACPP_PYTHON: "run llmup's own worker (leave out `--llamacpp-impl server`)",
 }
 
 
-def check_supported(body: Any, kind: str, *, max_messages: int) -> None:
+def check_supported(body: Any, kind: WorkerKind, *, max_messages: int) -> None:
     """BadRequestError for what the backend `kind` cannot do with this request."""
     instead = f" ({INSTEAD[kind]})" if kind in INSTEAD else ""
     if (body.n or 1) > 1 and kind not in MANY_CHOICES:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.errors import BadRequestError
-from launcher.proxy.sessions import Conversation, Message
+from launcher.proxy.store.base import Conversation, Message
 
 
 def normalize(message: Any) -> Message:

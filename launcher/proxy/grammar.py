@@ -26,22 +26,24 @@ from typing import Any
 
 from launcher.errors import BadRequestError
 from launcher.reply_format import ReplyFormatError, grammar_spec
+from launcher.served import WorkerKind
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 10.0
 CACHE_SIZE = 1024
 CHILD = [sys.executable, "-m", "launcher.proxy.gbnf_child"]
-SLOTS_KIND = "llama.cpp-slots"
 
 
-def grammar_requests(body: Any, kind: str = "llama.cpp") -> Iterator[tuple[str, dict[str, str]]]:
+def grammar_requests(
+    body: Any, kind: WorkerKind = WorkerKind.LLAMACPP_PYTHON
+) -> Iterator[tuple[str, dict[str, str]]]:
     """(param, child request) for each grammar the backend `kind` would build from `body`:
     llmup's slot worker builds one from the tools and the JSON reply together
     (`launcher.json_grammar`), llama_cpp.server one per schema."""
     if getattr(body, "grammar", None) is not None:
         yield "grammar", {"grammar": body.grammar}
-    if kind == SLOTS_KIND:
+    if kind is WorkerKind.LLAMACPP_SLOTS:
         try:
             spec = grammar_spec(body)
         except ReplyFormatError as exc:
@@ -70,7 +72,7 @@ class GrammarChecker:
         self._lock = asyncio.Lock()
         self._verdicts: OrderedDict[str, tuple[str, str | None] | None] = OrderedDict()
 
-    async def check_request(self, body: Any, kind: str = "llama.cpp") -> None:
+    async def check_request(self, body: Any, kind: WorkerKind = WorkerKind.LLAMACPP_PYTHON) -> None:
         """BadRequestError naming the field of the first grammar llama.cpp would refuse."""
         for param, request in grammar_requests(body, kind):
             verdict = await self.verdict(request)

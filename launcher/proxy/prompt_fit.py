@@ -24,10 +24,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.errors import ContextLengthError, ProxyError
+from launcher.errors import ApiError, ContextLengthError
 from launcher.protocol import PROMPT_TOKENS_PATH, PromptTokens, context_length_message
 from launcher.proxy.context import message_text
-from launcher.proxy.sessions import Conversation, Message
+from launcher.proxy.store.base import Conversation, Message
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class TokenCounter:
         try:
             reply = await self.upstream.post_json("/extras/tokenize/count", {"input": text})
             value = int(reply["count"])
-        except (ProxyError, KeyError, TypeError, ValueError) as exc:
+        except (ApiError, KeyError, TypeError, ValueError) as exc:
             if getattr(exc, "status", 0) == 503:
                 raise
             log.warning("backend cannot count tokens (%s); estimating from length", exc)

@@ -27,7 +27,7 @@ import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from launcher.errors import ProxyError
+from launcher.errors import ApiError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
 from launcher.proxy.replies import Reply, conform_chunk, sse, with_fingerprint
@@ -126,7 +126,7 @@ class StreamResult:
 
 def error_event(exc: BaseException) -> bytes:
     """The event that ends a broken stream; the openai client raises it as an APIError."""
-    if isinstance(exc, ProxyError):
+    if isinstance(exc, ApiError):
         body = error_body(exc.message, status=exc.status, code=exc.code)
     elif isinstance(exc, (httpx.HTTPError, IncompleteStream)):
         body = error_body(
@@ -175,7 +175,7 @@ class StreamRelay:
             if self.on_complete is not None:
                 await self.on_complete(self.result)
             yield sse("[DONE]")
-        except (httpx.HTTPError, IncompleteStream, ProxyError) as exc:
+        except (httpx.HTTPError, IncompleteStream, ApiError) as exc:
             log.warning("stream ended early: %r", exc)
             if isinstance(exc, DROPPED):
                 self.on_backend_drop()
@@ -197,7 +197,7 @@ class StreamRelay:
                 break
             chunk = _parse(data)
             if "error" in chunk:
-                raise ProxyError(str(chunk["error"].get("message", "backend error")), status=502)
+                raise ApiError(str(chunk["error"].get("message", "backend error")), status=502)
             self.result.feed(chunk)
             if _usage_only(chunk) and not self.wants_usage:
                 continue

@@ -11,11 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from launcher.errors import NotFoundError
 from launcher.protocol import ModelCard, ModelList
-from launcher.proxy import backend as backend_info
-from launcher.proxy import chat, slots
+from launcher.proxy import chat, worker_slots
 from launcher.proxy.guard import OWNER_STATE
 from launcher.proxy.metrics import CONTENT_TYPE_LATEST
-from launcher.proxy.models import ChatRequest, EmbeddingRequest, TextCompletionRequest
+from launcher.proxy.request_models import ChatRequest, EmbeddingRequest, TextCompletionRequest
 from launcher.proxy.state import proxy_state
 
 bearer = HTTPBearer(auto_error=False, description="one of the proxy's API keys")
@@ -108,7 +107,7 @@ async def delete_session(
     store = proxy_state(request).sessions
     if not await anyio.to_thread.run_sync(store.delete, owner, session_id):
         raise _no_session(session_id)
-    await slots.forget_session(proxy_state(request), owner, session_id)
+    await worker_slots.forget_session(proxy_state(request), owner, session_id)
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
@@ -118,9 +117,9 @@ async def get_plan(request: Request, owner: str = Depends(authenticate)) -> dict
     st = proxy_state(request)
     return {
         "object": "plan",
-        "model": backend_info.model_id_of(st.backend),
+        "model": st.backend.model_id,
         "context": st.context,
-        "plan": backend_info.plan_of(st.backend),
+        "plan": st.backend.plan_json,
     }
 
 
@@ -134,21 +133,23 @@ async def health(request: Request) -> JSONResponse:
     plan and the backend's last problem with one."""
     st = proxy_state(request)
     backend = st.backend
-    ready = backend_info.is_ready(backend)
+    ready = st.ready
     status = {"status": "ok" if ready else "unavailable"}
     if not st.keys.may_see(request.headers.get("authorization")):
         return JSONResponse(status, status_code=200 if ready else 503)
     body = {
         **status,
         "backend": {
-            **backend_info.supervision_of(backend),
-            "state": backend_info.state_of(backend),
-            "restarts": backend_info.restarts_of(backend),
+            **backend.supervision,
+            "state": backend.state,
+            "restarts": backend.restarts,
         },
-        "model": backend_info.model_id_of(backend),
+        "model": backend.model_id,
+        "replica": st.proxy.replica_name,
+        "sessions_store": st.sessions.kind,
         "context": st.context,
         "context_policy": st.proxy.context_policy,
-        "plan": backend_info.plan_summary_of(backend),
+        "plan": backend.plan_summary,
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -162,6 +163,6 @@ async def openapi_schema(request: Request, owner: str = Depends(authenticate)) -
 @ops.get("/metrics", response_class=Response)
 async def metrics(request: Request, owner: str = Depends(authenticate)) -> Response:
     st = proxy_state(request)
-    await slots.refresh_slot_metrics(st)
+    await worker_slots.refresh_slot_metrics(st)
     data = await anyio.to_thread.run_sync(st.metrics.render)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

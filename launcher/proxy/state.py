@@ -6,31 +6,29 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import httpx
 from fastapi import Request
 
 from launcher import __version__
 from launcher.errors import NotFoundError
 from launcher.protocol import META_PATH, system_fingerprint
-from launcher.proxy import backend as backend_info
 from launcher.proxy.auth import KeyRing
 from launcher.proxy.crashes import CrashMemory
 from launcher.proxy.grammar import GrammarChecker
 from launcher.proxy.limits import Admission
 from launcher.proxy.metrics import Metrics
 from launcher.proxy.prompt_fit import ContextFitter, PromptCounter, TokenCounter
-from launcher.proxy.sessions import SessionStore
+from launcher.proxy.store import SessionStore
 from launcher.proxy.upstream import Upstream
+from launcher.served import READY, ServedModel
 from launcher.settings import ProxySettings, Settings
 
 
 @dataclass
 class ProxyState:
     settings: Settings
-    backend: Any
+    backend: ServedModel
     sessions: SessionStore
     keys: KeyRing
     metrics: Metrics
@@ -41,12 +39,11 @@ class ProxyState:
     crashes: CrashMemory
     grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
-    _model_id: str | None = None
     _meta: tuple[int, dict[str, Any]] | None = None
 
     @classmethod
     def build(
-        cls, settings: Settings, backend: Any, sessions: SessionStore, keys: KeyRing
+        cls, settings: Settings, backend: ServedModel, sessions: SessionStore, keys: KeyRing
     ) -> ProxyState:
         proxy = settings.proxy
         upstream = Upstream(
@@ -73,7 +70,7 @@ class ProxyState:
                 allowance=proxy.message_overhead_tokens,
             ),
             tokens=TokenCounter(upstream),
-            crashes=CrashMemory(ordered_stops=partial(backend_info.ordered_stops_of, backend)),
+            crashes=CrashMemory(ordered_stops=lambda: backend.ordered_stops),
         )
 
     @property
@@ -82,25 +79,21 @@ class ProxyState:
 
     @property
     def context(self) -> int:
-        return backend_info.context_of(self.backend, self.settings.planning.context)
+        return self.backend.context
+
+    @property
+    def ready(self) -> bool:
+        """The backend is ready to take requests."""
+        return self.backend.state == READY
 
     def require_ready(self) -> None:
         """503 with Retry-After unless the backend is ready to take requests."""
-        if not backend_info.is_ready(self.backend):
-            raise self.upstream.unavailable(f"it is {backend_info.state_of(self.backend)}")
+        if not self.ready:
+            raise self.upstream.unavailable(f"it is {self.backend.state}")
 
     async def model_id(self) -> str:
-        """The served model's id; asked of the backend once when nothing names it."""
-        if self._model_id is None:
-            self._model_id = backend_info.model_id_of(self.backend)
-        if self._model_id is None:
-            self.require_ready()
-            try:
-                reply = await self.upstream.client.get(self.upstream.url("/v1/models"))
-                self._model_id = str(reply.json()["data"][0]["id"])
-            except (httpx.HTTPError, ValueError, LookupError, TypeError) as exc:
-                raise self.upstream.unavailable("it did not list its model") from exc
-        return self._model_id
+        """The served model's id."""
+        return self.backend.model_id
 
     async def check_model(self, name: str) -> None:
         """404 `model_not_found` for any model but the one this proxy serves."""
@@ -116,7 +109,7 @@ class ProxyState:
     async def backend_meta(self) -> dict[str, Any]:
         """The worker's facts (`n_vocab`, `n_ctx`, `identity`), asked once per backend
         start; empty when the backend does not tell (llama_cpp.server on its own)."""
-        restarts = backend_info.restarts_of(self.backend)
+        restarts = self.backend.restarts
         if self._meta is None or self._meta[0] != restarts:
             self._meta = (restarts, await self.upstream.get_json(META_PATH) or {})
         return self._meta[1]
@@ -126,7 +119,7 @@ class ProxyState:
         (backend and version, model file, load settings), else what the proxy knows of it;
         the same for every reply until the backend or the model changes."""
         identity = (await self.backend_meta()).get("identity") or {
-            "kind": backend_info.kind_of(self.backend),
+            "kind": self.backend.kind.value,
             "model": await self.model_id(),
             "context": self.context,
         }

@@ -23,8 +23,8 @@ from launcher.errors import BadRequestError, KeyLimitError
 from launcher.proxy.context import TurnPlan, is_prefill, message_text, plan_turn
 from launcher.proxy.prompt_fit import FitRequest, Fitted, estimate_tokens
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
-from launcher.proxy.sessions import Conversation, Message, NewTurn, TurnRecord, turn_bytes
 from launcher.proxy.state import ProxyState
+from launcher.proxy.store import Conversation, Message, NewTurn, TurnRecord, turn_bytes
 
 DROPPED_HEADER = "X-Llmup-Context-Dropped"
 REWOUND_HEADER = "X-Llmup-Session-Rewound"

@@ -2,7 +2,7 @@
 
 The backend listens on 127.0.0.1, so the client ignores proxy environment variables, and it
 answers only requests that carry its per-run key: every call sends the backend's
-`auth_headers` (a backend without them, e.g. a test's StaticBackend, gets none). A
+`auth_headers` (empty for a backend without a key, e.g. a test's StaticBackend). A
 backend that cannot be reached, or that drops the connection, is "unavailable" (503, the
 supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
 502, so a backend bug is never mistaken for the proxy's own. A dropped connection is a
@@ -18,12 +18,13 @@ from typing import Any
 import httpx
 
 from launcher.errors import (
+    ApiError,
     BackendDroppedError,
     BackendFailedError,
     BackendUnavailableError,
     NotFoundError,
-    ProxyError,
 )
+from launcher.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ PASSED_STATUSES = {400: 400, 404: 404, 413: 413, 422: 400, 429: 429}
 class Upstream:
     """One pooled async client to the backend; `base_url` is read per call (it may move)."""
 
-    def __init__(self, backend: Any, *, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, backend: ServedModel, *, timeout_s: float, retry_after_s: int) -> None:
         self.backend = backend
         self.retry_after_s = retry_after_s
         timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
-        headers = dict(getattr(backend, "auth_headers", None) or {})  # the per-run backend key
+        headers = dict(backend.auth_headers)  # the per-run backend key
         self.client = httpx.AsyncClient(
             timeout=timeout, limits=limits, trust_env=False, headers=headers
         )
@@ -61,7 +62,7 @@ class Upstream:
     async def post_json(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        """POST and return the JSON reply; any failure raised as a ProxyError."""
+        """POST and return the JSON reply; any failure raised as a ApiError."""
         return await self.call_json("POST", path, body=body, headers=headers) or {}
 
     async def call_json(
@@ -73,7 +74,7 @@ class Upstream:
         headers: dict[str, str] | None = None,
         missing_ok: bool = False,
     ) -> dict[str, Any] | None:
-        """One call and its JSON reply; any failure raised as a ProxyError, except a 404
+        """One call and its JSON reply; any failure raised as a ApiError, except a 404
         with `missing_ok` (None: the backend has no such route)."""
         try:
             response = await self.client.request(method, self.url(path), json=body, headers=headers)
@@ -104,7 +105,7 @@ class Upstream:
             raise error_from_reply(response.status_code, content)
         return response
 
-    def transport_error(self, exc: httpx.HTTPError) -> ProxyError:
+    def transport_error(self, exc: httpx.HTTPError) -> ApiError:
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
             return BackendFailedError(
                 "the model backend did not answer in time", status=504, code="backend_timeout"
@@ -132,8 +133,8 @@ def parse_json(content: bytes) -> dict[str, Any]:
     return value
 
 
-def error_from_reply(status: int, content: bytes) -> ProxyError:
-    """A backend error reply as a ProxyError, keeping its message and OpenAI code."""
+def error_from_reply(status: int, content: bytes) -> ApiError:
+    """A backend error reply as a ApiError, keeping its message and OpenAI code."""
     message, code, param = _describe(content)
     if status >= 500:  # its details stay in the log: they are the backend's internals
         log.warning("backend error %d: %s", status, message)
@@ -142,7 +143,7 @@ def error_from_reply(status: int, content: bytes) -> ProxyError:
         )
     if status == 404:
         return NotFoundError(message, code=code or "not_found", param=param)
-    return ProxyError(message, code=code, param=param, status=PASSED_STATUSES.get(status, 400))
+    return ApiError(message, code=code, param=param, status=PASSED_STATUSES.get(status, 400))
 
 
 def _describe(content: bytes) -> tuple[str, str | None, str | None]:

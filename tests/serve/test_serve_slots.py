@@ -1,0 +1,94 @@
+"""`llmup serve` picks the worker: llmup's session slots by default for GGUF, llama-cpp-python's
+server with --llamacpp-impl server; the calibration record is kept for both."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import MACHINES
+from support.ggufgen import write_llama_gguf
+from support.serving import Served
+
+from launcher.backends.launch import backend_spec
+from launcher.calibration.records import lookup
+from launcher.hardware.snapshot import load_snapshot
+from launcher.netaddr import free_port
+from launcher.planning.plan import Plan
+from launcher.planning.planner import PlanRequest, make_plan
+from launcher.protocol import KEY_ENV
+from launcher.workers.llamacpp_slots.server import build_parser
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    return write_llama_gguf(folder / "tiny-chat.gguf", tensor_type="F32", chat_template=TEMPLATE)
+
+
+@pytest.mark.parametrize(
+    ("impl", "module"),
+    [
+        ("slots", "launcher.workers.llamacpp_slots.server"),
+        ("server", "launcher.workers.llamacpp_python.server"),
+    ],
+)
+def test_serve_runs_the_chosen_worker(tiny_model, tmp_path, impl, module):
+    args = ["--model-file", str(tiny_model), "--context", "512", "--llamacpp-impl", impl]
+    if impl == "slots":
+        args += ["--parallel", "2"]
+    server = Served(args, tmp_path, free_port())
+    try:
+        server.wait_ready()
+        assert module in " ".join(server.backend().cmdline())
+        plan = Plan.model_validate(httpx.get(server.url + "/v1/plan").json()["plan"])
+        assert plan.settings.llamacpp_impl == impl
+        assert plan.parallel == (2 if impl == "slots" else 1)
+        chat = {
+            "model": plan.model.id,
+            "messages": [{"role": "user", "content": "hello world"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+        sid = {"X-Session-Id": "served"}
+        for _ in range(2):
+            reply = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=sid)
+            assert reply.status_code == 200, reply.text
+            chat["messages"] += [
+                {"role": "assistant", "content": reply.json()["choices"][0]["message"]["content"]},
+                {"role": "user", "content": "the a an"},
+            ]
+        details = reply.json()["usage"].get("prompt_tokens_details") or {}
+        assert (details.get("cached_tokens", 0) > 0) == (impl == "slots")
+        metrics = httpx.get(server.url + "/metrics").text
+        assert ('llmup_slots{state="total"} 2.0' in metrics) == (impl == "slots")
+        record = lookup(tmp_path, plan)
+        assert record is not None and record.measured["kv"]
+    finally:
+        server.stop()
+
+
+def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch):
+    """The launch value, parsed by the worker's own parser (without loading anything)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hardware = load_snapshot(MACHINES / "a6000x2-busy.json")
+    plan = make_plan(PlanRequest(hardware=hardware, model="llama-2-70b-chat", kv_cache="q8_0"))
+    assert len(plan.placement.devices) == 2 and plan.parallel >= 1
+    spec = backend_spec(plan, tiny_model, home=tmp_path, session_ttl_s=3600, port=12345)
+    assert spec.command[1:3] == ["-m", "launcher.workers.llamacpp_slots.server"]
+    args = build_parser().parse_args(spec.command[3:])
+    assert (args.context, args.parallel) == (plan.context, plan.parallel)
+    assert args.tensor_split == tuple(plan.placement.tensor_split)
+    assert args.n_gpu_layers == plan.placement.n_gpu_layers
+    assert (args.kv_type, args.flash_attn) == ("q8_0", "on")
+    assert args.slots_dir == tmp_path / "slots" and args.slot_ttl_s == 3600
+    assert args.slot_ram_mib == plan.settings.slot_ram_mib
+    assert (args.host, args.port) == ("127.0.0.1", 12345)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and spec.launch_env()[KEY_ENV]
+    request = PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
+    stock = backend_spec(make_plan(request), tiny_model, home=tmp_path)
+    assert "launcher.workers.llamacpp_python.server" in stock.command
