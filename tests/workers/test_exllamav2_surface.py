@@ -13,8 +13,7 @@ import threading
 import httpx
 import openai
 import pytest
-from support.openai_schemas import check
-from test_exllamav2_server import (
+from support.exllamav2_fakes import (
     MODEL,
     FakeGenerator,
     StubEngine,
@@ -23,6 +22,7 @@ from test_exllamav2_server import (
     serving,
     stub_generator,
 )
+from support.openai_schemas import check
 
 from launcher.workers.generation import GenerationParams
 
