@@ -195,8 +195,14 @@ def test_the_slot_worker_answers_generated_requests_in_openais_shapes(slots_sche
         strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
 
         @given(case=strategy, extra=EXTRAS[GENERATION[operation.path]])
+        # derandomized: the same 60 bodies each run, so the check below that each new field
+        # was answered in some of them cannot fail by the luck of a draw (seen: 1 run in 6)
         @settings(
-            max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            max_examples=60,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
         )
         def run(case: Any, extra: dict) -> None:
             check_shapes(case, extra, seen)
