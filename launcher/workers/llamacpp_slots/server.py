@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +230,11 @@ def create_app(
     *,
     model_alias: str,
     build: dict[str, Any] | None = None,
+    planned_seqs: int | None = None,
 ) -> FastAPI:
     """The worker's app over a loaded model and context; all state on `app.state`.
-    `identity` is what a saved state must match; `build` what the fingerprint covers."""
+    `identity` is what a saved state must match; `build` what the fingerprint covers;
+    `planned_seqs` the sequences the context grows to (`BatchEngine.grow_later`)."""
     disk = None
     if slots.folder is not None:
         try:
@@ -244,7 +246,7 @@ def create_app(
         except OSError as exc:  # serving beats persisting: RAM only, and say so
             logger.warning("saved sessions stay in RAM only: %s", exc)
     store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)
-    manager = SlotManager(ctx, store, n_swa=model.n_swa)
+    manager = SlotManager(ctx, store, n_swa=model.n_swa, planned_seqs=planned_seqs)
     engine = BatchEngine(model, ctx, manager)
     text = LlamaText(model)
     state = WorkerState(
@@ -292,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-alias", default=None, help="model id (default: the file's stem)")
     add("--context", type=_positive_int, default=4096, help="tokens per sequence")
     add("--parallel", type=_positive_int, default=1, help="sequences decoded together")
+    add(
+        "--initial-parallel", type=_positive_int, default=None,
+        help="sequences to start with (default: --parallel); the KV cache grows to --parallel "
+        "on a low-priority thread once the worker serves",
+    )  # fmt: skip
     add("--n-batch", type=_positive_int, default=512, help="tokens per decode step")
     add("--n-ubatch", type=_positive_int, default=512)
     add("--n-gpu-layers", type=int, default=0)
@@ -314,7 +321,14 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(args.model, args.n_gpu_layers, args.tensor_split, args.repack)
 
 
+def initial_options(args: argparse.Namespace, options: ContextOptions) -> ContextOptions:
+    """The context to start serving from: `--initial-parallel` of the planned sequences."""
+    first = min(args.initial_parallel or options.n_seq, options.n_seq)
+    return replace(options, n_seq=first)
+
+
 def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextOptions]:
+    """The model and its first context; the options are the planned (full) context's."""
     flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     model = NativeModel(model_options(args))
     options = ContextOptions(
@@ -327,7 +341,7 @@ def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextO
         flash_attn=flash,
     )
     try:
-        return model, NativeContext(model, options), options
+        return model, NativeContext(model, initial_options(args, options)), options
     except BaseException:
         model.close()
         raise
@@ -351,10 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     alias = args.model_alias or args.model.stem
     identity = state_identity(args.model, options)
     build = build_identity(args.model, options, model_options(args))
-    app = create_app(model, ctx, identity, slot_options(args), model_alias=alias, build=build)
+    app = create_app(
+        model, ctx, identity, slot_options(args), model_alias=alias, build=build,
+        planned_seqs=options.n_seq,
+    )  # fmt: skip
+    if ctx.n_seq < options.n_seq:
+        app.state.slots.engine.grow_later(lambda: NativeContext(model, options))
     logger.info(
-        "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens",
-        alias, args.host, args.port, options.n_seq, ctx.n_ctx_seq,
+        "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens (%d planned)",
+        alias, args.host, args.port, ctx.n_seq, ctx.n_ctx_seq, options.n_seq,
     )  # fmt: skip
     run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
