@@ -27,7 +27,7 @@ from fastapi import FastAPI
 
 from launcher import __version__
 from launcher.engines import CACHE_MODES
-from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.workers.api import create_worker_app, run_worker
 from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,
     GenerationWorker,
@@ -36,6 +36,7 @@ from launcher.workers.exllamav2.engine import (
     WorkerStartupError,
 )
 from launcher.workers.llama2_chat import prompt_tokens
+from launcher.workers.logs import LOG_FORMAT
 from launcher.workers.prepare import WorkerState
 
 logger = logging.getLogger(__name__)
