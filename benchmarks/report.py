@@ -115,11 +115,14 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
 
 def cold_start(r: dict[str, Any]) -> list[str]:
     main = md_table(
-        ("model", "file MiB", "context", "sequences", "runs", "llmup serve s",
-         "llmup --parallel 1 s", "llama_cpp.server s", "ratio", "ratio, 1 sequence"),
-        [(x["model"], x["file_mib"], x["context"], x["parallel"], x["runs"], f"{x['llmup_s']:.2f}",
+        ("model", "file MiB", "context", "sequences", "runs", "first start s", "later start s",
+         "llmup --parallel 1 s", "llama_cpp.server s", "first ratio", "later ratio",
+         "ratio, 1 sequence"),
+        [(x["model"], x["file_mib"], x["context"], x["parallel"], x["runs"],
+          f"{x['llmup_first_s']:.2f}", f"{x['llmup_s']:.2f}",
           f"{x['llmup_one_sequence_s']:.2f}", f"{x['llama_cpp_server_s']:.2f}",
-          f"{x['ratio']:.2f}x", f"{x['one_sequence_ratio']:.2f}x") for x in r["rows"]],
+          f"{x['first_ratio']:.2f}x", f"{x['ratio']:.2f}x", f"{x['one_sequence_ratio']:.2f}x")
+         for x in r["rows"]],
     )  # fmt: skip
     parts = [x["llmup_breakdown"] for x in r["rows"]]
     rows = [(step, *(f"{b['steps'][step]:.3f}" for b in parts)) for step in parts[0]["steps"]]
