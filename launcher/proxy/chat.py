@@ -43,6 +43,7 @@ from launcher.proxy.request_models import (
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import Conversation, Message
 from launcher.proxy.turns import SessionTurn
+from launcher.served import WorkerKind
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -91,6 +92,18 @@ def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str,
     return payload
 
 
+def for_backend(st: ProxyState, payload: dict[str, Any]) -> dict[str, Any]:
+    """llama_cpp.server takes no `json_schema` response format: it gets the same schema
+    as its own `json_object` + `schema`, which constrains the reply alike."""
+    response_format = payload.get("response_format") or {}
+    if st.backend.kind is WorkerKind.LLAMACPP_PYTHON and "json_schema" in response_format:
+        schema = response_format["json_schema"].get("schema")
+        payload["response_format"] = {"type": "json_object"}
+        if schema is not None:
+            payload["response_format"]["schema"] = schema
+    return payload
+
+
 def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
     """What a chat request asks of the context: its max_tokens, else (in a session, where
     old turns can make room) the default reserve for the reply, else one token."""
@@ -98,7 +111,7 @@ def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
     reserve = wanted or 1
     if session and wanted is None:
         reserve = min(st.proxy.default_reserve_tokens, st.context // 4)
-    template = upstream_body(body)
+    template = for_backend(st, upstream_body(body))
     return FitRequest(
         reserve=reserve,
         minimum=wanted or 1,
@@ -111,7 +124,7 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     check_supported(body, st.backend.kind, max_messages=st.proxy.max_request_messages)
     if body.logit_bias:
         check_logit_bias(body, (await st.backend_meta()).get("n_vocab"))
-    await st.grammar.check_request(body)
+    await st.grammar.check_request(body, st.backend.kind)
 
 
 async def _check_fit(
@@ -194,7 +207,7 @@ def _replay(turn: SessionTurn, body: ChatRequest) -> Response:
 async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Response:
     st = proxy_state(request)
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     session_id = session_id_for(request, body)
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
@@ -211,7 +224,7 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
             fitted = turn.fitted
         else:
             fitted = await _check_fit(st, body, incoming, owner)
-        payload = upstream_body(body, fitted.messages)
+        payload = for_backend(st, upstream_body(body, fitted.messages))
         headers = backend_headers(owner, session_id)
         route = "/v1/chat/completions"
         reply = await _forward(
@@ -230,7 +243,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     Without max_tokens the backend gives OpenAI's 16 tokens, or what the context has left."""
     st = proxy_state(request)
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))
@@ -256,7 +269,7 @@ async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Re
             code="embeddings_unsupported",
         )
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     async with st.admission.admit(owner):
         for text in body.texts():
             if await st.tokens.count(text, owner=owner) > st.context:

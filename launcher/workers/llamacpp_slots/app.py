@@ -1,7 +1,7 @@
 """The session-slot worker's HTTP app over a loaded model and context: the shared worker
 routes (`workers.api`) over the `BatchEngine`, the slot routes (`GET /slots`, `DELETE
-/slots`), and llama.cpp's sampling extras of a request (`grammar`, `top_k`, `min_p`,
-`repeat_penalty`, `logit_bias`; `response_format` json_object / json_schema as a grammar).
+/slots`), and llama.cpp's sampling extras of a request (grammars from tools and
+`response_format`, `top_k`, `min_p`, `repeat_penalty`, `logit_bias`...).
 
 Apart from `server` (the command line and the load) so that the worker imports this, and
 FastAPI with it, while llama.cpp loads the model on another thread.
@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import BadRequestError
+from launcher.json_grammar import ReplyGrammar, reply_grammar
+from launcher.reply_format import ReplyFormatError, grammar_spec
 from launcher.workers.api import create_worker_app
 from launcher.workers.llamacpp_slots.engine import BatchEngine
 from launcher.workers.llamacpp_slots.native import NativeContext, NativeModel
-from launcher.workers.llamacpp_slots.sampling import GrammarError, check_grammar, json_mode_grammar
+from launcher.workers.llamacpp_slots.sampling import check_grammar
 from launcher.workers.llamacpp_slots.slot_store import (
     KEY_FILE,
     DiskStore,
@@ -32,6 +33,7 @@ from launcher.workers.llamacpp_slots.slot_store import (
 from launcher.workers.llamacpp_slots.slots import SlotManager
 from launcher.workers.llamacpp_slots.text import LlamaText
 from launcher.workers.prepare import WorkerState, session_key
+from launcher.workers.prepare import sampling_extras as checked_extras
 
 if TYPE_CHECKING:
     from launcher.workers.llamacpp_slots.server import SlotOptions
@@ -42,41 +44,14 @@ logger = logging.getLogger(__name__)
 # ---- llama.cpp's sampling extras ----------------------------------------------------------
 
 
-class _Extras(BaseModel):
-    """The request fields beyond OpenAI's that llama.cpp's servers accept (and this one
-    implements)."""
-
-    model_config = ConfigDict(extra="ignore")
-    grammar: str | None = None
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
-
-
-# what llama_cpp.server does and this worker does not (the proxy refuses them before)
-NOT_HERE = (
-    "tools", "tool_choice", "functions", "function_call", "mirostat_mode", "mirostat_tau",
-    "mirostat_eta", "min_tokens",
-)  # fmt: skip
-
-
 def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
-    extra = body.model_extra or {}
-    for name in NOT_HERE:
-        if getattr(body, name, None) is not None or extra.get(name) is not None:
-            raise BadRequestError(f"`{name}` is not supported by this worker", param=name)
-    try:
-        extras = _Extras.model_validate(extra)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
+    extras = checked_extras(body)
+    grammar = _grammar(model, extras.grammar, body)
     return {
-        "grammar": _grammar(model, extras.grammar, getattr(body, "response_format", None)),
-        "top_k": extras.top_k,
-        "min_p": extras.min_p,
-        "repeat_penalty": extras.repeat_penalty,
+        **extras.params(),
+        "grammar": grammar.text if grammar else None,
+        "grammar_triggers": grammar.triggers if grammar else (),
         "logit_bias": _logit_bias(model, body.logit_bias),
     }
 
@@ -90,16 +65,25 @@ def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int,
     return bias
 
 
-def _grammar(model: NativeModel, grammar: str | None, response_format: Any) -> str | None:
-    """The request's grammar, or JSON mode's; one llama.cpp cannot parse is a 400."""
-    if grammar is None and response_format is not None:
-        try:
-            grammar = json_mode_grammar(response_format.type, response_format.json_schema_)
-        except GrammarError as exc:
-            raise BadRequestError(str(exc), param="response_format") from None
-    if grammar is not None and not check_grammar(model, grammar):
+def _grammar(model: NativeModel, grammar: str | None, body: Any) -> ReplyGrammar | None:
+    """The request's own grammar, or the one its tools and JSON reply make
+    (`launcher.json_grammar`); one llama.cpp cannot parse, or a schema it cannot convert, is
+    a 400."""
+    try:
+        spec = grammar_spec(body)
+        built = reply_grammar(spec) if spec is not None else None
+    except ReplyFormatError as exc:
+        raise BadRequestError(str(exc), param=exc.param, code="invalid_schema") from None
+    if grammar is not None and built is not None:
+        raise BadRequestError(
+            "`grammar` cannot be combined with tool calls or a JSON response_format",
+            param="grammar",
+        )
+    if grammar is not None:
+        built = ReplyGrammar(grammar)
+    if built is not None and not check_grammar(model, built.text):
         raise BadRequestError("the grammar does not parse as llama.cpp GBNF", param="grammar")
-    return grammar
+    return built
 
 
 # ---- the slot routes ----------------------------------------------------------------------
@@ -169,8 +153,7 @@ def create_app(
     planned_seqs: int | None = None,
 ) -> FastAPI:
     """The worker's app over a loaded model and context; all state on `app.state`.
-    `identity` is what a saved state must match; `build` what the fingerprint covers;
-    `planned_seqs` the sequences the context grows to (`BatchEngine.grow_later`)."""
+    `identity` is what a saved state must match; `build` what the fingerprint covers."""
     disk = None
     if slots.folder is not None:
         try:
@@ -193,6 +176,11 @@ def create_app(
         max_seq_len=ctx.n_ctx_seq,
         sampling_extras=lambda body: sampling_extras(model, body),
         identity=build or identity,
+        native_tools=text.knows_tools,
+        max_choices=ctx.n_seq,
+        choices_limit=" (the sequences it decodes at once: `llmup serve --parallel N`)",
+        logprobs=True,
+        grammar=True,
     )
     app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
     app.state.slots = Slots(engine, manager, store)

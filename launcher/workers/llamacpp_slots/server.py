@@ -10,8 +10,10 @@ moves the least recently used ones to a byte-bounded RAM store and then to one f
 session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
 private session headers) forgets one session everywhere.
 
-Beyond OpenAI's fields a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
-and `logit_bias`; `response_format` json_object / json_schema becomes a grammar (`app`).
+Beyond OpenAI's fields (tools, JSON replies, log probabilities, n choices, a reply to
+continue) a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
+`repeat_penalty`, `min_tokens` and `mirostat_mode` / `_tau` / `_eta`; tool calls and
+`response_format` json_object / json_schema become a grammar (`launcher.json_grammar`).
 
 This module is the command line and the load, and imports nothing of HTTP: `main` starts
 llama.cpp's load on a thread (C code, off the GIL) and imports the HTTP app (`app`: FastAPI,
