@@ -126,3 +126,25 @@ def test_the_worker_starts_on_the_initial_sequences() -> None:
     assert server.initial_options(args, planned).n_seq == 8
     args.initial_parallel = 20  # never more than planned
     assert server.initial_options(args, planned).n_seq == 8
+
+
+def test_n_choices_wait_for_the_growth_instead_of_being_refused(engine) -> None:
+    """Two choices need two sequences: on the quick start's one, the request waits for the
+    planned three instead of being refused."""
+    params = GenerationParams(max_new_tokens=4, temperature=0.0, n=2)
+    waiting = engine.submit(engine.tokens("hello world"), params=params)
+    engine.engine.grow(bigger(engine, 3)).result(timeout=30)
+    reply = waiting.result()
+    assert reply.error is None and reply.finish is not None
+
+
+def test_after_a_failed_growth_what_cannot_fit_is_refused(engine) -> None:
+    def failing() -> NativeContext:
+        raise MemoryError("no room")
+
+    engine.engine.grow_later(failing)
+    engine.engine._grower.join(30)
+    assert engine.on_engine(lambda: engine.slots.planned_seqs) == 1
+    params = GenerationParams(max_new_tokens=4, temperature=0.0, n=2)
+    reply = engine.run(engine.tokens("hello world"), params=params)
+    assert isinstance(reply.error, ValueError) and "more than the 1 sequences" in str(reply.error)

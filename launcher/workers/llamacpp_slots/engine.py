@@ -186,12 +186,18 @@ class BatchEngine:
             ctx = build()
         except Exception as exc:  # serving on fewer sequences beats not serving
             logger.warning("the KV cache keeps %d sequence(s): %s", self.ctx.n_seq, exc)
+            self.call(self._settle)
             return
         with self._wake:
             if self._stopping:
                 ctx.close()
                 return
         self.grow(ctx).add_done_callback(_grown)
+
+    def _settle(self) -> None:
+        """The growth failed: what the context holds now is all there will be (a request
+        for more choices than that is refused, states are saved in its layout)."""
+        self.slots.planned_seqs = self.ctx.n_seq
 
     def _adopt(self, ctx: NativeContext) -> int:
         """Between two steps: the slots move to `ctx`, and every request in flight has
@@ -320,9 +326,9 @@ class BatchEngine:
                 blocked.add(job.session)
 
     def _place(self, job: GenerationJob) -> bool:
-        n = job.params.n
-        if len(job.prompt) >= self.ctx.n_ctx_seq or n > self.ctx.n_seq:
-            why = f"n is {n}, more than the {self.ctx.n_seq} sequences this worker decodes"
+        n, most = job.params.n, self.slots.planned_seqs  # a quick start grows to `most`
+        if len(job.prompt) >= self.ctx.n_ctx_seq or n > most:
+            why = f"n is {n}, more than the {most} sequences this worker decodes"
             if len(job.prompt) >= self.ctx.n_ctx_seq:
                 why = f"the prompt needs more than {self.ctx.n_ctx_seq} tokens"
             job.emit(ValueError(why))
