@@ -191,6 +191,7 @@ def measure(model: Path, name: str, sizes: Sizes, hop_requests: int = 0) -> list
         targets, proxy = targets_of(proc, url), psutil.Process(proc.pid)
         if hop_requests:
             rows.append({"model": name, "mode": "hop", **hop(targets, proxy, hop_requests)})
+            print(f"hop: {rows[-1]}", flush=True)
         for mode in MODES:
             for concurrency in CONCURRENCY:
                 got = cell(targets, proxy, mode, concurrency, sizes, bias)

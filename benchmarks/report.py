@@ -118,7 +118,8 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
         f"{r['stream_max_tokens']}, all streams of a cell together; proxy CPU: the `llmup serve` "
         "process's CPU time per non-streamed request."
     )
-    return [hop, note, md_table(columns, rows)]
+    hops = [hop] if any(x["mode"] == "hop" for x in r["rows"]) else []
+    return [*hops, note, md_table(columns, rows)]
 
 
 def cold_start(r: dict[str, Any]) -> list[str]:
