@@ -54,7 +54,8 @@ from benchlib import (
     wait_until,
 )
 
-TARGET_RATIO = 1.2
+TARGET_RATIO = 1.2  # a later start of the same plan
+FIRST_TARGET_RATIO = 2.0  # the first start in a new llmup home (it measures the machine once)
 ONE_SEQUENCE = ("--parallel", "1")  # llama_cpp.server's KV cache: one sequence of the context
 GENERATED = dict(n_layer=12, n_embd=2048, n_head=16, n_head_kv=16, n_ff=5632, n_vocab=32000,
                  tensor_type="Q8_0")  # fmt: skip
@@ -92,11 +93,12 @@ with wrap(gguf.GGUFReader, "__init__", "header"), wrap(launcher.serve, "serve", 
 
 
 def first_answer(url: str, model: str) -> float:
-    """Seconds for one 1-token completion; a failed answer stops the benchmark."""
+    """Seconds for one 1-token chat reply; a failed answer stops the benchmark."""
     start = time.monotonic()
+    chat = [{"role": "user", "content": "Hello"}]
     reply = httpx.post(
-        url + "/v1/completions",
-        json={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0},
+        url + "/v1/chat/completions",
+        json={"model": model, "messages": chat, "max_tokens": 1, "temperature": 0},
         timeout=120,
     )
     if reply.status_code != 200:
@@ -222,13 +224,16 @@ def measure(name: str, model: Path, runs: int) -> dict[str, Any]:
         start_llmup(model, home, folder)  # warm-up: page cache, CPU probe cached
         start_llmup(model, home, folder, extra=ONE_SEQUENCE)
         start_llama_cpp_server(model, context, folder)
-        llmup, single, stock = [], [], []
-        for _ in range(runs):
+        llmup, single, stock, first = [], [], [], []
+        for i in range(runs):
+            first.append(start_llmup(model, str(Path(tmp) / f"new-home-{i}"), folder))
             llmup.append(start_llmup(model, home, folder))
             single.append(start_llmup(model, home, folder, extra=ONE_SEQUENCE))
             stock.append(start_llama_cpp_server(model, context, folder))
         steps = breakdown(model, home, folder)
-    a, one, b = (statistics.median(r["total_s"] for r in rs) for rs in (llmup, single, stock))
+    a, one, b, f = (
+        statistics.median(r["total_s"] for r in rs) for rs in (llmup, single, stock, first)
+    )
     return {
         "model": name,
         "file_mib": round(model.stat().st_size / 2**20, 1),
@@ -236,6 +241,9 @@ def measure(name: str, model: Path, runs: int) -> dict[str, Any]:
         "parallel": parallel,
         "runs": runs,
         "llmup_s": round(a, 3),
+        "llmup_first_s": round(f, 3),
+        "first_ratio": round(f / b, 3),
+        "llmup_first_runs": [round(r["total_s"], 3) for r in first],
         "llmup_one_sequence_s": round(one, 3),
         "llama_cpp_server_s": round(b, 3),
         "ratio": round(a / b, 3),
@@ -258,12 +266,14 @@ def models(quick: bool) -> list[tuple[str, Path]]:
 def render(rows: list[dict]) -> None:
     print_table(
         "Cold start to the first answer (s, median)",
-        ("model", "MiB", "sequences", "llmup serve", "--parallel 1", "llama_cpp.server",
-         "ratio", "ratio, 1 seq.", "target", "met"),
-        [(r["model"], r["file_mib"], r["parallel"], f"{r['llmup_s']:.2f}",
-          f"{r['llmup_one_sequence_s']:.2f}", f"{r['llama_cpp_server_s']:.2f}",
-          f"{r['ratio']:.2f}x", f"{r['one_sequence_ratio']:.2f}x", f"<= {TARGET_RATIO}x",
-          "yes" if r["ratio"] <= TARGET_RATIO else "no") for r in rows],
+        ("model", "MiB", "sequences", "first start", "later start", "--parallel 1",
+         "llama_cpp.server", "first ratio", "later ratio", "ratio, 1 seq.", "met"),
+        [(r["model"], r["file_mib"], r["parallel"], f"{r['llmup_first_s']:.2f}",
+          f"{r['llmup_s']:.2f}", f"{r['llmup_one_sequence_s']:.2f}",
+          f"{r['llama_cpp_server_s']:.2f}", f"{r['first_ratio']:.2f}x", f"{r['ratio']:.2f}x",
+          f"{r['one_sequence_ratio']:.2f}x",
+          "yes" if r["ratio"] <= TARGET_RATIO and r["first_ratio"] <= FIRST_TARGET_RATIO
+          else "no") for r in rows],
     )  # fmt: skip
     for r in rows:
         b = r["llmup_breakdown"]
@@ -285,7 +295,15 @@ def main() -> None:
     ]
     render(rows)
     targets = [
-        target(f"{r['model']}: llmup / llama_cpp.server", r["ratio"], TARGET_RATIO, "at most")
+        target(f"{r['model']}: later start / llama_cpp.server", r["ratio"], TARGET_RATIO, "at most")
+        for r in rows
+    ] + [
+        target(
+            f"{r['model']}: first start (new home) / llama_cpp.server",
+            r["first_ratio"],
+            FIRST_TARGET_RATIO,
+            "at most",
+        )
         for r in rows
     ]
     run.write(args.out, {"rows": rows}, targets)

@@ -66,6 +66,8 @@ class Sizes:
 
 
 FULL, QUICK = Sizes(160, 2), Sizes(16, 1)
+HOP_REQUESTS = {True: 60, False: 300}  # 1-token chats per target (--quick, full)
+HOP_TARGET_MS = 1.0
 
 
 def targets_of(proc, url: str) -> dict[str, tuple[str, str, str, bool]]:
@@ -156,11 +158,40 @@ def summarize(got: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measure(model: Path, name: str, sizes: Sizes) -> list[dict]:
+def hop(targets, proxy: psutil.Process, requests: int) -> dict[str, Any]:
+    """The hop alone: one client, a stateless 1-token chat, direct and through llmup
+    alternating in blocks of 10; p50 of each and the proxy's CPU per request."""
+    chats = conversations(targets, "stateless", 1, None)
+    got: dict[str, dict[str, Any]] = {n: {"ms": [], "cpu_s": 0.0} for n in chats}
+    with httpx.Client(timeout=120) as client:
+        for _ in range(max(1, requests // 10)):
+            for name, (chat,) in chats.items():
+                before = cpu_s(proxy)
+                for _ in range(10):
+                    got[name]["ms"].append(
+                        chat.send(client, stream=False, max_tokens=1).latency_s * 1000
+                    )
+                got[name]["cpu_s"] += cpu_s(proxy) - before
+    p50 = {n: statistics.median(g["ms"]) for n, g in got.items()}
+    return {
+        "requests": len(got["llmup"]["ms"]),
+        "direct_p50_ms": round(p50["direct"], 3),
+        "llmup_p50_ms": round(p50["llmup"], 3),
+        "p50_added_ms": round(p50["llmup"] - p50["direct"], 3),
+        "proxy_cpu_ms_per_request": round(
+            1000 * got["llmup"]["cpu_s"] / len(got["llmup"]["ms"]), 3
+        ),
+    }
+
+
+def measure(model: Path, name: str, sizes: Sizes, hop_requests: int = 0) -> list[dict]:
     rows = []
     bias = no_end_bias(model)
     with llmup_serving(model) as (proc, url):
         targets, proxy = targets_of(proc, url), psutil.Process(proc.pid)
+        if hop_requests:
+            rows.append({"model": name, "mode": "hop", **hop(targets, proxy, hop_requests)})
+            print(f"hop: {rows[-1]}", flush=True)
         for mode in MODES:
             for concurrency in CONCURRENCY:
                 got = cell(targets, proxy, mode, concurrency, sizes, bias)
@@ -184,6 +215,10 @@ def compare(got: dict[str, dict]) -> dict[str, Any]:
 def row_targets(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
+        if r["mode"] == "hop":
+            name = f"{r['model']}: proxy hop, p50 added to a 1-token chat"
+            out.append(target(name, r["p50_added_ms"], HOP_TARGET_MS, "below", "ms"))
+            continue
         cell_name = f"{r['model']}, {r['mode']} x{r['concurrency']}"
         out += [
             target(f"{cell_name}: p50 added", r["p50_added_ms"], 2, "below", "ms"),
@@ -194,6 +229,14 @@ def row_targets(rows: list[dict]) -> list[dict]:
 
 
 def render(rows: list[dict]) -> None:
+    hops = [r for r in rows if r["mode"] == "hop"]
+    rows = [r for r in rows if r["mode"] != "hop"]
+    print_table(
+        "The hop alone: a 1-token chat, one client",
+        ("model", "requests", "p50 direct ms", "p50 llmup ms", "added ms", "proxy CPU/req"),
+        [(r["model"], r["requests"], r["direct_p50_ms"], r["llmup_p50_ms"],
+          f"{r['p50_added_ms']:+.3f}", f"{r['proxy_cpu_ms_per_request']:.2f} ms") for r in hops],
+    )  # fmt: skip
     print_table(
         "Through llmup vs the backend directly; latency ms, streaming tokens/s",
         ("model", "mode", "clients", "p50 direct", "p50 llmup", "added", "p99 direct",
@@ -212,7 +255,12 @@ def main() -> None:
     # Gemma: what a user sees; the tiny model (a reply in a few ms) isolates the proxy's cost
     models = [bench_model(True)] if args.quick else [bench_model(False), bench_model(True)]
     sizes = QUICK if args.quick else FULL
-    rows = [row for model, name in models for row in measure(model, name, sizes)]
+    tiny = bench_model(True)[1]
+    rows = [
+        row
+        for model, name in models
+        for row in measure(model, name, sizes, HOP_REQUESTS[args.quick] if name == tiny else 0)
+    ]
     render(rows)
     results = {"models": [name for _, name in models], "latency_max_tokens": LATENCY_TOKENS,
                "stream_max_tokens": STREAM_TOKENS, "rows": rows}  # fmt: skip

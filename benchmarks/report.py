@@ -101,8 +101,15 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
          f"{x['p50_added_ms']:+.2f}", x["direct"]["p99_ms"], x["llmup"]["p99_ms"],
          f"{x['p99_added_ms']:+.2f}", x["direct"]["tokens_per_s"], x["llmup"]["tokens_per_s"],
          f"{100 * x['stream_ratio']:.1f}%", x["proxy_cpu_ms_per_request"])
-        for x in r["rows"]
+        for x in r["rows"] if x["mode"] != "hop"
     ]  # fmt: skip
+    hop = md_table(
+        ("model", "1-token chats", "p50 direct ms", "p50 llmup ms", "p50 added ms",
+         "proxy CPU ms/request"),
+        [(x["model"], x["requests"], x["direct_p50_ms"], x["llmup_p50_ms"],
+          f"{x['p50_added_ms']:+.3f}", x["proxy_cpu_ms_per_request"])
+         for x in r["rows"] if x["mode"] == "hop"],
+    )  # fmt: skip
     columns = ("model", "mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
                "p99 direct ms", "p99 llmup ms", "p99 added", "direct tok/s", "llmup tok/s",
                "llmup/direct", "proxy CPU ms/request")  # fmt: skip
@@ -111,16 +118,20 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
         f"{r['stream_max_tokens']}, all streams of a cell together; proxy CPU: the `llmup serve` "
         "process's CPU time per non-streamed request."
     )
-    return [note, md_table(columns, rows)]
+    hops = [hop] if any(x["mode"] == "hop" for x in r["rows"]) else []
+    return [*hops, note, md_table(columns, rows)]
 
 
 def cold_start(r: dict[str, Any]) -> list[str]:
     main = md_table(
-        ("model", "file MiB", "context", "sequences", "runs", "llmup serve s",
-         "llmup --parallel 1 s", "llama_cpp.server s", "ratio", "ratio, 1 sequence"),
-        [(x["model"], x["file_mib"], x["context"], x["parallel"], x["runs"], f"{x['llmup_s']:.2f}",
+        ("model", "file MiB", "context", "sequences", "runs", "first start s", "later start s",
+         "llmup --parallel 1 s", "llama_cpp.server s", "first ratio", "later ratio",
+         "ratio, 1 sequence"),
+        [(x["model"], x["file_mib"], x["context"], x["parallel"], x["runs"],
+          f"{x['llmup_first_s']:.2f}", f"{x['llmup_s']:.2f}",
           f"{x['llmup_one_sequence_s']:.2f}", f"{x['llama_cpp_server_s']:.2f}",
-          f"{x['ratio']:.2f}x", f"{x['one_sequence_ratio']:.2f}x") for x in r["rows"]],
+          f"{x['first_ratio']:.2f}x", f"{x['ratio']:.2f}x", f"{x['one_sequence_ratio']:.2f}x")
+         for x in r["rows"]],
     )  # fmt: skip
     parts = [x["llmup_breakdown"] for x in r["rows"]]
     rows = [(step, *(f"{b['steps'][step]:.3f}" for b in parts)) for step in parts[0]["steps"]]

@@ -193,7 +193,7 @@ def shapes(quick: bool) -> dict[str, Any]:
     return {
         "context": 2048,
         "interleaved": {"sessions": 4, "turns": 10, "words": 95, "reply": 24},
-        "eight_on_four": {"sessions": 8, "turns": 5, "words": 95, "reply": 24},
+        "eight_on_four": {"sessions": 8, "turns": 10, "words": 95, "reply": 24},
         "concurrent": {"streams": 4, "tokens": 96},
         "parallel": 4,
     }
@@ -306,6 +306,10 @@ def targets(arms: dict[str, dict]) -> list[dict]:
         # which llmup never does (isolation), so continued turns are reported apart
         continued = max(ratio for turn, ratio in ratios if turn > 0)
         out.append(target("worst_continued_turn_vs_llama_server", continued, 1.0, "at most"))
+    server = arms.get("llama-server", {}).get("concurrent", {}).get("total_tokens_per_s")
+    if server:  # four streams at once, the same llama.cpp batching them
+        ratio = llmup["concurrent"]["total_tokens_per_s"] / server
+        out.append(target("concurrent_vs_llama_server", ratio, 1.0, "at least"))
     stock = arms.get("llmup-stock", {}).get("concurrent", {}).get("total_tokens_per_s")
     if stock:
         ratio = llmup["concurrent"]["total_tokens_per_s"] / stock

@@ -26,6 +26,14 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 UMASK = 0o077  # what a process that writes only into the home runs with
 OTHERS = 0o077  # the group's and the world's bits
+
+
+def default_home() -> Path:
+    """The llmup home when neither LLMUP_HOME nor a profile names one (here, not in
+    `settings`, so a worker that only needs the path imports no pydantic-settings)."""
+    return Path.home() / ".local" / "share" / "llmup"
+
+
 # What llmup keeps in its home; only these are tightened in a home that already exists,
 # so a home pointed at a folder with other things in it never has them changed.
 HOME_ENTRIES = (

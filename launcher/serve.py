@@ -37,6 +37,7 @@ from launcher.backends.launch import backend_spec
 from launcher.backends.supervise.process import Runtime
 from launcher.backends.supervise.supervisor import Progress, State, Supervisor
 from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
+from launcher.calibration.records import lookup
 from launcher.calibration.speedcheck import check_speed
 from launcher.catalog.gguf_file import shard_paths
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
@@ -192,8 +193,13 @@ def _start_one(
     plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
 ) -> SupervisedModel:
     model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
+    measured = plan.backend == "llama.cpp" and load_measured(plan, settings.home)
     spec = backend_spec(
-        plan, model_path, home=settings.home, session_ttl_s=settings.proxy.session_ttl
+        plan,
+        model_path,
+        home=settings.home,
+        session_ttl_s=settings.proxy.session_ttl,
+        quick_start=measured,
     )
     supervisor = Supervisor(
         spec,
@@ -202,7 +208,7 @@ def _start_one(
         **supervisor_options(settings.serve),
     )
     supervisor.start()
-    if plan.backend == "llama.cpp":
+    if plan.backend == "llama.cpp" and not measured:
         _record_calibration(plan, supervisor, settings.home)
     return SupervisedModel.for_plan(supervisor, plan)
 
@@ -226,6 +232,20 @@ def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime
     weights = shard_paths(model_path) if model_path.is_file() else [model_path]
     image = container.image_for(plan, settings.docker)
     return container.DockerRuntime(client, image=image, weights=weights)
+
+
+def load_measured(plan: Plan, home: Path) -> bool:
+    """Whether an earlier start of this plan recorded its load (buffers as llama.cpp logged
+    them): a later start need not measure it again, so its worker may start on fewer
+    sequences and grow its KV cache after it serves (the first start of a plan loads all
+    of it, so that the record is the planned load)."""
+    record = lookup(home, plan)
+    return (
+        record is not None
+        and bool(record.measured)
+        and record.n_gpu_layers == plan.placement.n_gpu_layers
+        and record.predicted == plan.memory_mib.model_dump()
+    )
 
 
 def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:

@@ -37,6 +37,15 @@ class WorkerKind(str, Enum):
         figures part of /metrics."""
         return self is WorkerKind.LLAMACPP_SLOTS
 
+    @property
+    def llmup_worker(self) -> bool:
+        """One of llmup's own workers (`workers/api.py`): it refuses a prompt that cannot fit
+        with the proxy's own 400 `context_length_exceeded` (the same count, message, code
+        and param), and streams chunks already in OpenAI's shape with the reply's
+        `system_fingerprint`; so for a stateless request the proxy needs no count of its
+        own, and relays the stream's events as they come."""
+        return self is not WorkerKind.LLAMACPP_PYTHON
+
     @classmethod
     def of(cls, backend: str, llamacpp_impl: str | None) -> WorkerKind:
         """The worker for a plan's backend: GGUF goes to llmup's session-slot worker unless

@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from launcher.errors import UsageError
+from launcher.private import default_home
 
 
 class PlanningSettings(BaseModel):
@@ -254,10 +255,6 @@ class DockerSettings(BaseModel):
 
     cpu_image: str = "llmup:cpu"
     cuda_image: str = "llmup:cuda"
-
-
-def default_home() -> Path:
-    return Path.home() / ".local" / "share" / "llmup"
 
 
 class Settings(BaseSettings):

@@ -99,7 +99,7 @@ def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **fla
         from launcher.hardware.images import in_image
 
         snap = in_image(snap, settings.docker.cpu_image, settings.docker.cuda_image)
-    return request_from_settings(cfg, snap, **flags)
+    return request_from_settings(cfg, snap, **flags, home=settings.home)
 
 
 def detect(gpus: GpusOpt = None, json_out: JsonOpt = False) -> None:

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from launcher.catalog.gguf_file import read_model_file
 from launcher.catalog.loader import Catalog
 from launcher.catalog.models import Architecture, ModelSpec
 from launcher.catalog.shape import ModelShape, layout_from_catalog
+from launcher.catalog.shape_cache import model_file_shape
 from launcher.planning import memory_exllamav2 as exl
 from launcher.planning.candidates import Candidate
 from launcher.planning.machine import Machine, ModelCost
@@ -156,7 +156,7 @@ def _exllamav2_why_not(machine: Machine) -> str | None:
 
 
 def file_candidate(req: PlanRequest, machine: Machine) -> Candidate:
-    shape = read_model_file(req.model_file)
+    shape = model_file_shape(req.model_file, home=req.home)
     settings = llamacpp_settings(req)
     params = shape.n_params or 1
     types = shape.layout.tensor_types

@@ -39,6 +39,7 @@ class PlanRequest:
     readable_tokens_per_s: float = 5.0  # slower than this, the plan says so
     parallel: int | None = None  # llama.cpp sequences; None: as many as fit (1..8)
     llamacpp_impl: LlamaCppImpl = "slots"
+    home: Path | None = None  # where a --model-file's header facts are kept (None: read it)
 
     @property
     def fixed_parallel(self) -> int | None:

@@ -131,8 +131,12 @@ async def _check_fit(
     st: ProxyState, body: ChatRequest, messages: list[Message], owner: str
 ) -> Fitted:
     """A stateless request whose prompt (as the backend counts it) and max_tokens cannot fit
-    is refused here (400) before anything streams; without max_tokens one reply token must
-    fit, the reply then gets what is left."""
+    is refused (400) before anything streams; without max_tokens one reply token must fit,
+    the reply then gets what is left. llmup's own workers refuse it themselves, with the same
+    count and the same error, before their stream starts: the proxy asks them nothing first
+    (a round trip per request saved)."""
+    if st.backend.kind.llmup_worker:
+        return Fitted(messages, 0, 0, None)
     ask = fit_request(st, body, session=False)
     return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context, owner=owner)
 
@@ -243,11 +247,12 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        counted = await st.fitter.counter.count(
-            {"model": body.model, "prompt": prompt}, owner=owner
-        )
-        check_fits(counted, body.max_tokens or 1, "prompt")
+        if not st.backend.kind.llmup_worker:  # llmup's workers refuse it themselves
+            prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+            counted = await st.fitter.counter.count(
+                {"model": body.model, "prompt": prompt}, owner=owner
+            )
+            check_fits(counted, body.max_tokens or 1, "prompt")
         payload = upstream_body(body)
         reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
         if isinstance(reply, Response):

@@ -187,24 +187,30 @@ class StreamRelay:
             yield error_event(exc)
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        done = False
-        async for line in self.response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # comments (pings), event names, blank separators
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
+        """The backend's events, conformed, as they arrive; the events that one read brings
+        go to the client in one write (a fast backend sends several between two reads, and
+        every write costs a pass through the ASGI stack)."""
+        lines = SseLines()
+        async for raw in self.response.aiter_raw():
+            out = [event for line in lines.feed(raw) if (event := self._event(line))]
+            if out:
+                yield b"".join(out)
+            if lines.done:
                 break
-            chunk = _parse(data)
-            if "error" in chunk:
-                raise ApiError(str(chunk["error"].get("message", "backend error")), status=502)
-            self.result.feed(chunk)
-            if _usage_only(chunk) and not self.wants_usage:
-                continue
-            conformed = conform_chunk(chunk, self.wants_usage, self.result.fingerprint)
-            yield sse(json.dumps(conformed, ensure_ascii=False))
-        if not done or self.result.finish_reason is None:
+        if not lines.done or self.result.finish_reason is None:
             raise IncompleteStream("the backend's stream ended before the reply was complete")
+
+    def _event(self, line: bytes) -> bytes | None:
+        """The client's event for one `data:` line of the backend (None: nothing to send)."""
+        data = line[5:].strip()
+        chunk = _parse(data)
+        if "error" in chunk:
+            raise ApiError(str(chunk["error"].get("message", "backend error")), status=502)
+        self.result.feed(chunk)
+        if _usage_only(chunk) and not self.wants_usage:
+            return None
+        conformed = conform_chunk(chunk, self.wants_usage, self.result.fingerprint)
+        return sse(json.dumps(conformed, ensure_ascii=False))
 
     def _account(self) -> None:
         usage = self.result.usage or {}
@@ -213,7 +219,30 @@ class StreamRelay:
             self.metrics.ttft.observe(self.result.first_token_at - self.started)
 
 
-def _parse(data: str) -> dict[str, Any]:
+class SseLines:
+    """The `data:` lines of an SSE byte stream, fed as it is read (lines end in LF or CRLF;
+    comments, event names and blank separators are skipped); `done` once `[DONE]` came."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self.done = False
+
+    def feed(self, raw: bytes) -> list[bytes]:
+        if self.done:
+            return []
+        *lines, self._rest = (self._rest + raw).split(b"\n")
+        data = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            if line[5:].strip() == b"[DONE]":
+                self.done = True
+                break
+            data.append(line)
+        return data
+
+
+def _parse(data: bytes) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError as exc:

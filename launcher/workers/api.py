@@ -76,7 +76,6 @@ from launcher.workers.replies import (
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class GenerationError(RuntimeError):

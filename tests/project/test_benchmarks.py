@@ -100,6 +100,11 @@ def test_calibration_rows_cover_each_component_and_summarize_them(quick):
 def test_proxy_overhead_covers_both_modes_at_each_concurrency(quick):
     rows = quick["proxy_overhead"][1]["rows"]
     assert {r["model"] for r in rows} == {"generated tiny Llama"}
+    hop = rows.pop(0)  # the hop alone: 1-token chats, one client
+    assert hop["mode"] == "hop" and hop["requests"] > 0 and hop["direct_p50_ms"] > 0
+    assert hop["p50_added_ms"] == pytest.approx(
+        hop["llmup_p50_ms"] - hop["direct_p50_ms"], abs=0.002
+    )
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         (m, c) for m in ("stateless", "session") for c in (1, 4, 16)
     ]
@@ -107,7 +112,7 @@ def test_proxy_overhead_covers_both_modes_at_each_concurrency(quick):
         for side in ("direct", "llmup"):
             assert 0 < r[side]["p50_ms"] <= r[side]["p99_ms"] and r[side]["tokens_per_s"] > 0
         assert r["p50_added_ms"] == pytest.approx(r["llmup"]["p50_ms"] - r["direct"]["p50_ms"])
-    assert len(quick["proxy_overhead"][1]["targets"]) == 3 * len(rows)
+    assert len(quick["proxy_overhead"][1]["targets"]) == 3 * len(rows) + 1
 
 
 def test_cold_start_compares_and_breaks_llmup_down(quick):
@@ -120,7 +125,13 @@ def test_cold_start_compares_and_breaks_llmup_down(quick):
     )
     steps = row["llmup_breakdown"]["steps"]
     assert "GGUF header reads" in steps and "backend load until ready" in steps
-    assert all(s >= 0 for s in steps.values()) and row["llmup_breakdown"]["header_reads"] >= 1
+    assert all(s >= 0 for s in steps.values())
+    # a later start of the same file reads no header (kept in the home since the first)
+    assert row["llmup_breakdown"]["header_reads"] == 0
+    assert row["llmup_first_s"] > 0
+    assert row["first_ratio"] == pytest.approx(
+        row["llmup_first_s"] / row["llama_cpp_server_s"], rel=0.01
+    )
 
 
 def test_cli_speed_times_each_command(quick):

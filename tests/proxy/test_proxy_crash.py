@@ -13,12 +13,13 @@ import pytest
 from support.backend_fixtures import (
     MODEL,
     NO_EOS,
+    TEMPLATE,
     proxy_settings,
     serve_proxy,
     served,
     start_backend,
-    write_tiny_model,
 )
+from support.ggufgen import write_llama_gguf
 
 from launcher.backends.spec import BackendSpec, new_backend_key
 from launcher.backends.supervise.supervisor import Supervisor
@@ -83,13 +84,21 @@ def test_backend_killed_mid_stream(tmp_path: Path) -> None:
 # ---- issue 19, finding 2: only a request that crashed the backend itself is refused ------
 
 
+def _slow_model(folder: Path) -> Path:
+    """Wider than the tiny model, so a 440-token stream lasts long enough (a second or more
+    on one thread) to be at the backend when it is killed, however fast the proxy relays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = {"n_layer": 6, "n_embd": 512, "n_head": 8, "n_head_kv": 8, "n_ff": 1024}
+    return write_llama_gguf(folder / "slow.gguf", chat_template=TEMPLATE, **shape)
+
+
 def _supervised_slot_worker(folder: Path) -> Supervisor:
     """llmup's slot worker with two sequences (two streams at once), health-checked often
     enough that a frozen backend is killed for ill health within seconds."""
     port = free_port()
     command = [
         sys.executable, "-m", "launcher.workers.llamacpp_slots.server",
-        "--model", str(write_tiny_model(folder)), "--model-alias", MODEL,
+        "--model", str(_slow_model(folder)), "--model-alias", MODEL,
         "--host", "127.0.0.1", "--port", str(port), "--context", "512",
         "--parallel", "2", "--threads", "1", "--no-disk-slots",
     ]  # fmt: skip

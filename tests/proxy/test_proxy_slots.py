@@ -108,3 +108,37 @@ def test_the_proxy_lets_through_what_the_slot_worker_does(proxy):
     grammar = {**base, "grammar": 'root ::= "yes"', "max_tokens": 4}
     reply = proxy.http("key-a").post("/v1/chat/completions", json=grammar)
     assert reply.json()["choices"][0]["message"]["content"] == "yes"
+
+
+def test_a_stateless_request_is_counted_by_the_worker_alone(proxy, monkeypatch):
+    """No prompt count of the proxy's own before a stateless request to llmup's worker
+    (a round trip saved); the worker refuses what cannot fit with the very error the proxy
+    would have sent: 400, context_length_exceeded, its message and param."""
+    counter = proxy.app.state.proxy.fitter.counter
+    asked: list[dict] = []
+    real = counter.count
+
+    async def counting(request, *, owner):
+        asked.append(request)
+        return await real(request, owner=owner)
+
+    monkeypatch.setattr(counter, "count", counting)
+    http = proxy.http("key-a")
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": FIRST}], "max_tokens": 4}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    too_long = http.post("/v1/chat/completions", json={**chat, "max_tokens": 5000})
+    body = {"model": "tiny", "prompt": FIRST, "max_tokens": 5000}
+    prompt = http.post("/v1/completions", json=body)
+    assert asked == []
+    for reply, param in ((too_long, "messages"), (prompt, "prompt")):
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error["code"], error["param"], error["type"]) == (
+            "context_length_exceeded",
+            param,
+            "invalid_request_error",
+        )
+        assert error["message"].startswith("This model's maximum context length is 4096 tokens")
+        assert "5000 in the completion" in error["message"]
+    turn(proxy, "key-a", "counted", FIRST)  # a session's turn is still fitted by the count
+    assert asked

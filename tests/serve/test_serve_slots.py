@@ -3,6 +3,8 @@ server with --llamacpp-impl server; the calibration record is kept for both."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from conftest import MACHINES
@@ -92,3 +94,42 @@ def test_the_slot_workers_flags_are_the_plans(tiny_model, tmp_path, monkeypatch)
     request = PlanRequest(hardware=hardware, model="llama-2-70b-chat", llamacpp_impl="server")
     stock = backend_spec(make_plan(request), tiny_model, home=tmp_path)
     assert "launcher.workers.llamacpp_python.server" in stock.command
+
+
+def _wait(condition, deadline_s: float = 120.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.2)
+
+
+def _slots_total(server: Served) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith('llmup_slots{state="total"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_second_start_of_the_plan_grows_its_kv_cache_after_serving(tiny_model, tmp_path):
+    """The first start of a plan loads the planned KV cache and records it; a later start
+    of the same plan starts the worker on one sequence (no second measurement) and grows
+    it to the planned ones behind the first requests."""
+    args = ["--model-file", str(tiny_model), "--context", "512", "--parallel", "3"]
+    commands, records = [], []
+    for _ in range(2):
+        server = Served(args, tmp_path, free_port())
+        try:
+            server.wait_ready()
+            commands.append(server.backend().cmdline())
+            plan = Plan.model_validate(httpx.get(server.url + "/v1/plan").json()["plan"])
+            records.append(lookup(tmp_path, plan))
+            chat = {"model": plan.model.id, "messages": [{"role": "user", "content": "hi"}]}
+            reply = httpx.post(server.url + "/v1/chat/completions", json={**chat, "max_tokens": 2})
+            assert reply.status_code == 200, reply.text
+            _wait(lambda s=server: _slots_total(s) == 3)
+        finally:
+            server.stop()
+    assert "--initial-parallel" not in commands[0]
+    assert commands[1][commands[1].index("--initial-parallel") + 1] == "1"
+    assert records[0] is not None and records[0].measured["kv"]
+    assert records[1] == records[0]  # the planned load's record, not the quick start's

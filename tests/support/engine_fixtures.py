@@ -91,6 +91,7 @@ class Engine:
         ram_bytes: int = 64 << 20,
         disk_bytes: int = 256 << 20,
         n_batch: int = 512,
+        planned_seqs: int | None = None,
     ) -> None:
         route_llama_logs(False)
         self.model = NativeModel(ModelOptions(model_path))
@@ -99,7 +100,9 @@ class Engine:
         )
         disk = DiskStore(slots_dir, IDENTITY, key=KEY, budget=disk_bytes, ttl_s=3600.0)
         self.store = SlotStore(RamStore(ram_bytes), disk)
-        self.slots = SlotManager(self.ctx, self.store, n_swa=self.model.n_swa)
+        self.slots = SlotManager(
+            self.ctx, self.store, n_swa=self.model.n_swa, planned_seqs=planned_seqs
+        )
         self.engine = BatchEngine(self.model, self.ctx, self.slots)
         self.engine.start()
 

@@ -17,6 +17,7 @@ from support.worker_fixtures import CLEAN_WORDS, SlotWorker, text_of, write_chat
 from launcher.netaddr import free_port
 from launcher.protocol import MAX_STOP_CHARS, MAX_STOPS
 from launcher.workers.generation import StopScanner
+from launcher.workers.llamacpp_slots import app as llamacpp_app
 from launcher.workers.llamacpp_slots import server as llamacpp_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -140,7 +141,7 @@ def test_health_and_other_clients_are_answered_while_a_prompt_is_prepared(model)
     )
     native, ctx, options = llamacpp_server.load(args)
     identity = llamacpp_server.state_identity(Path(model), options)
-    app = llamacpp_server.create_app(
+    app = llamacpp_app.create_app(
         native, ctx, identity, llamacpp_server.SlotOptions(None), model_alias="tiny"
     )
     gate = _GatedPrompts(app.state.llmup.chat_prompt, marker="BIG")

@@ -33,11 +33,14 @@ def backend_spec(
     threads: int | None = None,
     chat_format: str | None = None,
     session_ttl_s: float | None = None,
+    quick_start: bool = False,
 ) -> BackendSpec:
     """The launch of the plan's backend serving `model_path` (a GGUF file, a GPTQ folder).
 
     `port` None picks a free one; `threads` and `chat_format` are llama.cpp's (see
-    `llamacpp_python.launch`); `session_ttl_s` is when the slot worker's saved sessions expire.
+    `llamacpp_python.launch`); `session_ttl_s` is when the slot worker's saved sessions expire;
+    `quick_start` lets the slot worker grow its KV cache after it serves (a plan whose load
+    was measured before: see `llamacpp_slots.launch`).
     """
     worker = _worker(
         plan,
@@ -46,6 +49,7 @@ def backend_spec(
         threads=threads,
         chat_format=chat_format,
         session_ttl_s=session_ttl_s,
+        quick_start=quick_start,
     )
     port = free_port() if port is None else port
     alias = plan.model.id
@@ -74,6 +78,7 @@ def _worker(
     threads: int | None,
     chat_format: str | None,
     session_ttl_s: float | None,
+    quick_start: bool = False,
 ) -> WorkerLaunch:
     """The launch of the worker the plan's kind names (`Plan.worker_kind`)."""
     kind = plan.worker_kind
@@ -81,7 +86,12 @@ def _worker(
         return llamacpp_python.launch(plan, model_path, threads=threads, chat_format=chat_format)
     if kind is WorkerKind.LLAMACPP_SLOTS:
         return llamacpp_slots.launch(
-            plan, model_path, home=home, threads=threads, session_ttl_s=session_ttl_s
+            plan,
+            model_path,
+            home=home,
+            threads=threads,
+            session_ttl_s=session_ttl_s,
+            quick_start=quick_start,
         )
     return exllamav2.launch(plan, model_path)
 

@@ -32,9 +32,12 @@ def launch(
     threads: int | None = None,
     session_ttl_s: float | None = None,
     disk_mib: int = DISK_SLOTS_MIB,
+    quick_start: bool = False,
 ) -> WorkerLaunch:
     """The slot worker serving `model_path` as planned; saved states under home/slots,
-    expiring after `session_ttl_s` like the proxy's sessions."""
+    expiring after `session_ttl_s` like the proxy's sessions. `quick_start`: a KV cache in
+    RAM starts with one sequence and grows to the plan's behind the first requests
+    (`grown_later`)."""
     if not model_path.is_file():
         raise ModelFileError(f"model file {model_path} does not exist; run `llmup pull` first")
     args = worker_args(
@@ -45,6 +48,8 @@ def launch(
         session_ttl_s=session_ttl_s or DEFAULT_TTL_S,
         disk_mib=disk_mib,
     )
+    if quick_start and grown_later(plan):
+        args += ["--initial-parallel", "1"]
     return WorkerLaunch(
         name="llama.cpp",  # what the supervisor's messages call it; the log is its own
         module=WORKER_MODULE,
@@ -53,6 +58,13 @@ def launch(
         log_stem="llamacpp-slots",
         state_dirs=(home / SLOTS_DIR,),
     )
+
+
+def grown_later(plan: Plan) -> bool:
+    """Whether the worker may start on one sequence and grow to the plan's: only a KV cache
+    in RAM (no layer on a GPU, whose memory the plan may have filled; zeroing VRAM is quick)
+    and more than one sequence planned."""
+    return plan.parallel > 1 and plan.placement.n_gpu_layers == 0
 
 
 def worker_args(

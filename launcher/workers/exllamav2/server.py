@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from launcher import __version__
 from launcher.engines import CACHE_MODES
 from launcher.errors import BadRequestError
-from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
+from launcher.workers.api import create_worker_app, run_worker
 from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,
     GenerationWorker,
@@ -41,6 +41,7 @@ from launcher.workers.exllamav2.engine import (
     WorkerStartupError,
 )
 from launcher.workers.llama2_chat import prompt_tokens
+from launcher.workers.logs import LOG_FORMAT
 from launcher.workers.prepare import WorkerState
 from launcher.workers.prepare import sampling_extras as checked_extras
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -42,6 +43,24 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 EXPIRE_EVERY_S = 600.0  # how often idle sessions past their TTL are looked for
 PROMPT_RATE_MIN_TOKENS = 32  # batches this large measure prompt speed for the restore estimate
+GROW_NICENESS = 10  # the KV cache's growth yields the cores to decoding
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Lower the calling thread's priority (Linux: a thread id is a process id to
+    setpriority); where that is not so, it keeps the process's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (OSError, AttributeError) as exc:
+        logger.debug("could not lower the thread's priority: %s", exc)
+
+
+def _grown(future: Future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        logger.warning("the KV cache could not grow: %s", exc)
+    else:
+        logger.info("KV cache grown to %d sequences", future.result())
 
 
 @dataclass
@@ -98,6 +117,7 @@ class BatchEngine:
         self._closed = False
         self._expired_at = time.monotonic()
         self._thread: threading.Thread | None = None
+        self._grower: threading.Thread | None = None
 
     # ---- the interface the HTTP layer uses ----------------------------------------------
 
@@ -113,6 +133,8 @@ class BatchEngine:
         with self._wake:
             self._stopping = True
             self._wake.notify()
+        if self._grower is not None:  # never free the model under a context being built
+            self._grower.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -137,11 +159,65 @@ class BatchEngine:
         self._post(run)
         return future
 
+    def grow(self, ctx: NativeContext) -> Future:
+        """Decode in `ctx` (the same model, more sequences) from the next step on; requests
+        in flight carry on where they were. The old context is freed; on failure `ctx` is."""
+        return self.call(lambda: self._adopt(ctx))
+
+    def grow_later(self, build: Callable[[], NativeContext]) -> None:
+        """Build the full context on a low-priority thread while this one serves, then
+        `grow` into it: llama.cpp zeroes a KV cache when it allocates it (seconds for
+        several long sequences on a CPU), so a worker starts with the sequences its first
+        requests need and grows to the planned ones behind them."""
+        self._grower = threading.Thread(
+            target=self._grow, args=(build,), name="llmup-kv-grow", daemon=True
+        )
+        self._grower.start()
+
     def pending(self) -> int:
         return len(self._inbox) + len(self._waiting) + len(self._active)
 
     def active(self) -> int:
         return len(self._active)
+
+    def _grow(self, build: Callable[[], NativeContext]) -> None:
+        lower_thread_priority(GROW_NICENESS)
+        try:
+            ctx = build()
+        except Exception as exc:  # serving on fewer sequences beats not serving
+            logger.warning("the KV cache keeps %d sequence(s): %s", self.ctx.n_seq, exc)
+            self.call(self._settle)
+            return
+        with self._wake:
+            if self._stopping:
+                ctx.close()
+                return
+        self.grow(ctx).add_done_callback(_grown)
+
+    def _settle(self) -> None:
+        """The growth failed: what the context holds now is all there will be (a request
+        for more choices than that is refused, states are saved in its layout)."""
+        self.slots.planned_seqs = self.ctx.n_seq
+
+    def _adopt(self, ctx: NativeContext) -> int:
+        """Between two steps: the slots move to `ctx`, and every request in flight has
+        what its sequence held evaluated again there (with the token sampled last), then
+        goes on as it was."""
+        old = self.ctx
+        if ctx is old:
+            return ctx.n_seq
+        try:
+            self.slots.adopt(ctx)
+        except Exception:
+            ctx.close()
+            raise
+        for active in self._active:
+            sampled = [] if active.next_token is None else [active.next_token]
+            active.pending = active.slot.tokens + sampled + active.pending
+            active.slot.tokens, active.next_token = [], None
+        self.ctx = ctx
+        old.close()
+        return ctx.n_seq
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -250,9 +326,9 @@ class BatchEngine:
                 blocked.add(job.session)
 
     def _place(self, job: GenerationJob) -> bool:
-        n = job.params.n
-        if len(job.prompt) >= self.ctx.n_ctx_seq or n > self.ctx.n_seq:
-            why = f"n is {n}, more than the {self.ctx.n_seq} sequences this worker decodes"
+        n, most = job.params.n, self.slots.planned_seqs  # a quick start grows to `most`
+        if len(job.prompt) >= self.ctx.n_ctx_seq or n > most:
+            why = f"n is {n}, more than the {most} sequences this worker decodes"
             if len(job.prompt) >= self.ctx.n_ctx_seq:
                 why = f"the prompt needs more than {self.ctx.n_ctx_seq} tokens"
             job.emit(ValueError(why))

@@ -14,31 +14,32 @@ Beyond OpenAI's fields (tools, JSON replies, log probabilities, n choices, a rep
 continue) a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
 `repeat_penalty`, `min_tokens` and `mirostat_mode` / `_tau` / `_eta`; tool calls and
 `response_format` json_object / json_schema become a grammar (`launcher.json_grammar`).
+
+This module is the command line and the load, and imports nothing of HTTP: `main` starts
+llama.cpp's load on a thread (C code, off the GIL) and imports the HTTP app (`app`: FastAPI,
+uvicorn, pydantic's models; about as long as loading a small model) while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import llama_cpp
-from fastapi import APIRouter, FastAPI, Request
 
 from launcher import __version__
 from launcher.engines import physical_cores
-from launcher.errors import BadRequestError, LlmupError
-from launcher.json_grammar import ReplyGrammar, reply_grammar
-from launcher.private import UMASK
-from launcher.reply_format import ReplyFormatError, grammar_spec
-from launcher.settings import default_home
-from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
-from launcher.workers.llamacpp_slots.engine import BatchEngine
+from launcher.errors import LlmupError
+from launcher.private import UMASK, default_home
 from launcher.workers.llamacpp_slots.native import (
     ContextOptions,
     ModelOptions,
@@ -46,18 +47,7 @@ from launcher.workers.llamacpp_slots.native import (
     NativeModel,
     route_llama_logs,
 )
-from launcher.workers.llamacpp_slots.sampling import check_grammar
-from launcher.workers.llamacpp_slots.slot_store import (
-    KEY_FILE,
-    DiskStore,
-    RamStore,
-    SlotStore,
-    state_key,
-)
-from launcher.workers.llamacpp_slots.slots import SlotManager
-from launcher.workers.llamacpp_slots.text import LlamaText
-from launcher.workers.prepare import WorkerState, session_key
-from launcher.workers.prepare import sampling_extras as checked_extras
+from launcher.workers.logs import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -65,105 +55,7 @@ MIB = 1 << 20
 STATE_FORMAT = 1  # bump when the file layout or what identity means changes
 
 
-# ---- llama.cpp's sampling extras ----------------------------------------------------------
-
-
-def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
-    """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
-    extras = checked_extras(body)
-    grammar = _grammar(model, extras.grammar, body)
-    return {
-        **extras.params(),
-        "grammar": grammar.text if grammar else None,
-        "grammar_triggers": grammar.triggers if grammar else (),
-        "logit_bias": _logit_bias(model, body.logit_bias),
-    }
-
-
-def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int, float]:
-    bias = {int(token): value for token, value in (given or {}).items()}
-    if any(not 0 <= token < model.vocab_size for token in bias):
-        raise BadRequestError(
-            f"logit_bias token ids must be in [0, {model.vocab_size})", param="logit_bias"
-        )
-    return bias
-
-
-def _grammar(model: NativeModel, grammar: str | None, body: Any) -> ReplyGrammar | None:
-    """The request's own grammar, or the one its tools and JSON reply make
-    (`launcher.json_grammar`); one llama.cpp cannot parse, or a schema it cannot convert, is
-    a 400."""
-    try:
-        spec = grammar_spec(body)
-        built = reply_grammar(spec) if spec is not None else None
-    except ReplyFormatError as exc:
-        raise BadRequestError(str(exc), param=exc.param, code="invalid_schema") from None
-    if grammar is not None and built is not None:
-        raise BadRequestError(
-            "`grammar` cannot be combined with tool calls or a JSON response_format",
-            param="grammar",
-        )
-    if grammar is not None:
-        built = ReplyGrammar(grammar)
-    if built is not None and not check_grammar(model, built.text):
-        raise BadRequestError("the grammar does not parse as llama.cpp GBNF", param="grammar")
-    return built
-
-
-# ---- the slot routes ----------------------------------------------------------------------
-
-
-@dataclass
-class Slots:
-    engine: BatchEngine
-    manager: SlotManager
-    store: SlotStore
-
-    def snapshot(self) -> dict[str, Any]:
-        """Slot figures for the proxy's /metrics (taken on the engine thread)."""
-        manager, store, stats = self.manager, self.store, self.manager.stats
-        disk = store.disk
-        return {
-            "slots": len(manager.slots),
-            "in_use": manager.in_use(),
-            "pinned": manager.pinned(),
-            "ram_bytes": store.ram.bytes_held,
-            "ram_states": len(store.ram),
-            "disk_bytes": disk.bytes_held if disk else 0,
-            "disk_states": len(disk) if disk else 0,
-            "restores": dict(stats.restores),
-            "saves": stats.saves,
-            "prefix_tokens_reused": stats.reused_tokens,
-            "prompt_tokens_evaluated": stats.evaluated_tokens,
-            "generated_tokens": self.engine.stats.generated_tokens,
-        }
-
-
-slot_router = APIRouter()
-
-
-def _slots(request: Request) -> Slots:
-    return request.app.state.slots
-
-
-@slot_router.get("/slots")
-async def slot_stats(request: Request) -> dict[str, Any]:
-    slots = _slots(request)
-    return await asyncio.wrap_future(slots.engine.call(slots.snapshot))
-
-
-@slot_router.delete("/slots")
-async def forget_session(request: Request) -> dict[str, Any]:
-    """Forget one session (named by the private headers): sequence, RAM and disk."""
-    key = session_key(request)
-    if key is None:
-        raise BadRequestError("name the session with the proxy's private session headers")
-    slots = _slots(request)
-    held = await asyncio.wrap_future(slots.engine.call(lambda: slots.manager.forget(key)))
-    return {"deleted": bool(held)}
-
-
-# ---- assembling a worker ------------------------------------------------------------------
+# ---- what a saved state and the fingerprint identify ----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -208,50 +100,6 @@ def build_identity(
     }
 
 
-def create_app(
-    model: NativeModel,
-    ctx: NativeContext,
-    identity: dict[str, Any],
-    slots: SlotOptions,
-    *,
-    model_alias: str,
-    build: dict[str, Any] | None = None,
-) -> FastAPI:
-    """The worker's app over a loaded model and context; all state on `app.state`.
-    `identity` is what a saved state must match; `build` what the fingerprint covers."""
-    disk = None
-    if slots.folder is not None:
-        try:
-            slots.folder.mkdir(parents=True, exist_ok=True)
-            key = state_key(slots.folder / KEY_FILE)
-            disk = DiskStore(
-                slots.folder, identity, key=key, budget=slots.disk_bytes, ttl_s=slots.ttl_s
-            )
-        except OSError as exc:  # serving beats persisting: RAM only, and say so
-            logger.warning("saved sessions stay in RAM only: %s", exc)
-    store = SlotStore(RamStore(slots.ram_bytes), disk, ttl_s=slots.ttl_s)
-    manager = SlotManager(ctx, store, n_swa=model.n_swa)
-    engine = BatchEngine(model, ctx, manager)
-    text = LlamaText(model)
-    state = WorkerState(
-        tokenizer=text,
-        engine=engine,
-        chat_prompt=text.chat_prompt,
-        model_alias=model_alias,
-        max_seq_len=ctx.n_ctx_seq,
-        sampling_extras=lambda body: sampling_extras(model, body),
-        identity=build or identity,
-        native_tools=text.knows_tools,
-        max_choices=ctx.n_seq,
-        choices_limit=" (the sequences it decodes at once: `llmup serve --parallel N`)",
-        logprobs=True,
-        grammar=True,
-    )
-    app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
-    app.state.slots = Slots(engine, manager, store)
-    return app
-
-
 # ---- command line -------------------------------------------------------------------------
 
 
@@ -283,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-alias", default=None, help="model id (default: the file's stem)")
     add("--context", type=_positive_int, default=4096, help="tokens per sequence")
     add("--parallel", type=_positive_int, default=1, help="sequences decoded together")
+    add(
+        "--initial-parallel", type=_positive_int, default=None,
+        help="sequences to start with (default: --parallel); the KV cache grows to --parallel "
+        "on a low-priority thread once the worker serves",
+    )  # fmt: skip
     add("--n-batch", type=_positive_int, default=512, help="tokens per decode step")
     add("--n-ubatch", type=_positive_int, default=512)
     add("--n-gpu-layers", type=int, default=0)
@@ -305,7 +158,14 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(args.model, args.n_gpu_layers, args.tensor_split, args.repack)
 
 
+def initial_options(args: argparse.Namespace, options: ContextOptions) -> ContextOptions:
+    """The context to start serving from: `--initial-parallel` of the planned sequences."""
+    first = min(args.initial_parallel or options.n_seq, options.n_seq)
+    return replace(options, n_seq=first)
+
+
 def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextOptions]:
+    """The model and its first context; the options are the planned (full) context's."""
     flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     model = NativeModel(model_options(args))
     options = ContextOptions(
@@ -318,7 +178,7 @@ def load(args: argparse.Namespace) -> tuple[NativeModel, NativeContext, ContextO
         flash_attn=flash,
     )
     try:
-        return model, NativeContext(model, options), options
+        return model, NativeContext(model, initial_options(args, options)), options
     except BaseException:
         model.close()
         raise
@@ -329,25 +189,55 @@ def slot_options(args: argparse.Namespace) -> SlotOptions:
     return SlotOptions(folder, args.slot_ram_mib * MIB, args.slot_disk_mib * MIB, args.slot_ttl_s)
 
 
+APP_MODULE = "launcher.workers.llamacpp_slots.app"
+HTTP_MODULE = "launcher.workers.api"
+
+
+def load_in_background(args: argparse.Namespace) -> Future:
+    """`load(args)` on its own thread; the future holds its result or its exception."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(load(args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="llmup-load", daemon=True).start()
+    return future
+
+
+def http_layer() -> tuple[ModuleType, ModuleType]:
+    """The app module and the shared HTTP layer, imported only now: while the model loads."""
+    return importlib.import_module(APP_MODULE), importlib.import_module(HTTP_MODULE)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(UMASK)  # it writes only saved sessions into the llmup home: private to its owner
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     route_llama_logs(args.verbose)
+    loading = load_in_background(args)
+    app_module, http = http_layer()
     try:
-        model, ctx, options = load(args)
+        model, ctx, options = loading.result()
     except LlmupError as exc:
         logger.error("%s", exc)
         return exc.exit_code
     alias = args.model_alias or args.model.stem
     identity = state_identity(args.model, options)
     build = build_identity(args.model, options, model_options(args))
-    app = create_app(model, ctx, identity, slot_options(args), model_alias=alias, build=build)
-    logger.info(
-        "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens",
-        alias, args.host, args.port, options.n_seq, ctx.n_ctx_seq,
+    app = app_module.create_app(
+        model, ctx, identity, slot_options(args), model_alias=alias, build=build,
+        planned_seqs=options.n_seq,
     )  # fmt: skip
-    run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
+    if ctx.n_seq < options.n_seq:
+        app.state.slots.engine.grow_later(lambda: NativeContext(model, options))
+    logger.info(
+        "serving %s on http://%s:%d/v1: %d sequence(s) of %d tokens (%d planned)",
+        alias, args.host, args.port, ctx.n_seq, ctx.n_ctx_seq, options.n_seq,
+    )  # fmt: skip
+    http.run_worker(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -104,8 +104,10 @@ class SlotManager:
         *,
         n_swa: int = 0,
         clock: Callable[[], float] = time.time,
+        planned_seqs: int | None = None,
     ) -> None:
         self.ctx, self.store, self.n_swa, self.clock = ctx, store, n_swa, clock
+        self.planned_seqs = planned_seqs or ctx.n_seq
         self.slots = [Slot(i) for i in range(ctx.n_seq)]
         self.stats = SlotStats()
         self.estimate = RestoreEstimate()
@@ -172,9 +174,32 @@ class SlotManager:
                 self._empty(slot)
         return self.store.delete(key) or slot is not None
 
+    def adopt(self, ctx: NativeContext) -> None:
+        """Serve from `ctx` from now on: a context of the same model with more sequences (the
+        KV cache grown to the planned size after a quick start). Cells are not copied over:
+        a sequence's state carries the stream count of its context, so llama.cpp refuses one
+        from a smaller context. An idle session's sequence comes over empty (its next turn
+        reads its prompt again); a busy one keeps its token list, for the engine to evaluate
+        again in `ctx`."""
+        if ctx.n_seq < len(self.slots) or ctx.n_ctx_seq < self.ctx.n_ctx_seq:
+            raise ValueError("a grown context must hold at least the sequences it replaces")
+        self.ctx = ctx
+        for slot in self.slots:
+            if not slot.busy:
+                slot.tokens, slot.key, slot.drop_on_release = [], None, False
+        self.slots += [Slot(i) for i in range(len(self.slots), ctx.n_seq)]
+
+    @property
+    def saves_states(self) -> bool:
+        """Whether states of this context load into the planned one (and saved ones into
+        this): not while a quick start serves from fewer sequences."""
+        return self.ctx.n_seq == self.planned_seqs
+
     def save_all(self) -> int:
         """At shutdown: every pinned session's KV, then the RAM store, to disk."""
         saved = self.store.flush()
+        if not self.saves_states:
+            return saved
         for slot in sorted(self.slots, key=lambda s: s.last_used):
             if slot.key is not None and slot.tokens:
                 saved += self.store.persist(self._snapshot(slot))
@@ -205,7 +230,7 @@ class SlotManager:
         return victim
 
     def _evict(self, slot: Slot) -> None:
-        if slot.tokens and not slot.drop_on_release:
+        if slot.tokens and not slot.drop_on_release and self.saves_states:
             self.store.put(self._snapshot(slot))
             self.stats.saves += 1
             logger.debug("session state of slot %d saved (%d tokens)", slot.index, len(slot.tokens))
@@ -217,6 +242,8 @@ class SlotManager:
         return SavedState(slot.key, array("i", slot.tokens), data, used_at=slot.last_used)
 
     def _restore(self, slot: Slot, key: SessionKey, prompt: list[int]) -> str | None:
+        if not self.saves_states:  # kept for the grown context, which can load it
+            return None
         state = self.store.take(key)
         if state is None:
             return None
