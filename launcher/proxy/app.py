@@ -21,6 +21,7 @@ from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import ReplicaHeader
+from launcher.proxy.responses.router import router as responses_router
 from launcher.proxy.routes import api, ops
 from launcher.proxy.state import ProxyState
 from launcher.proxy.store import SessionStore
@@ -50,6 +51,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     )
     app.state.proxy = state
     app.include_router(api)
+    app.include_router(responses_router)
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)

@@ -13,6 +13,7 @@ the backend when it crashed is never forwarded again (`launcher.proxy.crashes`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -42,7 +43,7 @@ from launcher.proxy.request_models import (
 )
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import Conversation, Message
-from launcher.proxy.turns import SessionTurn
+from launcher.proxy.turns import SessionTurn, SessionUse
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -192,33 +193,52 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     st.require_ready()
     await st.check_model(body.model)
     session_id = session_id_for(request, body)
+    use = SessionUse(session_id) if session_id else None
+    reply, headers = await generate(st, body, owner, use=use, headers=request.headers)
+    if isinstance(reply, Response):
+        return reply
+    return JSONResponse(reply, headers=headers)
+
+
+async def generate(
+    st: ProxyState,
+    body: ChatRequest,
+    owner: str,
+    *,
+    use: SessionUse | None,
+    headers: Mapping[str, str],
+) -> tuple[dict[str, Any] | Response, dict[str, str]]:
+    """One chat request through every check, the queue, the session (when `use` names one)
+    and the backend: the reply (OpenAI's chat object) and the session's headers, or for a
+    stream the relaying response. The Responses and Messages APIs translate to this too, so
+    every API gets the same checks, limits, sessions, crash memory and metrics."""
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))
         turn = None
-        if session_id:
+        if use is not None:
             turn = await turns.prepare(
                 st, stack, body, incoming, fit_request(st, body, session=True),
-                owner=owner, session_id=session_id, headers=request.headers,
+                owner=owner, use=use, headers=headers,
             )  # fmt: skip
             if turn.retry is not None:
-                return _replay(turn, body)
+                return _replay(turn, body), {}
             fitted = turn.fitted
         else:
             fitted = await _check_fit(st, body, incoming, owner)
         payload = upstream_body(body, fitted.messages)
-        headers = backend_headers(owner, session_id)
+        private = backend_headers(owner, use.session_id if use else None)
         route = "/v1/chat/completions"
         reply = await _forward(
-            st, stack, route, payload, body=body, owner=owner, headers=headers, turn=turn
+            st, stack, route, payload, body=body, owner=owner, headers=private, turn=turn
         )
         if isinstance(reply, Response):
-            return reply
+            return reply, {}
         if turn is not None:
             await turns.commit(st, turn, reply)
         _account(st, reply)
-        return JSONResponse(reply, headers=turn.headers() if turn else {})
+        return reply, turn.headers() if turn else {}
 
 
 async def completion(request: Request, body: TextCompletionRequest, owner: str) -> Response:

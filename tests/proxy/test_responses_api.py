@@ -1,0 +1,222 @@
+"""The Responses API on llmup's slot worker, through the official openai client: a chain of
+`previous_response_id`s is one session whose KV cache is reused, an older id branches
+without touching the original, stored responses are read, listed and deleted, `store: false`
+keeps nothing, another key finds nothing, bad input is a 400 that changes nothing, and every
+reply and stream event is valid against OpenAI's published schemas."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from support.backend_fixtures import TEMPLATE, proxy_settings, serve_proxy
+from support.ggufgen import write_llama_gguf
+from support.openai_schemas import check_error, check_response_event, check_responses
+from support.worker_fixtures import SlotWorker
+
+from launcher.served import StaticBackend, WorkerKind
+
+KEYS = ["key-a", "key-b"]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("responses")
+    model = write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=5)
+    running = SlotWorker.start(model, folder / "slots", "--parallel", "2")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(worker, tmp_path_factory):
+    backend = StaticBackend(
+        base_url=worker.url, model_id="tiny", context=512, kind=WorkerKind.LLAMACPP_SLOTS
+    )
+    home = tmp_path_factory.mktemp("home")
+    running = serve_proxy(proxy_settings(home, api_keys=KEYS, replica_name="r1"), backend)
+    yield running
+    running.stop()
+
+
+def create(client: openai.OpenAI, text: str, **fields) -> dict:
+    reply = client.responses.create(
+        model="tiny", input=text, max_output_tokens=6, temperature=0, **fields
+    )
+    body = reply.model_dump(mode="json", exclude_unset=True)
+    check_responses("Response", body)
+    return body
+
+
+def session(proxy, key: str, session_id: str) -> dict:
+    return proxy.http(key).get(f"/v1/sessions/{session_id}").json()
+
+
+def test_a_chain_is_one_session_and_reuses_its_kv(proxy) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world the time", instructions="be brief")
+    assert first["id"].startswith("resp_r1_") and first["status"] in ("completed", "incomplete")
+    assert first["output"][0]["type"] == "message" and first["usage"]["input_tokens"] > 0
+    second = create(client, "what some thing", previous_response_id=first["id"])
+    cached = second["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["input_tokens"]  # the chain did not re-read its history
+    chain = session(proxy, "key-a", first["id"])  # the chain's session: its first id
+    assert chain["turns"] == 2 and chain["messages"][0] == {"role": "system", "content": "be brief"}
+    assert [m["role"] for m in chain["messages"][1:]] == ["user", "assistant"] * 2
+    assert chain["messages"][3]["content"] == "what some thing"
+    stored = client.responses.retrieve(second["id"]).model_dump(mode="json", exclude_unset=True)
+    assert stored == second
+    items = proxy.http("key-a").get(f"/v1/responses/{second['id']}/input_items").json()
+    check_responses("ResponseItemList", items)
+    assert [i["content"][0]["text"] for i in items["data"]] == ["what some thing"]
+    # the chain's session is a session like any other: chat continues it
+    reply = proxy.http("key-a").post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+        },  # fmt: skip
+        headers={"X-Session-Id": first["id"]},
+    )
+    assert reply.status_code == 200, reply.text
+    assert session(proxy, "key-a", first["id"])["turns"] == 3
+
+
+def test_an_older_id_branches_and_the_original_is_untouched(proxy) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world")
+    second = create(client, "the time", previous_response_id=first["id"])
+    before = session(proxy, "key-a", first["id"])
+    branch = create(client, "some thing", previous_response_id=first["id"])
+    forked = session(proxy, "key-a", branch["id"])  # a new session, named by the branch
+    assert forked["turns"] == 2 and forked["messages"][:2] == before["messages"][:2]
+    assert forked["messages"][2]["content"] == "some thing"
+    assert session(proxy, "key-a", first["id"]) == before
+    # the original chain goes on from its latest response, its KV intact
+    third = create(client, "what word", previous_response_id=second["id"])
+    assert (
+        third["usage"]["input_tokens_details"]["cached_tokens"] >= second["usage"]["input_tokens"]
+    )
+    assert session(proxy, "key-a", first["id"])["turns"] == 3
+    # and the branch continues as a chain of its own
+    more = create(client, "more", previous_response_id=branch["id"])
+    assert session(proxy, "key-a", branch["id"])["turns"] == 3 and more["id"] != branch["id"]
+
+
+def test_store_false_keeps_nothing_but_reads_the_chain(proxy) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world")
+    sessions = proxy.http("key-a").get("/v1/sessions").json()["data"]
+    loose = create(client, "the time", previous_response_id=first["id"], store=False)
+    assert (
+        loose["store"] is False and loose["usage"]["input_tokens"] > first["usage"]["input_tokens"]
+    )  # the history was sent
+    assert proxy.http("key-a").get("/v1/sessions").json()["data"] == sessions
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(loose["id"])
+    assert session(proxy, "key-a", first["id"])["turns"] == 1
+
+
+def test_another_key_finds_none_of_them(proxy) -> None:
+    mine = create(proxy.client("key-a"), "hello world")
+    other = proxy.http("key-b")
+    for method, path in [
+        ("GET", f"/v1/responses/{mine['id']}"),
+        ("DELETE", f"/v1/responses/{mine['id']}"),
+        ("GET", f"/v1/responses/{mine['id']}/input_items"),
+    ]:
+        reply = other.request(method, path)
+        assert reply.status_code == 404 and reply.json()["error"]["code"] == "response_not_found"
+        check_error(reply.json())
+    with pytest.raises(openai.NotFoundError) as refused:
+        create(proxy.client("key-b"), "hi", previous_response_id=mine["id"])
+    assert refused.value.body["code"] == "previous_response_not_found"
+    assert proxy.http("key-a").get(f"/v1/responses/{mine['id']}").status_code == 200
+
+
+def test_deleting_the_last_response_deletes_the_chain(proxy, worker) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world")
+    second = create(client, "the time", previous_response_id=first["id"])
+    client.responses.delete(second["id"])
+    assert session(proxy, "key-a", first["id"])["turns"] == 2  # the chain holds first
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(second["id"])
+    client.responses.delete(first["id"])
+    assert proxy.http("key-a").get(f"/v1/sessions/{first['id']}").status_code == 404
+
+
+def test_bad_input_is_a_400_that_stores_nothing(proxy) -> None:
+    http = proxy.http("key-a")
+    before = http.get("/v1/sessions").json()["data"]
+    bad = [
+        {"model": "tiny"},  # no input
+        {"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+        {"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]},
+        {"model": "tiny", "input": "hi", "previous_response_id": "resp_x", "conversation": "c"},
+        {"model": "tiny", "input": "hi", "max_output_tokens": 0},
+        {"model": "tiny", "input": "hi", "background": True},
+        {"model": "tiny", "input": [{"type": "function_call_output", "output": "x"}]},
+    ]
+    for body in bad:
+        reply = http.post("/v1/responses", json=body)
+        assert reply.status_code == 400, (body, reply.text)
+        check_error(reply.json())
+    missing = http.post("/v1/responses", json={"model": "other", "input": "hi"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert http.get("/v1/sessions").json()["data"] == before
+
+
+def test_a_stream_is_openais_events_in_order(proxy) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world")
+    with proxy.http("key-a").stream(
+        "POST", "/v1/responses",
+        json={"model": "tiny", "input": "the time", "stream": True, "max_output_tokens": 6,
+              "previous_response_id": first["id"]},
+    ) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [e["type"] for e in events] == names
+    for event in events:
+        check_response_event(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]  # fmt: skip
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == deltas
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]
+    stored = proxy.http("key-a").get(f"/v1/responses/{final['id']}").json()
+    assert stored == final
+    # the SDK reads the same stream
+    with client.responses.stream(model="tiny", input="some", max_output_tokens=4) as stream:
+        done = stream.get_final_response()
+    assert done.id.startswith("resp_r1_") and done.output_text == done.output[0].content[0].text
+
+
+def test_input_tokens_counts_the_history(proxy) -> None:
+    client = proxy.client("key-a")
+    first = create(client, "hello world")
+    alone = proxy.http("key-a").post(
+        "/v1/responses/input_tokens", json={"model": "tiny", "input": "the time"}
+    )
+    chained = proxy.http("key-a").post(
+        "/v1/responses/input_tokens",
+        json={"model": "tiny", "input": "the time", "previous_response_id": first["id"]},
+    )
+    check_responses("TokenCountsResource", alone.json())
+    assert chained.json()["input_tokens"] > alone.json()["input_tokens"] > 0
+
+
+def test_without_a_key_it_is_refused_before_anything(proxy) -> None:
+    reply = httpx.post(proxy.url + "/v1/responses", json={"model": "tiny", "input": "x"})
+    assert reply.status_code == 401
