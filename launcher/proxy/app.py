@@ -19,6 +19,8 @@ from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
+from launcher.proxy.messages.errors import AnthropicErrors
+from launcher.proxy.messages.router import router as messages_router
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import ReplicaHeader
 from launcher.proxy.responses.router import router as responses_router
@@ -52,6 +54,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     app.state.proxy = state
     app.include_router(api)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)
@@ -59,6 +62,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     # outside the body limit: who may call is settled before a byte of the body is read
     hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
+    app.add_middleware(AnthropicErrors)  # outside the guard: its 401 in Anthropic's shape too
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ReplicaHeader, name=settings.proxy.replica_name)  # outermost: every answer
     _watch_gauges(state)

@@ -20,7 +20,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
+from launcher.api_errors import describe_validation
 from launcher.errors import (
     BackendDroppedError,
     BadRequestError,
@@ -90,6 +92,28 @@ def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str,
     if payload.get("stream"):
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return payload
+
+
+def chat_request(fields: dict[str, Any]) -> ChatRequest:
+    """A chat request made by translating another API's request (None fields left out);
+    400 for what chat cannot take, named as the chat request names it."""
+    try:
+        return ChatRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        message, param, code = describe_validation(list(exc.errors()))
+        raise BadRequestError(message, param=param, code=code) from exc
+
+
+async def count_prompt(st: ProxyState, body: ChatRequest, owner: str) -> int:
+    """The request's prompt length as the backend counts it (its template, its tokenizer)."""
+    payload = upstream_body(body)
+    ask = {k: payload[k] for k in (*TEMPLATE_FIELDS, "messages") if k in payload}
+    counted = await st.fitter.counter.count(ask, owner=owner)
+    if counted is None:
+        raise BadRequestError(
+            "this backend cannot count prompts (an older worker image)", code="unsupported"
+        )
+    return counted.prompt_tokens
 
 
 def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:

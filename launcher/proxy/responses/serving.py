@@ -24,9 +24,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
-from launcher.api_errors import describe_validation
 from launcher.errors import BadRequestError, NotFoundError, SessionConflictError
 from launcher.proxy import chat, worker_slots
 from launcher.proxy.context import TurnPlan
@@ -117,11 +115,7 @@ def chat_body(body: ResponseInput, messages: list[Message], **fields: Any) -> Ch
         fields["response_format"] = {"type": "json_object"}
         if text_format.schema_ is not None:
             fields["response_format"]["schema"] = text_format.schema_
-    try:
-        return ChatRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        message, param, code = describe_validation(list(exc.errors()))
-        raise BadRequestError(message, param=param, code=code) from exc
+    return chat.chat_request(fields)
 
 
 def appending(
@@ -267,9 +261,5 @@ async def input_tokens(request: Request, body: ResponseInput, owner: str) -> dic
     messages = stateless_messages(prior, system_message(body, texts), new)
     if not messages:
         raise BadRequestError("`input` holds nothing to count", param="input")
-    payload = chat.upstream_body(chat_body(body, messages), messages)
-    ask = {k: payload[k] for k in (*chat.TEMPLATE_FIELDS, "messages") if k in payload}
-    counted = await st.fitter.counter.count(ask, owner=owner)
-    if counted is None:
-        raise BadRequestError("this backend cannot count prompts", code="unsupported")
-    return {"object": "response.input_tokens", "input_tokens": counted.prompt_tokens}
+    counted = await chat.count_prompt(st, chat_body(body, messages), owner)
+    return {"object": "response.input_tokens", "input_tokens": counted}

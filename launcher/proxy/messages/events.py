@@ -1,0 +1,112 @@
+"""The Messages API's stream, made from the chat stream the request was translated to.
+
+Anthropic's order: `message_start`, `ping`, then per content block `content_block_start`,
+its `content_block_delta`s (`text_delta` for text, `input_json_delta` for a tool call's
+input) and `content_block_stop`, then `message_delta` (the stop reason and the whole usage)
+and `message_stop`. A block is closed when the next one starts. A chat stream that ends in an
+error event ends this one with Anthropic's `error` event; the session then holds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from launcher.proxy.messages.convert import STOP_REASONS, usage
+from launcher.proxy.messages.errors import anthropic_error
+from launcher.proxy.relay import StreamResult
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def chat_events(raw: bytes) -> list[Any]:
+    """The data of each event in a block the chat relay sent (`[DONE]` as the string)."""
+    found = []
+    for line in raw.decode("utf-8").splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+class MessageStream:
+    """One message's events; iterate `events(chat_stream)`."""
+
+    def __init__(self, message_id: str, model: str) -> None:
+        self.message_id, self.model = message_id, model
+        self.result = StreamResult(kind="chat")
+        self.index = -1  # the open block's index
+        self.block: tuple[str, int] | None = None  # ("text", 0) or ("tool", call index)
+
+    async def events(self, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        message = {"id": self.message_id, "type": "message", "role": "assistant",
+                   "model": self.model, "content": [], "stop_reason": None,
+                   "stop_sequence": None, "usage": usage(None)}  # fmt: skip
+        yield sse_event({"type": "message_start", "message": message})
+        yield sse_event({"type": "ping"})
+        async for raw in chat:
+            for data in chat_events(raw):
+                if data == "[DONE]":
+                    for event in self.finish():
+                        yield event
+                    return
+                if "error" in data:
+                    text = str(data["error"].get("message") or "the reply failed")
+                    yield sse_event(anthropic_error(500, text))
+                    return
+                for event in self.feed(data):
+                    yield event
+
+    def feed(self, chunk: dict[str, Any]) -> list[bytes]:
+        self.result.feed(chunk)
+        out: list[bytes] = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                out += self._start(("text", 0), {"type": "text", "text": ""})
+                out.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+            for call in delta.get("tool_calls") or []:
+                out += self._call(call)
+        return out
+
+    def _call(self, call: dict[str, Any]) -> list[bytes]:
+        function = call.get("function") or {}
+        block = {"type": "tool_use", "id": call.get("id") or "",
+                 "name": function.get("name") or "", "input": {}}  # fmt: skip
+        out = self._start(("tool", int(call.get("index", 0))), block)
+        if function.get("arguments"):
+            out.append(self._delta({"type": "input_json_delta",
+                                    "partial_json": function["arguments"]}))  # fmt: skip
+        return out
+
+    def _start(self, block: tuple[str, int], content: dict[str, Any]) -> list[bytes]:
+        if self.block == block:
+            return []
+        out = self._stop()
+        self.index += 1
+        self.block = block
+        out.append(sse_event({"type": "content_block_start", "index": self.index,
+                              "content_block": content}))  # fmt: skip
+        return out
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return sse_event({"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def _stop(self) -> list[bytes]:
+        if self.block is None:
+            return []
+        self.block = None
+        return [sse_event({"type": "content_block_stop", "index": self.index})]
+
+    def finish(self) -> list[bytes]:
+        out = [] if self.index >= 0 else self._start(("text", 0), {"type": "text", "text": ""})
+        out += self._stop()
+        reason = STOP_REASONS.get(self.result.finish_reason or "stop", "end_turn")
+        delta = {"stop_reason": reason, "stop_sequence": None}
+        out.append(sse_event({"type": "message_delta", "delta": delta,
+                              "usage": usage(self.result.usage)}))  # fmt: skip
+        out.append(sse_event({"type": "message_stop"}))
+        return out
