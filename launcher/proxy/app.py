@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from launcher.api_errors import install_error_handlers
 from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
+from launcher.proxy.conversations.router import router as conversations_router
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.messages.errors import AnthropicErrors
@@ -55,6 +56,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     app.include_router(api)
     app.include_router(responses_router)
     app.include_router(messages_router)
+    app.include_router(conversations_router)
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)

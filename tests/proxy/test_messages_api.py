@@ -12,35 +12,16 @@ import httpx
 import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 from pydantic import TypeAdapter
-from support.backend_fixtures import TEMPLATE, proxy_settings, serve_proxy
-from support.ggufgen import write_llama_gguf
-from support.worker_fixtures import SlotWorker
 
 from launcher.proxy.messages.convert import chat_messages
 from launcher.proxy.messages.models import MessageCreateParams
-from launcher.served import StaticBackend, WorkerKind
 
-KEYS = ["key-a", "key-b"]
 EVENT = TypeAdapter(RawMessageStreamEvent)
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("messages")
-    model = write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=5)
-    running = SlotWorker.start(model, folder / "slots", "--parallel", "2")
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(worker, tmp_path_factory):
-    backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=512, kind=WorkerKind.LLAMACPP_SLOTS
-    )
-    running = serve_proxy(proxy_settings(tmp_path_factory.mktemp("home"), api_keys=KEYS), backend)
-    yield running
-    running.stop()
+def proxy(slot_proxy):
+    return slot_proxy
 
 
 def client(proxy, key: str = "key-a", **kw) -> anthropic.Anthropic:

@@ -11,34 +11,12 @@ import json
 import httpx
 import openai
 import pytest
-from support.backend_fixtures import TEMPLATE, proxy_settings, serve_proxy
-from support.ggufgen import write_llama_gguf
 from support.openai_schemas import check_error, check_response_event, check_responses
-from support.worker_fixtures import SlotWorker
-
-from launcher.served import StaticBackend, WorkerKind
-
-KEYS = ["key-a", "key-b"]
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("responses")
-    model = write_llama_gguf(folder / "tiny-chat.gguf", chat_template=TEMPLATE, seed=5)
-    running = SlotWorker.start(model, folder / "slots", "--parallel", "2")
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(worker, tmp_path_factory):
-    backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=512, kind=WorkerKind.LLAMACPP_SLOTS
-    )
-    home = tmp_path_factory.mktemp("home")
-    running = serve_proxy(proxy_settings(home, api_keys=KEYS, replica_name="r1"), backend)
-    yield running
-    running.stop()
+def proxy(slot_proxy):
+    return slot_proxy
 
 
 def create(client: openai.OpenAI, text: str, **fields) -> dict:

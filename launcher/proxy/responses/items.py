@@ -15,6 +15,7 @@ import hashlib
 import secrets
 from typing import Any
 
+from launcher.errors import BadRequestError
 from launcher.proxy.responses.models import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -120,3 +121,21 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str) -> Item:
 def _output_item(item_id: str, call_id: str, output: str) -> Item:
     return {"id": item_id, "type": "function_call_output", "status": "completed",
             "call_id": call_id, "output": output}  # fmt: skip
+
+
+def page(items: list[dict[str, Any]], *, limit: int, order: str, after: str | None) -> dict:
+    """One page of a list, OpenAI's way (`after` an item id, `order` asc or desc)."""
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise BadRequestError(f"no item `{after}` in this list", param="after")
+        ordered = ordered[ids.index(after) + 1 :]
+    data = ordered[:limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(ordered) > limit,
+    }

@@ -115,7 +115,7 @@ class ConversationRef(_Open):
     id: str = Field(min_length=1)
 
 
-def _typed_items(value: Any) -> Any:
+def typed_items(value: Any) -> Any:
     """Items without `type` are messages (the easy input form)."""
     if isinstance(value, list):
         return [
@@ -143,7 +143,7 @@ class ResponseInput(_Open):
     def _checked(cls, data: Any) -> Any:
         check_plain_json(data)
         if isinstance(data, dict):
-            data = {**data, "input": _typed_items(data.get("input"))}
+            data = {**data, "input": typed_items(data.get("input"))}
             _refuse_hosted_tools(data.get("tools"))
         return data
 

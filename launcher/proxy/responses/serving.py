@@ -32,7 +32,7 @@ from launcher.proxy.relay import OwnedStream
 from launcher.proxy.replica import routed_id
 from launcher.proxy.request_models import ChatRequest
 from launcher.proxy.responses.events import ResponseStream
-from launcher.proxy.responses.items import input_items, messages_of
+from launcher.proxy.responses.items import input_items, messages_of, page
 from launcher.proxy.responses.models import CreateResponse, ResponseInput
 from launcher.proxy.responses.objects import ResponseBuilder, ResponseHead
 from launcher.proxy.state import ProxyState, proxy_state
@@ -229,24 +229,6 @@ async def list_input_items(
     if found is None:
         raise no_response(response_id)
     return page(found.record.input, limit=limit, order=order, after=after)
-
-
-def page(items: list[dict[str, Any]], *, limit: int, order: str, after: str | None) -> dict:
-    """One page of a list, OpenAI's way (`after` an item id, `order` asc or desc)."""
-    ordered = list(items) if order == "asc" else list(reversed(items))
-    if after is not None:
-        ids = [item["id"] for item in ordered]
-        if after not in ids:
-            raise BadRequestError(f"no item `{after}` in this list", param="after")
-        ordered = ordered[ids.index(after) + 1 :]
-    data = ordered[:limit]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(ordered) > limit,
-    }
 
 
 async def input_tokens(request: Request, body: ResponseInput, owner: str) -> dict[str, Any]:

@@ -211,7 +211,12 @@ class SessionStore(Protocol):
         the last response of a chain that is no conversation takes its session along)."""
 
     def create_conversation(
-        self, owner: str, conversation: ConversationRecord, messages: list[Message]
+        self,
+        owner: str,
+        conversation: ConversationRecord,
+        messages: list[Message],
+        *,
+        system: Message | None = None,
     ) -> None:
         """A new conversation (a new session), with `messages` as its first turn if any."""
 

@@ -335,16 +335,24 @@ class SqlStore(ABC):
         return True, found.session
 
     def create_conversation(
-        self, owner: str, conversation: ConversationRecord, messages: list[Message]
+        self,
+        owner: str,
+        conversation: ConversationRecord,
+        messages: list[Message],
+        *,
+        system: Message | None = None,
     ) -> None:
         """A new conversation (a new session), with `messages` as its first turn if any."""
         now = conversation.created
         self._maybe_purge(now)
         with self._transaction() as db:
+            system_json = as_json(system) if system else None
             db.execute(
-                "INSERT INTO sessions (owner, id, created, updated, epoch) VALUES (?, ?, ?, ?, ?)",
-                (owner, conversation.id, now, now, uuid.uuid4().hex),
-            )
+                "INSERT INTO sessions (owner, id, system, created, updated, epoch, bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (owner, conversation.id, system_json, now, now, uuid.uuid4().hex,
+                 len(system_json.encode("utf-8")) if system_json else 0),
+            )  # fmt: skip
             db.execute(
                 "INSERT INTO conversations (owner, id, metadata) VALUES (?, ?, ?)",
                 (owner, conversation.id, as_json(conversation.metadata)),
@@ -353,7 +361,7 @@ class SqlStore(ABC):
                 first = NewTurn(Conversation(), 0, messages)
                 added = self._append(db, owner, conversation.id, first)
                 db.execute(
-                    "UPDATE sessions SET turns=1, bytes=? WHERE owner=? AND id=?",
+                    "UPDATE sessions SET turns=1, bytes=bytes+? WHERE owner=? AND id=?",
                     (added, owner, conversation.id),
                 )
 
