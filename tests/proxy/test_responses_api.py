@@ -115,7 +115,7 @@ def test_another_key_finds_none_of_them(proxy) -> None:
     assert proxy.http("key-a").get(f"/v1/responses/{mine['id']}").status_code == 200
 
 
-def test_deleting_the_last_response_deletes_the_chain(proxy, worker) -> None:
+def test_deleting_the_last_response_deletes_the_chain(proxy) -> None:
     client = proxy.client("key-a")
     first = create(client, "hello world")
     second = create(client, "the time", previous_response_id=first["id"])
