@@ -51,7 +51,9 @@ CONTEXT_FILES = [
 
 
 def sh(*args: str, log: Path | None = None, timeout: float = 600, **kw) -> str:
-    """Run a command; on failure the assertion shows its output."""
+    """Run a command and return its stdout (compose warns on stderr, e.g. about the cluster
+    profile's secret file, which must not be parsed as output); on failure the assertion
+    shows both."""
     result = subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, check=False, **kw
     )
@@ -59,7 +61,7 @@ def sh(*args: str, log: Path | None = None, timeout: float = 600, **kw) -> str:
     if log is not None:
         log.write_text(out)
     assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{out[-6000:]}"
-    return out
+    return result.stdout
 
 
 @pytest.fixture(scope="module")

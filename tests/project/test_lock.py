@@ -76,4 +76,4 @@ def test_the_readme_and_ci_install_from_the_lock():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -r requirements-test.txt" in ci
     assert "pip install -q --no-deps -e ." in ci
-    assert tests.endswith("python -m pytest -q") and "\npython -m pytest -q\n" in ci
+    assert tests.endswith("python -m pytest -q -n 2") and "\npython -m pytest -q -n 2\n" in ci

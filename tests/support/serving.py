@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,10 +101,16 @@ class Served:
 
 
 def kill_leftovers(keep: int = 0) -> None:
-    """SIGKILL the process group of every server started after the first `keep` ones."""
+    """SIGKILL every server started after the first `keep` ones, with its process group and
+    every process below it: a backend runs in a process group of its own, and one a test
+    froze (SIGSTOP) before it armed its parent-death signal would outlive the server."""
     for server in Served.started[keep:]:
         if server.proc.poll() is None:
+            below = descendants(server.proc.pid)
             os.killpg(server.proc.pid, signal.SIGKILL)
+            for proc in below:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
             server.proc.wait(timeout=30)
         server.log.close()
     del Served.started[keep:]
