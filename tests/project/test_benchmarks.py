@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = (
-    "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out"
+    "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out",
+    "responses_chain",
 )  # fmt: skip
 OWN_TABLE = {  # a title each script prints
     "calibration": "Error per component",
@@ -27,6 +28,7 @@ OWN_TABLE = {  # a title each script prints
     "memory_over_time": "RSS over a long run",
     "plan_speed": "Expected vs reference speed",
     "scale_out": "Session turns through HAProxy and PostgreSQL",
+    "responses_chain": "Responses chain vs chat resend",
 }
 
 
@@ -158,6 +160,18 @@ def test_scale_out_measures_every_arm_the_overheads_and_a_failover(quick):
     assert len(model["failover_s"]) >= 1 and all(d > 0 for d in model["failover_s"])
     assert "PostgreSQL" in report["conditions"]["postgresql"]
     assert "HAProxy version 2." in report["conditions"]["haproxy"]
+
+
+def test_responses_chain_times_every_turn_of_both_arms(quick):
+    report = quick["responses_chain"][1]
+    turns = report["conditions"]["turns"]
+    chain, resend = report["arms"]["chain"], report["arms"]["resend"]
+    assert len(chain) == len(resend) == turns
+    for rows in (chain, resend):
+        assert all(r["ttft_s"] > 0 and r["prompt_tokens"] > 0 for r in rows)
+        assert [r["prompt_tokens"] for r in rows] == sorted(r["prompt_tokens"] for r in rows)
+    # each chained turn reuses at least the previous turn's prompt from the session's KV
+    assert all(b["cached_tokens"] >= a["prompt_tokens"] for a, b in zip(chain, chain[1:]))
 
 
 def test_report_renders_every_section_as_well_formed_tables(quick, folder, tmp_path):
