@@ -149,9 +149,9 @@ async def _check_fit(
     return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context, owner=owner)
 
 
-def _account(st: ProxyState, reply: dict[str, Any]) -> None:
+def _account(st: ProxyState, reply: dict[str, Any], api: str) -> None:
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
-    st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"), api)
 
 
 async def _forward(
@@ -164,6 +164,7 @@ async def _forward(
     owner: str,
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
+    api: str = "chat",
 ) -> dict[str, Any] | Response:
     """Send the request (once a backend place is free): its JSON reply, as OpenAI's schema
     has it, or for a stream the relaying response, which from then on owns what `stack`
@@ -199,6 +200,7 @@ async def _forward(
         wants_usage=body.wants_usage_chunk(),
         on_complete=complete,
         on_backend_drop=partial(st.crashes.backend_dropped, ticket),
+        api=api,
     )
     reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
@@ -231,6 +233,7 @@ async def generate(
     *,
     use: SessionUse | None,
     headers: Mapping[str, str],
+    api: str = "chat",
 ) -> tuple[dict[str, Any] | Response, dict[str, str]]:
     """One chat request through every check, the queue, the session (when `use` names one)
     and the backend: the reply (OpenAI's chat object) and the session's headers, or for a
@@ -255,13 +258,14 @@ async def generate(
         private = backend_headers(owner, use.session_id if use else None)
         route = "/v1/chat/completions"
         reply = await _forward(
-            st, stack, route, payload, body=body, owner=owner, headers=private, turn=turn
-        )
+            st, stack, route, payload, body=body, owner=owner, headers=private, turn=turn,
+            api=api,
+        )  # fmt: skip
         if isinstance(reply, Response):
             return reply, {}
         if turn is not None:
             await turns.commit(st, turn, reply)
-        _account(st, reply)
+        _account(st, reply, api)
         return reply, turn.headers() if turn else {}
 
 
@@ -280,10 +284,12 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
         )
         check_fits(counted, body.max_tokens or 1, "prompt")
         payload = upstream_body(body)
-        reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
+        reply = await _forward(
+            st, stack, "/v1/completions", payload, body=body, owner=owner, api="completions"
+        )
         if isinstance(reply, Response):
             return reply
-        _account(st, reply)
+        _account(st, reply, "completions")
         return JSONResponse(reply)
 
 
@@ -305,5 +311,5 @@ async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Re
                 )
         async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
-    _account(st, reply)
+    _account(st, reply, "embeddings")
     return JSONResponse(reply)

@@ -198,3 +198,16 @@ def test_input_tokens_counts_the_history(proxy) -> None:
 def test_without_a_key_it_is_refused_before_anything(proxy) -> None:
     reply = httpx.post(proxy.url + "/v1/responses", json={"model": "tiny", "input": "x"})
     assert reply.status_code == 401
+
+
+def test_metrics_count_each_api_on_its_own(proxy) -> None:
+    create(proxy.client("key-a"), "hello world")
+    text = proxy.http("key-a").get("/metrics").text
+    counted = {
+        line.split("{", 1)[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("llmup_tokens_total{")
+    }
+    assert counted['api="responses",direction="in"'] > 0
+    assert counted['api="responses",direction="out"'] > 0
+    assert 'llmup_requests_total{route="/v1/responses",status="200"}' in text

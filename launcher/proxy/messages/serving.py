@@ -52,7 +52,9 @@ async def create(request: Request, params: MessageCreateParams, owner: str) -> R
     await st.check_model(params.model)
     body = chat_body(params)
     use = session_use(request, body)
-    reply, headers = await chat.generate(st, body, owner, use=use, headers=request.headers)
+    reply, headers = await chat.generate(
+        st, body, owner, use=use, headers=request.headers, api="messages"
+    )
     message_id = f"msg_{secrets.token_hex(12)}"
     if isinstance(reply, OwnedStream):
         events = MessageStream(message_id, params.model).events(reply.body_iterator)

@@ -192,7 +192,9 @@ async def create(request: Request, body: CreateResponse, owner: str) -> Response
     else:
         use = None
         request_body = chat_body(body, stateless_messages(prior, system, new), **sampling)
-    reply, headers = await chat.generate(st, request_body, owner, use=use, headers=request.headers)
+    reply, headers = await chat.generate(
+        st, request_body, owner, use=use, headers=request.headers, api="responses"
+    )
     if isinstance(reply, OwnedStream):
         events = ResponseStream(builder).events(reply.body_iterator)
         return OwnedStream(events, resources=reply.resources, headers=headers)
