@@ -1,6 +1,6 @@
 """A Responses API chain against the same conversation resent through chat: TTFT per turn.
 
-Run:  python benchmarks/responses_chain.py [--quick] [--turns 10] [--out FILE]
+Run:  python benchmarks/responses_chain.py [--quick] [--turns 10] [--words 60] [--out FILE]
 
 One `llmup serve` (the session-slot worker) on Gemma 3 270M (the PyPI package's GGUF; a
 generated tiny Llama with --quick). Two arms, one after the other, each its own words:
@@ -12,11 +12,12 @@ generated tiny Llama with --quick). Two arms, one after the other, each its own 
    conversation so far (the replies of its own earlier turns), as a client of a stateless
    server sends it.
 
-Each turn adds a ~125-word user message and asks for 24 tokens at temperature 0. Time to
-first token is to the first text delta (or, for a reply that is empty, to its end: the
-prompt's evaluation is what it measures either way). Also recorded per turn: the prompt's
-tokens and how many of them the server took from a KV cache (`cached_tokens`). Target: the
-chain's last turn answers first faster than the resent conversation's last turn.
+Each turn adds a user message of `--words` words (60) and asks for 24 tokens at
+temperature 0. Time to first token is to the first text delta (or, for a reply that is
+empty, to its end: the prompt's evaluation is what it measures either way). Also recorded
+per turn: the prompt's tokens and how many of them the server took from a KV cache
+(`cached_tokens`). Target: the chain's last turn answers first faster than the resent
+conversation's last turn.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def resend(http: httpx.Client, model: str, turns: int, words: int) -> list[dict[
 def main() -> None:
     args = parser(__doc__, "responses_chain")
     args.add_argument("--turns", type=int, default=10, help="turns per arm (3 with --quick)")
+    args.add_argument("--words", type=int, default=60, help="words per user message (20 --quick)")
     args = args.parse_args()
     run = Run("responses_chain", args.quick)
     model_path, model_name = bench_model(args.quick)
-    turns, words = (3, 20) if args.quick else (args.turns, 125)
+    turns, words = (3, 20) if args.quick else (args.turns, args.words)
     with llmup_serving(Path(model_path)) as (_, url):
         model = served_model(url + "/v1")
         with httpx.Client(base_url=url, timeout=600, trust_env=False) as http:
