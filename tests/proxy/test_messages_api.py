@@ -157,3 +157,20 @@ def test_tool_blocks_become_chat_tool_calls_and_results() -> None:
         {"role": "tool", "content": "rain", "tool_call_id": "tu_1"},
         {"role": "user", "content": "thanks"},
     ]  # fmt: skip
+
+
+def test_max_tokens_is_a_ceiling_and_mid_conversation_system_joins_the_system(proxy) -> None:
+    """Claude Code asks for 32,000 tokens whatever the model and sends `system` messages
+    among the messages: the reply gets what the context has left, the system text goes
+    first."""
+    body = {"model": "tiny", "max_tokens": 32000, "system": "be brief",
+            "messages": [{"role": "user", "content": "hello world"},
+                         {"role": "system", "content": "agents: none"}]}  # fmt: skip
+    reply = raw_message(proxy, body)
+    assert reply.status_code == 200, reply.text
+    assert Message.model_validate(reply.json()).usage.output_tokens > 0
+    params = MessageCreateParams.model_validate(body)
+    assert chat_messages(params) == [
+        {"role": "system", "content": "be brief\n\nagents: none"},
+        {"role": "user", "content": "hello world"},
+    ]

@@ -4,7 +4,8 @@ Anthropic's blocks map onto chat's messages one to one: a user message's `tool_r
 blocks become `tool` messages (before its text, as Anthropic orders them), an assistant's
 `tool_use` blocks its `tool_calls` (the input as JSON text), `system` the system message;
 `tools` and `tool_choice` (`any` is chat's `required`), `stop_sequences` (chat's `stop`),
-`top_k` (llama.cpp's) follow. Back, a reply's text is a `text` block, each tool call a
+`top_k` (llama.cpp's) follow; `system` messages among the messages join the system
+message. Back, a reply's text is a `text` block, each tool call a
 `tool_use` block, and the finish reason a `stop_reason`. Usage is Anthropic's: the prompt
 tokens read from the KV cache are `cache_read_input_tokens`, the rest `input_tokens`.
 """
@@ -31,12 +32,20 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 
 
 def chat_messages(params: CountTokensParams) -> list[Message]:
-    """The request's conversation as chat messages (the system message first)."""
-    system = params.system_text()
-    out: list[Message] = [{"role": "system", "content": system}] if system else []
+    """The request's conversation as chat messages, the system message first: `system`,
+    then the text of any `system` message among `messages` (chat templates take one system
+    message, at the start)."""
+    texts = [params.system_text() or ""]
+    out: list[Message] = []
     for message in params.messages:
-        out += _user(message) if message.role == "user" else [_assistant(message)]
-    return out
+        if message.role == "system":
+            texts.append("".join(b.text for b in message.blocks() if isinstance(b, TextBlock)))
+        elif message.role == "user":
+            out += _user(message)
+        else:
+            out.append(_assistant(message))
+    system = "\n\n".join(t for t in texts if t)
+    return ([{"role": "system", "content": system}] if system else []) + out
 
 
 def _user(message: MessageParam) -> list[Message]:

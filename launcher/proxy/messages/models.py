@@ -56,7 +56,10 @@ Block = Annotated[
 
 
 class MessageParam(_Open):
-    role: Literal["user", "assistant"]
+    """A message; `system` ones in the middle of the conversation (Claude Code sends them,
+    Anthropic's `mid-conversation-system` beta) join the system prompt."""
+
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
     def blocks(self) -> list[Any]:

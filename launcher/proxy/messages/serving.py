@@ -1,5 +1,8 @@
 """The Messages API's work: translate, run through `chat.generate`, answer as Anthropic.
 
+`max_tokens` is a ceiling, as Anthropic's is: when the prompt and it do not fit the
+context, the reply is given what is left (`stop_reason: max_tokens` if it runs out).
+
 A conversation is kept like chat's when the client names a session (`X-Session-Id`): the
 client resends the whole conversation each time, as Anthropic's API wants, and the session
 lines it up with what it holds (`plan_turn`), so only the new messages are evaluated on the
@@ -21,7 +24,7 @@ from launcher.proxy.messages.events import MessageStream
 from launcher.proxy.messages.models import CountTokensParams, MessageCreateParams
 from launcher.proxy.relay import OwnedStream
 from launcher.proxy.request_models import ChatRequest
-from launcher.proxy.state import proxy_state
+from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.turns import SessionUse
 
 
@@ -46,11 +49,21 @@ def session_use(request: Request, body: ChatRequest) -> SessionUse | None:
     return SessionUse(session_id, plan=lambda history: plan_turn(history, incoming, ""))
 
 
+async def within_context(st: ProxyState, body: ChatRequest, owner: str) -> ChatRequest:
+    """`max_tokens` as Anthropic's ceiling: a request whose prompt and `max_tokens` exceed
+    the context is sent without it, and the reply runs at most to the end of the context
+    (Claude Code asks for 32,000 tokens whatever the model)."""
+    wanted = body.requested_max_tokens() or 0
+    if await chat.count_prompt(st, body, owner) + wanted <= st.context:
+        return body
+    return body.model_copy(update={"max_tokens": None})
+
+
 async def create(request: Request, params: MessageCreateParams, owner: str) -> Response:
     st = proxy_state(request)
     st.require_ready()
     await st.check_model(params.model)
-    body = chat_body(params)
+    body = await within_context(st, chat_body(params), owner)
     use = session_use(request, body)
     reply, headers = await chat.generate(
         st, body, owner, use=use, headers=request.headers, api="messages"
