@@ -11,6 +11,10 @@ References:
   M1 Pro CPU with 8 threads, 25 ms/token on an M2 Max GPU; 13B Q4: 73 and 42 ms/token).
 - PR #4766: ggml-org/llama.cpp pull request 4766 (llama-bench tg128 and pp512, llama 7B, RTX
   3090 and RTX 4090; https://github.com/ggml-org/llama.cpp/pull/4766).
+- EPYC 9554: llama.cpp's llama-bench on one AMD EPYC 9554 with 12 channels of DDR5-4800
+  (460.8 GB/s), Phi-4 14B in four quantizations (https://ahelpme.com/?p=6685): a CPU
+  described rather than measured, predicted from the device table's figures as a machine
+  profile's CPU is (each file read whole per token).
 - here: llama-cpp-python (this install) on this machine's CPU, the best of three runs: on one
   thread timed in CPU time (time another process runs does not count, so a busy shared
   machine cannot skew it: the calibration), predicted from the probe re-measured the same
@@ -63,6 +67,10 @@ PR_4766 = [
     ("NVIDIA GeForce RTX 4090", "F16", 12.55, 61.03, 11048.22),
     ("NVIDIA GeForce RTX 4090", "Q8_0", 6.67, 98.13, 7664.00),
 ]
+# ahelpme.com, AMD EPYC 9554, llama-bench tg: (quant, file GiB, tokens/s)
+EPYC_9554 = [("Q4_K_M", 8.43, 28.74), ("Q5_0", 9.87, 25.444), ("Q6_K", 11.20, 23.246),
+             ("Q8_0", 14.51, 19.194)]  # fmt: skip
+PHI4_PARAMS = 14.66e9
 EMBD_BYTES = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # token_embd, per element
 GENERATED = dict(n_layer=12, n_embd=2048, n_head=16, n_head_kv=16, n_ff=5504, n_vocab=32000)
 GENERATED_QUICK = dict(n_layer=4, n_embd=1024, n_head=16, n_head_kv=16, n_ff=2816, n_vocab=32000)
@@ -128,6 +136,22 @@ def write_up_rows() -> list[dict]:
         where = "CPU, 8 threads" if device == "cpu" else "GPU (Metal)"
         rows.append(row("write-up", f"{chip} {where}", model, "decode",
                         speed.decode_tokens_per_s, 1000 / ms))  # fmt: skip
+    return rows
+
+
+def described_cpu_rows() -> list[dict]:
+    """The table's typical figures for a CPU a profile describes, against a public report."""
+    system = SystemInfo(os="linux", arch="x86_64", cpu_cores=64, ram_total_mib=196 * 1024,
+                        ram_available_mib=190 * 1024, cpu_name="AMD EPYC 9554 (AVX-512)",
+                        ram_type="DDR5-4800 12 channels")  # fmt: skip
+    rates = device_rates(HardwareSnapshot(gpus=[], system=system))
+    rows = []
+    for quant, gib, tg in EPYC_9554:
+        work = Work("cpu", int(gib * GIB), 2 * PHI4_PARAMS, 2 * PHI4_PARAMS)
+        speed = estimate([work], rates, n_ubatch=512)
+        rows.append(row("EPYC 9554", "AMD EPYC 9554, 12 x DDR5-4800 (described)",
+                        f"Phi-4 14B {quant} ({gib} GiB)", "decode", speed.decode_tokens_per_s,
+                        tg))  # fmt: skip
     return rows
 
 
@@ -266,7 +290,7 @@ def main() -> None:
     run = Run("plan_speed", args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         measured, probe = here_rows(Path(tmp), quick=args.quick)
-    rows = write_up_rows() + pr_4766_rows() + measured
+    rows = write_up_rows() + pr_4766_rows() + described_cpu_rows() + measured
     render(rows)
     one, every = probe["one_thread_cpu_time"], probe["all_cores"]
     Console().print(

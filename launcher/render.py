@@ -7,13 +7,17 @@ every start, `llmup --help` included, which should not pay for pydantic's model 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher.units import mib_gib_text as gib
 
@@ -190,8 +194,9 @@ def _speed(p: Plan) -> None:
     if p.speed is None:
         return
     s = p.speed
+    what = "expected speed (assumed CPU figures)" if s.assumed else "expected speed"
     out.print(
-        f"expected speed: {tokens_per_s(s.decode_tokens_per_s)} decode, "
+        f"{what}: {tokens_per_s(s.decode_tokens_per_s)} decode, "
         f"{tokens_per_s(s.prompt_tokens_per_s)} prompt (512 tokens)",
         highlight=False,
     )
@@ -205,20 +210,75 @@ def tokens_per_s(value: float | None) -> str:
     return f"{value:.3g} tokens/s" if value < 100 else f"{value:.0f} tokens/s"
 
 
+# Reasons as the tables show them (the plan's JSON keeps the whole text): the usual phrases
+# shortened so a reason reads in two lines of an 80-column terminal.
+NUM = r"([\d.]+)"
+SHORTER = (
+    (rf"needs {NUM} GiB on ([\w:+]+), {NUM} GiB free after reserve", r"needs \1 GiB, \2 has \3"),
+    (rf"needs {NUM} GiB of RAM, {NUM} GiB available after reserve", r"needs \1 GiB, RAM has \2"),
+    (r", but no split of whole layers fits every card", ", no split of whole layers fits"),
+    (rf"fits, but decodes at about {NUM} tokens/s, below (--min-tokens-per-s {NUM})",
+     r"fits; slower than \2"),
+    (r" GPTQ is not supported by exllamav2", " GPTQ: not in exllamav2"),
+)  # fmt: skip
+REASON_LINES = 2
+TABLE_PAD = 2  # a simple table's room between columns: one space of padding, one rule
+
+
+def short_reason(reason: str) -> str:
+    for pattern, replacement in SHORTER:
+        reason = re.sub(pattern, replacement, reason)
+    return reason
+
+
+def short_quant(quant: str) -> str:
+    """A quant as the narrow tables show it: GPTQ's `-actorder` as `-act`."""
+    return quant.replace("-actorder", "-act")
+
+
 def rejections(items: list[Rejected], *, title: str) -> None:
-    table = Table(title=title)
-    for col in ("model", "quant", "backend", "misses by", "decode", "reason"):
-        table.add_column(col)
-    for r in items:
-        table.add_row(
+    """The candidates that lost, one line each where the terminal allows: the model name whole,
+    the reason shortened and cut to two lines (`--json` has every reason in full). The quant
+    names the backend: GGUF quants run on llama.cpp, GPTQ ones on exllamav2."""
+    rows = [
+        [
             r.model,
-            r.quant,
-            r.backend,
+            short_quant(r.quant),
             gib(r.miss_mib) if r.miss_mib else "-",
-            tokens_per_s(r.decode_tokens_per_s) if r.decode_tokens_per_s else "-",
-            escape(r.reason),
-        )
+            f"{r.decode_tokens_per_s:.3g}" if r.decode_tokens_per_s else "-",
+        ]
+        for r in items
+    ]
+    heads = ["model", "quant", "misses by", "tok/s"]
+    fixed = [max(len(c) for c in col) for col in zip(heads, *rows)]
+    width = max(out.width - sum(fixed) - TABLE_PAD * len(fixed) - 1, 16)
+    table = simple_table(title)
+    for head in heads:
+        table.add_column(head, no_wrap=True)
+    table.add_column("reason", min_width=width, max_width=width)
+    for cells, r in zip(rows, items):
+        table.add_row(*cells, _lines(short_reason(r.reason), width))
     out.print(table)
+
+
+def _lines(text: str, width: int) -> Text:
+    """`text` wrapped to `width`, at most REASON_LINES lines (the last cut with an ellipsis)."""
+    lines = textwrap.wrap(
+        text, width, max_lines=REASON_LINES, placeholder=" …", break_on_hyphens=False
+    )
+    return Text("\n".join(lines or [""]))
+
+
+def simple_table(title: str | None = None, caption: str | None = None) -> Table:
+    """A table without vertical rules, so narrow terminals keep their width for the text."""
+    return Table(
+        title=title,
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+        caption_justify="left",
+    )
 
 
 def pull_result(result) -> None:
@@ -260,6 +320,7 @@ def serving(
     keyed: bool,
     keys_file: Path | None = None,
     slow: str | None = None,
+    aliases: list[str] | None = None,
 ) -> None:
     """The ready line with a curl and an openai snippet to paste, and, for a plan expected
     to decode below reading speed, the plan's `slow` warning (what would be faster).
@@ -269,6 +330,9 @@ def serving(
     came from flags, the environment or a keys file (a docker secret), which it names.
     """
     out.print(f"[bold green]ready[/bold green]: {model_id} at {url}/v1", highlight=False)
+    if aliases:
+        names = ", ".join("any name" if a == "*" else a for a in aliases)
+        out.print(f"  also answers to: {names}", highlight=False, soft_wrap=True, markup=False)
     if slow:
         out.print(f"  [yellow]slow:[/yellow] {escape(slow)}", highlight=False, soft_wrap=True)
     auth = ' -H "Authorization: Bearer $LLMUP_API_KEY"' if keyed else ""
@@ -324,35 +388,63 @@ def warning(message: str) -> None:
 
 
 def device_memory(p: Plan) -> str:
-    """Need of budget per device: "cuda:0 15.2/22.6 GiB, RAM 0.9/118.2 GiB"."""
-    parts = [f"{d.device} {d.need_mib / 1024:.1f}/{gib(d.budget_mib)}" for d in p.placement.devices]
+    """Need of budget per device, in GiB: "cuda:0 15.2/22.6, RAM 0.9/118.2"."""
+    parts = [
+        f"{d.device} {d.need_mib / 1024:.1f}/{d.budget_mib / 1024:.1f}" for d in p.placement.devices
+    ]
     if p.placement.ram_need_mib:
         pl = p.placement
-        parts.append(f"RAM {pl.ram_need_mib / 1024:.1f}/{gib(pl.ram_budget_mib)}")
+        parts.append(f"RAM {pl.ram_need_mib / 1024:.1f}/{pl.ram_budget_mib / 1024:.1f}")
     return ", ".join(parts)
 
 
+ASSUMED_MARK = "*"
+
+
 def profiles(rows) -> None:
-    """`llmup profiles`: each machine profile and what it plans on its own hardware."""
-    table = Table(title="Machine profiles (each planned on its own hardware)")
-    for col in ("profile", "machine", "model", "quant", "backend", "memory per device", "decode"):
-        table.add_column(col)
+    """`llmup profiles`: each machine profile and what it plans on its own hardware. The short
+    columns come first and never wrap (the model name stays whole at 80 columns); memory wraps
+    last; the machines' descriptions follow in a table of their own."""
+    assumed = any(r.plan and r.plan.speed and r.plan.speed.assumed for r in rows)
+    caption = (
+        f"{ASSUMED_MARK} assumed: a described CPU (typical figures for its memory and cores)"
+        if assumed
+        else None
+    )
+    table = simple_table("Machine profiles (each planned on its own hardware)", caption)
+    for col in ("profile", "model", "quant", "backend", "tok/s"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("memory GiB: need/budget", min_width=16)
     for row in rows:
         p, plan_ = row.profile, row.plan
         if plan_ is None:
-            table.add_row(p.name, p.description, "nothing fits", "", "", row.error or "", "")
+            table.add_row(p.name, "nothing fits", "", "", "", row.error or "")
             continue
-        decode = plan_.speed.decode_tokens_per_s if plan_.speed else None
         table.add_row(
             p.name,
-            p.description,
             plan_.model.id,
             plan_.quant,
             plan_.backend,
+            decode_cell(plan_),
             device_memory(plan_),
-            tokens_per_s(decode),
         )
     out.print(table)
+    machines = simple_table()
+    machines.add_column("profile", no_wrap=True)
+    machines.add_column("machine")
+    for row in rows:
+        machines.add_row(row.profile.name, row.profile.description)
+    out.print(machines)
+
+
+def decode_cell(p: Plan) -> str:
+    """Expected decode tokens/s, marked when it rests on assumed CPU figures."""
+    speed = p.speed
+    if speed is None or speed.decode_tokens_per_s is None:
+        return "?"
+    value = speed.decode_tokens_per_s
+    text = f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return text + (ASSUMED_MARK if speed.assumed else "")
 
 
 def error(message: str) -> None:

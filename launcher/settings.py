@@ -136,6 +136,19 @@ def split_hosts(value: Any) -> Any:
     return value
 
 
+ANY_MODEL = "*"  # as a model alias: answer to any model name (llama-cpp-python's server does)
+
+
+def split_names(value: Any) -> Any:
+    """Model names from a comma-separated string (the form an environment variable takes),
+    kept as written (model names are case-sensitive, as OpenAI's are)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list):
+        return list(dict.fromkeys(str(name).strip() for name in value if str(name).strip()))
+    return value
+
+
 class ProxySettings(BaseModel):
     """The public surface: bind address, keys, sessions and the limits in front of the backend.
 
@@ -154,6 +167,8 @@ class ProxySettings(BaseModel):
     insecure_no_auth: bool = False
     # Without keys, the Host names (besides loopback and IP addresses) a request may carry
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # More names the served model answers to (an app's fixed default model name); "*": any
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
     context_policy: Literal["drop", "error"] = "drop"
     session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
     # where sessions live: None is sessions.sqlite3 under the llmup home; a path is another
@@ -182,6 +197,7 @@ class ProxySettings(BaseModel):
 
     _split_keys = field_validator("api_keys", mode="before")(literal_keys)
     _split_hosts = field_validator("allowed_hosts", mode="before")(split_hosts)
+    _split_names = field_validator("model_aliases", mode="before")(split_names)
     _replica = field_validator("replica_name")(check_replica_name)
     _sessions_db = field_validator("sessions_db")(check_sessions_db)
 

@@ -52,5 +52,5 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {}), "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},  # a test may ask for a width
     )

@@ -56,6 +56,14 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-alias",
+            help="Another name the served model answers to, e.g. an app's fixed default "
+            "(repeatable; `*` for any name). Unknown names are a 404 otherwise.",
+        ),
+    ] = None,
     sessions_db: Annotated[
         str | None,
         typer.Option(
@@ -83,7 +91,9 @@ def serve(
     settings, chosen_profile = command_settings(flags.profile)
     settings = serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
     settings = store_settings(settings, sessions_db=sessions_db, replica_name=replica_name)
-    settings = access_settings(settings, api_key_file=api_key_file, allowed_hosts=allowed_host)
+    settings = access_settings(
+        settings, api_key_file=api_key_file, allowed_hosts=allowed_host, aliases=model_alias
+    )
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -108,6 +118,7 @@ def serve(
             keyed=keyed,
             keys_file=settings.proxy.api_keys_file,
             slow=b.plan.speed_warning.message if b.plan.speed_warning else None,
+            aliases=settings.proxy.model_aliases,
         ),
     )
 
@@ -154,14 +165,22 @@ def store_settings(
 
 
 def access_settings(
-    settings: Settings, *, api_key_file: Path | None, allowed_hosts: list[str] | None
+    settings: Settings,
+    *,
+    api_key_file: Path | None,
+    allowed_hosts: list[str] | None,
+    aliases: list[str] | None = None,
 ) -> Settings:
-    """The keys-file and allowed-host flags laid over the settings (flags win)."""
-    from launcher.settings import split_hosts
+    """The keys-file, allowed-host and model-alias flags laid over the settings (flags win;
+    names add to the environment's)."""
+    from launcher.settings import split_hosts, split_names
 
     proxy = settings.proxy
     extra = split_hosts(allowed_hosts or [])
-    changes: dict[str, Any] = {"allowed_hosts": list(dict.fromkeys([*proxy.allowed_hosts, *extra]))}
+    changes: dict[str, Any] = {
+        "allowed_hosts": list(dict.fromkeys([*proxy.allowed_hosts, *extra])),
+        "model_aliases": split_names([*proxy.model_aliases, *(aliases or [])]),
+    }
     if api_key_file is not None:
         changes["api_keys_file"] = api_key_file
     return settings.with_proxy(**changes)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from launcher.errors import HardwareSnapshotError
 
@@ -48,9 +48,20 @@ class SystemInfo(BaseModel):
     ram_available_mib: int = Field(ge=0)
     cpu_threads: int | None = Field(default=None, ge=1)
     cpu_name: str | None = None
+    # a described machine's memory ("DDR4-3200 dual channel"): its typical bandwidth from the
+    # device table stands in for the measurement below (marked as assumed); detect leaves it
+    ram_type: str | None = None
     # measured once by `llmup detect` (cached in the llmup home); None when not measured
     memory_bandwidth_gbs: float | None = Field(default=None, gt=0)
     cpu_gflops: float | None = Field(default=None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _described_only(self, handler: Any) -> dict[str, Any]:
+        """`ram_type` only where a machine is described: detect's snapshot stays as it was."""
+        data = handler(self)
+        if self.ram_type is None:
+            data.pop("ram_type", None)
+        return data
 
 
 class UnifiedMemory(BaseModel):

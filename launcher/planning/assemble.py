@@ -93,6 +93,7 @@ def _speed(c: Candidate) -> Speed | None:
         decode_tokens_per_s=c.speed.decode_tokens_per_s,
         prompt_tokens_per_s=c.speed.prompt_tokens_per_s,
         basis=list(c.speed.basis),
+        assumed=c.speed.assumed,
     )
 
 

@@ -80,12 +80,14 @@ class Placement(BaseModel):
 class Speed(BaseModel):
     """Expected speed: decode at the start of a conversation (batch 1), a 512-token prompt.
 
-    None where a device's figures are unknown; `basis` says which figures were used.
+    None where a device's figures are unknown; `basis` says which figures were used;
+    `assumed`: some of them are a described machine's typical figures, not measured.
     """
 
     decode_tokens_per_s: float | None = None
     prompt_tokens_per_s: float | None = None
     basis: list[str] = Field(default_factory=list)
+    assumed: bool = False
 
 
 class FasterChoice(BaseModel):

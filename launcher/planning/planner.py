@@ -20,6 +20,7 @@ from launcher.planning.catalog_candidates import (
     file_candidate,
     widen_parallel,
 )
+from launcher.planning.gptq_note import gptq_note
 from launcher.planning.machine import machine_for
 from launcher.planning.memory_llamacpp import KV_TYPE_BYTES
 from launcher.planning.plan import Plan, Rejected
@@ -46,11 +47,12 @@ def make_plan(req: PlanRequest, catalog: Catalog | None = None) -> Plan:
     rejected = sorted((c for c in candidates if not c.fits), key=lambda c: c.miss)
     if not fast:
         message = _nothing_message(req, slow, rejected)
-        raise NothingFitsError(message, closest=_closest(rejected, slow))
+        raise NothingFitsError(message, closest=_closest(rejected, slow, req))
     best, *others = fast
     chosen = widen_parallel(best, req, machine)
     plan = candidate_to_plan(chosen, req)
     plan.notes = _notes(req, machine)
+    plan.notes += filter(None, [gptq_note(best, fast)])
     widen = lambda c: widen_parallel(c, req, machine)  # noqa: E731 - as the flag's plan would
     plan.speed_warning = speed_warning(chosen, fitting, req.readable_tokens_per_s, widen)
     if plan.speed_warning is not None:
@@ -83,9 +85,10 @@ def _nothing_message(req: PlanRequest, slow: list[Candidate], rejected: list[Can
     return f"no candidate fits this machine with a {req.context}-token context"
 
 
-def _closest(rejected: list[Candidate], slow: list[Candidate]) -> list[Rejected]:
+def _closest(rejected: list[Candidate], slow: list[Candidate], req: PlanRequest) -> list[Rejected]:
     if slow:
-        return [_rejection(c) for c in sorted(slow, key=lambda c: -(c.decode_tps or 0))[:5]]
+        fastest = sorted(slow, key=lambda c: -(c.decode_tps or 0))[:5]
+        return [_too_slow(c, req) for c in fastest]
     return [_rejection(c) for c in rejected[:5]]
 
 

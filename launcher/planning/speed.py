@@ -8,7 +8,9 @@ over the device's effective throughput. Layers run one device after another (lla
 layer split), so the times of the devices add up.
 
 Peak figures come from the device table (catalog/devices.json) or, for the CPU, from the
-probe `llmup detect` runs once (hardware/cpuspeed.py). The efficiencies below turn peaks
+probe `llmup detect` runs once (hardware/cpuspeed.py); a CPU that was described rather than
+measured (a machine profile's `ram_type` and `cpu_name`) gets the table's typical figures for
+that memory and core class, and the speed says it is assumed. The efficiencies below turn peaks
 into what llama.cpp reaches; each is calibrated against published or measured speeds,
 and benchmarks/plan_speed.py checks them against measurement.
 """
@@ -44,11 +46,18 @@ class Efficiency:
 #       Q4_0; one thread, CPU time) against the probe's read bandwidth and float32 matmul rate
 #       at the same thread count. The matmul rate is a yardstick, not a peak: llama.cpp's
 #       quantized kernels multiply 8-bit integers, 1.2-2x faster than numpy's float32 GEMM.
+# cpu_table: a described CPU, against the table's peak bandwidth (channels x speed grade):
+#       public llama.cpp reports reach 0.57-0.72 of it (AMD EPYC 9554, 12 channels of DDR5-4800,
+#       460.8 GB/s: Phi-4 14B Q4_K_M 28.7 and Q8_0 19.2 tokens/s, https://ahelpme.com/?p=6685;
+#       Ryzen 7 5700G, DDR4-3800 dual channel, 60.8 GB/s: 7B Q4_0 (3.79 GB) 11.5 tokens/s,
+#       getumbrel/llama-gpt PR #87); 0.60 errs low. The table's per-core GFLOPS stand in for
+#       the probe's per-core GEMM rate, so the prompt and decode multiply shares are cpu's.
 EFFICIENCY = {
     "cuda": Efficiency(bandwidth=0.60, prompt=0.70),
     "metal": Efficiency(bandwidth=0.37, prompt=0.60),
     "apple_cpu": Efficiency(bandwidth=0.42, prompt=0.0),  # no Apple CPU FLOPS in the table
     "cpu": Efficiency(bandwidth=0.42, prompt=1.5, decode_compute=0.40),
+    "cpu_table": Efficiency(bandwidth=0.60, prompt=1.5, decode_compute=0.40),
 }
 
 
@@ -61,6 +70,7 @@ class DeviceRate:
     flops_per_s: float | None
     decode_flops_per_s: float | None = None
     basis: str = ""
+    assumed: bool = False  # typical figures of a described machine, not measured
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class Speed:
     decode_tokens_per_s: float | None
     prompt_tokens_per_s: float | None
     basis: tuple[str, ...] = ()
+    assumed: bool = False  # some device's figures are assumed (see DeviceRate.assumed)
 
 
 def device_rates(snapshot: HardwareSnapshot) -> dict[str, DeviceRate]:
@@ -94,20 +105,63 @@ def _cpu_rate(snapshot: HardwareSnapshot) -> DeviceRate:
     if s.memory_bandwidth_gbs:
         eff = EFFICIENCY["cpu"]
         gflops = s.cpu_gflops or 0.0
-        return DeviceRate(
-            "cpu",
-            s.memory_bandwidth_gbs * 1e9 * eff.bandwidth,
-            gflops * 1e9 * eff.prompt or None,
-            gflops * 1e9 * (eff.decode_compute or 0) or None,
-            basis=f"cpu: measured {s.memory_bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}, "
-            f"{gflops:g} GFLOPS x {eff.prompt:.2f} (prompt) / {eff.decode_compute:.2f} (decode)",
+        basis = (
+            f"cpu: measured {s.memory_bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}, "
+            f"{gflops:g} GFLOPS x {eff.prompt:.2f} (prompt) / {eff.decode_compute:.2f} (decode)"
         )
+        return _cpu(s.memory_bandwidth_gbs, gflops, eff, basis)
     chip = _apple_chip(snapshot)
     if chip is not None:
         eff = EFFICIENCY["apple_cpu"]
         basis = f"cpu: {chip.name} {chip.bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f} (table)"
         return DeviceRate("cpu", chip.bandwidth_gbs * 1e9 * eff.bandwidth, None, basis=basis)
-    return DeviceRate("cpu", None, None, basis="cpu: not measured (run `llmup detect` there)")
+    described = _described_cpu(snapshot)
+    if described is not None:
+        return described
+    return DeviceRate(
+        "cpu",
+        None,
+        None,
+        basis="cpu: not measured (run `llmup detect` there, or describe its memory: "
+        "system.ram_type, e.g. DDR4-3200 dual channel)",
+    )
+
+
+def _cpu(
+    bandwidth_gbs: float, gflops: float, eff: Efficiency, basis: str, *, assumed: bool = False
+) -> DeviceRate:
+    """A CPU's rates from its bandwidth and GFLOPS (0: unknown, no compute figures)."""
+    return DeviceRate(
+        "cpu",
+        bandwidth_gbs * 1e9 * eff.bandwidth,
+        gflops * 1e9 * eff.prompt or None,
+        gflops * 1e9 * (eff.decode_compute or 0) or None,
+        basis=basis,
+        assumed=assumed,
+    )
+
+
+def _described_cpu(snapshot: HardwareSnapshot) -> DeviceRate | None:
+    """A CPU described rather than measured: the table's peak bandwidth for its memory and,
+    when its name names a core class, that class's GFLOPS per core; assumed, and said so."""
+    s = snapshot.system
+    memory = device_table().memory(s.ram_type) if s.ram_type else None
+    if memory is None:
+        return None
+    eff = EFFICIENCY["cpu_table"]
+    core = device_table().core(s.cpu_name) if s.cpu_name else None
+    compute = (
+        f", {s.cpu_cores} x {core.gflops:g} GFLOPS ({core.name}) x {eff.prompt:.2f} / "
+        f"{eff.decode_compute:.2f}"
+        if core
+        else ", GFLOPS unknown (no core class in system.cpu_name)"
+    )
+    basis = (
+        f"cpu: assumed {memory.name} {memory.bandwidth_gbs:g} GB/s x {eff.bandwidth:.2f}"
+        f"{compute} (the device table's typical figures, not measured)"
+    )
+    gflops = core.gflops * s.cpu_cores if core else 0.0
+    return _cpu(memory.bandwidth_gbs, gflops, eff, basis, assumed=True)
 
 
 def _apple_chip(snapshot: HardwareSnapshot):
@@ -158,7 +212,8 @@ def estimate(
     decode = _total(_decode_time(w, rates[w.device]) for w in used)
     over_pcie = not unified and any(w.device != "cpu" for w in used)
     prompt = _total(_prompt_time(w, rates[w.device], over_pcie, n_ubatch) for w in used)
-    return Speed(_per_s(decode), _per_s(prompt), basis)
+    assumed = any(rates[w.device].assumed for w in used)
+    return Speed(_per_s(decode), _per_s(prompt), basis, assumed)
 
 
 def _decode_time(w: Work, rate: DeviceRate) -> float | None:

@@ -17,15 +17,13 @@ from fastapi import FastAPI
 from launcher.api_errors import install_error_handlers
 from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
-from launcher.proxy.conversations.router import router as conversations_router
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.messages.errors import AnthropicErrors
 from launcher.proxy.messages.router import router as messages_router
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import ReplicaHeader
-from launcher.proxy.responses.router import router as responses_router
-from launcher.proxy.routes import api, ops
+from launcher.proxy.routes import mount_api, ops
 from launcher.proxy.state import ProxyState
 from launcher.proxy.store import SessionStore
 from launcher.served import ServedModel
@@ -53,10 +51,8 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
         lifespan=lifespan,
     )
     app.state.proxy = state
-    app.include_router(api)
-    app.include_router(responses_router)
-    app.include_router(messages_router)
-    app.include_router(conversations_router)
+    mount_api(app)
+    app.include_router(messages_router)  # Anthropic's clients call {base}/v1/messages
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)

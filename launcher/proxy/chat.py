@@ -217,7 +217,7 @@ def _replay(turn: SessionTurn, body: ChatRequest) -> Response:
 async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Response:
     st = proxy_state(request)
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     session_id = session_id_for(request, body)
     use = SessionUse(session_id) if session_id else None
     reply, headers = await generate(st, body, owner, use=use, headers=request.headers)
@@ -274,7 +274,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     Without max_tokens the backend gives OpenAI's 16 tokens, or what the context has left."""
     st = proxy_state(request)
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))
@@ -301,7 +301,7 @@ async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Re
             code="embeddings_unsupported",
         )
     st.require_ready()
-    await st.check_model(body.model)
+    body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     async with st.admission.admit(owner):
         for text in body.texts():
             if await st.tokens.count(text, owner=owner) > st.context:

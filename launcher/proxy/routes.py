@@ -1,78 +1,89 @@
-"""Thin routers: authenticate, validate, hand over to `chat`, the store or the metrics."""
+"""Thin routers: authenticate, validate, hand over to `chat`, the store or the metrics.
+
+`OPENAI_ROUTES` are OpenAI's routes; `mount_api` serves them under `/v1` and, for clients
+whose base URL lacks it, at the top level too (as llama.cpp's server does), each with one
+handler. llmup's own `/v1` routes (`llmup_api`: sessions, the plan) and `ops` (`/health`,
+`/metrics`, `/openapi.json`) are served where they are.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from launcher.errors import NotFoundError
 from launcher.protocol import ModelCard, ModelList
 from launcher.proxy import chat, worker_slots
-from launcher.proxy.guard import OWNER_STATE
+from launcher.proxy.conversations.router import ROUTES as CONVERSATIONS_ROUTES
+from launcher.proxy.deps import ERRORS, authenticate
 from launcher.proxy.metrics import CONTENT_TYPE_LATEST
 from launcher.proxy.request_models import ChatRequest, EmbeddingRequest, TextCompletionRequest
+from launcher.proxy.responses.router import ROUTES as RESPONSES_ROUTES
 from launcher.proxy.state import proxy_state
 
-bearer = HTTPBearer(auto_error=False, description="one of the proxy's API keys")
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Bad request (OpenAI error body)"},
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "Unknown model or session"},
-    413: {"description": "Request body too large"},
-    429: {"description": "Queue full; see Retry-After"},
-    502: {"description": "The backend failed"},
-    503: {"description": "The backend is loading or restarting; see Retry-After"},
-}
-
-
-async def authenticate(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-) -> str:
-    """The caller's owner id (a hash of its key), as `AccessGuard` found it before the body
-    was read; 401 unless a configured key is sent."""
-    owner = request.scope.get("state", {}).get(OWNER_STATE)
-    if owner is not None:
-        return owner
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    return proxy_state(request).keys.owner(header)
-
-
-api = APIRouter(prefix="/v1", responses=ERRORS)
-
-
-@api.get("/models", response_model=ModelList)
 async def list_models(request: Request, owner: str = Depends(authenticate)) -> ModelList:
-    model_id = await proxy_state(request).model_id()
-    return ModelList(data=[ModelCard(id=model_id)])
+    """The served model's id first, then the other names it answers to (`--model-alias`)."""
+    names = await proxy_state(request).model_names()
+    return ModelList(data=[ModelCard(id=name) for name in names])
 
 
-@api.post("/chat/completions", response_model=None)
 async def create_chat_completion(
     request: Request, body: ChatRequest, owner: str = Depends(authenticate)
 ) -> Response:
     return await chat.chat_completion(request, body, owner)
 
 
-@api.post("/completions", response_model=None)
 async def create_completion(
     request: Request, body: TextCompletionRequest, owner: str = Depends(authenticate)
 ) -> Response:
     return await chat.completion(request, body, owner)
 
 
-@api.post("/embeddings", response_model=None)
 async def create_embedding(
     request: Request, body: EmbeddingRequest, owner: str = Depends(authenticate)
 ) -> Response:
     return await chat.embeddings(request, body, owner)
 
 
-@api.get("/sessions")
+API_PREFIX = "/v1"
+llmup_api = APIRouter(prefix=API_PREFIX, responses=ERRORS)  # llmup's own: sessions, the plan
+# OpenAI's routes: (method, path below the prefix, handler, response model). A route added
+# here is served under both prefixes.
+OPENAI_ROUTES: tuple[tuple[str, str, Callable[..., Any], Any], ...] = (
+    ("GET", "/models", list_models, ModelList),
+    ("POST", "/chat/completions", create_chat_completion, None),
+    ("POST", "/completions", create_completion, None),
+    ("POST", "/embeddings", create_embedding, None),
+    *RESPONSES_ROUTES,
+    *CONVERSATIONS_ROUTES,
+)
+
+
+def openai_router(prefix: str, *, documented: bool) -> APIRouter:
+    """OpenAI's routes under `prefix`, each registered with its one handler. The router
+    carries the prefix itself (not `include_router(prefix=...)`), so every route's template
+    is its full path: the metrics label `/chat/completions` apart from `/v1/...`."""
+    router = APIRouter(prefix=prefix, responses=ERRORS, include_in_schema=documented)
+    for method, path, handler, model in OPENAI_ROUTES:
+        router.add_api_route(path, handler, methods=[method], response_model=model)
+    return router
+
+
+def mount_api(app: FastAPI) -> None:
+    """OpenAI's routes under `/v1` (documented) and at the top level for base URLs typed
+    without it (as llama.cpp's server does; not documented twice: `/openapi.json` lists each
+    route once), then llmup's own `/v1` routes."""
+    app.include_router(openai_router(API_PREFIX, documented=True))
+    app.include_router(openai_router("", documented=False))
+    app.include_router(llmup_api)
+
+
+@llmup_api.get("/sessions")
 async def list_sessions(request: Request, owner: str = Depends(authenticate)) -> dict[str, Any]:
     store = proxy_state(request).sessions
     infos = await anyio.to_thread.run_sync(store.list_sessions, owner)
@@ -88,7 +99,7 @@ def _no_session(session_id: str) -> NotFoundError:
     )
 
 
-@api.get("/sessions/{session_id}")
+@llmup_api.get("/sessions/{session_id}")
 async def get_session(
     request: Request, session_id: str, owner: str = Depends(authenticate)
 ) -> dict[str, Any]:
@@ -100,7 +111,7 @@ async def get_session(
     return {**info.as_json(), "messages": history.messages()}
 
 
-@api.delete("/sessions/{session_id}")
+@llmup_api.delete("/sessions/{session_id}")
 async def delete_session(
     request: Request, session_id: str, owner: str = Depends(authenticate)
 ) -> dict[str, Any]:
@@ -111,7 +122,7 @@ async def delete_session(
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
-@api.get("/plan")
+@llmup_api.get("/plan")
 async def get_plan(request: Request, owner: str = Depends(authenticate)) -> dict[str, Any]:
     """The served model and the plan it runs (null when started without one); read-only."""
     st = proxy_state(request)

@@ -22,7 +22,7 @@ from launcher.proxy.prompt_fit import ContextFitter, PromptCounter, TokenCounter
 from launcher.proxy.store import SessionStore
 from launcher.proxy.upstream import Upstream
 from launcher.served import READY, ServedModel
-from launcher.settings import ProxySettings, Settings
+from launcher.settings import ANY_MODEL, ProxySettings, Settings
 
 
 @dataclass
@@ -95,16 +95,27 @@ class ProxyState:
         """The served model's id."""
         return self.backend.model_id
 
-    async def check_model(self, name: str) -> None:
-        """404 `model_not_found` for any model but the one this proxy serves."""
+    async def model_names(self) -> list[str]:
+        """Every name the served model answers to: its id, then the aliases (`--model-alias`;
+        the wildcard `*` is a rule, not a name, so it is not listed)."""
         served = await self.model_id()
-        if name != served:
-            raise NotFoundError(
-                f"the model `{name}` does not exist; this server serves `{served}` "
-                "(GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        aliases = [name for name in self.proxy.model_aliases if name not in (served, ANY_MODEL)]
+        return [served, *aliases]
+
+    async def check_model(self, name: str) -> str:
+        """The served model's id for `name` (its id or an alias; any name with the alias `*`),
+        else 404 `model_not_found` naming what is served: a model the client did not ask for
+        is never substituted silently."""
+        names = await self.model_names()
+        if name in names or ANY_MODEL in self.proxy.model_aliases:
+            return names[0]
+        listed = ", ".join(f"`{n}`" for n in names)
+        raise NotFoundError(
+            f"the model `{name}` does not exist; this server serves {listed} (GET /v1/models; "
+            "`llmup serve --model-alias NAME` adds a name)",
+            param="model",
+            code="model_not_found",
+        )
 
     async def backend_meta(self) -> dict[str, Any]:
         """The worker's facts (`n_vocab`, `n_ctx`, `identity`), asked once per backend

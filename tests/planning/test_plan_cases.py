@@ -109,7 +109,10 @@ def test_cpu_only_llama_cpp_with_a_detected_gpu_plans_the_cpu_and_says_how_to_fi
 def test_a_plan_for_another_machine_assumes_the_gpu_builds_and_says_so():
     plan = plan_on("a6000-48gb")
     assert chosen(plan) == ("llama-2-70b-chat", "Q4_K_M", "full", ["cuda:0"])
-    assert plan.notes == [ASSUMED]
+    assert plan.notes[0] == ASSUMED
+    assert [n.split(" is chosen over")[0] for n in plan.notes[1:]] == [
+        "llama-2-70b-chat Q4_K_M on llama.cpp (4.80 bits/weight, ~11.2 tokens/s)"
+    ]  # and why not its GPTQ (tests/planning/test_gptq_note.py)
 
 
 def test_three_gpus_of_different_sizes_share_70b_with_pipeline_copies():

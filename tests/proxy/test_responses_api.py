@@ -211,3 +211,13 @@ def test_metrics_count_each_api_on_its_own(proxy) -> None:
     assert counted['api="responses",direction="in"'] > 0
     assert counted['api="responses",direction="out"'] > 0
     assert 'llmup_requests_total{route="/v1/responses",status="200"}' in text
+
+
+def test_served_without_v1_too(proxy) -> None:
+    """Like chat, the Responses and Conversations routes answer at the top level as well,
+    for a base URL typed without /v1."""
+    client = openai.OpenAI(base_url=proxy.url, api_key="key-a", max_retries=0)
+    first = client.responses.create(model="tiny", input="hello", max_output_tokens=3)
+    assert client.responses.retrieve(first.id).id == first.id
+    conv = client.conversations.create()
+    assert client.conversations.retrieve(conv.id).id == conv.id

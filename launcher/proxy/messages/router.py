@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from launcher.proxy.deps import ERRORS, authenticate
 from launcher.proxy.messages import serving
 from launcher.proxy.messages.models import CountTokensParams, MessageCreateParams
-from launcher.proxy.routes import ERRORS, authenticate
 
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["messages"])
 
