@@ -133,7 +133,6 @@ def test_bad_input_is_a_400_that_stores_nothing(proxy) -> None:
     bad = [
         {"model": "tiny"},  # no input
         {"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
-        {"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]},
         {"model": "tiny", "input": "hi", "previous_response_id": "resp_x", "conversation": "c"},
         {"model": "tiny", "input": "hi", "max_output_tokens": 0},
         {"model": "tiny", "input": "hi", "background": True},
@@ -221,3 +220,23 @@ def test_served_without_v1_too(proxy) -> None:
     assert client.responses.retrieve(first.id).id == first.id
     conv = client.conversations.create()
     assert client.conversations.retrieve(conv.id).id == conv.id
+
+
+def test_tools_it_cannot_run_are_left_out_and_items_of_one_role_join(proxy) -> None:
+    """What Codex CLI sends: two developer and two user messages, a hosted tool and a tool
+    namespace beside nothing else; the reply comes, the session holds one user message."""
+    client = proxy.client("key-a")
+    reply = create(
+        client,
+        [{"type": "message", "role": "developer", "content": [{"type": "input_text",
+          "text": "be brief"}]},
+         {"role": "developer", "content": "use tools"},
+         {"role": "user", "content": [{"type": "input_text", "text": "<env>cwd</env>"}]},
+         {"role": "user", "content": "say hi"}],
+        tools=[{"type": "web_search"},
+               {"type": "namespace", "name": "agents", "description": "x", "tools": []}],
+    )  # fmt: skip
+    assert reply["tools"] == []
+    stored = session(proxy, "key-a", reply["id"])["messages"]
+    assert stored[:2] == [{"role": "system", "content": "be brief\n\nuse tools"},
+                          {"role": "user", "content": "<env>cwd</env>\n\nsay hi"}]  # fmt: skip

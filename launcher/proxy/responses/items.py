@@ -1,9 +1,10 @@
 """Responses items and chat messages, both ways.
 
 A session stores chat messages (what the chat template renders); the Responses and
-Conversations APIs speak items. Input items become messages (`messages_of`): a user,
-system or developer message as it is (developer is a system message), consecutive
-`function_call` items one assistant message with `tool_calls`, a `function_call_output` a
+Conversations APIs speak items. Input items become messages (`messages_of`): a user or
+assistant message as it is (one right after another of the same role joins it), system
+and developer messages the system message, consecutive `function_call` items one
+assistant message with `tool_calls`, a `function_call_output` a
 `tool` message, and reasoning items (this server makes none) dropped. Stored messages become
 items again (`items_of`) with ids derived from the session and the message's place in it, so
 the same message has the same id on every listing.
@@ -39,12 +40,24 @@ def messages_of(items: list[Any]) -> tuple[list[str], list[Message]]:
         if isinstance(item, MessageItem) and item.role in ("system", "developer"):
             system.append(item.text())
         elif isinstance(item, MessageItem):
-            messages.append({"role": item.role, "content": item.text()})
+            _add_text(messages, item.role, item.text())
         elif isinstance(item, FunctionCallItem):
             _add_call(messages, item)
         elif isinstance(item, FunctionCallOutputItem):
             messages.append({"role": "tool", "content": item.text(), "tool_call_id": item.call_id})
     return system, messages
+
+
+def _add_text(messages: list[Message], role: str, text: str) -> None:
+    """A message; one right after another of the same role (and no tool calls) joins it:
+    items are finer than messages (Codex CLI sends its environment and the user's request
+    as two user messages), and chat templates such as Gemma's require the roles to
+    alternate."""
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == role and not last.get("tool_calls"):
+        last["content"] = "\n\n".join(t for t in (last["content"], text) if t)
+        return
+    messages.append({"role": role, "content": text})
 
 
 def _add_call(messages: list[Message], item: FunctionCallItem) -> None:

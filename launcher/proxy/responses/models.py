@@ -1,19 +1,23 @@
 """The Responses API's request models: what llmup accepts of OpenAI's `CreateResponse`.
 
 Text in, text (and function calls) out: content parts are text (`input_text`,
-`output_text`, `text`); images, files and audio are refused, as are hosted tools (web
-search, file search, code interpreter, ...) and background mode. Fields OpenAI defines that
+`output_text`, `text`); images, files and audio are refused, and so is background mode.
+Only function tools are served: hosted tools (web search, file search, ...) and tool
+namespaces are left out of the prompt (see `function_tools`). Fields OpenAI defines that
 change nothing here (`reasoning`, `include`, `user`, `prompt_cache_key`, ...) are accepted
 and ignored, like unknown fields.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from launcher.protocol import MAX_TOOLS, FunctionName, check_plain_json
+
+log = logging.getLogger(__name__)
 
 
 class _Open(BaseModel):
@@ -144,7 +148,8 @@ class ResponseInput(_Open):
         check_plain_json(data)
         if isinstance(data, dict):
             data = {**data, "input": typed_items(data.get("input"))}
-            _refuse_hosted_tools(data.get("tools"))
+            if "tools" in data:
+                data["tools"] = function_tools(data["tools"])
         return data
 
     @model_validator(mode="after")
@@ -167,14 +172,18 @@ class ResponseInput(_Open):
         return list(self.input)
 
 
-def _refuse_hosted_tools(tools: Any) -> None:
-    for tool in tools if isinstance(tools, list) else []:
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function":
-            raise ValueError(
-                f"tool type `{kind}` is not available on this server: only `function` tools "
-                "(the application runs them)"
-            )
+def function_tools(tools: Any) -> Any:
+    """The function tools of a request; the others are left out. Agent clients send tools
+    this server cannot run along with their own: Codex CLI sends `web_search` (a hosted
+    tool) and a `namespace` of sub-agent tools with every request, and would get nothing
+    done if they were refused; the model is simply not told of them."""
+    if not isinstance(tools, list):
+        return tools
+    kept = [t for t in tools if not isinstance(t, dict) or t.get("type") == "function"]
+    if len(kept) < len(tools):
+        dropped = sorted({str(t.get("type")) for t in tools if t not in kept})
+        log.info("left out tools of types %s (only function tools are served)", dropped)
+    return kept
 
 
 class CreateResponse(ResponseInput):
