@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from support.store_fixtures import Clock, turn
 
 from launcher.errors import SessionConflictError
 from launcher.proxy.store import (
@@ -18,18 +19,6 @@ from launcher.proxy.store import (
     SessionStore,
     TurnRecord,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def turn(user: str, reply: str) -> list[dict]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
 def record(rid: str, text: str = "x") -> ResponseRecord:

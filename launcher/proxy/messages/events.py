@@ -9,27 +9,13 @@ error event ends this one with Anthropic's `error` event; the session then holds
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from launcher.proxy.messages.convert import STOP_REASONS, usage
 from launcher.proxy.messages.errors import anthropic_error
 from launcher.proxy.relay import StreamResult
-
-
-def sse_event(event: dict[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-
-
-def chat_events(raw: bytes) -> list[Any]:
-    """The data of each event in a block the chat relay sent (`[DONE]` as the string)."""
-    found = []
-    for line in raw.decode("utf-8").splitlines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            found.append(data if data == "[DONE]" else json.loads(data))
-    return found
+from launcher.proxy.replies import named_sse, sse_data
 
 
 class MessageStream:
@@ -45,17 +31,17 @@ class MessageStream:
         message = {"id": self.message_id, "type": "message", "role": "assistant",
                    "model": self.model, "content": [], "stop_reason": None,
                    "stop_sequence": None, "usage": usage(None)}  # fmt: skip
-        yield sse_event({"type": "message_start", "message": message})
-        yield sse_event({"type": "ping"})
+        yield named_sse({"type": "message_start", "message": message})
+        yield named_sse({"type": "ping"})
         async for raw in chat:
-            for data in chat_events(raw):
+            for data in sse_data(raw):
                 if data == "[DONE]":
                     for event in self.finish():
                         yield event
                     return
                 if "error" in data:
                     text = str(data["error"].get("message") or "the reply failed")
-                    yield sse_event(anthropic_error(500, text))
+                    yield named_sse(anthropic_error(500, text))
                     return
                 for event in self.feed(data):
                     yield event
@@ -88,25 +74,25 @@ class MessageStream:
         out = self._stop()
         self.index += 1
         self.block = block
-        out.append(sse_event({"type": "content_block_start", "index": self.index,
+        out.append(named_sse({"type": "content_block_start", "index": self.index,
                               "content_block": content}))  # fmt: skip
         return out
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        return sse_event({"type": "content_block_delta", "index": self.index, "delta": delta})
+        return named_sse({"type": "content_block_delta", "index": self.index, "delta": delta})
 
     def _stop(self) -> list[bytes]:
         if self.block is None:
             return []
         self.block = None
-        return [sse_event({"type": "content_block_stop", "index": self.index})]
+        return [named_sse({"type": "content_block_stop", "index": self.index})]
 
     def finish(self) -> list[bytes]:
         out = [] if self.index >= 0 else self._start(("text", 0), {"type": "text", "text": ""})
         out += self._stop()
         reason = STOP_REASONS.get(self.result.finish_reason or "stop", "end_turn")
         delta = {"stop_reason": reason, "stop_sequence": None}
-        out.append(sse_event({"type": "message_delta", "delta": delta,
+        out.append(named_sse({"type": "message_delta", "delta": delta,
                               "usage": usage(self.result.usage)}))  # fmt: skip
-        out.append(sse_event({"type": "message_stop"}))
+        out.append(named_sse({"type": "message_stop"}))
         return out

@@ -16,29 +16,15 @@ then holds nothing of the turn.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from launcher.proxy.relay import StreamResult
+from launcher.proxy.replies import named_sse, sse_data
 from launcher.proxy.responses.items import output_text
 from launcher.proxy.responses.objects import ResponseBuilder
 
 Event = dict[str, Any]
-
-
-def sse_event(event: Event) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-
-
-def chat_events(raw: bytes) -> list[Any]:
-    """The data of each event in a block the chat relay sent (`[DONE]` as the string)."""
-    found = []
-    for line in raw.decode("utf-8").splitlines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            found.append(data if data == "[DONE]" else json.loads(data))
-    return found
 
 
 class ResponseStream:
@@ -54,14 +40,14 @@ class ResponseStream:
     def make(self, kind: str, **fields: Any) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return sse_event(event)
+        return named_sse(event)
 
     async def events(self, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         start = self.builder.base("in_progress")
         yield self.make("response.created", response=start)
         yield self.make("response.in_progress", response=start)
         async for raw in chat:
-            for data in chat_events(raw):
+            for data in sse_data(raw):
                 if data == "[DONE]":
                     for event in self.finish():
                         yield event
