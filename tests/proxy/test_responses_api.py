@@ -19,12 +19,15 @@ def proxy(slot_proxy):
     return slot_proxy
 
 
-def create(client: openai.OpenAI, text: str, **fields) -> dict:
-    reply = client.responses.create(
+def create(client: openai.OpenAI, text: str | list, **fields) -> dict:
+    """A response made with the openai SDK (which parses it), as the server sent it (checked
+    against OpenAI's schema)."""
+    raw = client.responses.with_raw_response.create(
         model="tiny", input=text, max_output_tokens=6, temperature=0, **fields
     )
-    body = reply.model_dump(mode="json", exclude_unset=True)
+    body = raw.http_response.json()
     check_responses("Response", body)
+    assert raw.parse().id == body["id"]
     return body
 
 
@@ -44,7 +47,7 @@ def test_a_chain_is_one_session_and_reuses_its_kv(proxy) -> None:
     assert chain["turns"] == 2 and chain["messages"][0] == {"role": "system", "content": "be brief"}
     assert [m["role"] for m in chain["messages"][1:]] == ["user", "assistant"] * 2
     assert chain["messages"][3]["content"] == "what some thing"
-    stored = client.responses.retrieve(second["id"]).model_dump(mode="json", exclude_unset=True)
+    stored = client.responses.with_raw_response.retrieve(second["id"]).http_response.json()
     assert stored == second
     items = proxy.http("key-a").get(f"/v1/responses/{second['id']}/input_items").json()
     check_responses("ResponseItemList", items)
@@ -240,3 +243,16 @@ def test_tools_it_cannot_run_are_left_out_and_items_of_one_role_join(proxy) -> N
     stored = session(proxy, "key-a", reply["id"])["messages"]
     assert stored[:2] == [{"role": "system", "content": "be brief\n\nuse tools"},
                           {"role": "user", "content": "<env>cwd</env>\n\nsay hi"}]  # fmt: skip
+
+
+def test_a_json_schema_format_constrains_the_reply(proxy) -> None:
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}  # fmt: skip
+    raw = proxy.client("key-a").responses.with_raw_response.create(
+        model="tiny", input="is it so?", max_output_tokens=40, temperature=0,
+        text={"format": {"type": "json_schema", "name": "verdict", "schema": schema}},
+    )  # fmt: skip
+    check_responses("Response", raw.http_response.json())  # as sent, not as the SDK dumps it
+    reply = raw.parse()
+    assert json.loads(reply.output_text)["answer"] in ("yes", "no")
+    assert reply.text.format.type == "json_schema" and reply.text.format.name == "verdict"
