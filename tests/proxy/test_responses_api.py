@@ -13,6 +13,9 @@ import openai
 import pytest
 from support.openai_schemas import check_error, check_response_event, check_responses
 
+from launcher.proxy.responses.models import CreateResponse
+from launcher.proxy.responses.objects import ResponseBuilder, ResponseHead
+
 
 @pytest.fixture(scope="module")
 def proxy(slot_proxy):
@@ -256,3 +259,24 @@ def test_a_json_schema_format_constrains_the_reply(proxy) -> None:
     reply = raw.parse()
     assert json.loads(reply.output_text)["answer"] in ("yes", "no")
     assert reply.text.format.type == "json_schema" and reply.text.format.name == "verdict"
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", "required", {"type": "function", "name": "f"}])
+def test_the_response_object_echoes_tools_and_tool_choice(choice) -> None:
+    request = CreateResponse.model_validate({
+        "model": "m", "input": "hi", "tool_choice": choice, "parallel_tool_calls": True,
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+                  {"type": "web_search"}],
+    })  # fmt: skip
+    builder = ResponseBuilder(ResponseHead("resp_r1_" + "0" * 48, 1, "m", request))
+    reply = {"choices": [{"finish_reason": "tool_calls", "message": {"content": None,
+             "tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "f", "arguments": "{}"}}]}}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 2}}  # fmt: skip
+    for value in (builder.base("in_progress"), builder.finish(reply)):
+        check_responses("Response", value)
+    final = builder.finish(reply)
+    assert final["tool_choice"] == choice and [t["name"] for t in final["tools"]] == ["f"]
+    assert final["output"] == [{"id": builder.call_item_id(0), "type": "function_call",
+                                "status": "completed", "call_id": "call_1", "name": "f",
+                                "arguments": "{}"}]  # fmt: skip

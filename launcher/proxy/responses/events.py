@@ -32,6 +32,7 @@ class ResponseStream:
 
     def __init__(self, builder: ResponseBuilder) -> None:
         self.builder = builder
+        self.start = builder.base("in_progress")  # built before the stream: a bug is a 500
         self.sequence = 0
         self.result = StreamResult(kind="chat")
         self.open: dict[str, int] = {}  # item id -> output index, while it streams
@@ -43,9 +44,8 @@ class ResponseStream:
         return named_sse(event)
 
     async def events(self, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        start = self.builder.base("in_progress")
-        yield self.make("response.created", response=start)
-        yield self.make("response.in_progress", response=start)
+        yield self.make("response.created", response=self.start)
+        yield self.make("response.in_progress", response=self.start)
         async for raw in chat:
             for data in sse_data(raw):
                 if data == "[DONE]":

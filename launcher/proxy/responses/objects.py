@@ -86,7 +86,7 @@ class ResponseBuilder:
             "temperature": 1.0 if request.temperature is None else request.temperature,
             "top_p": 1.0 if request.top_p is None else request.top_p,
             "text": {"format": _dump(text_format) if text_format else {"type": "text"}},
-            "tool_choice": _dump(request.tool_choice) if request.tool_choice else "auto",
+            "tool_choice": _dump(request.tool_choice or "auto"),
             "tools": [_tool(t) for t in request.tools or []],
             "truncation": request.truncation or "disabled",
             "metadata": request.metadata or {},
@@ -140,6 +140,8 @@ class ResponseBuilder:
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
     return value.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
