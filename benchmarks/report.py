@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import tool_turns as tools_bench
 from benchlib import RESULTS, ROOT
 
 MARKERS = re.compile(
@@ -245,6 +246,18 @@ def responses_chain(r: dict[str, Any]) -> list[str]:
     return [note, md_table(columns, rows)]
 
 
+def tool_turns(r: dict[str, Any]) -> list[str]:
+    shape = r["conditions"]["shape"]
+    parts = [
+        f"Model: {r['conditions']['model']}; context {shape['context']}, two sessions "
+        f"interleaved, {shape['words']}-word user messages and {shape['reply']}-token "
+        "replies; TTFT in seconds."
+    ]
+    parts.append(md_table(tools_bench.TURN_COLUMNS, tools_bench.turn_rows(r)))
+    parts.append(md_table(tools_bench.ROUND_COLUMNS, tools_bench.round_rows(r)))
+    return parts
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "calibration": calibration,
     "proxy_overhead": proxy_overhead,
@@ -255,6 +268,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "session_turns": session_turns,
     "scale_out": scale_out,
     "responses_chain": responses_chain,
+    "tool_turns": tool_turns,
 }
 
 

@@ -152,6 +152,7 @@ class ChatMessage(_Open):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # the legacy functions API's one call
 
     def text(self) -> str:
         """The message as plain text; content parts other than text are an error for Llama-2."""
@@ -169,11 +170,29 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Open):
+    """OpenAI's `response_format.json_schema`: the reply is JSON of `schema` (a grammar makes
+    it so, whether or not `strict` is set)."""
+
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema_: dict[str, Any] | None = Field(
+    schema_: dict[str, Any] | None = Field(
         default=None, alias="schema", description="llama.cpp: the JSON schema a json_object follows"
     )
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema(self) -> tuple[str, dict[str, Any] | None]:
+        """(where it was given, the JSON schema the reply must follow): OpenAI's
+        `json_schema.schema`, else llama.cpp's `schema`; None for any JSON object."""
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            return "response_format.json_schema.schema", self.json_schema.schema_
+        return "response_format.schema", self.schema_
 
 
 class FunctionDefinition(_Open):
@@ -256,6 +275,7 @@ class CompletionRequest(_SamplingRequest):
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    response_format: ResponseFormat | None = None  # llama.cpp's: the text follows a schema
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -302,9 +322,22 @@ class Usage(_Wire):
 
 
 class ChatCompletionMessage(_Wire):
+    """`tool_calls` (or the legacy `function_call`) only when the model called something:
+    OpenAI's schema has them as optional, never null."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None  # required (nullable) in OpenAI's schema
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_null_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in ("tool_calls", "function_call"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class Choice(_Wire):
@@ -328,6 +361,8 @@ class ChoiceDelta(_Wire):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -149,6 +150,25 @@ def split_names(value: Any) -> Any:
     return value
 
 
+def split_origins(value: Any) -> Any:
+    """Web origins (`https://app.example.com`, `http://localhost:3000`, or `*`) from a
+    comma-separated string; anything else is refused, naming it."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return value
+    origins = [str(origin).strip().rstrip("/").lower() for origin in value if str(origin).strip()]
+    for origin in origins:
+        parts = urlsplit(origin)
+        plain = parts.scheme in ("http", "https") and parts.netloc and not parts.path
+        if origin != "*" and not (plain and not parts.query and not parts.fragment):
+            raise ValueError(
+                f"{origin!r} is not a web origin: give scheme://host[:port] "
+                "(e.g. https://app.example.com) or *"
+            )
+    return origins
+
+
 class ProxySettings(BaseModel):
     """The public surface: bind address, keys, sessions and the limits in front of the backend.
 
@@ -169,6 +189,8 @@ class ProxySettings(BaseModel):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # More names the served model answers to (an app's fixed default model name); "*": any
     model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Web pages of these origins may call the API from a browser (CORS); none by default
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     context_policy: Literal["drop", "error"] = "drop"
     session_ttl: SessionTtl = Field(default=7 * 86400.0, description="seconds; 0: never expire")
     # where sessions live: None is sessions.sqlite3 under the llmup home; a path is another
@@ -198,6 +220,7 @@ class ProxySettings(BaseModel):
     _split_keys = field_validator("api_keys", mode="before")(literal_keys)
     _split_hosts = field_validator("allowed_hosts", mode="before")(split_hosts)
     _split_names = field_validator("model_aliases", mode="before")(split_names)
+    _split_origins = field_validator("cors_origins", mode="before")(split_origins)
     _replica = field_validator("replica_name")(check_replica_name)
     _sessions_db = field_validator("sessions_db")(check_sessions_db)
 

@@ -53,6 +53,14 @@ def serve(
             "addresses (repeatable; `*` for any). Guards against DNS rebinding.",
         ),
     ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="A web origin (https://app.example.com) whose pages may call the API from a "
+            "browser (repeatable; or LLMUP_PROXY__CORS_ORIGINS). Off by default.",
+        ),
+    ] = None,
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
@@ -92,7 +100,11 @@ def serve(
     settings = serve_settings(settings, host, port, api_key, insecure_no_auth, runtime)
     settings = store_settings(settings, sessions_db=sessions_db, replica_name=replica_name)
     settings = access_settings(
-        settings, api_key_file=api_key_file, allowed_hosts=allowed_host, aliases=model_alias
+        settings,
+        api_key_file=api_key_file,
+        allowed_hosts=allowed_host,
+        aliases=model_alias,
+        cors_origins=cors_origin,
     )
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
@@ -170,16 +182,22 @@ def access_settings(
     api_key_file: Path | None,
     allowed_hosts: list[str] | None,
     aliases: list[str] | None = None,
+    cors_origins: list[str] | None = None,
 ) -> Settings:
-    """The keys-file, allowed-host and model-alias flags laid over the settings (flags win;
-    names add to the environment's)."""
-    from launcher.settings import split_hosts, split_names
+    """The keys-file, allowed-host, model-alias and CORS flags laid over the settings (flags
+    win; names and origins add to the environment's)."""
+    from launcher.settings import split_hosts, split_names, split_origins
 
     proxy = settings.proxy
     extra = split_hosts(allowed_hosts or [])
+    try:
+        origins = split_origins(cors_origins or [])
+    except ValueError as exc:
+        raise UsageError(f"--cors-origin: {exc}") from None
     changes: dict[str, Any] = {
         "allowed_hosts": list(dict.fromkeys([*proxy.allowed_hosts, *extra])),
         "model_aliases": split_names([*proxy.model_aliases, *(aliases or [])]),
+        "cors_origins": list(dict.fromkeys([*proxy.cors_origins, *origins])),
     }
     if api_key_file is not None:
         changes["api_keys_file"] = api_key_file

@@ -2,7 +2,8 @@
 
 Every error leaves as OpenAI-shaped JSON (`{"error": {message, type, param, code}}`) with
 its proper status (see `launcher.api_errors`); request validation failures are 400
-(OpenAI's status), not FastAPI's 422.
+(OpenAI's status), not FastAPI's 422. With `proxy.cors_origins` set, web pages of those
+origins may call the API from a browser (CORS, off by default).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from launcher.api_errors import install_error_handlers
 from launcher.errors import ApiError
@@ -22,10 +25,11 @@ from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
 from launcher.proxy.messages.errors import AnthropicErrors
 from launcher.proxy.messages.router import router as messages_router
 from launcher.proxy.page import mount_page
-from launcher.proxy.replica import ReplicaHeader
+from launcher.proxy.replica import REPLICA_HEADER, ReplicaHeader
 from launcher.proxy.routes import mount_api, ops
 from launcher.proxy.state import ProxyState
 from launcher.proxy.store import SessionStore
+from launcher.proxy.turns import DROPPED_HEADER, REPLAYED_HEADER, REWOUND_HEADER
 from launcher.served import ServedModel
 from launcher.settings import Settings
 
@@ -62,9 +66,35 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
     app.add_middleware(AnthropicErrors)  # outside the guard: its 401 in Anthropic's shape too
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    # outside the guard: a browser's preflight carries no key, so it is answered first
+    if settings.proxy.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.proxy.cors_origins))
     app.add_middleware(ReplicaHeader, name=settings.proxy.replica_name)  # outermost: every answer
     _watch_gauges(state)
     return app
+
+
+# What a browser page may send: the key, JSON, the session and retry headers, and the
+# openai SDKs' own `x-stainless-*` headers (their browser builds send them)
+CORS_HEADERS = (
+    "Authorization", "Content-Type", "X-Session-Id", "Idempotency-Key",
+    "X-Stainless-Arch", "X-Stainless-Lang", "X-Stainless-OS", "X-Stainless-Package-Version",
+    "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Retry-Count",
+    "X-Stainless-Timeout",
+)  # fmt: skip
+CORS_EXPOSED = (DROPPED_HEADER, REWOUND_HEADER, REPLAYED_HEADER, REPLICA_HEADER, "Retry-After")
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """Starlette's CORSMiddleware for the listed origins only (`*`: any): a preflight from
+    another origin is refused, and no other origin's page may read a reply."""
+    return {
+        "allow_origins": origins,
+        "allow_methods": ("GET", "POST", "DELETE", "OPTIONS"),
+        "allow_headers": CORS_HEADERS,
+        "expose_headers": CORS_EXPOSED,
+        "max_age": 600,
+    }
 
 
 def _watch_gauges(state: ProxyState) -> None:

@@ -46,6 +46,7 @@ from launcher.proxy.request_models import (
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import Conversation, Message
 from launcher.proxy.turns import SessionTurn, SessionUse
+from launcher.served import WorkerKind
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -116,6 +117,18 @@ async def count_prompt(st: ProxyState, body: ChatRequest, owner: str) -> int:
     return counted.prompt_tokens
 
 
+def for_backend(st: ProxyState, payload: dict[str, Any]) -> dict[str, Any]:
+    """llama_cpp.server takes no `json_schema` response format: it gets the same schema
+    as its own `json_object` + `schema`, which constrains the reply alike."""
+    response_format = payload.get("response_format") or {}
+    if st.backend.kind is WorkerKind.LLAMACPP_PYTHON and "json_schema" in response_format:
+        schema = response_format["json_schema"].get("schema")
+        payload["response_format"] = {"type": "json_object"}
+        if schema is not None:
+            payload["response_format"]["schema"] = schema
+    return payload
+
+
 def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
     """What a chat request asks of the context: its max_tokens, else (in a session, where
     old turns can make room) the default reserve for the reply, else one token."""
@@ -123,7 +136,7 @@ def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
     reserve = wanted or 1
     if session and wanted is None:
         reserve = min(st.proxy.default_reserve_tokens, st.context // 4)
-    template = upstream_body(body)
+    template = for_backend(st, upstream_body(body))
     return FitRequest(
         reserve=reserve,
         minimum=wanted or 1,
@@ -136,7 +149,7 @@ async def _check_request(st: ProxyState, body: Any) -> None:
     check_supported(body, st.backend.kind, max_messages=st.proxy.max_request_messages)
     if body.logit_bias:
         check_logit_bias(body, (await st.backend_meta()).get("n_vocab"))
-    await st.grammar.check_request(body)
+    await st.grammar.check_request(body, st.backend.kind)
 
 
 async def _check_fit(
@@ -254,7 +267,7 @@ async def generate(
             fitted = turn.fitted
         else:
             fitted = await _check_fit(st, body, incoming, owner)
-        payload = upstream_body(body, fitted.messages)
+        payload = for_backend(st, upstream_body(body, fitted.messages))
         private = backend_headers(owner, use.session_id if use else None)
         route = "/v1/chat/completions"
         reply = await _forward(

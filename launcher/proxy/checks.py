@@ -1,10 +1,14 @@
 """What the request models cannot know: what this backend supports, and what it would
 crash on. Everything here runs before a request is admitted to the backend.
 
-- `n` above 1 and log probabilities are refused (neither backend returns them: llama.cpp
-  needs `logits_all`, which costs memory on every request, and answers a 500 without it);
-- llama.cpp's own fields, `logit_bias`, tools and functions are refused on exllamav2,
-  which ignores them;
+- llmup's session-slot worker (the default for GGUF) takes every field the proxy accepts:
+  tools and functions, JSON replies, `n` > 1, log probabilities, a reply to continue, and
+  llama.cpp's own sampling fields;
+- llama-cpp-python's server (`--llamacpp-impl server`) generates one choice and no log
+  probabilities (it needs `logits_all`, which costs memory on every request, and answers a
+  500 without it): `n` above 1 and `logprobs` are refused there;
+- `grammar`, `logit_bias`, tools and functions are refused on exllamav2, which cannot
+  apply them (no grammar, no logit bias); its worker refuses JSON replies and mirostat 1;
 - `tool_choice` and `function_call` must name a tool or function of the request;
 - `logit_bias` token ids must exist in the model's vocabulary (llama-cpp-python indexes
   its logits with them unchecked: an IndexError, a 500);
@@ -16,38 +20,53 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.errors import BadRequestError
-from launcher.proxy.request_models import LLAMA_CPP_FIELDS
 from launcher.served import WorkerKind
 
-# fields a backend kind ignores (so a request relying on them must hear it)
+# fields a backend kind cannot honour (so a request relying on them must hear it), and
+# what to run instead
 UNSUPPORTED = {
-    WorkerKind.EXLLAMAV2: (*LLAMA_CPP_FIELDS, "logit_bias", "tools", "tool_choice",
-                           "functions", "function_call"),
-    # llmup's session-slot worker: grammar, top_k, min_p, repeat_penalty and JSON mode, but
-    # not llama-cpp-python's tool calling, mirostat or min_tokens
-    WorkerKind.LLAMACPP_SLOTS: ("tools", "tool_choice", "functions", "function_call",
-                                "mirostat_mode", "mirostat_tau", "mirostat_eta", "min_tokens"),
+    WorkerKind.EXLLAMAV2: ("grammar", "logit_bias", "tools", "tool_choice", "functions",
+                           "function_call"),
 }  # fmt: skip
+# n > 1 and log probabilities: llmup's own workers (llama_cpp.server: one choice, none)
+MANY_CHOICES = (WorkerKind.LLAMACPP_SLOTS, WorkerKind.EXLLAMAV2)
+GRAMMAR_COMPLETIONS = WorkerKind.LLAMACPP_SLOTS  # a JSON response_format on text completions
+INSTEAD = {
+    WorkerKind.EXLLAMAV2: "serve a GGUF model with `--backend llama.cpp`",
+    WorkerKind.LLAMACPP_PYTHON: "run llmup's own worker (leave out `--llamacpp-impl server`)",
+}
 
 
 def check_supported(body: Any, kind: WorkerKind, *, max_messages: int) -> None:
     """BadRequestError for what the backend `kind` cannot do with this request."""
-    if (body.n or 1) > 1:
+    instead = f" ({INSTEAD[kind]})" if kind in INSTEAD else ""
+    if (body.n or 1) > 1 and kind not in MANY_CHOICES:
         raise BadRequestError(
-            "n must be 1: this server generates one choice per request (send n requests)",
+            "n must be 1: this server's backend generates one choice per request (send n "
+            f"requests){instead}",
             param="n",
             code="unsupported_value",
         )
-    if body.logprobs or getattr(body, "top_logprobs", None):
+    wants_logprobs = body.logprobs or getattr(body, "top_logprobs", None)
+    if wants_logprobs and kind not in MANY_CHOICES:
         raise BadRequestError(
-            "log probabilities are not available from this server; leave `logprobs` unset",
+            "log probabilities are not available from this server's backend; leave "
+            f"`logprobs` unset{instead}",
             param="logprobs",
+            code="unsupported_parameter",
+        )
+    completion_format = getattr(body, "prompt", None) is not None and body.response_format
+    if completion_format and body.response_format.type != "text" and kind != GRAMMAR_COMPLETIONS:
+        raise BadRequestError(
+            "a JSON response_format on /v1/completions needs llmup's own llama.cpp worker "
+            f"(llama_cpp.server ignores it){instead}",
+            param="response_format",
             code="unsupported_parameter",
         )
     for name in UNSUPPORTED.get(kind, ()):
         if getattr(body, name, None) is not None:
             raise BadRequestError(
-                f"`{name}` is not supported by the {kind} backend this server runs",
+                f"`{name}` is not supported by the {kind} backend this server runs{instead}",
                 param=name,
                 code="unsupported_parameter",
             )

@@ -129,11 +129,20 @@ def plan_turn(
 
 def _resends_history(stored: list[Message], rest: list[Message]) -> bool:
     """Whether a request carries the conversation so far rather than only new messages:
-    it has an assistant message, or several messages of which the first is the session's
-    first. (One message is always new, even if it repeats the first: "hello" twice.)"""
+    it has an assistant message (other than a last one to continue: prefill), or several
+    messages of which the first is the session's first. (One message is always new, even
+    if it repeats the first: "hello" twice.)"""
+    if rest and is_prefill(rest[-1]) and common_prefix(stored, rest) < len(rest):
+        rest = rest[:-1]  # not the stored reply: one to continue
     if any(m["role"] == "assistant" for m in rest):
         return True
     return len(rest) > 1 and _comparable(rest[0]) == _comparable(stored[0])
+
+
+def is_prefill(message: Message) -> bool:
+    """An assistant message without calls, last in a request: a reply to continue."""
+    calls = message.get("tool_calls") or message.get("function_call")
+    return message.get("role") == "assistant" and not calls
 
 
 def _turn_of(turns: list[list[Message]], matched: int) -> int:

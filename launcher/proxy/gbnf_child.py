@@ -1,16 +1,20 @@
 """The child process that parses GBNF grammars with llama.cpp's own parser.
 
 Run as ``python -m launcher.proxy.gbnf_child`` by `launcher.proxy.grammar.GrammarChecker`;
-it reads one JSON line per request on stdin, ``{"grammar": GBNF}`` or ``{"schema": JSON
-schema text}``, and answers one JSON line on stdout: ``{"ok": true}`` or ``{"ok": false,
-"error": "..."}``. It calls `llama_sampler_init_grammar` exactly as llama-cpp-python's
-sampler does (without a vocabulary, which only token references by text need), so "parses
-here" means "parses in the backend". A schema is first converted to GBNF with
-llama-cpp-python's own `json_schema_to_gbnf`, as its chat handlers do for
-`response_format.schema` and tool parameters; when that conversion fails they fall back to
-a plain JSON grammar, so only a conversion that succeeds needs its result parsed. The parser
-reports errors on stderr, so stderr is a file read back after each request. Anything that
-crashes or hangs the parser takes down only this process; the checker starts another.
+it reads one JSON line per request on stdin, ``{"grammar": GBNF}``, ``{"schema": JSON schema
+text}`` or ``{"spec": GrammarSpec JSON}``, and answers one JSON line on stdout: ``{"ok":
+true}`` or ``{"ok": false, "error": "...", "param": ...}``. It calls
+`llama_sampler_init_grammar` exactly as llama-cpp-python's sampler does (without a
+vocabulary, which only token references by text need), so "parses here" means "parses in the
+backend". A schema is first converted to GBNF with llama-cpp-python's own
+`json_schema_to_gbnf`, as its chat handlers do for `response_format.schema` and tool
+parameters; when that conversion fails they fall back to a plain JSON grammar, so only a
+conversion that succeeds needs its result parsed. A spec (the tools and JSON reply of a
+request to llmup's slot worker) is built into the very grammar that worker builds
+(`launcher.json_grammar.reply_grammar`); a schema the converter refuses is an error naming
+its part, since the worker refuses it the same way. The parser reports errors on stderr, so
+stderr is a file read back after each request. Anything that crashes or hangs the parser
+takes down only this process; the checker starts another.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import tempfile
 
 import llama_cpp
 from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from launcher.json_grammar import reply_grammar
+from launcher.reply_format import GrammarSpec, ReplyFormatError
 
 ROOT = b"root"
 MAX_ERROR_CHARS = 300
@@ -52,6 +59,8 @@ def grammar_of(request: dict) -> str | None:
     """The GBNF a request stands for; None for a schema the backend would not convert."""
     if "grammar" in request:
         return request["grammar"]
+    if "spec" in request:
+        return reply_grammar(GrammarSpec.from_json(request["spec"])).text
     try:
         return json_schema_to_gbnf(request["schema"])
     except Exception:  # llama-cpp-python falls back to its JSON grammar here too
@@ -59,7 +68,10 @@ def grammar_of(request: dict) -> str | None:
 
 
 def check(request: dict, capture) -> dict:
-    grammar = grammar_of(request)
+    try:
+        grammar = grammar_of(request)
+    except ReplyFormatError as exc:
+        return {"ok": False, "error": str(exc), "param": exc.param}
     if grammar is None:
         return {"ok": True}
     capture.seek(0)

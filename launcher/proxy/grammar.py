@@ -4,10 +4,14 @@ llama-cpp-python hands a grammar to `llama_sampler_init_grammar`; when llama.cpp
 parse it, that returns NULL, llama-cpp-python adds the NULL to its sampler chain, and the
 backend dies with SIGSEGV on the next sample (`"grammar": "root ::= ("` or
 `"root ::= foo"`). A few such requests used to exhaust the supervisor's restart budget.
-So every grammar llmup would forward (the `grammar` field, and the grammars llama-cpp-python
-builds from `response_format.schema` and from tool or function parameters) is first parsed
-by the same parser in `launcher.proxy.gbnf_child`, a long-lived child process: a grammar it
-refuses is a 400 naming the field, and one that crashes or hangs it costs only that child.
+So every grammar llmup would forward is first parsed by the same parser in
+`launcher.proxy.gbnf_child`, a long-lived child process: the `grammar` field, and the
+grammars the backend builds from JSON schemas. For llama_cpp.server those are one per
+schema (`response_format.schema`, each tool's or function's parameters); llmup's slot worker
+builds one grammar from the request's tools and JSON reply together
+(`launcher.json_grammar.reply_grammar`), and the child builds exactly that one. A grammar it
+refuses is a 400 naming the field (a schema the converter cannot handle names its failing
+part), and one that crashes or hangs the parser costs only that child.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from launcher.errors import BadRequestError
+from launcher.reply_format import ReplyFormatError, grammar_spec
+from launcher.served import WorkerKind
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +35,25 @@ CACHE_SIZE = 1024
 CHILD = [sys.executable, "-m", "launcher.proxy.gbnf_child"]
 
 
-def grammar_requests(body: Any) -> Iterator[tuple[str, dict[str, str]]]:
-    """(param, child request) for each grammar the backend would build from `body`."""
+def grammar_requests(
+    body: Any, kind: WorkerKind = WorkerKind.LLAMACPP_PYTHON
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """(param, child request) for each grammar the backend `kind` would build from `body`:
+    llmup's slot worker builds one from the tools and the JSON reply together
+    (`launcher.json_grammar`), llama_cpp.server one per schema."""
     if getattr(body, "grammar", None) is not None:
         yield "grammar", {"grammar": body.grammar}
+    if kind is WorkerKind.LLAMACPP_SLOTS:
+        try:
+            spec = grammar_spec(body)
+        except ReplyFormatError as exc:
+            raise BadRequestError(str(exc), param=exc.param) from None
+        if spec is not None:
+            yield "tools" if spec.tools else spec.json.param, {"spec": spec.to_json()}
+        return
     response_format = getattr(body, "response_format", None)
-    schema = response_format.json_schema_ if response_format else None
-    if schema is not None and response_format.type == "json_object":
+    schema = response_format.schema()[1] if response_format else None
+    if schema is not None and response_format.type != "text":
         yield "response_format.schema", {"schema": json.dumps(schema)}
     for i, tool in enumerate(getattr(body, "tools", None) or []):
         param = f"tools.{i}.function.parameters"
@@ -52,33 +70,38 @@ class GrammarChecker:
         self.command = command
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self._verdicts: OrderedDict[str, str | None] = OrderedDict()
+        self._verdicts: OrderedDict[str, tuple[str, str | None] | None] = OrderedDict()
 
-    async def check_request(self, body: Any) -> None:
+    async def check_request(self, body: Any, kind: WorkerKind = WorkerKind.LLAMACPP_PYTHON) -> None:
         """BadRequestError naming the field of the first grammar llama.cpp would refuse."""
-        for param, request in grammar_requests(body):
-            error = await self.verdict(request)
-            if error is not None:
-                raise BadRequestError(
-                    f"`{param}` is not a grammar llama.cpp can use: {error}",
-                    param=param,
-                    code="invalid_grammar",
-                )
+        for param, request in grammar_requests(body, kind):
+            verdict = await self.verdict(request)
+            if verdict is None:
+                continue
+            error, where = verdict
+            if "spec" in request and where:  # the converter refused a schema: named
+                raise BadRequestError(error, param=where, code="invalid_schema")
+            raise BadRequestError(
+                f"`{param}` is not a grammar llama.cpp can use: {error}",
+                param=param,
+                code="invalid_grammar",
+            )
 
-    async def verdict(self, request: dict[str, str]) -> str | None:
-        """None when llama.cpp accepts the grammar, else its reason (cached by content)."""
+    async def verdict(self, request: dict[str, str]) -> tuple[str, str | None] | None:
+        """None when llama.cpp accepts the grammar, else its reason and the failing part of
+        a schema when the child names one (cached by content)."""
         key = json.dumps(request, sort_keys=True)
         if key in self._verdicts:
             self._verdicts.move_to_end(key)
             return self._verdicts[key]
         async with self._lock:
-            error = await self._ask(key)
-        self._verdicts[key] = error
+            verdict = await self._ask(key)
+        self._verdicts[key] = verdict
         if len(self._verdicts) > CACHE_SIZE:
             self._verdicts.popitem(last=False)
-        return error
+        return verdict
 
-    async def _ask(self, line: str) -> str | None:
+    async def _ask(self, line: str) -> tuple[str, str | None] | None:
         proc = await self._child()
         try:
             proc.stdin.write(line.encode("utf-8") + b"\n")
@@ -88,8 +111,10 @@ class GrammarChecker:
         except (OSError, ValueError, asyncio.TimeoutError) as exc:
             log.warning("the grammar parser failed on a grammar (%r); starting a new one", exc)
             await self._stop()
-            return "it crashed or hung llama.cpp's grammar parser"
-        return None if reply.get("ok") else str(reply.get("error") or "refused")
+            return "it crashed or hung llama.cpp's grammar parser", None
+        if reply.get("ok"):
+            return None
+        return str(reply.get("error") or "refused"), reply.get("param")
 
     async def _child(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:

@@ -47,6 +47,7 @@ class StreamResult:
     kind: str  # "chat" or "completion"
     parts: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    function_call: dict[str, str] | None = None  # the legacy functions API's one call
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     chunk_id: str | None = None
@@ -72,7 +73,11 @@ class StreamResult:
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
             if isinstance(delta, dict):
                 self._feed_calls(delta.get("tool_calls") or [])
-            if text or (isinstance(delta, dict) and delta.get("tool_calls")):
+                self._feed_function(delta.get("function_call"))
+            called = isinstance(delta, dict) and (
+                delta.get("tool_calls") or delta.get("function_call")
+            )
+            if text or called:
                 self.parts.append(text or "")
                 self.first_token_at = self.first_token_at or time.perf_counter()
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
@@ -91,11 +96,21 @@ class StreamResult:
             call["function"]["name"] = function.get("name") or call["function"]["name"]
             call["function"]["arguments"] += function.get("arguments") or ""
 
+    def _feed_function(self, delta: Any) -> None:
+        if not isinstance(delta, dict):
+            return
+        call = self.function_call = self.function_call or {"name": "", "arguments": ""}
+        call["name"] = delta.get("name") or call["name"]
+        call["arguments"] += delta.get("arguments") or ""
+
     def reply(self) -> Reply:
         """The stream as one chat reply (what a session stores, and replays to a retry)."""
         message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["content"] = self.text or None
+        if self.function_call:
+            message["function_call"] = self.function_call
             message["content"] = self.text or None
         choice = {"index": 0, "message": message, "logprobs": None}
         reply = {

@@ -32,11 +32,6 @@ from launcher.protocol import ResponseFormat as _ResponseFormat
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 NonEmpty = Annotated[str, Field(min_length=1)]
 MAX_GRAMMAR_CHARS = 100_000
-# the llama.cpp-only fields, in the order the README lists them
-LLAMA_CPP_FIELDS = (
-    "grammar", "top_k", "min_p", "repeat_penalty", "mirostat_mode", "mirostat_tau",
-    "mirostat_eta", "min_tokens",
-)  # fmt: skip
 
 
 class TextPart(BaseModel):
@@ -99,11 +94,17 @@ ChatMessage = Annotated[
 
 
 class ResponseFormat(_ResponseFormat):
-    """`text` or `json_object` (llama.cpp constrains the reply to JSON with a grammar, built
-    from `schema` when given); `type` is required on the wire. OpenAI's `json_schema` is not
-    offered: llama_cpp.server does not accept it."""
+    """`text`, `json_object` (llama.cpp constrains the reply to JSON with a grammar, built
+    from llama.cpp's `schema` when given) or OpenAI's `json_schema` (the grammar is built
+    from `json_schema.schema`); `type` is required on the wire."""
 
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+
+    @model_validator(mode="after")
+    def _json_schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type `json_schema` needs the `json_schema` object (its `schema`)")
+        return self
 
 
 class LlamaFunction(FunctionDefinition):
@@ -157,6 +158,7 @@ class TextCompletionRequest(LlamaCppOptions, CompletionRequest):
     """One text prompt: llama_cpp.server takes no token-id prompts and no batch of them."""
 
     prompt: str | list[str] = Field(description="one prompt (a list of at most one)")
+    response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from launcher.errors import BadRequestError, KeyLimitError
-from launcher.proxy.context import TurnPlan, message_text, plan_turn
+from launcher.proxy.context import TurnPlan, is_prefill, message_text, plan_turn
 from launcher.proxy.prompt_fit import FitRequest, Fitted, estimate_tokens
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
 from launcher.proxy.state import ProxyState
@@ -173,6 +173,16 @@ async def _check_key_quota(
         )
 
 
+def continued(messages: list[Message], reply: Message) -> list[Message]:
+    """The turn's messages with the reply: a reply that continued the request's last
+    (assistant) message is stored as one message, its beginning and the continuation."""
+    if messages and is_prefill(messages[-1]):
+        head = messages[-1]
+        merged = {**reply, "content": (head.get("content") or "") + (reply.get("content") or "")}
+        return [*messages[:-1], merged]
+    return [*messages, reply]
+
+
 async def commit(st: ProxyState, turn: SessionTurn, reply: Reply) -> bool:
     """Store the turn with its reply; False when the session was deleted meanwhile."""
     message = assistant_message(reply)
@@ -185,7 +195,7 @@ async def commit(st: ProxyState, turn: SessionTurn, reply: Reply) -> bool:
     new = NewTurn(
         base=turn.history,
         keep=turn.plan.keep,
-        messages=[*turn.plan.messages, message],
+        messages=continued(turn.plan.messages, message),
         system=turn.plan.system,
         record=record,
         response=turn.respond(reply) if turn.respond else None,

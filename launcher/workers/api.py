@@ -11,11 +11,14 @@ takes `GenerationJob`s (`GenerationWorker` runs one at a time, `BatchEngine` bat
 A request is parsed, checked, rendered and tokenized off the event loop
 (`prepare.prepared`), so a huge prompt never holds up `/health` or another client's
 stream; all of it happens before the first response byte, so errors keep their status. Stop
-strings are matched here (`StopScanner`), so every engine shares one tested implementation;
-a match, like a client that hangs up, cancels the job. The proxy names a request's session
-on two private headers (owner hash, session id); they reach the engine as the job's
-`SessionKey`, and a slot-keeping engine reports the prompt tokens it did not re-evaluate as
-OpenAI's `usage.prompt_tokens_details.cached_tokens`.
+strings and tool calls are read out of each choice here (`choices`), so every engine
+shares one tested implementation; a stop string ends its choice, and a client that hangs up
+cancels the job. A request for n choices gets them interleaved as they come, each with its
+own index, as OpenAI streams them: one streamer for chat and text completions, the chunks
+shaped by `replies.ChatChunks` / `replies.CompletionChunks`. The proxy names a
+request's session on two private headers (owner hash, session id); they reach the engine as
+the job's `SessionKey`, and a slot-keeping engine reports the prompt tokens it did not
+re-evaluate as OpenAI's `usage.prompt_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -37,15 +40,8 @@ from launcher.api_errors import error_response, install_error_handlers
 from launcher.protocol import (
     META_PATH,
     PROMPT_TOKENS_PATH,
-    ChatCompletionChunk,
-    ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
-    ChoiceDelta,
-    ChunkChoice,
-    CompletionChoice,
-    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -55,11 +51,10 @@ from launcher.protocol import (
     TokenizeInputRequest,
     TokenizeInputResponse,
     error_body,
-    new_id,
-    now,
 )
 from launcher.workers.backend_key import require_backend_key
-from launcher.workers.generation import END, GenerationJob, StopScanner, TokenEvent, first_line
+from launcher.workers.choices import ChoiceOutput, Delta
+from launcher.workers.generation import END, GenerationJob, TokenEvent, first_line
 from launcher.workers.prepare import (
     Engine,
     Run,
@@ -69,6 +64,13 @@ from launcher.workers.prepare import (
     parsed,
     prepared,
     worker_state,
+)
+from launcher.workers.replies import (
+    ChatChunks,
+    ChunkFactory,
+    CompletionChunks,
+    chat_choices,
+    completion_choices,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,11 +83,12 @@ class GenerationError(RuntimeError):
     """The engine failed mid-request; the client gets a 500 or an error event."""
 
 
-# ---- generation ---------------------------------------------------------------------------
+# ---- generation ----------------------------------------------------------------------------
 
 
-async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
-    """Bridge the engine thread into the event loop; leaving early cancels the generation."""
+async def _token_events(engine: Engine, run: Run, stopped: set[int]) -> AsyncIterator[TokenEvent]:
+    """Bridge the engine thread into the event loop; leaving early cancels the generation,
+    and a choice added to `stopped` is ended alone."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[object] = asyncio.Queue()
     cancel = threading.Event()
@@ -96,7 +99,7 @@ async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
         except RuntimeError:  # the loop is gone: nobody is listening any more
             cancel.set()
 
-    job = GenerationJob(run.prompt, run.params, cancel, emit, run.session)
+    job = GenerationJob(run.prompt, run.params, cancel, emit, run.session, stopped=stopped)
     engine.submit(job)
     try:
         while (item := await inbox.get()) is not END:
@@ -108,31 +111,40 @@ async def _token_events(engine: Engine, run: Run) -> AsyncIterator[TokenEvent]:
         cancel.set()
 
 
-async def _pieces(engine: Engine, run: Run) -> AsyncIterator[str]:
-    """The reply's text as it comes, cut at a stop string; fills in run's outcome."""
-    scanner = StopScanner(run.stops)
-    async with aclosing(_token_events(engine, run)) as events:
+def _outputs(run: Run) -> list[ChoiceOutput]:
+    return [ChoiceOutput(i, run.stops, tools=run.tools is not None) for i in range(run.params.n)]
+
+
+async def _deltas(
+    engine: Engine, run: Run, outputs: list[ChoiceOutput]
+) -> AsyncIterator[tuple[ChoiceOutput, Delta]]:
+    """Each choice's deltas as they come, interleaved; a choice that reaches a stop string
+    is ended alone, and the generation once every choice is over."""
+    stopped: set[int] = set()
+    async with aclosing(_token_events(engine, run, stopped)) as events:
         async for event in events:
+            output = outputs[event.choice]
+            if output.done:
+                continue
             run.completion_tokens += event.tokens
-            text, matched = scanner.feed(event.text)
-            if text:
-                yield text
-            if matched:
-                run.finish_reason = "stop"
+            delta = output.feed(event)
+            if output.done and event.finish_reason is None:
+                stopped.add(output.index)
+            yield output, delta
+            if all(o.done for o in outputs):
                 return
-            if event.finish_reason:
-                run.finish_reason = event.finish_reason
-                break
-    if tail := scanner.flush():
-        yield tail
 
 
-async def _collect(request: Request, engine: Engine, run: Run) -> str | None:
-    """The whole reply, or None when the client hung up (the generation is then cancelled)."""
+async def _collect(request: Request, engine: Engine, run: Run) -> list[ChoiceOutput] | None:
+    """Every choice whole, or None when the client hung up (the generation is then
+    cancelled)."""
 
-    async def collect() -> str:
-        async with aclosing(_pieces(engine, run)) as pieces:
-            return "".join([piece async for piece in pieces])
+    async def collect() -> list[ChoiceOutput]:
+        outputs = _outputs(run)
+        async with aclosing(_deltas(engine, run, outputs)) as deltas:
+            async for _ in deltas:
+                pass
+        return outputs
 
     task = asyncio.ensure_future(collect())
     try:
@@ -164,80 +176,30 @@ def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-class ChunkFactory(Protocol):
-    """How one endpoint's stream chunks look; `_chunks` streams either kind alike."""
-
-    def opening(self) -> list[BaseModel]: ...
-
-    def text_chunk(self, text: str) -> BaseModel: ...
-
-    def finish_chunk(self, reason: str | None) -> BaseModel: ...
-
-    def usage_chunk(self, usage: Any) -> BaseModel: ...
-
-
-class ChatChunks:
-    """A streamed chat completion: a first chunk naming the assistant, content deltas, then
-    the finish reason."""
-
-    def __init__(self, model: str) -> None:
-        self.model, self.id, self.created = model, new_id("chatcmpl"), now()
-
-    def _chunk(self, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[choice]
-        )
-
-    def opening(self) -> list[ChatCompletionChunk]:
-        return [self._chunk(ChoiceDelta(role="assistant", content=""))]
-
-    def text_chunk(self, text: str) -> ChatCompletionChunk:
-        return self._chunk(ChoiceDelta(content=text))
-
-    def finish_chunk(self, reason: str | None) -> ChatCompletionChunk:
-        return self._chunk(ChoiceDelta(), reason)
-
-    def usage_chunk(self, usage: Any) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
-        )
-
-
-class CompletionChunks:
-    """A streamed text completion: text pieces, then the finish reason."""
-
-    def __init__(self, model: str) -> None:
-        self.model, self.id, self.created = model, new_id("cmpl"), now()
-
-    def opening(self) -> list[CompletionChunk]:
-        return []
-
-    def text_chunk(self, text: str, finish: str | None = None) -> CompletionChunk:
-        choice = CompletionChoice(text=text, finish_reason=finish)
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
-
-    def finish_chunk(self, reason: str | None) -> CompletionChunk:
-        return self.text_chunk("", reason)
-
-    def usage_chunk(self, usage: Any) -> CompletionChunk:
-        return CompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage
-        )
-
-
 async def _chunks(
     engine: Engine, run: Run, factory: ChunkFactory, include_usage: bool
 ) -> AsyncIterator[BaseModel]:
-    """One streamer for both endpoints; `factory` shapes its chunks."""
-    for chunk in factory.opening():
+    """One streamer for both endpoints (`factory` shapes the chunks): every choice's
+    opening, then their deltas interleaved as they come, each choice's finish as it ends,
+    and the usage (OpenAI's order)."""
+    outputs = _outputs(run)
+    for chunk in factory.opening(outputs):
         yield chunk
-    async with aclosing(_pieces(engine, run)) as pieces:
-        async for text in pieces:
-            yield factory.text_chunk(text)
-    yield factory.finish_chunk(run.finish_reason)
+    async with aclosing(_deltas(engine, run, outputs)) as deltas:
+        async for output, delta in deltas:
+            if delta:
+                yield factory.delta_chunk(output, delta)
+            if output.done:
+                yield factory.finish_chunk(output)
+    for output in outputs:
+        if not output.done:  # the engine ended it without a word (shutting down)
+            yield factory.finish_chunk(output)
     if include_usage:
         yield factory.usage_chunk(run.usage())
+
+
+def _legacy(run: Run) -> bool:
+    return bool(run.tools and run.tools.legacy)
 
 
 # ---- routes -------------------------------------------------------------------------------
@@ -266,29 +228,32 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(request: Request) -> ChatCompletionResponse | Response:
     state = worker_state(request)
     body, run = await prepared(request, ChatCompletionRequest)
+    wants_logprobs = run.params.logprobs is not None
     if body.stream:
-        chunks = ChatChunks(body.model)
+        chunks = ChatChunks(body.model, legacy=_legacy(run), logprobs=wants_logprobs)
         return _sse(_chunks(state.engine, run, chunks, body.wants_usage_chunk()))
-    text = await _collect(request, state.engine, run)
-    if text is None:
+    outputs = await _collect(request, state.engine, run)
+    if outputs is None:
         return Response(status_code=499)
-    message = ChatCompletionMessage(content=text)
-    choice = Choice(message=message, finish_reason=run.finish_reason)
-    return ChatCompletionResponse(model=body.model, choices=[choice], usage=run.usage())
+    choices = chat_choices(outputs, legacy=_legacy(run), logprobs=wants_logprobs)
+    return ChatCompletionResponse(model=body.model, choices=choices, usage=run.usage())
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request) -> CompletionResponse | Response:
     state = worker_state(request)
     body, run = await prepared(request, CompletionRequest)
+    wants_logprobs = run.params.logprobs is not None
     if body.stream:
-        chunks = CompletionChunks(body.model)
+        chunks = CompletionChunks(
+            body.model, echo=run.echo, offset=run.offset, logprobs=wants_logprobs
+        )
         return _sse(_chunks(state.engine, run, chunks, body.wants_usage_chunk()))
-    text = await _collect(request, state.engine, run)
-    if text is None:
+    outputs = await _collect(request, state.engine, run)
+    if outputs is None:
         return Response(status_code=499)
-    choice = CompletionChoice(text=text, finish_reason=run.finish_reason)
-    return CompletionResponse(model=body.model, choices=[choice], usage=run.usage())
+    choices = completion_choices(outputs, echo=run.echo, offset=run.offset, logprobs=wants_logprobs)
+    return CompletionResponse(model=body.model, choices=choices, usage=run.usage())
 
 
 @router.post("/extras/tokenize")

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class GenerationParams:
     """One request's sampling. `top_k` 0 and `min_p` 0 turn those filters off; `grammar` is
-    a llama.cpp GBNF grammar (JSON mode becomes one); `logit_bias` maps token id to bias."""
+    a llama.cpp GBNF grammar (JSON mode and tool calls become one), inactive until one of
+    `grammar_triggers` (regexes over the reply so far) matches when any are given;
+    `logit_bias` maps token id to bias. `n` replies are generated from one prompt (choice i
+    seeded with seed + i); `logprobs` asks for each token's log probability and that many
+    alternatives (None: none); the end of a reply is held off for `min_tokens` tokens;
+    `mirostat` (1 or 2, with `mirostat_tau` and `mirostat_eta`) replaces top-k/top-p/min-p."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -29,6 +34,29 @@ class GenerationParams:
     repeat_penalty: float = 1.0  # llama.cpp's: 1 is off
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    grammar_triggers: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+    min_tokens: int = 0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position: its text, its bytes, its log probability."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TopLogprob):
+    """The sampled token's log probability under the model, and the most likely tokens."""
+
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,15 +79,19 @@ class TokenEvent:
     text: str
     tokens: int = 0
     finish_reason: str | None = None
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens it accounts for, when asked
 
 
-END = object()  # an engine emits this after a job's last event
+END = object()  # an engine emits this after a job's last event (of every choice)
 
 
 @dataclass
 class GenerationJob:
     """`cached_tokens` is set by an engine that keeps KV between requests: how many prompt
-    tokens it did not have to evaluate (set before the job's first event)."""
+    tokens it did not have to evaluate (set before the job's first event). `stopped` holds
+    the choices the HTTP layer has ended (a stop string): the engine drops them at its next
+    step, the others go on; `cancel` ends them all."""
 
     prompt: list[int]
     params: GenerationParams
@@ -67,6 +99,10 @@ class GenerationJob:
     emit: Callable[[object], None]
     session: SessionKey | None = None
     cached_tokens: int = 0
+    stopped: set[int] = field(default_factory=set)
+
+    def ended(self, choice: int) -> bool:
+        return self.cancel.is_set() or choice in self.stopped
 
 
 class StopScanner:
@@ -104,6 +140,11 @@ class StopScanner:
     def flush(self) -> str:
         out, self._held, self._state = self._held, "", 0
         return out
+
+    @property
+    def held(self) -> int:
+        """Characters taken in and not yet released (they may begin a stop string)."""
+        return len(self._held)
 
 
 class _StopAutomaton:

@@ -13,9 +13,9 @@ tokens (its token count can differ from the segmented encoding by a token at a b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -68,8 +68,11 @@ def _check_roles(dialog: Sequence[tuple[str, str]], offset: int) -> None:
         raise ValueError("the last message must come from the user")
 
 
-def build_prompt(messages: Sequence[tuple[str, str]]) -> Llama2Prompt:
-    """Turn (role, content) pairs into Meta's Llama-2 chat prompt segments.
+def build_prompt(
+    messages: Sequence[tuple[str, str]], *, prefill: str | None = None
+) -> Llama2Prompt:
+    """Turn (role, content) pairs into Meta's Llama-2 chat prompt segments; `prefill` is the
+    beginning of the answer to the last user message, which the model continues.
 
     Raises ValueError when the roles are not [system], user, assistant, user, ... user.
     """
@@ -79,20 +82,26 @@ def build_prompt(messages: Sequence[tuple[str, str]]) -> Llama2Prompt:
         PromptSegment(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", eos=True)
         for (_, user), (_, answer) in zip(dialog[:-1:2], dialog[1::2])
     ]
-    segments.append(PromptSegment(f"{B_INST} {dialog[-1][1].strip()} {E_INST}", eos=False))
+    last = f"{B_INST} {dialog[-1][1].strip()} {E_INST}"
+    if prefill:
+        last += " " + prefill.lstrip()
+    segments.append(PromptSegment(last, eos=False))
     return Llama2Prompt(tuple(segments))
 
 
-class _Message(Protocol):
-    role: str
-
-    def text(self) -> str: ...
-
-
-def prompt_tokens(encode: Callable[..., list[int]], messages: Sequence[_Message]) -> list[int]:
+def prompt_tokens(
+    encode: Callable[..., list[int]],
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    prefill: str | None = None,
+) -> list[int]:
     """The token ids of a chat's Llama-2 prompt: each segment encoded on its own with BOS
-    (and EOS when closed). `encode(text, bos=, eos=)` is a tokenizer's; "developer" is the
-    system role; a conversation in the wrong order is a ValueError."""
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in messages]
-    prompt = build_prompt(turns)
+    (and EOS when closed). `encode(text, bos=, eos=)` is a tokenizer's; `messages` are
+    `{"role", "content"}` dicts ("developer" is the system role); a conversation in the
+    wrong order is a ValueError."""
+    turns = [
+        ("system" if m["role"] == "developer" else m["role"], m.get("content") or "")
+        for m in messages
+    ]
+    prompt = build_prompt(turns, prefill=prefill)
     return [t for seg in prompt.segments for t in encode(seg.text, bos=True, eos=seg.eos)]

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import ApiError, BadRequestError, NotFoundError
 from launcher.protocol import (
@@ -37,6 +37,8 @@ from launcher.protocol import (
     Usage,
     context_length_message,
 )
+from launcher.reply_format import ReplyFormatError, ToolUse, tool_use
+from launcher.workers.chat_render import ChatTurns, chat_turns
 from launcher.workers.generation import GenerationJob, GenerationParams, SessionKey
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -72,34 +74,84 @@ class Engine(Protocol):
     def pending(self) -> int: ...
 
 
+class SamplingExtras(BaseModel):
+    """The request fields beyond OpenAI's that llama.cpp's servers accept, with their bounds;
+    each worker takes what its engine can apply."""
+
+    model_config = ConfigDict(extra="ignore")
+    grammar: str | None = None
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
+    min_tokens: int = Field(default=0, ge=0)
+    mirostat_mode: int = Field(default=0, ge=0, le=2)
+    mirostat_tau: float = Field(default=5.0, ge=0.0, le=10.0)
+    mirostat_eta: float = Field(default=0.1, ge=0.001, le=1.0)
+
+    def params(self) -> dict[str, Any]:
+        """The `GenerationParams` fields they set (the grammar aside: a worker builds it)."""
+        return {
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "min_tokens": self.min_tokens,
+            "mirostat": self.mirostat_mode,
+            "mirostat_tau": self.mirostat_tau,
+            "mirostat_eta": self.mirostat_eta,
+        }
+
+
+def sampling_extras(body: Any) -> SamplingExtras:
+    """A request's extras, checked; a bad one is a 400 naming it."""
+    try:
+        return SamplingExtras.model_validate(body.model_extra or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
+
+
 @dataclass
 class WorkerState:
     """One worker's model-facing parts; `sampling_extras(body)` returns extra
-    `GenerationParams` fields (grammar, logit_bias...) or raises BadRequestError, and is None for
-    an engine without them (then a non-text response_format is refused). `identity` is what
-    identifies the served build (backend and version, model files, load settings): the proxy
-    derives the replies' `system_fingerprint` from it."""
+    `GenerationParams` fields (grammar, logit_bias...) or raises BadRequestError; `grammar` says
+    whether the engine applies grammars (without, a JSON response_format and tool calls
+    are refused). `identity` is what identifies the served build (backend and
+    version, model files, load settings): the proxy derives the replies'
+    `system_fingerprint` from it. `native_tools`: the model's chat template renders tools
+    itself; `max_choices`: the most choices (`n`) one request may ask for; `logprobs`: the
+    engine reports log probabilities."""
 
     tokenizer: Tokenizer
     engine: Engine
-    chat_prompt: Callable[[list[ChatMessage]], list[int]]
+    chat_prompt: Callable[[ChatTurns], list[int]]
     model_alias: str
     max_seq_len: int
     sampling_extras: Callable[[Any], dict[str, Any]] | None = None
     identity: dict[str, Any] = field(default_factory=dict)
+    native_tools: bool = False
+    max_choices: int = 1
+    choices_limit: str = ""  # why max_choices, for the 400 that names it
+    logprobs: bool = False
+    grammar: bool = False
 
 
 @dataclass
 class Run:
-    """One request's prepared inputs and, as generation goes, its outcome."""
+    """One request's prepared inputs and, as generation goes, its outcome. `tools`: the
+    calls to read out of the reply (None when no call can come); `echo`: text completions'
+    prompt, sent back before the reply; `offset`: where the reply begins for
+    `logprobs.text_offset` (the prompt's length in characters)."""
 
     prompt: list[int]
     params: GenerationParams
     stops: list[str]
     session: SessionKey | None = None
+    tools: ToolUse | None = None
+    echo: str = ""
+    offset: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    finish_reason: str = "stop"
 
     def usage(self) -> Usage:
         usage = Usage.of(len(self.prompt), self.completion_tokens)
@@ -136,19 +188,45 @@ def check_model(state: WorkerState, model: str | None) -> None:
         )
 
 
-def _check_common(request: ChatCompletionRequest | CompletionRequest) -> None:
-    if (request.n or 1) > 1:
-        raise BadRequestError("n > 1 is not supported by this backend", param="n")
-
-
-def _chat_prompt(state: WorkerState, body: ChatCompletionRequest) -> list[int]:
-    wants_json = body.response_format is not None and body.response_format.type != "text"
-    if wants_json and state.sampling_extras is None:
+def _check_common(state: WorkerState, body: ChatCompletionRequest | CompletionRequest) -> None:
+    n = body.n or 1
+    if n > state.max_choices:
         raise BadRequestError(
-            "response_format other than text is not supported", param="response_format"
+            f"n is {n}, but this server generates at most {state.max_choices} choices per "
+            f"request{state.choices_limit}",
+            param="n",
+            code="unsupported_value",
         )
+    response_format = getattr(body, "response_format", None)
+    wants_json = response_format is not None and response_format.type != "text"
+    if wants_json and not state.grammar:
+        raise BadRequestError(
+            "a JSON response_format needs a grammar, which this backend cannot apply; serve "
+            "a GGUF model with `--backend llama.cpp`",
+            param="response_format",
+        )
+
+
+def _tool_use(state: WorkerState, body: ChatCompletionRequest) -> ToolUse | None:
+    """The request's tools; calls need a grammar (llama.cpp) to be forced or read."""
     try:
-        return state.chat_prompt(body.messages)
+        use = tool_use(body)
+    except ReplyFormatError as exc:
+        raise BadRequestError(str(exc), param=exc.param) from None
+    if use is not None and use.callable and not state.grammar:
+        field = "functions" if use.legacy else "tools"
+        raise BadRequestError(
+            f"`{field}` need a grammar to make the model call them, which this backend "
+            "cannot apply; serve a GGUF model with `--backend llama.cpp`",
+            param=field,
+        )
+    return use
+
+
+def _chat_prompt(state: WorkerState, body: ChatCompletionRequest, use: ToolUse | None) -> list[int]:
+    try:
+        turns = chat_turns(body.messages, use, native=state.native_tools)
+        return state.chat_prompt(turns)
     except ValueError as exc:
         raise BadRequestError(str(exc), param="messages") from exc
 
@@ -203,8 +281,28 @@ def _params(state: WorkerState, body: Any, prompt_len: int) -> GenerationParams:
         seed=body.seed,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        n=body.n or 1,
+        logprobs=_logprobs(state, body),
         **extras,
     )
+
+
+def _logprobs(state: WorkerState, body: Any) -> int | None:
+    """How many alternatives per token the request wants with log probabilities (None:
+    none): chat's `logprobs` + `top_logprobs`, completions' `logprobs`."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequestError("top_logprobs needs `logprobs: true`", param="top_logprobs")
+        wanted = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        wanted = body.logprobs
+    if wanted is not None and not state.logprobs:
+        raise BadRequestError(
+            "log probabilities are not available from this backend; serve a GGUF model "
+            "with `--backend llama.cpp`",
+            param="logprobs",
+        )
+    return wanted
 
 
 def _check_alive(state: WorkerState) -> None:
@@ -221,12 +319,35 @@ def prepare(
 ) -> Run:
     _check_alive(state)
     check_model(state, body.model)
-    _check_common(body)
+    _check_common(state, body)
     if isinstance(body, ChatCompletionRequest):
-        prompt = _chat_prompt(state, body)
-    else:
-        prompt = _completion_prompt(state, body)
-    return Run(prompt, _params(state, body, len(prompt)), body.stop_list(), session)
+        use = _tool_use(state, body)
+        prompt = _chat_prompt(state, body, use)
+        params = _params(state, body, len(prompt))
+        calls = use if use is not None and use.callable else None
+        return Run(prompt, params, body.stop_list(), session, tools=calls)
+    prompt = _completion_prompt(state, body)
+    run = Run(prompt, _params(state, body, len(prompt)), body.stop_list(), session)
+    return _with_echo(body, run)
+
+
+def _with_echo(body: CompletionRequest, run: Run) -> Run:
+    """`echo` sends the prompt back before the reply; `logprobs.text_offset` counts it."""
+    if body.suffix is not None:
+        raise BadRequestError("`suffix` (fill in the middle) is not supported", param="suffix")
+    text = body.prompt if isinstance(body.prompt, str) else None
+    if isinstance(body.prompt, list) and len(body.prompt) == 1 and isinstance(body.prompt[0], str):
+        text = body.prompt[0]
+    if body.echo:
+        if run.params.logprobs is not None:
+            raise BadRequestError(
+                "`echo` with `logprobs` is not supported (no prompt logprobs)", param="echo"
+            )
+        if text is None:
+            raise BadRequestError("`echo` needs a text prompt", param="echo")
+        run.echo = text
+    run.offset = len(text) if text is not None else 0
+    return run
 
 
 def count_prompt(state: WorkerState, body: dict[str, Any]) -> PromptTokens:
@@ -236,7 +357,7 @@ def count_prompt(state: WorkerState, body: dict[str, Any]) -> PromptTokens:
         if "messages" in body:
             chat = ChatCompletionRequest.model_validate(body)
             return PromptTokens(
-                prompt_tokens=len(_chat_prompt(state, chat)),
+                prompt_tokens=len(_chat_prompt(state, chat, _tool_use(state, chat))),
                 context=state.max_seq_len,
                 message_tokens=[_content_tokens(state, m) for m in chat.messages],
             )

@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 
+# The first test pays for every benchmark's --quick run (the module's fixture): minutes on a
+# busy 2-core machine, so the limits are wide; nothing here judges a speed
+pytestmark = pytest.mark.timeout(3600)
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = (
     "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out",
     "responses_chain",
+    "tool_turns",
 )  # fmt: skip
 OWN_TABLE = {  # a title each script prints
     "calibration": "Error per component",
@@ -29,6 +34,7 @@ OWN_TABLE = {  # a title each script prints
     "plan_speed": "Expected vs reference speed",
     "scale_out": "Session turns through HAProxy and PostgreSQL",
     "responses_chain": "Responses chain vs chat resend",
+    "tool_turns": "Session turns with and without tools",
 }
 
 
@@ -52,7 +58,7 @@ def quick(folder) -> dict[str, tuple[subprocess.CompletedProcess, dict]]:
         out = folder / "results" / f"{name}.json"
         proc = subprocess.run(
             [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out)],
-            capture_output=True, text=True, env=env, timeout=240, check=False,
+            capture_output=True, text=True, env=env, timeout=900, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         runs[name] = (proc, json.loads(out.read_text()))
@@ -172,6 +178,20 @@ def test_responses_chain_times_every_turn_of_both_arms(quick):
         assert [r["prompt_tokens"] for r in rows] == sorted(r["prompt_tokens"] for r in rows)
     # each chained turn reuses at least the previous turn's prompt from the session's KV
     assert all(b["cached_tokens"] >= a["prompt_tokens"] for a, b in zip(chain, chain[1:]))
+
+
+def test_tool_turns_measures_both_sessions_and_the_round_trips(quick):
+    report = quick["tool_turns"][1]
+    assert [t["turn"] for t in report["turns"]] == [1, 2, 3]
+    for turn in report["turns"][1:]:  # a continued turn reuses what the session holds
+        for side in ("plain", "tools"):
+            assert 0 < turn[side]["cached_tokens"] < turn[side]["prompt_tokens"]
+        assert turn["tools"]["prompt_tokens"] > turn["plain"]["prompt_tokens"]
+    assert len(report["rounds"]) == 2
+    assert all(r["result_prompt_tokens"] > r["call_prompt_tokens"] for r in report["rounds"])
+    assert [t["name"] for t in report["targets"]] == [
+        "continued_turn_ttft_tools_vs_plain", "result_turn_reuses_the_call_prompt"
+    ]  # fmt: skip
 
 
 def test_report_renders_every_section_as_well_formed_tables(quick, folder, tmp_path):

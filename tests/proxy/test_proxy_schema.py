@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 
@@ -27,6 +28,16 @@ from schemathesis.generation import GenerationMode
 # once the proxy's uvicorn thread is up.
 from schemathesis.specs.openapi import schemas as _openapi_schemas  # noqa: F401
 from support.backend_fixtures import MODEL, proxy_settings, serve_proxy, served
+from support.openai_schemas import (
+    check_chat,
+    check_chunk,
+    check_completion,
+    check_completion_chunk,
+    sse_events,
+)
+from support.worker_fixtures import SlotWorker, write_chat_model
+
+from launcher.served import StaticBackend, WorkerKind
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = 60  # per operation and mode
@@ -109,3 +120,87 @@ def test_no_server_error(api_schema, tiny_backend, mode) -> None:
     else:
         assert seen[("/v1/chat/completions", 4)] > 0
     assert tiny_backend.restarts == restarts and tiny_backend.state == "ready"
+
+
+@pytest.fixture(scope="module")
+def slots_schema(tmp_path_factory):
+    """The proxy in front of llmup's slot worker (the default backend), which takes tools,
+    JSON replies, log probabilities and n."""
+    folder = tmp_path_factory.mktemp("schema-slots")
+    worker = SlotWorker.start(write_chat_model(folder), folder / "slots", "--parallel", "2")
+    backend = StaticBackend(
+        base_url=worker.url, model_id=MODEL, context=4096, kind=WorkerKind.LLAMACPP_SLOTS
+    )
+    worker.model = MODEL
+    proxy = serve_proxy(proxy_settings(folder / "home", max_body_bytes=256 * 1024), backend)
+    yield schemathesis.openapi.from_url(proxy.url + "/openapi.json"), worker
+    proxy.stop()
+    worker.stop()
+
+
+GENERATION = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}  # fmt: skip
+JSON_REPLY = {"type": "json_schema", "json_schema": {"name": "r", "schema": TOOL["function"][
+    "parameters"]}}  # fmt: skip
+# the new surface, drawn on top of each generated body (few generated bodies carry it)
+EXTRAS = {
+    "chat": st.fixed_dictionaries({}, optional={
+        "n": st.integers(1, 3), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
+        "tools": st.just([TOOL]), "tool_choice": st.sampled_from(["auto", "none", "required"]),
+        "parallel_tool_calls": st.booleans(), "stream": st.booleans(),
+        "response_format": st.sampled_from([{"type": "json_object"}, JSON_REPLY]),
+    }),
+    "completion": st.fixed_dictionaries({}, optional={
+        "n": st.integers(1, 3), "logprobs": st.integers(0, 5), "echo": st.booleans(),
+        "stream": st.booleans(), "response_format": st.just(JSON_REPLY),
+    }),
+}  # fmt: skip
+
+
+def check_shapes(case: Any, extra: dict, seen: Counter) -> None:
+    """No 5xx, and every reply (and every chunk) in OpenAI's published shape."""
+    if isinstance(case.body, dict):
+        case.body = {**case.body, **extra}
+    case.body = aim(case.body)
+    if isinstance(case.body, dict):
+        seen.update(f"field:{name}" for name in case.body)
+    response = case.call()
+    seen[response.status_code // 100] += 1
+    assert response.status_code < 500, (case.path, response.text[:300], case.body)
+    if response.status_code != 200:
+        return
+    if isinstance(case.body, dict):
+        seen.update(f"answered:{name}" for name in case.body)
+    kind = GENERATION[case.path]
+    content_type = response.headers.get("content-type") or ""  # schemathesis: a list
+    if "text/event-stream" in str(content_type):
+        for chunk in sse_events(response.text)[:-1]:
+            if "error" not in chunk:
+                (check_chunk if kind == "chat" else check_completion_chunk)(chunk)
+        return
+    (check_chat if kind == "chat" else check_completion)(response.json())
+
+
+def test_the_slot_worker_answers_generated_requests_in_openais_shapes(slots_schema) -> None:
+    api_schema, worker = slots_schema
+    seen: Counter = Counter()
+    for operation in operations(api_schema):
+        if operation.path not in GENERATION:
+            continue
+
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+
+        @given(case=strategy, extra=EXTRAS[GENERATION[operation.path]])
+        @settings(
+            max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def run(case: Any, extra: dict) -> None:
+            check_shapes(case, extra, seen)
+
+        run()
+    assert seen[2] > 0, seen
+    # replies to generated bodies with these fields were checked (each in some, seen)
+    for name in ("tools", "logprobs", "n", "response_format", "stream"):
+        assert seen[f"answered:{name}"] > 0, seen
+    assert worker.proc.poll() is None  # nothing generated took the worker down

@@ -92,12 +92,19 @@ def test_metrics_report_slots(proxy):
     assert proxy.metric("llmup_slot_saved_bytes", "key-a") > 0
 
 
-def test_what_the_slot_worker_does_not_do_is_refused_by_the_proxy(proxy):
+def test_the_proxy_lets_through_what_the_slot_worker_does(proxy):
+    """Tools, min_tokens, n and logprobs reach the worker; a schema the converter cannot
+    turn into a grammar is a 400 from the proxy's checker naming its part."""
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for extra, param in (({"tools": [tool]}, "tools"), ({"min_tokens": 2}, "min_tokens")):
+    for extra in ({"tools": [tool]}, {"min_tokens": 2}, {"n": 1, "logprobs": True}):
         reply = proxy.http("key-a").post("/v1/chat/completions", json={**base, **extra})
-        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+        assert reply.status_code == 200, reply.text
+    bad = {"type": "object", "properties": {"when": {"type": "date"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": bad}}]
+    reply = proxy.http("key-a").post("/v1/chat/completions", json={**base, "tools": tools})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "tools.0.function.parameters.properties.when"
     grammar = {**base, "grammar": 'root ::= "yes"', "max_tokens": 4}
     reply = proxy.http("key-a").post("/v1/chat/completions", json=grammar)
     assert reply.json()["choices"][0]["message"]["content"] == "yes"

@@ -38,9 +38,11 @@ def test_no_worker_serves_an_unknown_backend():
 
 def test_what_the_proxy_refuses_is_keyed_by_the_kind():
     assert set(UNSUPPORTED) <= set(WorkerKind)
-    assert "tools" in UNSUPPORTED[WorkerKind.LLAMACPP_SLOTS]
-    assert "logit_bias" in UNSUPPORTED[WorkerKind.EXLLAMAV2]
-    assert WorkerKind.LLAMACPP_PYTHON not in UNSUPPORTED  # its server takes every field
+    assert {"grammar", "logit_bias", "tools"} <= set(UNSUPPORTED[WorkerKind.EXLLAMAV2])
+    # llmup's slot worker takes the whole chat API (issue 21), llama-cpp-python's server
+    # every field (n and logprobs apart, refused by kind in `check_supported`)
+    assert WorkerKind.LLAMACPP_SLOTS not in UNSUPPORTED
+    assert WorkerKind.LLAMACPP_PYTHON not in UNSUPPORTED
 
 
 def test_a_supervised_backend_as_the_proxy_sees_it(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from test_exllamav2_server import MODEL, FakeGenerator, serving_app
+from support.exllamav2_fakes import MODEL, FakeGenerator, serving_app
 
 from launcher.backends.spec import new_backend_key
 from launcher.protocol import KEY_ENV

@@ -10,117 +10,39 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.exllamav2_fakes import (
+    BOS,
+    EOS,
+    MODEL,
+    OFFSET,
+    REPLY,
+    FakeGenerator,
+    StubEngine,
+    assert_openai_error,
+    decode,
+    serving,
+    stub_generator,
+)
 
 from launcher.protocol import system_fingerprint
 from launcher.workers.exllamav2.engine import LoadOptions
 from launcher.workers.exllamav2.server import build_identity, create_app
-from launcher.workers.generation import GenerationParams, StopScanner, TokenEvent
+from launcher.workers.generation import (
+    GenerationParams,
+    StopScanner,
+)
 from launcher.workers.llama2_chat import build_prompt
-
-MODEL = "llama-2-7b-chat-gptq"
-REPLY = "Hello there! How can I help you today?"
-BOS, EOS, OFFSET = 1, 2, 3
-
-
-class FakeGenerator:
-    """Characters are tokens (id = code point + 3; BOS 1, EOS 2); each word of `reply` is one
-    generated token. Records prompts, params and whether a generation was cut short."""
-
-    vocab_size = 0x110000 + OFFSET
-
-    def __init__(
-        self,
-        reply: str = REPLY,
-        delay: float = 0.0,
-        fail_after: int | None = None,
-        failure: str = "tokenizer glitch",
-    ):
-        self.reply, self.delay = reply, delay
-        self.fail_after, self.failure = fail_after, failure
-        self.prompts: list[list[int]] = []
-        self.params: list[GenerationParams] = []
-        self.cancelled = threading.Event()
-        self.started = threading.Event()
-
-    def encode(self, text: str, *, bos=False, eos=False, special=False) -> list[int]:
-        parts = re.split(r"(</?s>)", text) if special else [text]
-        ids = [BOS] if bos else []
-        for part in parts:
-            if special and part in ("<s>", "</s>"):
-                ids.append(BOS if part == "<s>" else EOS)
-            else:
-                ids.extend(ord(c) + OFFSET for c in part)
-        return ids + ([EOS] if eos else [])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text, bos=True, special=True))
-
-    def generate(self, prompt, params, cancel) -> Iterator[TokenEvent]:
-        self.prompts.append(prompt)
-        self.params.append(params)
-        self.started.set()
-        words = re.findall(r"\S+\s*", self.reply)
-        finished = False
-        try:
-            for i, word in enumerate(words):
-                if cancel.is_set():
-                    return
-                if self.fail_after is not None and i == self.fail_after:
-                    raise RuntimeError(self.failure)
-                time.sleep(self.delay)
-                last = i + 1 == len(words) or i + 1 == params.max_new_tokens
-                reason = None if not last else "stop" if i + 1 == len(words) else "length"
-                finished = last
-                yield TokenEvent(word, 1, reason)
-                if last:
-                    return
-        finally:
-            if not finished:
-                self.cancelled.set()
-
-
-def decode(ids: list[int]) -> str:
-    return "".join("<s>" if i == BOS else "</s>" if i == EOS else chr(i - OFFSET) for i in ids)
-
-
-@contextmanager
-def serving(generator: FakeGenerator, max_seq_len: int = 4096) -> Iterator[str]:
-    """The worker's app for `generator`, served (see serving_app); yields the base URL."""
-    with serving_app(create_app(generator, model_alias=MODEL, max_seq_len=max_seq_len)) as url:
-        yield url
-
-
-@contextmanager
-def serving_app(app) -> Iterator[str]:
-    """Real uvicorn on a pre-bound 127.0.0.1 socket in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture
@@ -385,7 +307,8 @@ def test_prompt_tokens_counts_what_a_generation_reads(url, fake):
     assert completion.json() == {"prompt_tokens": 3, "context": 4096, "message_tokens": None}
     long = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}
     assert httpx.post(f"{url}/llmup/prompt-tokens", json=long).json()["prompt_tokens"] > 5000
-    broken = {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}
+    two = [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]
+    broken = {"model": MODEL, "messages": two}
     refused = httpx.post(f"{url}/llmup/prompt-tokens", json=broken)
     assert refused.status_code == 400 and "alternate" in refused.json()["error"]["message"]
 
@@ -419,15 +342,6 @@ def test_health(url):
 
 
 # ---- errors -------------------------------------------------------------------------------
-
-
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    assert error["param"] == param
-    return error
 
 
 def test_bad_json_is_400(url):
@@ -488,8 +402,12 @@ def test_context_too_long_is_400_before_generating(fake):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"grammar": 'root ::= "a"'}, "grammar"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+        ({"mirostat_mode": 1}, "mirostat_mode"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ],
 )
@@ -624,84 +542,6 @@ def test_bad_arguments_exit_2():
 
 
 # ---- ExllamaGenerator's glue, against stand-ins shaped like exllamav2 ---------------------
-
-
-class StubIds:
-    """Stands in for a (1, n) torch tensor of token ids."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.shape = (1, len(ids))
-        self._ids = ids
-
-    def __getitem__(self, index: int) -> StubIds:
-        return self
-
-    def tolist(self) -> list[int]:
-        return self._ids
-
-
-class StubEngine:
-    """Replays ExLlamaV2DynamicGenerator.iterate() results as exllamav2 0.3 documents them:
-    start and prefill stages, streamed text, and a final eos result carrying `new_tokens`."""
-
-    def __init__(self, pieces: list[str], eos_reason: str = "stop_token") -> None:
-        self.pieces, self.eos_reason = pieces, eos_reason
-        self.jobs: list = []
-        self.cancelled: list = []
-        self._steps = iter(())
-
-    def enqueue(self, job) -> None:
-        self.jobs.append(job)
-        self._steps = self._replay(job)
-
-    def _replay(self, job):
-        other = object()
-        yield [{"job": job, "stage": "started", "eos": False}]
-        yield [{"job": job, "stage": "prefill", "curr_progress": 3, "max_progress": 3}]
-        streamed = self.pieces if self.eos_reason == "stop_token" else self.pieces[:-1]
-        for piece in streamed:
-            yield [
-                {"job": other, "stage": "streaming", "eos": False, "text": "NOT OURS"},
-                {"job": job, "stage": "streaming", "eos": False, "text": piece,
-                 "token_ids": StubIds([7])},
-            ]  # fmt: skip
-        final = {"job": job, "stage": "streaming", "eos": True, "eos_reason": self.eos_reason}
-        if self.eos_reason == "stop_token":  # the EOS token is counted but its text is held
-            final["new_tokens"] = len(self.pieces) + 1
-        else:
-            final.update(text=self.pieces[-1], token_ids=StubIds([7]))
-            final["new_tokens"] = len(self.pieces)
-        yield [final]
-
-    def iterate(self) -> list:
-        return next(self._steps, [])
-
-    def cancel(self, job) -> None:
-        self.cancelled.append(job)
-
-
-class StubTokenizer:
-    eos_token_id = 2
-
-    def get_vocab_size(self) -> int:
-        return 32000
-
-    def encode(self, text, add_bos=False, add_eos=False, encode_special_tokens=False):
-        ids = [1] * add_bos + [ord(c) for c in text] + [2] * add_eos
-        return StubIds(ids)
-
-
-def stub_generator(engine: StubEngine):
-    from types import SimpleNamespace
-
-    from launcher.workers.exllamav2.engine import ExllamaGenerator
-
-    modules = {
-        "torch": SimpleNamespace(tensor=lambda data, dtype: data, long="long"),
-        "job": lambda **kwargs: SimpleNamespace(**kwargs),
-        "sampler": SimpleNamespace(Settings=SimpleNamespace),
-    }
-    return ExllamaGenerator(engine, StubTokenizer(), modules)
 
 
 def test_exllama_generator_streams_and_counts_without_the_eos_token():

@@ -103,7 +103,8 @@ def test_bad_extras_and_headers_are_400s(worker):
         ({**base, "logit_bias": {"99999": 1}}, {}, "logit_bias"),
         ({**base, "grammar": "root ::= ("}, {}, "grammar"),
         ({**base, "top_k": -1}, {}, "top_k"),
-        ({**base, "min_tokens": 3}, {}, "min_tokens"),
+        ({**base, "min_tokens": -1}, {}, "min_tokens"),
+        ({**base, "mirostat_mode": 3}, {}, "mirostat_mode"),
         (base, {"X-Llmup-Session": "only-half"}, "go together"),
     ]
     for body, headers, needle in cases:

@@ -111,11 +111,11 @@ class _GatedPrompts:
         self.render, self.marker = render, marker
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def __call__(self, messages):
-        if any(self.marker in (m.text() or "") for m in messages):
+    def __call__(self, turns):
+        if any(self.marker in (m["content"] or "") for m in turns.messages):
             self.entered.set()
             assert self.release.wait(120), "the test never released the prompt"
-        return self.render(messages)
+        return self.render(turns)
 
 
 def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:

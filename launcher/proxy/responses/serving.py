@@ -111,10 +111,16 @@ def chat_body(body: ResponseInput, messages: list[Message], **fields: Any) -> Ch
             else {"type": "function", "function": {"name": choice.name}}
         )  # fmt: skip
     text_format = body.text.format if body.text else None
-    if text_format is not None and text_format.type != "text":
+    if text_format is not None and text_format.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
-        if text_format.schema_ is not None:
-            fields["response_format"]["schema"] = text_format.schema_
+    elif text_format is not None and text_format.type == "json_schema":
+        schema = {
+            "name": text_format.name or "response",
+            "schema": text_format.schema_,
+            "strict": text_format.strict,
+            "description": text_format.description,
+        }
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
     return chat.chat_request(fields)
 
 

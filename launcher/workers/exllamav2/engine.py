@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,8 +25,10 @@ from launcher.workers.generation import (
     GenerationJob,
     GenerationParams,
     TokenEvent,
+    TokenLogprob,
     first_line,
 )
+from launcher.workers.logprob_math import token_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +137,24 @@ class GenerationWorker:
             job.emit(exc)
 
     def _stream(self, job: GenerationJob) -> None:
-        """Forward events until the end or a cancel; closing the iterator ends the engine job."""
-        events = self._generator.generate(job.prompt, job.params, job.cancel)
-        try:
-            for event in events:
-                if job.cancel.is_set():
-                    break
-                job.emit(event)
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+        """Each choice in turn (choice i seeded seed + i), its events forwarded until its end,
+        a stop or a cancel; closing the iterator ends the engine job. exllamav2's page cache
+        keeps the prompt's pages, so a later choice finds its prompt already evaluated."""
+        seed = job.params.seed
+        for choice in range(job.params.n):
+            if job.cancel.is_set():
+                return
+            params = replace(job.params, n=1, seed=None if seed is None else seed + choice)
+            events = self._generator.generate(job.prompt, params, job.cancel)
+            try:
+                for event in events:
+                    if job.ended(choice):
+                        break
+                    job.emit(replace(event, choice=choice))
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
 
 
 # ---- the exllamav2 generator --------------------------------------------------------------
@@ -248,6 +257,7 @@ class ExllamaGenerator:
         self._tokenizer = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size())
         self._modules = modules  # torch, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+        self._pieces: list[str] | None = None
 
     @classmethod
     def load(cls, options: LoadOptions) -> ExllamaGenerator:
@@ -317,6 +327,8 @@ class ExllamaGenerator:
                     if result.get("job") is not job or result.get("stage") != "streaming":
                         continue
                     event = _event_from_result(result, emitted)
+                    if params.logprobs is not None:
+                        event = replace(event, logprobs=self._logprobs(result, params.logprobs))
                     emitted += event.tokens
                     finished = event.finish_reason is not None
                     yield event
@@ -333,27 +345,52 @@ class ExllamaGenerator:
             logger.warning("could not cancel the generation job", exc_info=True)
 
     def _job(self, prompt: list[int], params: GenerationParams) -> Any:
+        """The dynamic job: `min_new_tokens` holds off the stop tokens (min_tokens), and the
+        logits come back with the tokens when log probabilities are asked for."""
         torch = self._modules["torch"]
         return self._modules["job"](
             input_ids=torch.tensor([prompt], dtype=torch.long),
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_tokens,
             gen_settings=self._sampler_settings(params),
             seed=params.seed,
             stop_conditions=[self._tokenizer.eos_token_id],
             decode_special_tokens=False,
+            return_logits=params.logprobs is not None,
         )
 
     def _sampler_settings(self, params: GenerationParams) -> Any:
-        """OpenAI semantics: no repetition penalty or top-k unless asked; 0 means greedy."""
+        """OpenAI semantics: no repetition penalty or top-k unless asked; 0 means greedy;
+        llama.cpp's top_k, min_p, repeat_penalty and mirostat (exllamav2's is mirostat 2)."""
         settings = self._modules["sampler"].Settings()
-        settings.token_repetition_penalty = 1.0
+        settings.token_repetition_penalty = params.repeat_penalty
         settings.temperature = params.temperature or 1.0
         settings.top_p = params.top_p
         greedy = params.temperature == 0 or params.top_p == 0
-        settings.top_k = 1 if greedy else 0
+        settings.top_k = 1 if greedy else params.top_k
+        settings.min_p = params.min_p
         settings.token_presence_penalty = params.presence_penalty
         settings.token_frequency_penalty = params.frequency_penalty
+        if params.mirostat and not greedy:
+            settings.mirostat = True
+            settings.mirostat_tau, settings.mirostat_eta = params.mirostat_tau, params.mirostat_eta
         return settings
+
+    def _logprobs(self, result: dict[str, Any], top: int) -> tuple[TokenLogprob, ...]:
+        """Each token's log probability from the pre-sampling logits the job returned."""
+        logits, ids = result.get("logits"), result.get("token_ids")
+        if logits is None or ids is None:
+            return ()
+        rows = logits.float().cpu().numpy()
+        rows = rows.reshape(-1, rows.shape[-1])
+        tokens = [int(t) for t in ids.reshape(-1).tolist()]
+        return tuple(token_logprob(rows[i], t, top, self._text) for i, t in enumerate(tokens))
+
+    def _text(self, token: int) -> tuple[str, tuple[int, ...]]:
+        pieces = self._pieces or self._tokenizer.get_id_to_piece_list(True)
+        self._pieces = pieces
+        text = pieces[token] if 0 <= token < len(pieces) else ""
+        return text, tuple(text.encode("utf-8"))
 
 
 def _event_from_result(result: dict[str, Any], emitted: int) -> TokenEvent:

@@ -8,7 +8,11 @@ and a missing package or GPU ends the process with exit code 2 and one log line 
 to install, so the supervisor can classify the failure as a missing dependency.
 
 The routes are llmup's shared worker layer (`workers.api`) over the small `Generator`
-interface of `exllamav2.engine`, so tests drive it on the CPU with a fake. Generation runs on
+interface of `exllamav2.engine`, so tests drive it on the CPU with a fake. What exllamav2 can
+do of the OpenAI surface it does: n choices (one after another, the prompt's pages cached),
+log probabilities (from the logits a job returns), a reply to continue, `min_tokens`,
+`top_k`, `min_p`, `repeat_penalty`, mirostat 2. It has no grammar, so tool calls, JSON
+replies, `grammar` and `logit_bias` are a 400 that names `--backend llama.cpp`. Generation runs on
 one worker thread that owns the model: requests are served one at a time in arrival order
 (the dynamic generator's batching is not used; one job keeps cancellation, errors and memory
 per request simple, and the proxy bounds its own queue).
@@ -27,6 +31,7 @@ from fastapi import FastAPI
 
 from launcher import __version__
 from launcher.engines import CACHE_MODES
+from launcher.errors import BadRequestError
 from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,
@@ -37,8 +42,29 @@ from launcher.workers.exllamav2.engine import (
 )
 from launcher.workers.llama2_chat import prompt_tokens
 from launcher.workers.prepare import WorkerState
+from launcher.workers.prepare import sampling_extras as checked_extras
 
 logger = logging.getLogger(__name__)
+
+
+MAX_CHOICES = 8  # choices run one after another; more is a long wait for one request
+LLAMA_CPP = "serve a GGUF model with `--backend llama.cpp`"
+
+
+def sampling_extras(body: Any) -> dict[str, Any]:
+    """llama.cpp's extras that exllamav2's sampler has (top_k, min_p, repeat_penalty,
+    min_tokens, mirostat 2); a grammar or a logit bias, which it cannot apply, is a 400
+    naming the backend that can."""
+    extras = checked_extras(body)
+    if extras.grammar is not None:
+        raise BadRequestError(f"`grammar` needs llama.cpp: {LLAMA_CPP}", param="grammar")
+    if body.logit_bias:
+        raise BadRequestError(f"`logit_bias` needs llama.cpp: {LLAMA_CPP}", param="logit_bias")
+    if extras.mirostat_mode == 1:
+        raise BadRequestError(
+            "exllamav2 has mirostat 2 only (`mirostat_mode: 2`)", param="mirostat_mode"
+        )
+    return extras.params()
 
 
 def create_app(
@@ -52,10 +78,15 @@ def create_app(
     state = WorkerState(
         tokenizer=generator,
         engine=GenerationWorker(generator),
-        chat_prompt=lambda messages: prompt_tokens(generator.encode, messages),
+        chat_prompt=lambda turns: prompt_tokens(
+            generator.encode, turns.messages, prefill=turns.prefill
+        ),
         model_alias=model_alias,
         max_seq_len=max_seq_len,
         identity=identity or {"backend": "exllamav2", "model": model_alias},
+        sampling_extras=sampling_extras,
+        max_choices=MAX_CHOICES,
+        logprobs=True,
     )
     return create_worker_app(state, title="llmup exllamav2 worker")
 

@@ -4,8 +4,16 @@ One engine thread owns the model and the context. Each step it admits waiting re
 sequences (`SlotManager`: prefix kept, state restored, or a session evicted), drops the ones
 whose client left, then builds one batch: the last sampled token of every generating request
 (one row each) and, in the room left up to n_batch, chunks of new prompts. After the decode
-each request's own sampler chain picks its next token from its row's logits. Requests of one
-session run one after another in arrival order; different sessions interleave freely.
+each request's own sampler chain picks its next token from its row's logits (read first for
+log probabilities, and with the end tokens held off until `min_tokens`, when asked).
+Requests of one session run one after another in arrival order; different sessions
+interleave freely.
+
+A request for n choices waits until n sequences are free, evaluates its prompt once in the
+first, and when the prompt's last row is decoded copies that sequence into the others
+(`llama_memory_seq_cp`); each choice then samples its first token from the same row with its
+own sampler (seeded seed + choice) and runs on as a request of its own. A session keeps only
+choice 0's sequence.
 
 It implements the worker's engine interface (`submit`, `pending`, `fatal_error`, `start`,
 `stop`) with `GenerationJob`s in and `TokenEvent`s, `END` or an exception out.
@@ -23,7 +31,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.workers.generation import END, GenerationJob, TokenEvent, first_line
+from launcher.workers.generation import END, GenerationJob, TokenEvent, TokenLogprob, first_line
+from launcher.workers.llamacpp_slots.logprobs import LogitReader
 from launcher.workers.llamacpp_slots.native import Batch, DecodeError, NativeContext, NativeModel
 from launcher.workers.llamacpp_slots.sampling import SamplerChain
 from launcher.workers.llamacpp_slots.slots import Slot, SlotManager
@@ -35,18 +44,34 @@ EXPIRE_EVERY_S = 600.0  # how often idle sessions past their TTL are looked for
 PROMPT_RATE_MIN_TOKENS = 32  # batches this large measure prompt speed for the restore estimate
 
 
+@dataclass
+class _Group:
+    """The choices of one job: END goes out when the last is over, an error only once."""
+
+    live: int
+    failed: bool = False
+
+
 @dataclass(eq=False)
 class _Active:
     job: GenerationJob
     slot: Slot
     sampler: SamplerChain
     pending: list[int]  # prompt tokens not yet evaluated
+    group: _Group
+    choice: int = 0
+    forks: list[tuple[Slot, SamplerChain]] = field(default_factory=list)  # choices 1..n-1
     next_token: int | None = None  # sampled and sent, to be evaluated next step
     generated: int = 0
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     def emit(self, item: object) -> None:
         self.job.emit(item)
+
+    @property
+    def keeps_slot(self) -> bool:
+        """A session keeps its sequence (choice 0's) between turns."""
+        return self.job.session is not None and self.choice == 0
 
 
 @dataclass
@@ -62,6 +87,7 @@ class BatchEngine:
     def __init__(self, model: NativeModel, ctx: NativeContext, slots: SlotManager) -> None:
         self.model, self.ctx, self.slots = model, ctx, slots
         self.batch = Batch(ctx.n_batch)
+        self.logits = LogitReader(model)
         self.stats = EngineStats()
         self.fatal_error: str | None = None
         self._inbox: deque[GenerationJob | Callable[[], None]] = deque()
@@ -179,7 +205,30 @@ class BatchEngine:
         if self.batch.size >= PROMPT_RATE_MIN_TOKENS:
             self.slots.estimate.record_prompt(self.batch.size, spent)
         for row, active in rows:
-            self._advance(active, active.sampler.sample(self.ctx, row))
+            for choice in [active, *self._fork(active)]:
+                self._advance(choice, *self._sample(choice, row))
+
+    def _sample(self, active: _Active, row: int) -> tuple[int, TokenLogprob | None]:
+        """The next token from `row`'s logits, and its log probability when asked."""
+        params = active.job.params
+        if active.generated < params.min_tokens:
+            self.logits.hold_off_end(self.ctx, row)
+        token = active.sampler.sample(self.ctx, row)
+        if params.logprobs is None or self.model.is_end(token):
+            return token, None
+        return token, self.logits.logprob(self.ctx, row, token, params.logprobs)
+
+    def _fork(self, active: _Active) -> list[_Active]:
+        """Once a prompt is evaluated: its KV copied to the other choices' sequences."""
+        forks = []
+        for choice, (slot, sampler) in enumerate(active.forks, start=1):
+            self.ctx.copy_seq(active.slot.index, slot.index)
+            slot.tokens = list(active.slot.tokens)
+            fork = _Active(active.job, slot, sampler, [], active.group, choice=choice)
+            self._active.append(fork)
+            forks.append(fork)
+        active.forks = []
+        return forks
 
     # ---- admission and batch building ---------------------------------------------------
 
@@ -201,28 +250,41 @@ class BatchEngine:
                 blocked.add(job.session)
 
     def _place(self, job: GenerationJob) -> bool:
-        if len(job.prompt) >= self.ctx.n_ctx_seq:
-            job.emit(ValueError(f"the prompt needs more than {self.ctx.n_ctx_seq} tokens"))
+        n = job.params.n
+        if len(job.prompt) >= self.ctx.n_ctx_seq or n > self.ctx.n_seq:
+            why = f"n is {n}, more than the {self.ctx.n_seq} sequences this worker decodes"
+            if len(job.prompt) >= self.ctx.n_ctx_seq:
+                why = f"the prompt needs more than {self.ctx.n_ctx_seq} tokens"
+            job.emit(ValueError(why))
             job.emit(END)
             return True
+        if self.slots.available() < n:
+            return False
         placement = self.slots.acquire(job.session, job.prompt)
         if placement is None:
             return False
+        slots = [placement.slot, *(self.slots.acquire_blank() for _ in range(n - 1))]
+        samplers: list[SamplerChain] = []
         try:
-            sampler = SamplerChain(self.model, job.params)
+            samplers = [SamplerChain(self.model, job.params, choice=i) for i in range(n)]
         except Exception as exc:
-            self.slots.release(placement.slot, keep=True)
+            for sampler in samplers:
+                sampler.close()
+            for i, slot in enumerate(slots):
+                self.slots.release(slot, keep=i == 0)  # type: ignore[arg-type]
             job.emit(exc)
             job.emit(END)
             return True
         pending = job.prompt[placement.reused :]
         job.cached_tokens = placement.reused
         self.slots.stats.evaluated_tokens += len(pending)
-        self._active.append(_Active(job, placement.slot, sampler, pending))
+        forks = list(zip(slots[1:], samplers[1:]))  # type: ignore[arg-type]
+        active = _Active(job, placement.slot, samplers[0], pending, _Group(n), forks=forks)
+        self._active.append(active)
         return True
 
     def _drop_cancelled(self) -> None:
-        for active in [a for a in self._active if a.job.cancel.is_set()]:
+        for active in [a for a in self._active if a.job.ended(a.choice)]:
             self._finish(active, None)
 
     def _fill_batch(self) -> list[tuple[int, _Active]]:
@@ -254,7 +316,7 @@ class BatchEngine:
 
     # ---- after the decode ---------------------------------------------------------------
 
-    def _advance(self, active: _Active, token: int) -> None:
+    def _advance(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         if self.model.is_end(token):
             self._finish(active, "stop")
             return
@@ -265,44 +327,58 @@ class BatchEngine:
             or len(active.slot.tokens) >= self.ctx.n_ctx_seq  # no room to evaluate it
         )
         text = active.decoder.decode(self.model.piece(token), final=done)
-        active.emit(TokenEvent(text, 1, "length" if done else None))
+        reason = "length" if done else None
+        logprobs = (logprob,) if logprob is not None else ()
+        active.emit(TokenEvent(text, 1, reason, choice=active.choice, logprobs=logprobs))
         if done:
             self._finish(active, None)
         else:
             active.next_token = token
 
     def _finish(self, active: _Active, reason: str | None) -> None:
-        """End a request: its last event (when `reason`), END, and its sequence released."""
+        """End a choice: its last event (when `reason`), its sequence released, and END once
+        the job's last choice is over."""
         if reason is not None:
-            active.emit(TokenEvent(active.decoder.decode(b"", final=True), 0, reason))
+            text = active.decoder.decode(b"", final=True)
+            active.emit(TokenEvent(text, 0, reason, choice=active.choice))
+        self._retire(active, keep=active.keeps_slot)
+
+    def _retire(self, active: _Active, *, keep: bool, error: Exception | None = None) -> None:
+        """Take a choice (and the choices not yet forked from it) off the engine."""
         self._active.remove(active)
         active.sampler.close()
-        self.slots.release(active.slot, keep=active.job.session is not None)
-        active.emit(END)
+        self.slots.release(active.slot, keep=keep)
+        group = active.group
+        for slot, sampler in active.forks:
+            sampler.close()
+            self.slots.release(slot, keep=False)
+            group.live -= 1
+        active.forks = []
+        group.live -= 1
+        if error is not None and not group.failed:
+            group.failed = True
+            active.emit(error)
+        if group.live <= 0:
+            active.emit(END)
 
     def _fail(self, failed: list[_Active], exc: Exception) -> None:
         """A decode failed: its requests get the error and their sequences are emptied (what
         they hold is no longer known)."""
         logger.error("decode failed for %d request(s): %s", len(failed), exc)
         for active in failed:
-            self._active.remove(active)
-            active.sampler.close()
-            self.slots.release(active.slot, keep=False)
-            active.emit(exc)
-            active.emit(END)
+            self._retire(active, keep=False, error=exc)
 
     def _fail_all(self, exc: Exception) -> None:
         for active in list(self._active):
-            active.emit(exc)
+            if not active.group.failed:
+                active.group.failed = True
+                active.emit(exc)
         for job in self._waiting:
             job.emit(exc)
 
     def _cancel_all(self) -> None:
         for active in list(self._active):
-            self._active.remove(active)
-            active.sampler.close()
-            self.slots.release(active.slot, keep=active.job.session is not None)
-            active.emit(END)
+            self._retire(active, keep=active.keeps_slot)
         while self._waiting:
             self._waiting.popleft().emit(END)
         while self._inbox:

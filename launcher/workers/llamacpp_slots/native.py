@@ -220,6 +220,11 @@ class NativeContext:
             lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
             raise DecodeError(f"llama.cpp could not cut sequence {seq} at {n}; emptied it")
 
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Make `dst` (empty) hold what `src` holds: n choices of one prompt evaluated once.
+        Across llama.cpp's per-sequence KV streams the copy is done at the next decode."""
+        lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
     def save(self, seq: int) -> bytearray:
         """The sequence's KV cells (no logits), as llama_state_seq_get_data writes them."""
         size = lib.llama_state_seq_get_size(self.ptr, seq)

@@ -10,8 +10,10 @@ moves the least recently used ones to a byte-bounded RAM store and then to one f
 session under `--slots-dir`. `GET /slots` reports them and `DELETE /slots` (with the proxy's
 private session headers) forgets one session everywhere.
 
-Beyond OpenAI's fields a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
-and `logit_bias`; `response_format` json_object / json_schema becomes a grammar.
+Beyond OpenAI's fields (tools, JSON replies, log probabilities, n choices, a reply to
+continue) a request may carry llama.cpp's `grammar` (GBNF), `top_k`, `min_p`,
+`repeat_penalty`, `min_tokens` and `mirostat_mode` / `_tau` / `_eta`; tool calls and
+`response_format` json_object / json_schema become a grammar (`launcher.json_grammar`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Any
 
 import llama_cpp
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher import __version__
 from launcher.engines import physical_cores
 from launcher.errors import BadRequestError, LlmupError
+from launcher.json_grammar import ReplyGrammar, reply_grammar
 from launcher.private import UMASK
+from launcher.reply_format import ReplyFormatError, grammar_spec
 from launcher.settings import default_home
 from launcher.workers.api import LOG_FORMAT, create_worker_app, run_worker
 from launcher.workers.llamacpp_slots.engine import BatchEngine
@@ -43,7 +46,7 @@ from launcher.workers.llamacpp_slots.native import (
     NativeModel,
     route_llama_logs,
 )
-from launcher.workers.llamacpp_slots.sampling import GrammarError, check_grammar, json_mode_grammar
+from launcher.workers.llamacpp_slots.sampling import check_grammar
 from launcher.workers.llamacpp_slots.slot_store import (
     KEY_FILE,
     DiskStore,
@@ -54,6 +57,7 @@ from launcher.workers.llamacpp_slots.slot_store import (
 from launcher.workers.llamacpp_slots.slots import SlotManager
 from launcher.workers.llamacpp_slots.text import LlamaText
 from launcher.workers.prepare import WorkerState, session_key
+from launcher.workers.prepare import sampling_extras as checked_extras
 
 logger = logging.getLogger(__name__)
 
@@ -64,41 +68,14 @@ STATE_FORMAT = 1  # bump when the file layout or what identity means changes
 # ---- llama.cpp's sampling extras ----------------------------------------------------------
 
 
-class _Extras(BaseModel):
-    """The request fields beyond OpenAI's that llama.cpp's servers accept (and this one
-    implements)."""
-
-    model_config = ConfigDict(extra="ignore")
-    grammar: str | None = None
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0, le=100.0)
-
-
-# what llama_cpp.server does and this worker does not (the proxy refuses them before)
-NOT_HERE = (
-    "tools", "tool_choice", "functions", "function_call", "mirostat_mode", "mirostat_tau",
-    "mirostat_eta", "min_tokens",
-)  # fmt: skip
-
-
 def sampling_extras(model: NativeModel, body: Any) -> dict[str, Any]:
     """`GenerationParams` fields from a request's extras; bad ones are a 400 up front."""
-    extra = body.model_extra or {}
-    for name in NOT_HERE:
-        if getattr(body, name, None) is not None or extra.get(name) is not None:
-            raise BadRequestError(f"`{name}` is not supported by this worker", param=name)
-    try:
-        extras = _Extras.model_validate(extra)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise BadRequestError(f"{param}: {first['msg']}", param=param) from None
+    extras = checked_extras(body)
+    grammar = _grammar(model, extras.grammar, body)
     return {
-        "grammar": _grammar(model, extras.grammar, getattr(body, "response_format", None)),
-        "top_k": extras.top_k,
-        "min_p": extras.min_p,
-        "repeat_penalty": extras.repeat_penalty,
+        **extras.params(),
+        "grammar": grammar.text if grammar else None,
+        "grammar_triggers": grammar.triggers if grammar else (),
         "logit_bias": _logit_bias(model, body.logit_bias),
     }
 
@@ -112,16 +89,25 @@ def _logit_bias(model: NativeModel, given: dict[str, float] | None) -> dict[int,
     return bias
 
 
-def _grammar(model: NativeModel, grammar: str | None, response_format: Any) -> str | None:
-    """The request's grammar, or JSON mode's; one llama.cpp cannot parse is a 400."""
-    if grammar is None and response_format is not None:
-        try:
-            grammar = json_mode_grammar(response_format.type, response_format.json_schema_)
-        except GrammarError as exc:
-            raise BadRequestError(str(exc), param="response_format") from None
-    if grammar is not None and not check_grammar(model, grammar):
+def _grammar(model: NativeModel, grammar: str | None, body: Any) -> ReplyGrammar | None:
+    """The request's own grammar, or the one its tools and JSON reply make
+    (`launcher.json_grammar`); one llama.cpp cannot parse, or a schema it cannot convert, is
+    a 400."""
+    try:
+        spec = grammar_spec(body)
+        built = reply_grammar(spec) if spec is not None else None
+    except ReplyFormatError as exc:
+        raise BadRequestError(str(exc), param=exc.param, code="invalid_schema") from None
+    if grammar is not None and built is not None:
+        raise BadRequestError(
+            "`grammar` cannot be combined with tool calls or a JSON response_format",
+            param="grammar",
+        )
+    if grammar is not None:
+        built = ReplyGrammar(grammar)
+    if built is not None and not check_grammar(model, built.text):
         raise BadRequestError("the grammar does not parse as llama.cpp GBNF", param="grammar")
-    return grammar
+    return built
 
 
 # ---- the slot routes ----------------------------------------------------------------------
@@ -255,6 +241,11 @@ def create_app(
         max_seq_len=ctx.n_ctx_seq,
         sampling_extras=lambda body: sampling_extras(model, body),
         identity=build or identity,
+        native_tools=text.knows_tools,
+        max_choices=ctx.n_seq,
+        choices_limit=" (the sequences it decodes at once: `llmup serve --parallel N`)",
+        logprobs=True,
+        grammar=True,
     )
     app = create_worker_app(state, title="llmup llama.cpp worker", routers=(slot_router,))
     app.state.slots = Slots(engine, manager, store)

@@ -121,6 +121,10 @@ class SlotManager:
     def holder(self, key: SessionKey) -> Slot | None:
         return next((s for s in self.slots if s.key == key), None)
 
+    def available(self) -> int:
+        """Sequences a request could be given now (idle, pinned to a session or not)."""
+        return sum(not s.busy for s in self.slots)
+
     # ---- a request's sequence -----------------------------------------------------------
 
     def acquire(self, key: SessionKey | None, prompt: list[int]) -> Placement | None:
@@ -140,6 +144,17 @@ class SlotManager:
         slot.key, slot.busy, slot.last_used = key, True, self.clock()
         self.stats.reused_tokens += reused
         return Placement(slot, reused, origin if reused else None)
+
+    def acquire_blank(self) -> Slot | None:
+        """An empty sequence for one more choice of a request (n > 1), owned by no session;
+        an idle session may be saved away for it. None when every sequence is busy."""
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        if slot.tokens:
+            self._empty(slot)
+        slot.key, slot.busy, slot.last_used = None, True, self.clock()
+        return slot
 
     def release(self, slot: Slot, *, keep: bool) -> None:
         """The request is over: a session keeps its KV pinned, anything else is emptied."""
