@@ -3,7 +3,8 @@
 Anthropic's blocks map onto chat's messages one to one: a user message's `tool_result`
 blocks become `tool` messages (before its text, as Anthropic orders them), an assistant's
 `tool_use` blocks its `tool_calls` (the input as JSON text), `system` the system message;
-`tools` and `tool_choice` (`any` is chat's `required`), `stop_sequences` (chat's `stop`),
+`tools` and `tool_choice` (`any` is chat's `required`; `disable_parallel_tool_use` chat's
+`parallel_tool_calls: false`), `stop_sequences` (chat's `stop`),
 `top_k` (llama.cpp's) follow; `system` messages among the messages join the system
 message. Back, a reply's text is a `text` block, each tool call a
 `tool_use` block, and the finish reason a `stop_reason`. Usage is Anthropic's: the prompt
@@ -89,6 +90,8 @@ def chat_fields(params: CountTokensParams) -> dict[str, Any]:
         fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(
             choice.type, named
         )
+        if choice.disable_parallel_tool_use and params.tools:
+            fields["parallel_tool_calls"] = False
     return fields
 
 

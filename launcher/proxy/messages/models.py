@@ -78,6 +78,7 @@ class ToolParam(_Open):
 class ToolChoice(_Open):
     type: Literal["auto", "any", "tool", "none"]
     name: FunctionName | None = None
+    disable_parallel_tool_use: bool | None = None
 
     @model_validator(mode="after")
     def _named(self) -> ToolChoice:

@@ -104,6 +104,8 @@ def chat_body(body: ResponseInput, messages: list[Message], **fields: Any) -> Ch
             {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
             for t in body.tools
         ]
+    if body.tools and body.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = body.parallel_tool_calls
     choice = body.tool_choice
     if choice is not None:
         fields["tool_choice"] = (
