@@ -4,7 +4,9 @@ registry at the versions pinned in tests/agents/package.json (`.ci/run` runs `np
 module does it when they are missing). Their system prompts and tool lists are long (Codex
 ~10k tokens, Claude Code ~20k), so the model is served with a 32k context, what Gemma 3 is
 trained for. Nothing here reaches the internet: their telemetry, update checks and error
-reporting are switched off by their own settings."""
+reporting are switched off by their own settings. Marked `agents` (minutes of prompt
+evaluation each on a CPU): `.ci/run` runs them after the suite, `python -m pytest -m agents
+tests/agents` by hand."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from support.serving import Served
 
 from launcher.netaddr import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.agents, pytest.mark.timeout(1800)]
 
 AGENTS = Path(__file__).parent
 BIN = AGENTS / "node_modules" / ".bin"
