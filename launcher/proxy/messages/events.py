@@ -9,56 +9,39 @@ error event ends this one with Anthropic's `error` event; the session then holds
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from launcher.proxy.messages.convert import STOP_REASONS, usage
 from launcher.proxy.messages.errors import anthropic_error
-from launcher.proxy.relay import StreamResult
-from launcher.proxy.replies import named_sse, sse_data
+from launcher.proxy.replies import named_sse
+from launcher.proxy.translated import TranslatedStream
 
 
-class MessageStream:
+class MessageStream(TranslatedStream):
     """One message's events; iterate `events(chat_stream)`."""
 
     def __init__(self, message_id: str, model: str) -> None:
+        super().__init__()
         self.message_id, self.model = message_id, model
-        self.result = StreamResult(kind="chat")
         self.index = -1  # the open block's index
         self.block: tuple[str, int] | None = None  # ("text", 0) or ("tool", call index)
 
-    async def events(self, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    def opening(self) -> list[bytes]:
         message = {"id": self.message_id, "type": "message", "role": "assistant",
                    "model": self.model, "content": [], "stop_reason": None,
                    "stop_sequence": None, "usage": usage(None)}  # fmt: skip
-        yield named_sse({"type": "message_start", "message": message})
-        yield named_sse({"type": "ping"})
-        async for raw in chat:
-            for data in sse_data(raw):
-                if data == "[DONE]":
-                    for event in self.finish():
-                        yield event
-                    return
-                if "error" in data:
-                    text = str(data["error"].get("message") or "the reply failed")
-                    yield named_sse(anthropic_error(500, text))
-                    return
-                for event in self.feed(data):
-                    yield event
+        return [named_sse({"type": "message_start", "message": message}),
+                named_sse({"type": "ping"})]  # fmt: skip
 
-    def feed(self, chunk: dict[str, Any]) -> list[bytes]:
-        self.result.feed(chunk)
-        out: list[bytes] = []
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                out += self._start(("text", 0), {"type": "text", "text": ""})
-                out.append(self._delta({"type": "text_delta", "text": delta["content"]}))
-            for call in delta.get("tool_calls") or []:
-                out += self._call(call)
-        return out
+    def text(self, delta: str) -> list[bytes]:
+        out = self._start(("text", 0), {"type": "text", "text": ""})
+        return [*out, self._delta({"type": "text_delta", "text": delta})]
 
-    def _call(self, call: dict[str, Any]) -> list[bytes]:
+    def fail(self, error: dict[str, Any]) -> list[bytes]:
+        text = str(error.get("message") or "the reply failed")
+        return [named_sse(anthropic_error(500, text))]
+
+    def call(self, call: dict[str, Any]) -> list[bytes]:
         function = call.get("function") or {}
         block = {"type": "tool_use", "id": call.get("id") or "",
                  "name": function.get("name") or "", "input": {}}  # fmt: skip

@@ -16,25 +16,24 @@ then holds nothing of the turn.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-from launcher.proxy.relay import StreamResult
-from launcher.proxy.replies import named_sse, sse_data
+from launcher.proxy.replies import named_sse
 from launcher.proxy.responses.items import output_text
 from launcher.proxy.responses.objects import ResponseBuilder
+from launcher.proxy.translated import TranslatedStream
 
 Event = dict[str, Any]
 
 
-class ResponseStream:
+class ResponseStream(TranslatedStream):
     """One response's events; iterate `events(chat_stream)`."""
 
     def __init__(self, builder: ResponseBuilder) -> None:
+        super().__init__()
         self.builder = builder
         self.start = builder.base("in_progress")  # built before the stream: a bug is a 500
         self.sequence = 0
-        self.result = StreamResult(kind="chat")
         self.open: dict[str, int] = {}  # item id -> output index, while it streams
         self.order: list[str] = []  # item ids in the order they were added
 
@@ -43,32 +42,9 @@ class ResponseStream:
         self.sequence += 1
         return named_sse(event)
 
-    async def events(self, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        yield self.make("response.created", response=self.start)
-        yield self.make("response.in_progress", response=self.start)
-        async for raw in chat:
-            for data in sse_data(raw):
-                if data == "[DONE]":
-                    for event in self.finish():
-                        yield event
-                    return
-                if "error" in data:
-                    for event in self.fail(data["error"]):
-                        yield event
-                    return
-                for event in self.feed(data):
-                    yield event
-
-    def feed(self, chunk: dict[str, Any]) -> list[bytes]:
-        self.result.feed(chunk)
-        out: list[bytes] = []
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                out += self.text(delta["content"])
-            for call in delta.get("tool_calls") or []:
-                out += self.call(call)
-        return out
+    def opening(self) -> list[bytes]:
+        return [self.make("response.created", response=self.start),
+                self.make("response.in_progress", response=self.start)]  # fmt: skip
 
     def _add(self, item: dict[str, Any]) -> bytes:
         self.open[item["id"]] = len(self.order)
