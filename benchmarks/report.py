@@ -240,6 +240,23 @@ def scale_out(r: dict[str, Any]) -> list[str]:
     return [note, arms, added, store, deaths]
 
 
+def responses_chain(r: dict[str, Any]) -> list[str]:
+    c = r["conditions"]
+    note = (
+        f"Model: {c['model']}; {c['turns']} turns per arm, ~{c['words_per_message']}-word user "
+        f"messages, {c['max_tokens']} tokens per reply, streamed; TTFT in seconds; prompt "
+        "tokens and those taken from a KV cache (`cached_tokens`)."
+    )
+    rows = [
+        (i, f"{a['ttft_s']:.3f}", f"{a['prompt_tokens']} / {a['cached_tokens']}",
+         f"{b['ttft_s']:.3f}", f"{b['prompt_tokens']} / {b['cached_tokens']}")
+        for i, (a, b) in enumerate(zip(r["arms"]["chain"], r["arms"]["resend"]), 1)
+    ]  # fmt: skip
+    columns = ("turn", "chain TTFT", "chain prompt / cached", "resend TTFT",
+               "resend prompt / cached")  # fmt: skip
+    return [note, md_table(columns, rows)]
+
+
 def tool_turns(r: dict[str, Any]) -> list[str]:
     shape = r["conditions"]["shape"]
     parts = [
@@ -261,6 +278,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "plan_speed": plan_speed,
     "session_turns": session_turns,
     "scale_out": scale_out,
+    "responses_chain": responses_chain,
     "tool_turns": tool_turns,
 }
 

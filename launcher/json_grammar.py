@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, SchemaConverter
 
 from launcher.grammar_ranges import bounds, integer_range
 from launcher.reply_format import (
@@ -86,10 +86,36 @@ def reply_grammar(spec: GrammarSpec) -> ReplyGrammar:
     return ReplyGrammar(converter.format_grammar(), lazy, (TRIGGER_PATTERN,) if lazy else ())
 
 
+# Keywords that describe a value without constraining it: a schema of these alone accepts
+# any JSON value (Claude Code's tools have such properties: "args", with only a description);
+# llama-cpp-python's converter refuses them ("Unrecognized schema").
+ANNOTATIONS = frozenset(
+    {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
+     "writeOnly"}
+)  # fmt: skip
+
+
+# The converter spells a bounded repetition out (`maxLength: 524288` is half a million
+# nested optional chars, a 4 MB rule that crashes llama.cpp's grammar parser: Claude Code's
+# Workflow tool has one); bounds above this are left to the model, as if absent.
+MAX_SPELLED_REPEAT = 1024
+REPEAT_BOUNDS = ("maxLength", "maxItems")
+
+
 class _Converter(SchemaConverter):
-    """llama-cpp-python's converter, with the integer bounds it ignores enforced."""
+    """llama-cpp-python's converter, with the integer bounds it ignores enforced, a schema
+    of annotations alone read as any value, and huge repetition bounds left out."""
 
     def visit(self, schema: Any, name: str) -> str:
+        if isinstance(schema, dict) and set(schema) <= ANNOTATIONS and schema:
+            return self._add_primitive("value", PRIMITIVE_RULES["value"])
+        if isinstance(schema, dict) and any(
+            isinstance(schema.get(k), int) and schema[k] > MAX_SPELLED_REPEAT for k in REPEAT_BOUNDS
+        ):
+            schema = {
+                k: v for k, v in schema.items()
+                if not (k in REPEAT_BOUNDS and isinstance(v, int) and v > MAX_SPELLED_REPEAT)
+            }  # fmt: skip
         limits = bounds(schema) if isinstance(schema, dict) else None
         if schema.get("type") != "integer" or limits is None or _has_other_shape(schema):
             return super().visit(schema, name)

@@ -15,7 +15,12 @@ MACHINES = DATA / "machines"
 
 # The real-backend fixtures (tiny_backend, make_proxy) and the session stores (SQLite, a real
 # PostgreSQL) for every module that asks for them.
-pytest_plugins = ["support.backend_fixtures", "support.hub_fixtures", "support.store_fixtures"]
+pytest_plugins = [
+    "support.backend_fixtures",
+    "support.hub_fixtures",
+    "support.store_fixtures",
+    "support.api_fixtures",
+]
 
 
 @pytest.fixture(autouse=True)

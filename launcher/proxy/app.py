@@ -22,6 +22,8 @@ from launcher.errors import ApiError
 from launcher.proxy.auth import KeyRing, configured_keys
 from launcher.proxy.guard import AccessGuard, host_policy
 from launcher.proxy.limits import BodyLimitMiddleware, MetricsMiddleware
+from launcher.proxy.messages.errors import AnthropicErrors
+from launcher.proxy.messages.router import router as messages_router
 from launcher.proxy.page import mount_page
 from launcher.proxy.replica import REPLICA_HEADER, ReplicaHeader
 from launcher.proxy.routes import mount_api, ops
@@ -54,6 +56,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     )
     app.state.proxy = state
     mount_api(app)
+    app.include_router(messages_router)  # Anthropic's clients call {base}/v1/messages
     app.include_router(ops)
     mount_page(app)
     install_error_handlers(app)
@@ -61,6 +64,7 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     # outside the body limit: who may call is settled before a byte of the body is read
     hosts = host_policy(state.keys, settings.proxy.allowed_hosts)
     app.add_middleware(AccessGuard, keys=state.keys, hosts=hosts)
+    app.add_middleware(AnthropicErrors)  # outside the guard: its 401 in Anthropic's shape too
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     # outside the guard: a browser's preflight carries no key, so it is answered first
     if settings.proxy.cors_origins:

@@ -79,7 +79,8 @@ class KeyRing:
         key = _bearer(authorization)
         if key is None:
             raise InvalidApiKeyError(
-                "no API key: send it as `Authorization: Bearer KEY` (the openai client's api_key)"
+                "no API key: send it as `Authorization: Bearer KEY` (the openai client's "
+                "api_key) or `x-api-key: KEY` (the anthropic client's)"
             )
         digest = _digest(key)
         matched = False

@@ -13,13 +13,16 @@ the backend when it crashed is never forwarded again (`launcher.proxy.crashes`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
+from launcher.api_errors import describe_validation
 from launcher.errors import (
     BackendDroppedError,
     BadRequestError,
@@ -42,7 +45,7 @@ from launcher.proxy.request_models import (
 )
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import Conversation, Message
-from launcher.proxy.turns import SessionTurn
+from launcher.proxy.turns import SessionTurn, SessionUse
 from launcher.served import WorkerKind
 
 SESSION_HEADER = "X-Session-Id"
@@ -90,6 +93,28 @@ def upstream_body(body: Any, messages: list[Message] | None = None) -> dict[str,
     if payload.get("stream"):
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     return payload
+
+
+def chat_request(fields: dict[str, Any]) -> ChatRequest:
+    """A chat request made by translating another API's request (None fields left out);
+    400 for what chat cannot take, named as the chat request names it."""
+    try:
+        return ChatRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        message, param, code = describe_validation(list(exc.errors()))
+        raise BadRequestError(message, param=param, code=code) from exc
+
+
+async def count_prompt(st: ProxyState, body: ChatRequest, owner: str) -> int:
+    """The request's prompt length as the backend counts it (its template, its tokenizer)."""
+    payload = upstream_body(body)
+    ask = {k: payload[k] for k in (*TEMPLATE_FIELDS, "messages") if k in payload}
+    counted = await st.fitter.counter.count(ask, owner=owner)
+    if counted is None:
+        raise BadRequestError(
+            "this backend cannot count prompts (an older worker image)", code="unsupported"
+        )
+    return counted.prompt_tokens
 
 
 def for_backend(st: ProxyState, payload: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +166,9 @@ async def _check_fit(
     return await st.fitter.fit(Conversation(), 0, messages, ask, hint=st.context, owner=owner)
 
 
-def _account(st: ProxyState, reply: dict[str, Any]) -> None:
+def _account(st: ProxyState, reply: dict[str, Any], api: str) -> None:
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
-    st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    st.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"), api)
 
 
 async def _forward(
@@ -156,6 +181,7 @@ async def _forward(
     owner: str,
     headers: dict[str, str] | None = None,
     turn: SessionTurn | None = None,
+    api: str = "chat",
 ) -> dict[str, Any] | Response:
     """Send the request (once a backend place is free): its JSON reply, as OpenAI's schema
     has it, or for a stream the relaying response, which from then on owns what `stack`
@@ -191,6 +217,7 @@ async def _forward(
         wants_usage=body.wants_usage_chunk(),
         on_complete=complete,
         on_backend_drop=partial(st.crashes.backend_dropped, ticket),
+        api=api,
     )
     reply_headers = turn.headers() if turn else {}
     return OwnedStream(relay.events(), resources=stack.pop_all(), headers=reply_headers)
@@ -209,33 +236,54 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     st.require_ready()
     body.model = await st.check_model(body.model)  # an alias: the backend gets the id
     session_id = session_id_for(request, body)
+    use = SessionUse(session_id) if session_id else None
+    reply, headers = await generate(st, body, owner, use=use, headers=request.headers)
+    if isinstance(reply, Response):
+        return reply
+    return JSONResponse(reply, headers=headers)
+
+
+async def generate(
+    st: ProxyState,
+    body: ChatRequest,
+    owner: str,
+    *,
+    use: SessionUse | None,
+    headers: Mapping[str, str],
+    api: str = "chat",
+) -> tuple[dict[str, Any] | Response, dict[str, str]]:
+    """One chat request through every check, the queue, the session (when `use` names one)
+    and the backend: the reply (OpenAI's chat object) and the session's headers, or for a
+    stream the relaying response. The Responses and Messages APIs translate to this too, so
+    every API gets the same checks, limits, sessions, crash memory and metrics."""
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))
         turn = None
-        if session_id:
+        if use is not None:
             turn = await turns.prepare(
                 st, stack, body, incoming, fit_request(st, body, session=True),
-                owner=owner, session_id=session_id, headers=request.headers,
+                owner=owner, use=use, headers=headers,
             )  # fmt: skip
             if turn.retry is not None:
-                return _replay(turn, body)
+                return _replay(turn, body), {}
             fitted = turn.fitted
         else:
             fitted = await _check_fit(st, body, incoming, owner)
         payload = for_backend(st, upstream_body(body, fitted.messages))
-        headers = backend_headers(owner, session_id)
+        private = backend_headers(owner, use.session_id if use else None)
         route = "/v1/chat/completions"
         reply = await _forward(
-            st, stack, route, payload, body=body, owner=owner, headers=headers, turn=turn
-        )
+            st, stack, route, payload, body=body, owner=owner, headers=private, turn=turn,
+            api=api,
+        )  # fmt: skip
         if isinstance(reply, Response):
-            return reply
+            return reply, {}
         if turn is not None:
             await turns.commit(st, turn, reply)
-        _account(st, reply)
-        return JSONResponse(reply, headers=turn.headers() if turn else {})
+        _account(st, reply, api)
+        return reply, turn.headers() if turn else {}
 
 
 async def completion(request: Request, body: TextCompletionRequest, owner: str) -> Response:
@@ -254,10 +302,12 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
             )
             check_fits(counted, body.max_tokens or 1, "prompt")
         payload = upstream_body(body)
-        reply = await _forward(st, stack, "/v1/completions", payload, body=body, owner=owner)
+        reply = await _forward(
+            st, stack, "/v1/completions", payload, body=body, owner=owner, api="completions"
+        )
         if isinstance(reply, Response):
             return reply
-        _account(st, reply)
+        _account(st, reply, "completions")
         return JSONResponse(reply)
 
 
@@ -279,5 +329,5 @@ async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Re
                 )
         async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
-    _account(st, reply)
+    _account(st, reply, "embeddings")
     return JSONResponse(reply)

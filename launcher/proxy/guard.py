@@ -1,10 +1,12 @@
 """Who may reach the proxy at all, decided from the request headers before a byte of the body
 is read: the API key, and without keys, the Host header.
 
-- **The key first.** A request without a configured key gets 401 before its body is read,
-  let alone parsed or validated, so an anonymous caller cannot make the proxy parse a deeply
-  nested body or learn from a 400 what it would accept. Only `/health` and the chat page's
-  static files (`/`, `/web/*`: the same bytes for everyone, no data) are open.
+- **The key first.** The key comes as `Authorization: Bearer KEY` (OpenAI's clients) or
+  `x-api-key: KEY` (Anthropic's), on any route. A request without a configured key gets
+  401 before its body is read, let alone parsed or validated, so an anonymous caller cannot
+  make the proxy parse a deeply nested body or learn from a 400 what it would accept. Only
+  `/health` and the chat page's static files (`/`, `/web/*`: the same bytes for everyone,
+  no data) are open.
 - **The Host check (keyless mode only).** Without keys, any web page the user visits could
   make the browser talk to `127.0.0.1:8000` through DNS rebinding: a name of the attacker's
   that first resolves to their server, then to 127.0.0.1. The browser then sends that name
@@ -110,12 +112,21 @@ class AccessGuard:
             return
         if self.keys.enabled and self.needs_key(scope["path"]):
             try:
-                owner = self.keys.owner(header(scope, b"authorization"))
+                owner = self.keys.owner(authorization(scope))
             except InvalidApiKeyError as exc:
                 await send_error(send, exc)
                 return
             scope.setdefault("state", {})[OWNER_STATE] = owner
         await self.app(scope, receive, send)
+
+
+def authorization(scope: Scope) -> str | None:
+    """The caller's key as an `Authorization` value: that header, else Anthropic's
+    `x-api-key` (what the Anthropic SDKs and Claude Code send), on every route."""
+    value = header(scope, b"authorization")
+    if value is None and header(scope, b"x-api-key"):
+        value = f"Bearer {header(scope, b'x-api-key')}"
+    return value
 
 
 def host_policy(keys: KeyRing, allowed: Iterable[str]) -> HostPolicy | None:

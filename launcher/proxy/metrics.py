@@ -41,11 +41,16 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter(
-            "llmup_tokens", "Tokens in (prompt) and out (completion)", ["direction"], registry=r
+            "llmup_tokens",
+            "Tokens in (prompt) and out (completion), by API (chat, completions, embeddings, "
+            "responses, messages)",
+            ["direction", "api"],
+            registry=r,
         )
         self.ttft = Histogram(
             "llmup_time_to_first_token_seconds",
-            "Time from request to the first streamed token",
+            "Time from request to the first streamed token, by API",
+            ["api"],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
@@ -102,11 +107,11 @@ class Metrics:
         """Run `refresh` before each scrape (to copy a value held elsewhere into a gauge)."""
         self._refreshers.append(refresh)
 
-    def count_tokens(self, prompt: int | None, completion: int | None) -> None:
+    def count_tokens(self, prompt: int | None, completion: int | None, api: str = "chat") -> None:
         if prompt:
-            self.tokens.labels("in").inc(prompt)
+            self.tokens.labels("in", api).inc(prompt)
         if completion:
-            self.tokens.labels("out").inc(completion)
+            self.tokens.labels("out", api).inc(completion)
 
     def count_drop(self, turns: int) -> None:
         if turns > 0:

@@ -157,7 +157,9 @@ class StreamRelay:
         wants_usage: bool,
         on_complete: Callable[[StreamResult], Awaitable[None]] | None = None,
         on_backend_drop: Callable[[], None] = lambda: None,
+        api: str = "chat",
     ) -> None:
+        self.api = api
         self.response = response
         self.result = result
         self.result.fingerprint = fingerprint
@@ -214,9 +216,11 @@ class StreamRelay:
 
     def _account(self) -> None:
         usage = self.result.usage or {}
-        self.metrics.count_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        self.metrics.count_tokens(
+            usage.get("prompt_tokens"), usage.get("completion_tokens"), self.api
+        )
         if self.result.first_token_at is not None:
-            self.metrics.ttft.observe(self.result.first_token_at - self.started)
+            self.metrics.ttft.labels(self.api).observe(self.result.first_token_at - self.started)
 
 
 class SseLines:

@@ -103,3 +103,20 @@ def _chunk(head: Reply, delta: dict[str, Any], finish: str | None) -> Reply:
 
 def sse(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
+
+
+def named_sse(event: dict[str, Any]) -> bytes:
+    """An event with an `event:` line naming its `type` (the Responses and Messages APIs'
+    streams), then its JSON."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def sse_data(raw: bytes) -> list[Any]:
+    """The data of each event in a block of a chat stream as the relay sends it, `[DONE]`
+    as the string: what the other APIs' streams are made from."""
+    found = []
+    for line in raw.decode("utf-8").splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found

@@ -29,7 +29,7 @@ from launcher.protocol import (
 from launcher.protocol import FunctionCall as _FunctionCall
 from launcher.protocol import ResponseFormat as _ResponseFormat
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 NonEmpty = Annotated[str, Field(min_length=1)]
 MAX_GRAMMAR_CHARS = 100_000
 

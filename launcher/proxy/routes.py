@@ -14,39 +14,16 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from launcher.errors import NotFoundError
 from launcher.protocol import ModelCard, ModelList
 from launcher.proxy import chat, worker_slots
-from launcher.proxy.guard import OWNER_STATE
+from launcher.proxy.conversations.router import ROUTES as CONVERSATIONS_ROUTES
+from launcher.proxy.deps import ERRORS, authenticate
 from launcher.proxy.metrics import CONTENT_TYPE_LATEST
 from launcher.proxy.request_models import ChatRequest, EmbeddingRequest, TextCompletionRequest
+from launcher.proxy.responses.router import ROUTES as RESPONSES_ROUTES
 from launcher.proxy.state import proxy_state
-
-bearer = HTTPBearer(auto_error=False, description="one of the proxy's API keys")
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Bad request (OpenAI error body)"},
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "Unknown model or session"},
-    413: {"description": "Request body too large"},
-    429: {"description": "Queue full; see Retry-After"},
-    502: {"description": "The backend failed"},
-    503: {"description": "The backend is loading or restarting; see Retry-After"},
-}
-
-
-async def authenticate(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-) -> str:
-    """The caller's owner id (a hash of its key), as `AccessGuard` found it before the body
-    was read; 401 unless a configured key is sent."""
-    owner = request.scope.get("state", {}).get(OWNER_STATE)
-    if owner is not None:
-        return owner
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    return proxy_state(request).keys.owner(header)
 
 
 async def list_models(request: Request, owner: str = Depends(authenticate)) -> ModelList:
@@ -82,6 +59,8 @@ OPENAI_ROUTES: tuple[tuple[str, str, Callable[..., Any], Any], ...] = (
     ("POST", "/chat/completions", create_chat_completion, None),
     ("POST", "/completions", create_completion, None),
     ("POST", "/embeddings", create_embedding, None),
+    *RESPONSES_ROUTES,
+    *CONVERSATIONS_ROUTES,
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from functools import partial
@@ -24,11 +24,32 @@ from launcher.proxy.context import TurnPlan, is_prefill, message_text, plan_turn
 from launcher.proxy.prompt_fit import FitRequest, Fitted, estimate_tokens
 from launcher.proxy.replies import Reply, assistant_message, completion_tokens
 from launcher.proxy.state import ProxyState
-from launcher.proxy.store import Conversation, Message, NewTurn, TurnRecord, turn_bytes
+from launcher.proxy.store import (
+    Conversation,
+    Message,
+    NewTurn,
+    ResponseRecord,
+    TurnRecord,
+    turn_bytes,
+)
 
 DROPPED_HEADER = "X-Llmup-Context-Dropped"
 REWOUND_HEADER = "X-Llmup-Session-Rewound"
 REPLAYED_HEADER = "X-Llmup-Session-Replayed"
+
+
+@dataclass(frozen=True)
+class SessionUse:
+    """How a request uses a session. Chat names one and sends messages that `plan_turn`
+    lines up with it; the Responses and Messages APIs say themselves what is new (`plan`),
+    may start a session as a branch of another's history (`base`, a history without an
+    epoch: the new session is written with its first turn) and keep a record of the turn
+    (`respond`: the Responses API's stored response, made from the reply)."""
+
+    session_id: str
+    plan: Callable[[Conversation], TurnPlan] | None = None
+    base: Conversation | None = None
+    respond: Callable[[Reply], ResponseRecord] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,7 @@ class SessionTurn:
     plan: TurnPlan
     request: str  # digest of the client's request, kept to recognise a retry
     fitted: Fitted | None = None  # None for a retry: nothing is sent
+    respond: Callable[[Reply], ResponseRecord] | None = None
 
     @property
     def retry(self) -> Reply | None:
@@ -83,16 +105,22 @@ async def prepare(
     ask: FitRequest,
     *,
     owner: str,
-    session_id: str,
+    use: SessionUse,
     headers: Mapping[str, str],
 ) -> SessionTurn:
     """The turn to run, with the session locked (for as long as `stack` stays open), its
     prompt fitted to the context for `ask`."""
+    session_id = use.session_id
     await stack.enter_async_context(st.session_lock(owner, session_id))
-    history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
+    history = use.base
+    if history is None:
+        history = await anyio.to_thread.run_sync(st.sessions.load, owner, session_id)
     request = request_digest(body, headers)
-    plan = plan_turn(history, incoming, request, retrying=says_retry(headers))
-    turn = SessionTurn(owner, session_id, history, plan, request)
+    if use.plan is not None:
+        plan = use.plan(history)
+    else:
+        plan = plan_turn(history, incoming, request, retrying=says_retry(headers))
+    turn = SessionTurn(owner, session_id, history, plan, request, respond=use.respond)
     if plan.retry is not None:
         return turn
     _check_size(st, history, plan)
@@ -170,6 +198,7 @@ async def commit(st: ProxyState, turn: SessionTurn, reply: Reply) -> bool:
         messages=continued(turn.plan.messages, message),
         system=turn.plan.system,
         record=record,
+        response=turn.respond(reply) if turn.respond else None,
     )
     store = partial(st.sessions.commit, turn.owner, turn.session_id, new)
     return await anyio.to_thread.run_sync(store)

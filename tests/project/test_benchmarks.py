@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = (
     "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out",
+    "responses_chain",
     "tool_turns",
 )  # fmt: skip
 OWN_TABLE = {  # a title each script prints
@@ -32,6 +33,7 @@ OWN_TABLE = {  # a title each script prints
     "memory_over_time": "RSS over a long run",
     "plan_speed": "Expected vs reference speed",
     "scale_out": "Session turns through HAProxy and PostgreSQL",
+    "responses_chain": "Responses chain vs chat resend",
     "tool_turns": "Session turns with and without tools",
 }
 
@@ -175,6 +177,18 @@ def test_scale_out_measures_every_arm_the_overheads_and_a_failover(quick):
     assert len(model["failover_s"]) >= 1 and all(d > 0 for d in model["failover_s"])
     assert "PostgreSQL" in report["conditions"]["postgresql"]
     assert "HAProxy version 2." in report["conditions"]["haproxy"]
+
+
+def test_responses_chain_times_every_turn_of_both_arms(quick):
+    report = quick["responses_chain"][1]
+    turns = report["conditions"]["turns"]
+    chain, resend = report["arms"]["chain"], report["arms"]["resend"]
+    assert len(chain) == len(resend) == turns
+    for rows in (chain, resend):
+        assert all(r["ttft_s"] > 0 and r["prompt_tokens"] > 0 for r in rows)
+        assert [r["prompt_tokens"] for r in rows] == sorted(r["prompt_tokens"] for r in rows)
+    # each chained turn reuses at least the previous turn's prompt from the session's KV
+    assert all(b["cached_tokens"] >= a["prompt_tokens"] for a, b in zip(chain, chain[1:]))
 
 
 def test_tool_turns_measures_both_sessions_and_the_round_trips(quick):

@@ -10,6 +10,7 @@ import sqlite3
 import stat
 
 import pytest
+from support.store_fixtures import Clock, turn
 
 from launcher.errors import BadRequestError
 from launcher.proxy.context import TurnPlan, plan_turn
@@ -21,18 +22,6 @@ from launcher.proxy.store import (
     SqliteStore,
     TurnRecord,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def turn(user: str, reply: str) -> list[dict]:
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
 @pytest.fixture

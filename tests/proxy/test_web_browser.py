@@ -592,3 +592,32 @@ def test_the_page_opened_while_loading_turns_into_the_chat(tmp_path):
         backend.resume()
         browser.close()
         server.stop()
+
+
+def test_conversations_made_through_every_api_are_shown(served, page):
+    """A Responses chain, a Messages session and a conversation with a tool call are
+    sessions: each is in the list, and its messages (the call and its result as text) show."""
+    with api(served) as http:
+        chain = http.post("/v1/responses", json={
+            "model": "tiny-chat", "input": "via responses", "max_output_tokens": 3})  # fmt: skip
+        assert chain.status_code == 200, chain.text
+        message = http.post(
+            "/v1/messages", headers={"X-Session-Id": "via-messages"},
+            json={"model": "tiny-chat", "max_tokens": 3,
+                  "messages": [{"role": "user", "content": "via messages"}]},
+        )  # fmt: skip
+        assert message.status_code == 200, message.text
+        conv = http.post("/v1/conversations", json={"items": [
+            {"role": "user", "content": "what is the weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather",
+             "arguments": '{"city": "Oslo"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "rain, 7 C"},
+        ]}).json()  # fmt: skip
+    page.open(KEY, hash=f"#session={conv['id']}")
+    shown = page.text("#messages")
+    assert "what is the weather?" in shown and "rain, 7 C" in shown
+    assert '→ get_weather({"city": "Oslo"})' in shown
+    listed = page.text("#sessions")
+    assert "via responses" in listed and "via messages" in listed
+    page.open(KEY, hash=f"#session={chain.json()['id']}")
+    assert "via responses" in page.text("#messages")

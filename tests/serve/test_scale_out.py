@@ -120,9 +120,9 @@ def test_the_shipped_config_is_valid_haproxy() -> None:
 
 
 def test_ids_and_body_fields_reach_the_replica_they_name(cluster) -> None:
-    """What issue-22's routes will receive is routed now: a Responses id or a conversation id
-    goes to the replica named in it (llmup answers 404 today, from that replica); a session
-    named in the body goes where the same session named in the header goes."""
+    """A Responses id or a conversation id goes to the replica named in it (an unknown one
+    is a 404 from that replica); a session named in the body goes where the same session
+    named in the header goes."""
     http = cluster.http()
     for _ in range(3):  # least connections would alternate; these never do
         for name in ("r1", "r2"):
@@ -142,6 +142,32 @@ def test_ids_and_body_fields_reach_the_replica_they_name(cluster) -> None:
         by_body = http.post("/v1/chat/completions", json=body)
         assert by_body.status_code == 200 and replica(by_body) == by_header
         assert replica(http.get(f"/v1/sessions/{session}")) == by_header
+
+
+def test_a_response_chain_stays_on_the_replica_holding_its_kv(cluster) -> None:
+    """A chain's first response lands anywhere (least connections); its id names that
+    replica, so every `previous_response_id` after it reaches the same KV cache, and a
+    conversation's requests reach the replica that made it."""
+    http = cluster.http()
+    body = {"model": MODEL, "input": "hello world", "max_output_tokens": 3, "temperature": 0}
+    first = http.post("/v1/responses", json=body)
+    assert first.status_code == 200, first.text
+    made_on, latest = replica(first), first.json()
+    assert latest["id"].split("_")[1] == made_on
+    for turn in range(3):
+        reply = http.post(
+            "/v1/responses",
+            json={**body, "input": f"turn {turn}", "previous_response_id": latest["id"]},
+        )
+        assert reply.status_code == 200 and replica(reply) == made_on, reply.text
+        cached = reply.json()["usage"]["input_tokens_details"]["cached_tokens"]
+        assert cached >= latest["usage"]["input_tokens"]  # the same replica's KV, reused
+        latest = reply.json()
+    assert replica(http.get(f"/v1/responses/{latest['id']}")) == made_on
+    conv = http.post("/v1/conversations", json={})
+    assert conv.status_code == 200
+    in_conv = http.post("/v1/responses", json={**body, "conversation": conv.json()["id"]})
+    assert in_conv.status_code == 200 and replica(in_conv) == replica(conv)
 
 
 def test_sessions_stay_put_fail_over_with_their_history_and_the_replica_rejoins(cluster) -> None:

@@ -62,3 +62,18 @@ def make_store(store_target: str) -> Iterator[Callable[..., SessionStore]]:
     yield make
     for store in opened:
         store.close()
+
+
+class Clock:
+    """A clock a test moves by hand (`clock.now += 3601`), for the stores' TTL."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def turn(user: str, reply: str) -> list[dict]:
+    """One turn's messages: the user's and the assistant's."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

@@ -106,6 +106,33 @@ def test_a_schema_the_converter_refuses_is_named_to_its_failing_part():
     assert caught.value.param == "response_format.json_schema.schema"
 
 
+def test_a_property_with_only_a_description_takes_any_value():
+    """Claude Code describes a tool's free-form argument without a type: any JSON value."""
+    params = {"type": "object", "required": ["args"],
+              "properties": {"args": {"description": "any value, passed verbatim"}}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "run", "parameters": params}}]
+    grammar = reply_grammar(grammar_spec(request(tools=tools, tool_choice="required")))
+    assert parse(grammar.text), grammar.text
+    assert (
+        "value"
+        in dict(line.split(" ::= ", 1) for line in grammar.text.splitlines())["tool0-args-args-kv"]
+    )
+
+
+def test_huge_repetition_bounds_do_not_blow_the_grammar_up():
+    """`maxLength: 524288` (Claude Code's Workflow script) spelled out is a 4 MB rule that
+    crashes llama.cpp's parser: such a bound is left to the model; small ones are kept."""
+    params = {"type": "object", "required": ["script", "tags", "name"], "properties": {
+        "script": {"type": "string", "maxLength": 524288},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 100000},
+        "name": {"type": "string", "maxLength": 5}}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "run", "parameters": params}}]
+    grammar = reply_grammar(grammar_spec(request(tools=tools, tool_choice="required")))
+    assert len(grammar.text) < 20_000 and parse(grammar.text)
+    rules = dict(line.split(" ::= ", 1) for line in grammar.text.splitlines())
+    assert rules["tool0-args-name"].count("char") == 5  # the small bound still holds
+
+
 def test_two_tools_with_the_same_definition_name_keep_their_own_definitions():
     """llama.cpp's converter names a definition's rule by its last path segment alone."""
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from launcher.errors import SessionStoreError
 from launcher.proxy.store.base import (
     Conversation,
+    ConversationRecord,
     Message,
     NewTurn,
     OwnerUsage,
+    ResponseRecord,
     SessionInfo,
     SessionStore,
+    StoredResponse,
     TurnRecord,
     turn_bytes,
 )
@@ -27,12 +30,15 @@ from launcher.settings import POSTGRES_SCHEMES, Settings
 
 __all__ = [
     "Conversation",
+    "ConversationRecord",
     "Message",
     "NewTurn",
     "OwnerUsage",
+    "ResponseRecord",
     "SessionInfo",
     "SessionStore",
     "SqliteStore",
+    "StoredResponse",
     "TurnRecord",
     "open_store",
     "turn_bytes",

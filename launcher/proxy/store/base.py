@@ -89,15 +89,52 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class ResponseRecord:
+    """A stored response of the Responses API: the turn it is is committed with it."""
+
+    id: str
+    created: float
+    body: dict[str, Any]  # the Response object as sent
+    input: list[dict[str, Any]]  # its input items, as `GET .../input_items` lists them
+
+    def stored_bytes(self) -> int:
+        return sum(len(as_json(v).encode("utf-8")) for v in (self.body, self.input))
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A stored response and where its turn is: `turn` of the session `session`."""
+
+    record: ResponseRecord
+    session: str
+    turn: int
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """A conversation of the Conversations API: a session with metadata."""
+
+    id: str
+    created: float
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class NewTurn:
     """A turn to commit: it replaces the turns from `keep` on (all of them stay when `keep`
-    is the number loaded), on the session as loaded (`base`)."""
+    is the number loaded), on the session as loaded (`base`).
+
+    A `base` without an epoch is a new session; with `keep` above 0 it starts as a copy of
+    `base`'s first `keep` turns and system message (a branch of another session, written in
+    the same transaction as its first turn, so a failed turn leaves no branch behind).
+    `response` is the Responses API's record of this turn, stored with it."""
 
     base: Conversation
     keep: int
     messages: list[Message]
     system: Message | None = None
     record: TurnRecord = field(default_factory=TurnRecord)
+    response: ResponseRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +202,31 @@ class SessionStore(Protocol):
 
     def delete(self, owner: str, session_id: str) -> bool:
         """Delete a live session of this owner; False when there is none."""
+
+    def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        """A stored response of this owner whose session is live; None otherwise."""
+
+    def delete_response(self, owner: str, response_id: str) -> tuple[bool, str | None]:
+        """Delete a stored response: (whether there was one, the session deleted with it:
+        the last response of a chain that is no conversation takes its session along)."""
+
+    def create_conversation(
+        self,
+        owner: str,
+        conversation: ConversationRecord,
+        messages: list[Message],
+        *,
+        system: Message | None = None,
+    ) -> None:
+        """A new conversation (a new session), with `messages` as its first turn if any."""
+
+    def conversation(self, owner: str, conversation_id: str) -> ConversationRecord | None:
+        """A live conversation of this owner; None otherwise."""
+
+    def update_conversation(
+        self, owner: str, conversation_id: str, metadata: dict[str, str]
+    ) -> ConversationRecord | None:
+        """Replace a live conversation's metadata; None when there is no such conversation."""
 
     def purge_expired(self) -> int:
         """Delete every session idle for longer than the TTL; returns how many."""

@@ -22,10 +22,13 @@ from typing import Any, Protocol
 from launcher.errors import SessionConflictError
 from launcher.proxy.store.base import (
     Conversation,
+    ConversationRecord,
     Message,
     NewTurn,
     OwnerUsage,
+    ResponseRecord,
     SessionInfo,
+    StoredResponse,
     TurnRecord,
     as_json,
     turn_bytes,
@@ -187,8 +190,11 @@ class SqlStore(ABC):
                 log.info("session %s was deleted during a turn; not stored", session_id)
                 return False
             freed = self._truncate(db, owner, session_id, turn.keep)
-            added = self._append(db, owner, session_id, turn)
-            system_json = as_json(turn.system) if turn.system else None
+            added = self._seed(db, owner, session_id, turn) + self._append(
+                db, owner, session_id, turn
+            )
+            system = turn.system or (turn.base.system if _branches(turn) else None)
+            system_json = as_json(system) if system else None
             new, old = self.byte_length("?"), self.byte_length("system")
             db.execute(  # the new system message's bytes replace the old one's
                 f"UPDATE sessions SET turns=?, updated=?, bytes = bytes + ? + "
@@ -220,20 +226,33 @@ class SqlStore(ABC):
         return True
 
     def _truncate(self, db: Db, owner: str, sid: str, keep: int) -> int:
-        """Drop the turns from `keep` on; returns the bytes they held."""
+        """Drop the turns from `keep` on (and the responses they were); returns the bytes
+        they held."""
         freed = 0
-        for table, column in (("messages", "message"), ("turns", "reply")):
-            where = f"FROM {table} WHERE owner=? AND id=? AND turn>=?"
+        tables = (("messages", "id", ("message",)), ("turns", "id", ("reply",)),
+                  ("responses", "session", ("body", "input")))  # fmt: skip
+        for table, key, columns in tables:
+            where = f"FROM {table} WHERE owner=? AND {key}=? AND turn>=?"
+            size = " + ".join(f"COALESCE({self.byte_length(c)}, 0)" for c in columns)
             (held,) = db.execute(
-                f"SELECT COALESCE(SUM({self.byte_length(column)}), 0) {where}",
-                (owner, sid, keep),
+                f"SELECT COALESCE(SUM({size}), 0) {where}", (owner, sid, keep)
             ).fetchone()
             db.execute(f"DELETE {where}", (owner, sid, keep))
             freed += int(held)
         return freed
 
+    def _seed(self, db: Db, owner: str, sid: str, turn: NewTurn) -> int:
+        """A branch's copy of its base's first `keep` turns; returns the bytes they hold."""
+        if not _branches(turn):
+            return 0
+        added = 0
+        for index, messages in enumerate(turn.base.turns[: turn.keep]):
+            copied = NewTurn(turn.base, index, messages, record=turn.base.record(index))
+            added += self._append(db, owner, sid, copied)
+        return added
+
     def _append(self, db: Db, owner: str, sid: str, turn: NewTurn) -> int:
-        """Store the turn's messages and record; returns the bytes they hold."""
+        """Store the turn's messages, record and response; returns the bytes they hold."""
         (seq,) = db.execute(
             "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE owner=? AND id=?", (owner, sid)
         ).fetchone()
@@ -247,7 +266,19 @@ class SqlStore(ABC):
             "INSERT INTO turns (owner, id, turn, tokens, request, reply) VALUES (?, ?, ?, ?, ?, ?)",
             (owner, sid, turn.keep, record.tokens, record.request, reply),
         )
-        return turn_bytes(turn.messages, record.reply)
+        return turn_bytes(turn.messages, record.reply) + self._add_response(db, owner, sid, turn)
+
+    def _add_response(self, db: Db, owner: str, sid: str, turn: NewTurn) -> int:
+        response = turn.response
+        if response is None:
+            return 0
+        db.execute(
+            "INSERT INTO responses (owner, id, session, turn, created, body, input) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (owner, response.id, sid, turn.keep, response.created,
+             as_json(response.body), as_json(response.input)),
+        )  # fmt: skip
+        return response.stored_bytes()
 
     def _drop_if_expired(self, db: Db, owner: str, session_id: str) -> None:
         db.execute(
@@ -262,6 +293,102 @@ class SqlStore(ABC):
             cursor = db.execute("DELETE FROM sessions WHERE owner=? AND id=?", (owner, session_id))
             return cursor.rowcount > 0
 
+    # ----- the Responses and Conversations APIs' records
+
+    def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        """A stored response of this owner whose session is live; None otherwise."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT r.session, r.turn, r.created, r.body, r.input FROM responses r "
+                "JOIN sessions s ON s.owner=r.owner AND s.id=r.session "
+                "WHERE r.owner=? AND r.id=? AND s.updated>=?",
+                (owner, response_id, self._cutoff()),
+            ).fetchone()
+        if row is None:
+            return None
+        session, turn, created, body, items = row
+        record = ResponseRecord(response_id, created, json.loads(body), json.loads(items))
+        return StoredResponse(record, session, int(turn))
+
+    def delete_response(self, owner: str, response_id: str) -> tuple[bool, str | None]:
+        """Delete a stored response: (whether there was one, the session deleted with it:
+        the last response of a chain that is no conversation takes its session along)."""
+        found = self.response(owner, response_id)
+        if found is None:
+            return False, None
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE sessions SET bytes = bytes - (SELECT COALESCE(SUM("
+                f"{self.byte_length('body')} + {self.byte_length('input')}), 0) FROM responses "
+                "WHERE owner=? AND id=?) WHERE owner=? AND id=?",
+                (owner, response_id, owner, found.session),
+            )
+            db.execute("DELETE FROM responses WHERE owner=? AND id=?", (owner, response_id))
+            left = db.execute(
+                "SELECT (SELECT COUNT(*) FROM responses WHERE owner=? AND session=?) + "
+                "(SELECT COUNT(*) FROM conversations WHERE owner=? AND id=?)",
+                (owner, found.session, owner, found.session),
+            ).fetchone()[0]
+            if left:
+                return True, None
+            db.execute("DELETE FROM sessions WHERE owner=? AND id=?", (owner, found.session))
+        return True, found.session
+
+    def create_conversation(
+        self,
+        owner: str,
+        conversation: ConversationRecord,
+        messages: list[Message],
+        *,
+        system: Message | None = None,
+    ) -> None:
+        """A new conversation (a new session), with `messages` as its first turn if any."""
+        now = conversation.created
+        self._maybe_purge(now)
+        with self._transaction() as db:
+            system_json = as_json(system) if system else None
+            db.execute(
+                "INSERT INTO sessions (owner, id, system, created, updated, epoch, bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (owner, conversation.id, system_json, now, now, uuid.uuid4().hex,
+                 len(system_json.encode("utf-8")) if system_json else 0),
+            )  # fmt: skip
+            db.execute(
+                "INSERT INTO conversations (owner, id, metadata) VALUES (?, ?, ?)",
+                (owner, conversation.id, as_json(conversation.metadata)),
+            )
+            if messages:
+                first = NewTurn(Conversation(), 0, messages)
+                added = self._append(db, owner, conversation.id, first)
+                db.execute(
+                    "UPDATE sessions SET turns=1, bytes=bytes+? WHERE owner=? AND id=?",
+                    (added, owner, conversation.id),
+                )
+
+    def conversation(self, owner: str, conversation_id: str) -> ConversationRecord | None:
+        """A live conversation of this owner; None otherwise."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT s.created, c.metadata FROM conversations c "
+                "JOIN sessions s ON s.owner=c.owner AND s.id=c.id "
+                "WHERE c.owner=? AND c.id=? AND s.updated>=?",
+                (owner, conversation_id, self._cutoff()),
+            ).fetchone()
+        return ConversationRecord(conversation_id, row[0], json.loads(row[1])) if row else None
+
+    def update_conversation(
+        self, owner: str, conversation_id: str, metadata: dict[str, str]
+    ) -> ConversationRecord | None:
+        """Replace a live conversation's metadata; None when there is no such conversation."""
+        if self.conversation(owner, conversation_id) is None:
+            return None
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE conversations SET metadata=? WHERE owner=? AND id=?",
+                (as_json(metadata), owner, conversation_id),
+            )
+        return self.conversation(owner, conversation_id)
+
     def purge_expired(self) -> int:
         """Delete every session idle for longer than the TTL; returns how many."""
         with self._transaction() as db:
@@ -274,6 +401,11 @@ class SqlStore(ABC):
         if now - self._last_purge >= PURGE_EVERY_S:
             self._last_purge = now
             self.purge_expired()
+
+
+def _branches(turn: NewTurn) -> bool:
+    """Whether the turn starts a new session as a copy of its base's first turns."""
+    return turn.base.epoch is None and turn.keep > 0
 
 
 def conflict(session_id: str) -> SessionConflictError:

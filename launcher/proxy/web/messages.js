@@ -82,10 +82,19 @@ export function statsLine({ tokens, firstMs, totalMs, finish }) {
   return parts.join(" · ");
 }
 
-// A stored conversation, as GET /v1/sessions/{id} returns it.
+// An assistant message's tool calls as text: one `→ name(arguments)` line each.
+function callsText(m) {
+  return (m.tool_calls || [])
+    .map((c) => `→ ${c.function?.name ?? "tool"}(${c.function?.arguments ?? ""})`)
+    .join("\n");
+}
+
+// A stored conversation, as GET /v1/sessions/{id} returns it (whichever API made it: tool
+// calls and their results are shown as text).
 export function storedMessages(messages) {
   return messages.map((m) => {
-    const text = typeof m.content === "string" ? m.content : JSON.stringify(m.content ?? "");
+    const content = typeof m.content === "string" ? m.content : m.content == null ? "" : JSON.stringify(m.content);
+    const text = m.role === "assistant" ? [content, callsText(m)].filter(Boolean).join("\n\n") : content;
     if (m.role === "assistant") return Reply.stored(text);
     if (m.role === "system") return systemMessage(text);
     if (m.role === "user") return userMessage(text);
