@@ -265,6 +265,18 @@ def test_min_tokens_mirostat_and_seeds(client):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_a_finished_grammar_held_open_by_min_tokens_ends_the_reply(client, worker):
+    """A grammar that is complete allows only the end of the reply; `min_tokens` holds the end
+    off, so no allowed token is left: the reply ends there (accepting any other token made
+    llama.cpp's grammar throw through ctypes and abort the worker, found by the fuzzing)."""
+    fields = {"max_tokens": 6, "extra_body": {"grammar": 'root ::= "x"', "min_tokens": 4}}
+    reply = chat(client, **fields)
+    assert reply.choices[0].message.content == "x"
+    assert reply.choices[0].finish_reason == "stop"
+    assert worker.proc.poll() is None
+    assert chat(client, max_tokens=2).choices[0].message.content is not None  # still serving
+
+
 def test_penalties_change_the_reply(client):
     """presence/frequency/repeat penalties reach llama.cpp's penalties sampler (its
     constructor takes the vocabulary size first: a 500 for any penalty before)."""

@@ -19,6 +19,7 @@ Gemma's 262,144 here); a model following its format mostly picks a token the gra
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any
 
 import llama_cpp.llama_cpp as lib
@@ -30,6 +31,8 @@ from launcher.workers.llamacpp_slots.native import NativeContext, NativeModel
 PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back over
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 MIROSTAT_M = 100  # llama.cpp's common sampler uses the same for mirostat 1
+log = logging.getLogger(__name__)
+
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 
 
@@ -88,6 +91,7 @@ class SamplerChain:
         self.seed = RANDOM_SEED if params.seed is None else (params.seed + choice) & 0xFFFFFFFF
         self.grammar: Any = None  # kept out of the chain: checked first, masked when it must
         self.n_vocab = model.vocab_size
+        self.end = model.eos
         self._candidates: _Candidates | None = None
         try:
             self._build(model, params)
@@ -161,9 +165,19 @@ class SamplerChain:
             everything = candidates.vocabulary(logits)
             lib.llama_sampler_apply(self.grammar, ctypes.byref(everything))
             token = self._pick(everything)
+            if not self._allowed(token):
+                return self._dead_end()
         lib.llama_sampler_accept(self.grammar, token)
         lib.llama_sampler_accept(self.ptr, token)
         return token
+
+    def _dead_end(self) -> int:
+        """The end of the reply when no token the grammar allows survives the chain (e.g. a
+        finished grammar allows only the end, which `min_tokens` holds off, or biases remove
+        every allowed token): the pick is then any masked token, and accepting it would make
+        llama.cpp's grammar throw through ctypes and abort the worker."""
+        log.warning("no token the grammar allows is left to pick: the reply ends here")
+        return self.end
 
     def _pick(self, candidates: Any) -> int:
         lib.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
