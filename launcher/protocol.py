@@ -277,6 +277,14 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     response_format: ResponseFormat | None = None  # llama.cpp's: the text follows a schema
 
+    @model_validator(mode="after")
+    def _nothing_to_echo(self) -> CompletionRequest:
+        """Echoing an empty prompt adds nothing to the reply, and llama_cpp.server answers
+        `echo` with an empty prompt with a 500: it is sent as no echo."""
+        if self.echo and self.prompt in ("", []):
+            self.echo = False
+        return self
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 

@@ -15,7 +15,7 @@ from support.worker_fixtures import write_chat_model
 
 from launcher.grammar_ranges import bounds, integer_range
 from launcher.json_grammar import reply_grammar
-from launcher.protocol import ChatCompletionRequest, ChatMessage
+from launcher.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from launcher.proxy.gbnf_child import parse
 from launcher.reply_format import (
     TOOL_OPEN,
@@ -301,3 +301,12 @@ def test_integer_bounds_are_enforced_in_a_grammar():
     )
     grammar = reply_grammar(spec).text
     assert parse(grammar) and "[1-9]" in grammar and '"3" ( [0-1] )' in grammar
+
+
+@pytest.mark.parametrize("prompt", ["", []])
+def test_echo_of_an_empty_prompt_is_sent_as_no_echo(prompt):
+    """llama_cpp.server answers `echo` with an empty prompt with a 500 (found by the schema
+    fuzzing); echoing nothing adds nothing, so the request is sent without it."""
+    empty = CompletionRequest(model="m", prompt=prompt, echo=True)
+    assert empty.model_dump(exclude_unset=True)["echo"] is False
+    assert CompletionRequest(model="m", prompt="hi", echo=True).echo is True
