@@ -12,10 +12,8 @@ import anthropic
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
+from support.api_fixtures import slots_backend
 from support.openai_schemas import check_response_event, check_responses
-from support.worker_fixtures import SlotWorker, write_chat_model
-
-from launcher.served import StaticBackend, WorkerKind
 
 SCHEMA = {
     "type": "object",
@@ -28,22 +26,9 @@ MESSAGES_TOOL = {"name": "lookup", "description": "look a word up", "input_schem
 EVENT = TypeAdapter(RawMessageStreamEvent)
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("api-tools")
-    running = SlotWorker.start(
-        write_chat_model(folder, seed=7), folder / "slots", "--parallel", "2"
-    )
-    yield running
-    running.stop()
-
-
 @pytest.fixture
-def proxy(worker, make_proxy):
-    backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=4096, kind=WorkerKind.LLAMACPP_SLOTS
-    )
-    return make_proxy(backend)
+def proxy(chat_worker, make_proxy):
+    return make_proxy(slots_backend(chat_worker))
 
 
 def test_a_responses_chain_calls_a_function_and_takes_its_output(proxy):

@@ -9,13 +9,13 @@ import json
 import httpx
 import openai
 import pytest
+from support.api_fixtures import slots_backend
 from support.backend_fixtures import MODEL
 from support.openai_schemas import check_chat, check_chunk
-from support.worker_fixtures import CLEAN_WORDS, SlotWorker, write_chat_model
+from support.worker_fixtures import CLEAN_WORDS
 
 from launcher.cli.serving import access_settings
 from launcher.errors import UsageError
-from launcher.served import StaticBackend, WorkerKind
 from launcher.settings import Settings
 
 TOOLS = [
@@ -36,22 +36,9 @@ CALL = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
 APP = "https://app.example.com"
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("proxy-tools")
-    running = SlotWorker.start(
-        write_chat_model(folder, seed=7), folder / "slots", "--parallel", "2"
-    )
-    yield running
-    running.stop()
-
-
 @pytest.fixture
-def proxy(worker, make_proxy):
-    backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=4096, kind=WorkerKind.LLAMACPP_SLOTS
-    )
-    return make_proxy(backend, cors_origins=[APP])
+def proxy(chat_worker, make_proxy):
+    return make_proxy(slots_backend(chat_worker), cors_origins=[APP])
 
 
 def session_chat(client, sid: str, messages: list[dict], **fields):
@@ -168,11 +155,8 @@ def test_a_listed_origin_may_call_from_a_browser(proxy):
         assert streamed.read().endswith(b"data: [DONE]\n\n")
 
 
-def test_without_origins_there_is_no_cors(make_proxy, worker):
-    backend = StaticBackend(
-        base_url=worker.url, model_id="tiny", context=4096, kind=WorkerKind.LLAMACPP_SLOTS
-    )
-    proxy = make_proxy(backend)
+def test_without_origins_there_is_no_cors(make_proxy, chat_worker):
+    proxy = make_proxy(slots_backend(chat_worker))
     preflight = {"Origin": APP, "Access-Control-Request-Method": "POST"}
     reply = proxy.http().options("/v1/chat/completions", headers=preflight)
     assert reply.status_code == 405 and "access-control-allow-origin" not in reply.headers

@@ -12,7 +12,7 @@ import pytest
 from launcher.served import StaticBackend, WorkerKind
 from support.backend_fixtures import TEMPLATE, RunningProxy, proxy_settings, serve_proxy
 from support.ggufgen import write_llama_gguf
-from support.worker_fixtures import SlotWorker
+from support.worker_fixtures import SlotWorker, write_chat_model
 
 KEYS = ["key-a", "key-b"]
 
@@ -37,3 +37,21 @@ def slot_proxy(
     running = serve_proxy(proxy_settings(home, api_keys=KEYS, replica_name="r1"), backend)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlotWorker]:
+    """The tiny chat model (seed 7) on two sequences: the tool tests' worker."""
+    folder = tmp_path_factory.mktemp("chat-worker")
+    running = SlotWorker.start(
+        write_chat_model(folder, seed=7), folder / "slots", "--parallel", "2"
+    )
+    yield running
+    running.stop()
+
+
+def slots_backend(worker: SlotWorker, context: int = 4096) -> StaticBackend:
+    """The slot worker as the proxy sees it."""
+    return StaticBackend(
+        base_url=worker.url, model_id="tiny", context=context, kind=WorkerKind.LLAMACPP_SLOTS
+    )
