@@ -300,10 +300,12 @@ class TokenizeInputRequest(_Request):
 
 
 def backend_headers(owner: str, session_id: str | None) -> dict[str, str]:
-    """The session for slot-keeping workers, on private headers: the owner (a hash of the
-    key, empty without keys) and the id, so two keys never share one; others ignore them."""
+    """The caller and its session for slot-keeping workers, on private headers: the owner
+    (a hash of the key, empty without keys) and the id, so two keys never share one; the
+    owner alone on a stateless request, whose cached prompt only that owner may continue.
+    Other backends ignore them."""
     if session_id is None:
-        return {}
+        return {BACKEND_OWNER_HEADER: owner}
     return {BACKEND_OWNER_HEADER: owner, BACKEND_SESSION_HEADER: session_id}
 
 

@@ -303,8 +303,9 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
             check_fits(counted, body.max_tokens or 1, "prompt")
         payload = upstream_body(body)
         reply = await _forward(
-            st, stack, "/v1/completions", payload, body=body, owner=owner, api="completions"
-        )
+            st, stack, "/v1/completions", payload, body=body, owner=owner,
+            headers=backend_headers(owner, None), api="completions",
+        )  # fmt: skip
         if isinstance(reply, Response):
             return reply
         _account(st, reply, "completions")

@@ -98,7 +98,9 @@ async def _token_events(engine: Engine, run: Run, stopped: set[int]) -> AsyncIte
         except RuntimeError:  # the loop is gone: nobody is listening any more
             cancel.set()
 
-    job = GenerationJob(run.prompt, run.params, cancel, emit, run.session, stopped=stopped)
+    job = GenerationJob(
+        run.prompt, run.params, cancel, emit, run.session, stopped=stopped, owner=run.owner
+    )
     engine.submit(job)
     try:
         while (item := await inbox.get()) is not END:

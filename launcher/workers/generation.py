@@ -100,6 +100,7 @@ class GenerationJob:
     session: SessionKey | None = None
     cached_tokens: int = 0
     stopped: set[int] = field(default_factory=set)
+    owner: str | None = None  # who asks, for a stateless request's cached prompt
 
     def ended(self, choice: int) -> bool:
         return self.cancel.is_set() or choice in self.stopped

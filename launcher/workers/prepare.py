@@ -152,6 +152,7 @@ class Run:
     offset: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    owner: str | None = None
 
     def usage(self) -> Usage:
         usage = Usage.of(len(self.prompt), self.completion_tokens)
@@ -168,15 +169,21 @@ def worker_state(request: Request) -> WorkerState:
 
 
 def session_key(request: Request) -> SessionKey | None:
-    """The session the proxy named on its private headers: both or neither (the owner is
-    empty when the proxy runs without API keys: every caller is then one owner)."""
+    """The session the proxy named on its private headers (the owner is empty when the
+    proxy runs without API keys: every caller is then one owner). The owner alone names a
+    stateless request's caller; a session without its owner is refused."""
     owner = request.headers.get(BACKEND_OWNER_HEADER)
     session = request.headers.get(BACKEND_SESSION_HEADER)
-    if owner is None and session is None:
+    if session is None:
         return None
     if owner is None or not session:
-        raise BadRequestError(f"{BACKEND_OWNER_HEADER} and {BACKEND_SESSION_HEADER} go together")
+        raise BadRequestError(f"{BACKEND_SESSION_HEADER} needs {BACKEND_OWNER_HEADER}")
     return SessionKey(owner, session)
+
+
+def request_owner(request: Request) -> str | None:
+    """The caller's owner as the proxy named it (None when called directly)."""
+    return request.headers.get(BACKEND_OWNER_HEADER)
 
 
 def check_model(state: WorkerState, model: str | None) -> None:
@@ -403,9 +410,11 @@ async def parsed(request: Request, model: type[BodyT]) -> BodyT:
 async def prepared(request: Request, model: type[BodyT]) -> tuple[BodyT, Run]:
     """Parse, validate, render and tokenize a generation request on a worker thread."""
     state = worker_state(request)
-    session = session_key(request)
+    session, owner = session_key(request), request_owner(request)
     raw = await request.body()
-    return await asyncio.to_thread(_parse_and_prepare, state, model, raw, session)
+    body, run = await asyncio.to_thread(_parse_and_prepare, state, model, raw, session)
+    run.owner = owner
+    return body, run
 
 
 async def counted(request: Request) -> PromptTokens:

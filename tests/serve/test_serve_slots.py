@@ -133,3 +133,37 @@ def test_a_second_start_of_the_plan_grows_its_kv_cache_after_serving(tiny_model,
     assert commands[1][commands[1].index("--initial-parallel") + 1] == "1"
     assert records[0] is not None and records[0].measured["kv"]
     assert records[1] == records[0]  # the planned load's record, not the quick start's
+
+
+def test_a_stateless_history_resent_by_its_key_reuses_that_keys_cache(tiny_model, tmp_path):
+    """What agent clients do (the whole history each request, no session): the same key's
+    next request reads only the new tokens; another key's identical request reads them all,
+    on chat and completions alike."""
+    args = ["--model-file", str(tiny_model), "--context", "512", "--parallel", "2",
+            "--api-key", "key-a", "--api-key", "key-b"]  # fmt: skip
+    server = Served(args, tmp_path, free_port())
+    try:
+        server.wait_ready()
+
+        def cached(key: str, route: str, body: dict) -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            reply = httpx.post(server.url + route, json={"model": "tiny-chat", **body},
+                               headers=headers)  # fmt: skip
+            assert reply.status_code == 200, reply.text
+            return (reply.json()["usage"].get("prompt_tokens_details") or {}).get(
+                "cached_tokens", 0
+            )
+
+        chat = {"messages": [{"role": "user", "content": "hello world the a an"}],
+                "max_tokens": 3, "temperature": 0}  # fmt: skip
+        assert cached("key-a", "/v1/chat/completions", chat) == 0
+        chat["messages"] += [{"role": "assistant", "content": "hi"},
+                             {"role": "user", "content": "and then"}]  # fmt: skip
+        assert cached("key-b", "/v1/chat/completions", chat) == 0
+        assert cached("key-a", "/v1/chat/completions", chat) > 0
+        text = {"prompt": "one two three four five six seven", "max_tokens": 2}
+        assert cached("key-a", "/v1/completions", text) == 0
+        assert cached("key-a", "/v1/completions", text) > 0
+        assert cached("key-b", "/v1/completions", text) == 0
+    finally:
+        server.stop()

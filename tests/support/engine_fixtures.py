@@ -114,9 +114,11 @@ class Engine:
         prompt: list[int],
         session: SessionKey | None = None,
         params: GenerationParams = GREEDY,
+        *,
+        owner: str | None = None,
     ) -> Pending:
         cancel = threading.Event()
-        job = GenerationJob(list(prompt), params, cancel, lambda item: None, session)
+        job = GenerationJob(list(prompt), params, cancel, lambda item: None, session, owner=owner)
         pending = Pending(job)
         job.emit = pending.put
         self.engine.submit(job)

@@ -165,6 +165,32 @@ def test_a_request_without_a_session_leaves_nothing_behind(engines, tmp_path):
     assert len(engine.store.ram) == 0 and not list((tmp_path / "slots").iterdir())
 
 
+def test_a_stateless_prompt_is_reused_by_its_own_owner_only(engines):
+    """Agent clients resend their whole history: the same owner's next stateless request
+    evaluates only what is new, and gives what a fresh run gives; another owner's identical
+    prompt starts from nothing."""
+    engine = engines(n_seq=2)
+    first = engine.tokens(USER_TURNS[0])
+    reply = engine.run(first, owner=ALICE)
+    assert reply.cached == 0 and engine.slots.slots[0].cached_for == ALICE
+    longer = engine.tokens(USER_TURNS[0] + reply.text + " " + USER_TURNS[1])
+    assert engine.run(first, owner=BOB).cached == 0
+    again = engine.run(longer, owner=ALICE)
+    assert again.cached >= len(first) - 1
+    fresh = engines(n_seq=2).run(longer)
+    assert (again.text, again.tokens) == (fresh.text, fresh.tokens)
+
+
+def test_a_session_takes_a_stateless_cache_before_evicting_a_session(engines, tmp_path):
+    engine = engines(n_seq=2)
+    engine.run(engine.tokens(USER_TURNS[0]), SessionKey(ALICE, "kept"))
+    engine.run(engine.tokens(USER_TURNS[1]), owner=BOB)
+    assert engine.run(engine.tokens(USER_TURNS[2]), SessionKey(BOB, "new")).cached == 0
+    held = {slot.key for slot in engine.slots.slots}
+    assert held == {SessionKey(ALICE, "kept"), SessionKey(BOB, "new")}
+    assert engine.slots.stats.saves == 0  # nothing had to be saved away
+
+
 def test_a_cancelled_request_frees_its_sequence_at_the_next_step(engines):
     engine = engines(n_seq=1)
     long = GenerationParams(max_new_tokens=400, temperature=0.0)

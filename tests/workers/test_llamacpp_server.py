@@ -105,7 +105,7 @@ def test_bad_extras_and_headers_are_400s(worker):
         ({**base, "top_k": -1}, {}, "top_k"),
         ({**base, "min_tokens": -1}, {}, "min_tokens"),
         ({**base, "mirostat_mode": 3}, {}, "mirostat_mode"),
-        (base, {"X-Llmup-Session": "only-half"}, "go together"),
+        (base, {"X-Llmup-Session": "only-half"}, "needs X-Llmup-Owner"),
     ]
     for body, headers, needle in cases:
         reply = httpx.post(url, json=body, headers=headers)

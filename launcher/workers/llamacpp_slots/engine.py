@@ -89,8 +89,10 @@ class _Active:
 
     @property
     def keeps_slot(self) -> bool:
-        """A session keeps its sequence (choice 0's) between turns."""
-        return self.job.session is not None and self.choice == 0
+        """A session keeps its sequence (choice 0's) between turns, and a known owner's
+        stateless prompt stays cached in it for that owner's next request."""
+        known = self.job.session is not None or self.job.owner is not None
+        return known and self.choice == 0
 
 
 @dataclass
@@ -336,7 +338,7 @@ class BatchEngine:
             return True
         if self.slots.available() < n:
             return False
-        placement = self.slots.acquire(job.session, job.prompt)
+        placement = self.slots.acquire(job.session, job.prompt, owner=job.owner)
         if placement is None:
             return False
         slots = [placement.slot, *(self.slots.acquire_blank() for _ in range(n - 1))]

@@ -7,8 +7,11 @@ sequence is free, the least recently used idle session's KV is saved into the `S
 (RAM, then disk) and its sequence reused; when that session returns, its state is restored
 with llama_state_seq_set_data if reading it back is estimated to be faster than evaluating
 the same tokens again. A request without a session takes a free sequence and leaves it
-empty. Nothing is ever matched across keys: a saved state is found only under its own
-(owner, session), so an identical prefix in another session or key starts from nothing.
+holds the tokens it evaluated for the same owner's next stateless request (agent clients
+resend their whole history each time: llama-server's prompt cache does the same for anyone),
+until a session or another owner needs the sequence. Nothing is ever matched across keys: a
+saved state is found only under its own (owner, session), and a stateless prefix only by its
+own owner, so an identical prefix under another key starts from nothing.
 
 Every method runs on the engine thread, the only one that touches the llama_context.
 """
@@ -47,6 +50,7 @@ class Slot:
     busy: bool = False
     last_used: float = 0.0  # wall clock, for LRU and expiry
     drop_on_release: bool = False
+    cached_for: str | None = None  # the owner whose stateless prompt an unpinned one holds
 
 
 @dataclass(frozen=True)
@@ -129,10 +133,13 @@ class SlotManager:
 
     # ---- a request's sequence -----------------------------------------------------------
 
-    def acquire(self, key: SessionKey | None, prompt: list[int]) -> Placement | None:
+    def acquire(
+        self, key: SessionKey | None, prompt: list[int], *, owner: str | None = None
+    ) -> Placement | None:
         """A sequence for the request, with the prompt's reusable prefix kept; None while
-        every usable sequence is busy (the caller retries after the next step)."""
-        slot = self.holder(key) if key is not None else None
+        every usable sequence is busy (the caller retries after the next step). A stateless
+        request (`key` None) from a known `owner` may continue that owner's cached prompt."""
+        slot = self.holder(key) if key is not None else self._cached(owner, prompt)
         origin = None
         if slot is None:
             slot = self._free_slot()
@@ -144,6 +151,7 @@ class SlotManager:
             return None
         reused = self._keep_prefix(slot, prompt)
         slot.key, slot.busy, slot.last_used = key, True, self.clock()
+        slot.cached_for = owner if key is None else None
         self.stats.reused_tokens += reused
         return Placement(slot, reused, origin if reused else None)
 
@@ -159,9 +167,11 @@ class SlotManager:
         return slot
 
     def release(self, slot: Slot, *, keep: bool) -> None:
-        """The request is over: a session keeps its KV pinned, anything else is emptied."""
+        """The request is over: a session keeps its KV pinned, a known owner's stateless
+        prompt stays cached (unpinned), anything else is emptied."""
         slot.busy, slot.last_used = False, self.clock()
-        if not keep or slot.key is None or slot.drop_on_release:
+        owned = slot.key is not None or slot.cached_for is not None
+        if not keep or not owned or slot.drop_on_release:
             self._empty(slot)
 
     def forget(self, key: SessionKey) -> bool:
@@ -186,7 +196,7 @@ class SlotManager:
         self.ctx = ctx
         for slot in self.slots:
             if not slot.busy:
-                slot.tokens, slot.key, slot.drop_on_release = [], None, False
+                slot.tokens, slot.key, slot.drop_on_release, slot.cached_for = [], None, False, None
         self.slots += [Slot(i) for i in range(len(self.slots), ctx.n_seq)]
 
     @property
@@ -209,28 +219,38 @@ class SlotManager:
         """Forget sessions idle past the store's TTL: saved states and idle sequences (the
         proxy has expired their conversations too). Returns how many went."""
         cutoff = self.clock() - self.store.ttl_s
-        idle = [s for s in self.slots if s.key and not s.busy and s.last_used < cutoff]
+        idle = [s for s in self.slots if s.tokens and not s.busy and s.last_used < cutoff]
         for slot in idle:
             self._empty(slot)
         return len(idle) + self.store.purge_expired(self.clock())
 
     # ---- internals ----------------------------------------------------------------------
 
+    def _cached(self, owner: str | None, prompt: list[int]) -> Slot | None:
+        """The idle unpinned sequence holding the longest prefix of `prompt` that `owner`'s
+        own stateless requests left; None when none shares a token."""
+        if owner is None:
+            return None
+        mine = [s for s in self.slots if not s.busy and s.key is None and s.cached_for == owner]
+        best = max(mine, key=lambda s: common_prefix(s.tokens, prompt), default=None)
+        return best if best is not None and common_prefix(best.tokens, prompt) > 0 else None
+
     def _free_slot(self) -> Slot | None:
-        """An unpinned idle sequence, else the least recently used idle session's (saved
-        first); None when all are busy."""
+        """An empty idle sequence, else the least recently used stateless cache (emptied),
+        else the least recently used idle session's (saved first); None when all are busy."""
         idle = [s for s in self.slots if not s.busy]
         if not idle:
             return None
         unpinned = [s for s in idle if s.key is None]
-        if unpinned:
-            return unpinned[0]
-        victim = min(idle, key=lambda s: s.last_used)
+        empty = [s for s in unpinned if not s.tokens]
+        if empty:
+            return empty[0]
+        victim = min(unpinned or idle, key=lambda s: s.last_used)
         self._evict(victim)
         return victim
 
     def _evict(self, slot: Slot) -> None:
-        if slot.tokens and not slot.drop_on_release and self.saves_states:
+        if slot.key is not None and slot.tokens and not slot.drop_on_release and self.saves_states:
             self.store.put(self._snapshot(slot))
             self.stats.saves += 1
             logger.debug("session state of slot %d saved (%d tokens)", slot.index, len(slot.tokens))
@@ -280,4 +300,4 @@ class SlotManager:
 
     def _empty(self, slot: Slot) -> None:
         self.ctx.seq_keep(slot.index, 0)
-        slot.tokens, slot.key, slot.drop_on_release = [], None, False
+        slot.tokens, slot.key, slot.drop_on_release, slot.cached_for = [], None, False, None
