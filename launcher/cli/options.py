@@ -49,6 +49,14 @@ ContextOpt = Annotated[
     int | None, typer.Option("--context", help="Context length in tokens (default 4096).")
 ]
 KvOpt = Annotated[str | None, typer.Option("--kv-cache", help="KV cache type: f16 | q8_0 | q4_0")]
+FlashOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--flash-attn",
+        help="llama.cpp flash attention: on | off (default off with an f16 KV cache; a "
+        "quantized --kv-cache always has it). On reads long prompts faster.",
+    ),
+]
 ParallelOpt = Annotated[
     int | None,
     typer.Option(
@@ -117,6 +125,7 @@ class PlanFlags:
     backend: BackendOpt = None
     context: ContextOpt = None
     kv_cache: KvOpt = None
+    flash_attn: FlashOpt = None
     reserve_mib: ReserveOpt = None
     allow_offload: OffloadOpt = False
     model_file: ModelFileOpt = None

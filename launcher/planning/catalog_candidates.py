@@ -23,14 +23,15 @@ MAX_AUTO_PARALLEL = 8  # sequences the planner gives the slot worker when it pic
 
 
 def llamacpp_settings(req: PlanRequest) -> LlamaCppSettings:
-    """A quantized V cache needs flash attention in llama.cpp, so it turns it on."""
+    """Flash attention as asked; a quantized V cache needs it in llama.cpp, so that turns it
+    on whatever was asked."""
     return LlamaCppSettings(
         n_ctx=req.context,
         n_batch=req.n_batch,
         n_ubatch=req.n_ubatch,
         type_k=req.kv_cache,
         type_v=req.kv_cache,
-        flash_attn=req.kv_cache != "f16",
+        flash_attn=req.flash_attn == "on" or req.kv_cache != "f16",
         n_seq_max=req.fixed_parallel or 1,
     )
 

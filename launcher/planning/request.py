@@ -29,6 +29,7 @@ class PlanRequest:
     backend: BackendChoice = "auto"
     context: int = 4096
     kv_cache: str = "f16"
+    flash_attn: str = "off"  # llama.cpp's flash attention; a quantized KV cache turns it on
     reserve_mib: int = 1024
     ram_reserve_mib: int = 1024
     allow_offload: bool = False
@@ -53,6 +54,7 @@ class PlanRequest:
             raise UsageError(
                 f"--kv-cache must be one of {', '.join(KV_TO_EXL)}, got {self.kv_cache!r}"
             )
+        self._validate_flash_attn()
         if self.reserve_mib < 0 or self.ram_reserve_mib < 0:
             raise UsageError("--reserve-mib must not be negative")
         if self.backend not in ("auto", "llama.cpp", "exllamav2"):
@@ -71,6 +73,10 @@ class PlanRequest:
         if self.model_file and self.backend == "exllamav2":
             raise UsageError("--model-file plans a GGUF file, which exllamav2 does not load")
         self._validate_parallel()
+
+    def _validate_flash_attn(self) -> None:
+        if self.flash_attn not in ("on", "off"):
+            raise UsageError(f"--flash-attn must be on or off, got {self.flash_attn!r}")
 
     def _validate_parallel(self) -> None:
         if self.llamacpp_impl not in ("slots", "server"):

@@ -23,7 +23,7 @@ def options_of(command: str) -> list[tuple[str, tuple[str, ...], object]]:
 
 def test_plan_pull_and_serve_take_the_plan_flags_first_and_alike():
     names = [f.name for f in fields(PlanFlags)]
-    assert len(names) == 15
+    assert len(names) == 16
     first = {cmd: options_of(cmd)[: len(names)] for cmd in PLAN_COMMANDS}
     assert [name for name, _, _ in first["plan"]] == names
     assert first["plan"] == first["pull"] == first["serve"]
@@ -41,3 +41,24 @@ def test_a_plan_flag_reaches_the_planner_and_a_saved_plan_refuses_it(tmp_path):
     refused = run_cli("pull", "--plan", str(saved), "--kv-cache", "q4_0", "--dry-run")
     assert refused.returncode == 2
     assert "--plan cannot be combined with --kv-cache" in refused.stderr
+
+
+def test_flash_attention_is_a_plan_flag_with_its_smaller_compute_buffer():
+    hardware = str(MACHINES / "cpu-16gb.json")
+    plans = {}
+    for value in ("off", "on"):
+        done = run_cli("plan", "--hardware", hardware, "--model", "7b", "--flash-attn", value,
+                       "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        plans[value] = json.loads(done.stdout)
+    assert plans["on"]["settings"]["flash_attn"] is True
+    assert plans["off"]["settings"]["flash_attn"] is False
+    assert plans["on"]["memory_mib"]["compute"] < plans["off"]["memory_mib"]["compute"]
+    quantized = run_cli("plan", "--hardware", hardware, "--model", "7b", "--kv-cache", "q8_0",
+                        "--json")  # fmt: skip
+    assert json.loads(quantized.stdout)["settings"]["flash_attn"] is True
+    refused = run_cli("plan", "--hardware", hardware, "--flash-attn", "maybe")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: --flash-attn must be on or off, got 'maybe'"
+    ]
