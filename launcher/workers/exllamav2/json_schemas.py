@@ -14,9 +14,10 @@ streams. The walk follows lm-format-enforcer 0.11's own dispatch (`jsonschemapar
   `definitions`;
 - not enforced: bounds on numbers, `maxLength` (0.11.3 lets a string run one character
   past it when the closing quote comes in the same token), `format`, `uniqueItems`,
-  `patternProperties`, `not`, `if` / `then` / `else` and the like. With `strict: true` (OpenAI's promise that the reply
-  validates) each is a 400; without, the reply is valid JSON of the schema's shape and
-  these are left to the model, as OpenAI's non-strict mode does;
+  `patternProperties`, `not`, `if` / `then` / `else` and the like. With `strict: true`
+  (OpenAI's promise that the reply validates) each is a 400; without, the reply is valid
+  JSON of the schema's shape and these are left to the model, as OpenAI's non-strict
+  mode does;
 - a sub-schema without a `type` gets the one it implies before the parser sees it
   (`normalized`): an object with `properties`, an array with `items`, else any JSON value
   (`{}`, common in tool parameters).
