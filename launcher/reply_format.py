@@ -94,10 +94,12 @@ class ToolUse:
 
 @dataclass(frozen=True)
 class JsonReply:
-    """The reply must be JSON: of `schema`, or any JSON object when it is None."""
+    """The reply must be JSON: of `schema`, or any JSON object when it is None; `strict`:
+    OpenAI's promise that the reply validates (an engine that cannot keep a keyword refuses)."""
 
     schema: dict[str, Any] | None
     param: str
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class GrammarSpec:
     def to_json(self) -> str:
         """The spec as one JSON text (what the proxy's grammar checker sends its child)."""
         tools = [[t.name, t.description, t.parameters, t.param] for t in self.tools]
-        reply = [self.json.schema, self.json.param] if self.json else None
+        reply = [self.json.schema, self.json.param, self.json.strict] if self.json else None
         value = {"tools": tools, "forced": self.forced, "parallel": self.parallel, "json": reply}
         return json.dumps(value)
 
@@ -176,7 +178,8 @@ def json_reply(body: Any) -> JsonReply | None:
     if response_format is None or response_format.type == "text":
         return None
     param, schema = response_format.schema()
-    return JsonReply(schema, param)
+    strict = response_format.json_schema is not None and bool(response_format.json_schema.strict)
+    return JsonReply(schema, param, strict)
 
 
 def grammar_spec(body: Any) -> GrammarSpec | None:

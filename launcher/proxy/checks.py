@@ -7,8 +7,9 @@ crash on. Everything here runs before a request is admitted to the backend.
 - llama-cpp-python's server (`--llamacpp-impl server`) generates one choice and no log
   probabilities (it needs `logits_all`, which costs memory on every request, and answers a
   500 without it): `n` above 1 and `logprobs` are refused there;
-- `grammar`, `logit_bias`, tools and functions are refused on exllamav2, which cannot
-  apply them (no grammar, no logit bias); its worker refuses JSON replies and mirostat 1;
+- `grammar` and `logit_bias` are refused on exllamav2, which cannot apply them (no GBNF
+  grammar, no logit bias); its worker holds JSON replies and forced tool calls to their
+  schemas with its own filters, and refuses tools it may call or not and mirostat 1;
 - `tool_choice` and `function_call` must name a tool or function of the request;
 - `logit_bias` token ids must exist in the model's vocabulary (llama-cpp-python indexes
   its logits with them unchecked: an IndexError, a 500);
@@ -25,12 +26,12 @@ from launcher.served import WorkerKind
 # fields a backend kind cannot honour (so a request relying on them must hear it), and
 # what to run instead
 UNSUPPORTED = {
-    WorkerKind.EXLLAMAV2: ("grammar", "logit_bias", "tools", "tool_choice", "functions",
-                           "function_call"),
-}  # fmt: skip
+    WorkerKind.EXLLAMAV2: ("grammar", "logit_bias"),
+}
 # n > 1 and log probabilities: llmup's own workers (llama_cpp.server: one choice, none)
 MANY_CHOICES = (WorkerKind.LLAMACPP_SLOTS, WorkerKind.EXLLAMAV2)
-GRAMMAR_COMPLETIONS = WorkerKind.LLAMACPP_SLOTS  # a JSON response_format on text completions
+# a JSON response_format on text completions: llmup's own workers
+GRAMMAR_COMPLETIONS = (WorkerKind.LLAMACPP_SLOTS, WorkerKind.EXLLAMAV2)
 INSTEAD = {
     WorkerKind.EXLLAMAV2: "serve a GGUF model with `--backend llama.cpp`",
     WorkerKind.LLAMACPP_PYTHON: "run llmup's own worker (leave out `--llamacpp-impl server`)",
@@ -56,9 +57,13 @@ def check_supported(body: Any, kind: WorkerKind, *, max_messages: int) -> None:
             code="unsupported_parameter",
         )
     completion_format = getattr(body, "prompt", None) is not None and body.response_format
-    if completion_format and body.response_format.type != "text" and kind != GRAMMAR_COMPLETIONS:
+    if (
+        completion_format
+        and body.response_format.type != "text"
+        and kind not in GRAMMAR_COMPLETIONS
+    ):
         raise BadRequestError(
-            "a JSON response_format on /v1/completions needs llmup's own llama.cpp worker "
+            "a JSON response_format on /v1/completions needs one of llmup's own workers "
             f"(llama_cpp.server ignores it){instead}",
             param="response_format",
             code="unsupported_parameter",

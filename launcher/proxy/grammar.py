@@ -6,7 +6,8 @@ backend dies with SIGSEGV on the next sample (`"grammar": "root ::= ("` or
 `"root ::= foo"`). A few such requests used to exhaust the supervisor's restart budget.
 So every grammar llmup would forward is first parsed by the same parser in
 `launcher.proxy.gbnf_child`, a long-lived child process: the `grammar` field, and the
-grammars the backend builds from JSON schemas. For llama_cpp.server those are one per
+grammars the backend builds from JSON schemas (the exllamav2 worker builds none: it checks
+schemas against its own filter). For llama_cpp.server those are one per
 schema (`response_format.schema`, each tool's or function's parameters); llmup's slot worker
 builds one grammar from the request's tools and JSON reply together
 (`launcher.json_grammar.reply_grammar`), and the child builds exactly that one. A grammar it
@@ -43,6 +44,8 @@ def grammar_requests(
     (`launcher.json_grammar`), llama_cpp.server one per schema."""
     if getattr(body, "grammar", None) is not None:
         yield "grammar", {"grammar": body.grammar}
+    if kind is WorkerKind.EXLLAMAV2:
+        return  # no GBNF: its worker checks the schemas against its own JSON filter
     if kind is WorkerKind.LLAMACPP_SLOTS:
         try:
             spec = grammar_spec(body)

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from launcher.reply_format import GrammarSpec
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -21,7 +23,9 @@ class GenerationParams:
     `logit_bias` maps token id to bias. `n` replies are generated from one prompt (choice i
     seeded with seed + i); `logprobs` asks for each token's log probability and that many
     alternatives (None: none); the end of a reply is held off for `min_tokens` tokens;
-    `mirostat` (1 or 2, with `mirostat_tau` and `mirostat_eta`) replaces top-k/top-p/min-p."""
+    `mirostat` (1 or 2, with `mirostat_tau` and `mirostat_eta`) replaces top-k/top-p/min-p.
+    `reply` is what the reply must follow for an engine that constrains it from the JSON
+    schemas themselves (exllamav2's filters), where llama.cpp gets `grammar`."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -41,6 +45,7 @@ class GenerationParams:
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    reply: GrammarSpec | None = None
 
 
 @dataclass(frozen=True)

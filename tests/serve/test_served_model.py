@@ -38,7 +38,9 @@ def test_no_worker_serves_an_unknown_backend():
 
 def test_what_the_proxy_refuses_is_keyed_by_the_kind():
     assert set(UNSUPPORTED) <= set(WorkerKind)
-    assert {"grammar", "logit_bias", "tools"} <= set(UNSUPPORTED[WorkerKind.EXLLAMAV2])
+    assert {"grammar", "logit_bias"} <= set(UNSUPPORTED[WorkerKind.EXLLAMAV2])
+    # exllamav2's worker takes tools (forced calls) and JSON replies itself (its filters)
+    assert "tools" not in UNSUPPORTED[WorkerKind.EXLLAMAV2]
     # llmup's slot worker takes the whole chat API (issue 21), llama-cpp-python's server
     # every field (n and logprobs apart, refused by kind in `check_supported`)
     assert WorkerKind.LLAMACPP_SLOTS not in UNSUPPORTED

@@ -206,27 +206,36 @@ class StubLogits:
 
 
 class StubTokenizer:
-    eos_token_id = 2
+    """ExLlamaV2Tokenizer's attributes and methods the worker reads; `pieces` is each id's
+    text (letters by default)."""
+
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 1, 2, None, 0
+    extended_id_to_piece: dict[int, str] = {}
+
+    def __init__(self, pieces: list[str] | None = None) -> None:
+        self.pieces = pieces or [chr(0x41 + i % 26) for i in range(32000)]
 
     def get_vocab_size(self) -> int:
-        return 32000
+        return len(self.pieces)
 
-    def get_id_to_piece_list(self, include_special: bool) -> list[str]:
-        return [chr(0x41 + i % 26) for i in range(32000)]
+    def get_id_to_piece_list(self, include_special_tokens: bool = False) -> list[str]:
+        return self.pieces
 
     def encode(self, text, add_bos=False, add_eos=False, encode_special_tokens=False):
         ids = [1] * add_bos + [ord(c) for c in text] + [2] * add_eos
         return StubIds(ids)
 
 
-def stub_generator(engine: StubEngine):
+def stub_generator(engine, tokenizer: StubTokenizer | None = None):
     from types import SimpleNamespace
 
+    from launcher.workers.exllamav2 import json_filter
     from launcher.workers.exllamav2.engine import ExllamaGenerator
 
     modules = {
         "torch": SimpleNamespace(tensor=lambda data, dtype: data, long="long"),
         "job": lambda **kwargs: SimpleNamespace(**kwargs),
         "sampler": SimpleNamespace(Settings=SimpleNamespace),
+        "json_filter": json_filter,
     }
-    return ExllamaGenerator(engine, StubTokenizer(), modules)
+    return ExllamaGenerator(engine, tokenizer or StubTokenizer(), modules)

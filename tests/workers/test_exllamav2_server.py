@@ -403,7 +403,6 @@ def test_context_too_long_is_400_before_generating(fake):
     ("extra", "param"),
     [
         ({"n": 9}, "n"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"grammar": 'root ::= "a"'}, "grammar"),
         ({"logit_bias": {"5": 1}}, "logit_bias"),

@@ -2,8 +2,9 @@
 after another, seeded seed + i), log probabilities (the worker's shapes from the generator's
 entries, and the generator's entries from exllamav2's logits), a reply to continue,
 min_tokens, top_k, min_p, repeat_penalty and mirostat 2 on exllamav2's sampler. What it
-cannot do (no grammar: tools, JSON replies, `grammar`, `logit_bias`) is a 400 naming
-`--backend llama.cpp` (tests/workers/test_exllamav2_server.py)."""
+cannot do (no GBNF grammar, no lazy grammar: tools with `tool_choice` `auto`, `grammar`,
+`logit_bias`) is a 400 naming `--backend llama.cpp`. JSON replies and forced calls:
+tests/workers/test_exllamav2_json.py."""
 
 from __future__ import annotations
 
@@ -127,7 +128,6 @@ def test_log_probabilities_come_from_the_jobs_logits():
 def test_what_exllamav2_cannot_do_names_the_backend_that_can(fake):
     with serving(fake) as url:
         for extra, param in (
-            ({"response_format": {"type": "json_object"}}, "response_format"),
             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
             ({"grammar": 'root ::= "a"'}, "grammar"),
         ):

@@ -3,9 +3,10 @@
 The interface (`Generator`, with `GenerationParams` and `TokenEvent` from `generation`) and
 the thread that drives one (`GenerationWorker`) are engine-agnostic: the HTTP layer in
 `exllamav2.server` uses only them, so it runs on the CPU against a fake in tests.
-`ExllamaGenerator` implements the interface on exllamav2's dynamic generator. torch and
-exllamav2 are imported only inside `ExllamaGenerator.load`, after `check_runtime` has turned a
-missing package or GPU into one actionable line (exit code 2), never a traceback.
+`ExllamaGenerator` implements the interface on exllamav2's dynamic generator. torch,
+exllamav2 and lm-format-enforcer (`json_filter`, the JSON filters) are imported only inside
+`ExllamaGenerator.load`, after `check_runtime` has turned a missing package or GPU into one
+actionable line (exit code 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -185,12 +186,13 @@ def is_fatal(exc: BaseException) -> bool:
 
 def check_runtime() -> None:
     """Fail with one actionable line before an import deep in exllamav2 fails with a traceback."""
-    missing = [name for name in ("torch", "exllamav2") if importlib.util.find_spec(name) is None]
+    needed = ("torch", "exllamav2", "lmformatenforcer")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         names = ", ".join(repr(name) for name in missing)
         raise WorkerDependencyError(
-            f"missing dependency: No module named {names}; the exllamav2 backend needs torch "
-            f"and exllamav2: {INSTALL_HINT}"
+            f"missing dependency: No module named {names}; the exllamav2 backend needs torch, "
+            f"exllamav2 and lm-format-enforcer: {INSTALL_HINT}"
         )
     import torch
 
@@ -256,8 +258,9 @@ class ExllamaGenerator:
         self._engine = engine
         self._tokenizer = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size())
-        self._modules = modules  # torch, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+        self._modules = modules  # torch, ExLlamaV2DynamicJob, ExLlamaV2Sampler, json_filter
         self._pieces: list[str] | None = None
+        self._token_data: Any = None  # the JSON filters' view of the vocabulary, built once
 
     @classmethod
     def load(cls, options: LoadOptions) -> ExllamaGenerator:
@@ -282,6 +285,8 @@ class ExllamaGenerator:
             ExLlamaV2Sampler,
         )
 
+        from launcher.workers.exllamav2 import json_filter
+
         config = exl.ExLlamaV2Config(str(options.model_dir))
         cache_len = -(-options.max_seq_len // _PAGE_SIZE) * _PAGE_SIZE
         config.max_seq_len = cache_len
@@ -299,7 +304,12 @@ class ExllamaGenerator:
             max_batch_size=1,
             paged=_paged_attention(config),
         )
-        modules = {"torch": torch, "job": ExLlamaV2DynamicJob, "sampler": ExLlamaV2Sampler}
+        modules = {
+            "torch": torch,
+            "job": ExLlamaV2DynamicJob,
+            "sampler": ExLlamaV2Sampler,
+            "json_filter": json_filter,
+        }
         logger.info(
             "loaded %s (cache %s, %d tokens)", options.model_dir, options.cache_mode, cache_len
         )
@@ -345,9 +355,11 @@ class ExllamaGenerator:
             logger.warning("could not cancel the generation job", exc_info=True)
 
     def _job(self, prompt: list[int], params: GenerationParams) -> Any:
-        """The dynamic job: `min_new_tokens` holds off the stop tokens (min_tokens), and the
-        logits come back with the tokens when log probabilities are asked for."""
+        """The dynamic job: `min_new_tokens` holds off the stop tokens (min_tokens), the
+        logits come back with the tokens when log probabilities are asked for, and a JSON
+        reply gets its filter (ended by EOS as soon as the JSON is complete)."""
         torch = self._modules["torch"]
+        filters = self._filters(params)
         return self._modules["job"](
             input_ids=torch.tensor([prompt], dtype=torch.long),
             max_new_tokens=params.max_new_tokens,
@@ -357,6 +369,27 @@ class ExllamaGenerator:
             stop_conditions=[self._tokenizer.eos_token_id],
             decode_special_tokens=False,
             return_logits=params.logprobs is not None,
+            filters=filters,
+            filter_prefer_eos=bool(filters),
+        )
+
+    def _filters(self, params: GenerationParams) -> list[Any]:
+        """The request's JSON filter (`json_filter.ReplyFilter`), or none."""
+        if params.reply is None:
+            return []
+        json_filter = self._modules["json_filter"]
+        if self._token_data is None:
+            self._token_data = json_filter.tokenizer_data(self._vocabulary(json_filter))
+        return [json_filter.ReplyFilter(self._token_data, json_filter.reply_parser(params.reply))]
+
+    def _vocabulary(self, json_filter: Any) -> Any:
+        """Each token's text, and the ids that are not text (exllamav2's added tokens and
+        BOS / EOS / PAD / UNK), as lm-format-enforcer's own exllamav2 integration reads them."""
+        tok = self._tokenizer
+        ids = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id)
+        special = {*tok.extended_id_to_piece, *(i for i in ids if i is not None)}
+        return json_filter.Vocabulary(
+            tok.get_id_to_piece_list(False), tok.eos_token_id, frozenset(special)
         )
 
     def _sampler_settings(self, params: GenerationParams) -> Any:

@@ -11,8 +11,13 @@ The routes are llmup's shared worker layer (`workers.api`) over the small `Gener
 interface of `exllamav2.engine`, so tests drive it on the CPU with a fake. What exllamav2 can
 do of the OpenAI surface it does: n choices (one after another, the prompt's pages cached),
 log probabilities (from the logits a job returns), a reply to continue, `min_tokens`,
-`top_k`, `min_p`, `repeat_penalty`, mirostat 2. It has no grammar, so tool calls, JSON
-replies, `grammar` and `logit_bias` are a 400 that names `--backend llama.cpp`. Generation runs on
+`top_k`, `min_p`, `repeat_penalty`, mirostat 2, and replies held to a JSON schema:
+`response_format` `json_object` / `json_schema` (on chat and text completions) and a forced
+tool call (`tool_choice` `required` or a named function), through exllamav2's sampling
+filters and lm-format-enforcer (`exllamav2.json_filter`; a schema it cannot build is a 400
+naming the part, `exllamav2.json_schemas`). It has no GBNF grammar and no lazy grammar, so
+`grammar`, `logit_bias` and tools the model may call or not (`tool_choice` `auto`) are a
+400 that names `--backend llama.cpp`. Generation runs on
 one worker thread that owns the model: requests are served one at a time in arrival order
 (the dynamic generator's batching is not used; one job keeps cancellation, errors and memory
 per request simple, and the proxy bounds its own queue).
@@ -32,6 +37,7 @@ from fastapi import FastAPI
 from launcher import __version__
 from launcher.engines import CACHE_MODES
 from launcher.errors import BadRequestError
+from launcher.reply_format import GrammarSpec, ReplyFormatError, grammar_spec
 from launcher.workers.api import create_worker_app, run_worker
 from launcher.workers.exllamav2.engine import (
     ExllamaGenerator,
@@ -40,6 +46,7 @@ from launcher.workers.exllamav2.engine import (
     LoadOptions,
     WorkerStartupError,
 )
+from launcher.workers.exllamav2.json_schemas import check_schema, normalized
 from launcher.workers.llama2_chat import prompt_tokens
 from launcher.workers.logs import LOG_FORMAT
 from launcher.workers.prepare import WorkerState
@@ -54,8 +61,8 @@ LLAMA_CPP = "serve a GGUF model with `--backend llama.cpp`"
 
 def sampling_extras(body: Any) -> dict[str, Any]:
     """llama.cpp's extras that exllamav2's sampler has (top_k, min_p, repeat_penalty,
-    min_tokens, mirostat 2); a grammar or a logit bias, which it cannot apply, is a 400
-    naming the backend that can."""
+    min_tokens, mirostat 2) and the JSON the reply must be (`reply_spec`); a grammar or a
+    logit bias, which it cannot apply, is a 400 naming the backend that can."""
     extras = checked_extras(body)
     if extras.grammar is not None:
         raise BadRequestError(f"`grammar` needs llama.cpp: {LLAMA_CPP}", param="grammar")
@@ -65,7 +72,31 @@ def sampling_extras(body: Any) -> dict[str, Any]:
         raise BadRequestError(
             "exllamav2 has mirostat 2 only (`mirostat_mode: 2`)", param="mirostat_mode"
         )
-    return extras.params()
+    return {**extras.params(), "reply": reply_spec(body)}
+
+
+def reply_spec(body: Any) -> GrammarSpec | None:
+    """What the reply must follow, its schemas checked against what the JSON filter builds;
+    tools the model may call or not need a lazy grammar, which exllamav2 has not."""
+    try:
+        spec = grammar_spec(body)
+        if spec is None:
+            return None
+        if spec.tools and not spec.forced:
+            field = "functions" if getattr(body, "functions", None) else "tools"
+            raise ReplyFormatError(
+                f"`{field}` the model may call or not (`tool_choice` `auto`) need a grammar "
+                f"that waits for a call, which exllamav2 has not: force a call (`tool_choice` "
+                f"`required` or a named function), or {LLAMA_CPP}",
+                field,
+            )
+        for tool in spec.tools:
+            check_schema(normalized(tool.parameters), tool.param)
+        if spec.json is not None and spec.json.schema is not None:
+            check_schema(normalized(spec.json.schema), spec.json.param, strict=spec.json.strict)
+    except ReplyFormatError as exc:
+        raise BadRequestError(str(exc), param=exc.param) from None
+    return spec
 
 
 def create_app(
@@ -88,6 +119,7 @@ def create_app(
         sampling_extras=sampling_extras,
         max_choices=MAX_CHOICES,
         logprobs=True,
+        grammar=True,  # JSON replies and forced calls, by filter (`reply_spec` refuses the rest)
     )
     return create_worker_app(state, title="llmup exllamav2 worker")
 
