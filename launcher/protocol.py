@@ -132,6 +132,23 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _EndedChoice(_Wire):
+    """A choice's end. `stop_reason` names the stop string that ended it, as vLLM's replies
+    do (Anthropic's Messages API reports it as `stop_sequence`); it is left out of the JSON
+    unless a stop string did, so other replies stay exactly OpenAI's."""
+
+    finish_reason: FinishReason | None = None
+    logprobs: Any | None = None
+    stop_reason: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _stop_reason_when_set(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("stop_reason") is None:
+            data.pop("stop_reason", None)
+        return data
+
+
 # ---- requests -----------------------------------------------------------------------------
 
 
@@ -350,11 +367,9 @@ class ChatCompletionMessage(_Wire):
         return data
 
 
-class Choice(_Wire):
+class Choice(_EndedChoice):
     index: int = 0
     message: ChatCompletionMessage
-    finish_reason: FinishReason | None = None
-    logprobs: Any | None = None
 
 
 class ChatCompletionResponse(_Wire):
@@ -379,11 +394,9 @@ class ChoiceDelta(_Wire):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChunkChoice(_Wire):
+class ChunkChoice(_EndedChoice):
     index: int = 0
     delta: ChoiceDelta
-    finish_reason: FinishReason | None = None
-    logprobs: Any | None = None
 
 
 class ChatCompletionChunk(_Wire):
@@ -395,11 +408,9 @@ class ChatCompletionChunk(_Wire):
     usage: Usage | None = None
 
 
-class CompletionChoice(_Wire):
+class CompletionChoice(_EndedChoice):
     index: int = 0
     text: str
-    finish_reason: FinishReason | None = None
-    logprobs: Any | None = None
 
 
 class CompletionResponse(_Wire):

@@ -208,6 +208,9 @@ class ProxySettings(BaseModel):
     queue_size: int = Field(default=64, ge=0)
     retry_after_s: int = Field(default=2, ge=1)
     backend_timeout_s: float = Field(default=600.0, gt=0)
+    # a reply's token limit when a request sets none, and the most one may ask for
+    # (llama-server's -n); None: the rest of the context
+    max_tokens: int | None = Field(default=None, ge=1)
     message_overhead_tokens: int = Field(default=8, ge=0)
     default_reserve_tokens: int = Field(default=256, ge=1)
 

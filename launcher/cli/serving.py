@@ -64,6 +64,15 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="Allow a public bind without a key.")
     ] = False,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-tokens",
+            help="A reply's token limit when a request sets none, and the most one may ask "
+            "for (llama-server's -n; or LLMUP_PROXY__MAX_TOKENS). Default: the rest of the "
+            "context.",
+        ),
+    ] = None,
     model_alias: Annotated[
         list[str] | None,
         typer.Option(
@@ -106,6 +115,7 @@ def serve(
         aliases=model_alias,
         cors_origins=cors_origin,
     )
+    settings = reply_limit(settings, max_tokens)
     listener = prepare_listener(settings)  # address, port and keys: one line, before anything
     chosen = chosen_plan(
         plan_file,
@@ -174,6 +184,15 @@ def store_settings(
         flag = "--replica-name" if replica_name and "replica" in str(exc) else "--sessions-db"
         raise UsageError(f"{flag}: {exc}") from None
     return settings.with_proxy(**changes)
+
+
+def reply_limit(settings: Settings, max_tokens: int | None) -> Settings:
+    """--max-tokens over the settings."""
+    if max_tokens is None:
+        return settings
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+    return settings.with_proxy(max_tokens=max_tokens)
 
 
 def access_settings(

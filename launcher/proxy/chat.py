@@ -144,6 +144,18 @@ def fit_request(st: ProxyState, body: Any, *, session: bool) -> FitRequest:
     )
 
 
+def cap_reply_tokens(body: Any, limit: int | None) -> None:
+    """The server's reply limit (`proxy.max_tokens`, llama-server's `-n`): what a request
+    that sets none gets, and the most one may ask for."""
+    if limit is None:
+        return
+    asked = body.requested_max_tokens()
+    if asked is None or asked > limit:
+        body.max_tokens = limit
+        if hasattr(body, "max_completion_tokens"):
+            body.max_completion_tokens = None
+
+
 async def _check_request(st: ProxyState, body: Any) -> None:
     """What the backend cannot do, or would crash on, refused before any queueing."""
     check_supported(body, st.backend.kind, max_messages=st.proxy.max_request_messages)
@@ -256,6 +268,7 @@ async def generate(
     and the backend: the reply (OpenAI's chat object) and the session's headers, or for a
     stream the relaying response. The Responses and Messages APIs translate to this too, so
     every API gets the same checks, limits, sessions, crash memory and metrics."""
+    cap_reply_tokens(body, st.proxy.max_tokens)
     await _check_request(st, body)
     incoming = [normalize(m) for m in body.messages]
     async with AsyncExitStack() as stack:
@@ -292,6 +305,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
     st = proxy_state(request)
     st.require_ready()
     body.model = await st.check_model(body.model)  # an alias: the backend gets the id
+    cap_reply_tokens(body, st.proxy.max_tokens)
     await _check_request(st, body)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(st.admission.admit(owner))

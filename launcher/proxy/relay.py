@@ -49,6 +49,7 @@ class StreamResult:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     function_call: dict[str, str] | None = None  # the legacy functions API's one call
     finish_reason: str | None = None
+    stop_string: str | None = None  # the stop string that ended it (the worker's stop_reason)
     usage: dict[str, Any] | None = None
     chunk_id: str | None = None
     model: str | None = None
@@ -81,6 +82,8 @@ class StreamResult:
                 self.parts.append(text or "")
                 self.first_token_at = self.first_token_at or time.perf_counter()
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            if isinstance(choice.get("stop_reason"), str):
+                self.stop_string = choice["stop_reason"]
 
     def _feed_calls(self, deltas: list[Any]) -> None:
         """Tool-call deltas merged by index: id and name once, arguments piece by piece."""

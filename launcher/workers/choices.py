@@ -50,6 +50,11 @@ class ChoiceOutput:
         return self.parser.calls if self.parser else []
 
     @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the reply (None: the end token, a length or a call)."""
+        return self.scanner.matched
+
+    @property
     def content(self) -> str:
         return "".join(self.text_parts)
 

@@ -127,6 +127,7 @@ class StopScanner:
         self._automaton = _StopAutomaton([s for s in stops if s])
         self._state = 0
         self._held = ""
+        self.matched: str | None = None  # the stop string reached, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to send, whether a stop string was reached)."""
@@ -136,6 +137,7 @@ class StopScanner:
             state = automaton.step(state, char)
             if matched := automaton.matched[state]:
                 end = start + offset + 1
+                self.matched = self._held[end - matched : end]
                 out, self._held, self._state = self._held[: end - matched], "", 0
                 return out, True
         self._state = state

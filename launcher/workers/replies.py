@@ -126,6 +126,7 @@ def chat_choices(outputs: list[ChoiceOutput], *, legacy: bool, logprobs: bool) -
             message=chat_message(o, legacy=legacy),
             finish_reason=finish_reason(o, legacy=legacy),
             logprobs=chat_logprobs(o.logprobs) if logprobs else None,
+            stop_reason=o.stop_string,
         )
         for o in outputs
     ]
@@ -141,6 +142,7 @@ def completion_choices(
             text=echo + o.content,
             finish_reason=o.finish_reason or "stop",
             logprobs=completion_logprobs(o.logprobs, offset) if logprobs else None,
+            stop_reason=o.stop_string,
         )
         for o in outputs
     ]
@@ -182,7 +184,8 @@ class ChatChunks:
         return self._chunk(output.index, chat_delta(delta, legacy=self.legacy), logprobs=logprobs)
 
     def finish_chunk(self, output: ChoiceOutput) -> ChatCompletionChunk:
-        return self._chunk(output.index, ChoiceDelta(), finish_reason(output, legacy=self.legacy))
+        finish = finish_reason(output, legacy=self.legacy)
+        return self._chunk(output.index, ChoiceDelta(), finish, stop_reason=output.stop_string)
 
     def usage_chunk(self, usage: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -214,7 +217,8 @@ class CompletionChunks:
         return self._chunk(output.index, delta.content, logprobs=logprobs)
 
     def finish_chunk(self, output: ChoiceOutput) -> CompletionChunk:
-        return self._chunk(output.index, "", output.finish_reason or "stop")
+        finish = output.finish_reason or "stop"
+        return self._chunk(output.index, "", finish, stop_reason=output.stop_string)
 
     def usage_chunk(self, usage: Any) -> CompletionChunk:
         return CompletionChunk(

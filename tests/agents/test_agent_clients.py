@@ -28,6 +28,7 @@ AGENTS = Path(__file__).parent
 BIN = AGENTS / "node_modules" / ".bin"
 KEY = "agent-test-key"
 CONTEXT = "32768"
+REPLY_LIMIT = "200"  # a base model may never end its turn: llama-server's -n, as a ceiling
 QUIET = {  # both clients' settings for "no telemetry, no update check, no error reports"
     "DISABLE_TELEMETRY": "1",
     "DISABLE_ERROR_REPORTING": "1",
@@ -54,8 +55,8 @@ def gemma(tmp_path_factory) -> Served:
 
     home = tmp_path_factory.mktemp("agents-home")
     server = Served(
-        ["--model-file", str(assemble()), "--context", CONTEXT, "--parallel", "1",
-         "--api-key", KEY],
+        ["--model-file", str(assemble()), "--context", CONTEXT, "--parallel", "2",
+         "--flash-attn", "on", "--max-tokens", REPLY_LIMIT, "--api-key", KEY],
         home, free_port(),
     )  # fmt: skip
     server.wait_ready(timeout=300)

@@ -174,3 +174,23 @@ def test_max_tokens_is_a_ceiling_and_mid_conversation_system_joins_the_system(pr
         {"role": "system", "content": "be brief\n\nagents: none"},
         {"role": "user", "content": "hello world"},
     ]
+
+
+def test_a_stop_sequence_that_ends_the_reply_is_reported(proxy) -> None:
+    """Greedy twice: the second reply ends at a stop string taken from the middle of the
+    first, and says so (`stop_sequence`), streamed and not. (SDK 2.x has no sampling
+    arguments any more: temperature goes in the body as older clients send it.)"""
+    sdk = client(proxy)
+    ask = {"model": "tiny", "max_tokens": 16, "extra_body": {"temperature": 0},
+           "messages": [{"role": "user", "content": "tell me the time"}]}  # fmt: skip
+    full = sdk.messages.create(**ask).content[0].text
+    assert len(full) >= 6, full
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = sdk.messages.create(**ask, stop_sequences=[stop, "never-in-the-reply"])
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    assert cut.content[0].text == full[: full.index(stop)]
+    with sdk.messages.stream(**ask, stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    plain = sdk.messages.create(**ask, stop_sequences=["never-in-the-reply"])
+    assert plain.stop_reason in ("end_turn", "max_tokens") and plain.stop_sequence is None

@@ -141,7 +141,15 @@ def message_object(
         "role": "assistant",
         "model": model,
         "content": content_blocks(choice.get("message") or {}),
-        "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
-        "stop_sequence": None,
+        **stop_fields(choice.get("finish_reason"), choice.get("stop_reason")),
         "usage": usage(reply.get("usage")),
     }
+
+
+def stop_fields(finish_reason: str | None, stop_string: Any) -> dict[str, Any]:
+    """Anthropic's `stop_reason` and `stop_sequence` from a chat choice's end: a stop string
+    that ended it (the slot and exllamav2 workers name it) is `stop_sequence`."""
+    if finish_reason in (None, "stop") and isinstance(stop_string, str):
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_string}
+    reason = STOP_REASONS.get(finish_reason or "stop", "end_turn")
+    return {"stop_reason": reason, "stop_sequence": None}

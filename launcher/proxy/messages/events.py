@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.proxy.messages.convert import STOP_REASONS, usage
+from launcher.proxy.messages.convert import stop_fields, usage
 from launcher.proxy.messages.errors import anthropic_error
 from launcher.proxy.replies import named_sse
 from launcher.proxy.translated import TranslatedStream
@@ -73,8 +73,7 @@ class MessageStream(TranslatedStream):
     def finish(self) -> list[bytes]:
         out = [] if self.index >= 0 else self._start(("text", 0), {"type": "text", "text": ""})
         out += self._stop()
-        reason = STOP_REASONS.get(self.result.finish_reason or "stop", "end_turn")
-        delta = {"stop_reason": reason, "stop_sequence": None}
+        delta = stop_fields(self.result.finish_reason, self.result.stop_string)
         out.append(named_sse({"type": "message_delta", "delta": delta,
                               "usage": usage(self.result.usage)}))  # fmt: skip
         out.append(named_sse({"type": "message_stop"}))
