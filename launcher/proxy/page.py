@@ -32,10 +32,11 @@ class PageFiles(StaticFiles):
 
 
 def mount_page(app: FastAPI) -> None:
-    """`GET /` (the page) and `/web/*` (its files), both outside the OpenAPI schema."""
+    """`GET /` (the page; `HEAD /` too, which clients such as Claude Code send to see that
+    the server is up) and `/web/*` (its files), both outside the OpenAPI schema."""
 
     async def page() -> Any:
         return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
-    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/", page, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount(ASSETS_PATH, PageFiles(directory=WEB_DIR), name="web")

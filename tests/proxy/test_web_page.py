@@ -58,6 +58,8 @@ def test_page_and_its_files_need_no_key_and_reveal_no_session(page_proxy) -> Non
     http = page_proxy.http()
     page = http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    head = http.head("/")  # what Claude Code sends to see that the server is up
+    assert head.status_code == 200 and head.content == b""
     policy = page.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "connect-src 'self'" in policy
     assert "unsafe-inline" not in policy and "unsafe-eval" not in policy

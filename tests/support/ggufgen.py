@@ -8,6 +8,7 @@ so its numpy shape is (n_embd_kv, n_embd)).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,8 +174,10 @@ def write_llama_gguf(
     seed: int = 0,
     chat_template: str | None = None,
     name: str = "tiny-llama",
+    weights: Callable[[str, tuple[int, ...]], np.ndarray] | None = None,
 ) -> Path:
-    """Write a random-weight Llama GGUF file to `path` and return the path."""
+    """Write a random-weight Llama GGUF file to `path` and return the path; `weights`
+    (tensor name, shape -> values), when given, makes every tensor instead."""
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
     vocab = _fit_vocab(llama_vocab(), n_vocab)
@@ -198,6 +201,8 @@ def write_llama_gguf(
             tname, tensor_type, embd_type or tensor_type, output_type or tensor_type
         )
         values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.02
+        if weights is not None:
+            values = weights(tname, shape)
         data, qtype = _encode(values, kind)
         writer.add_tensor(tname, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -229,3 +234,30 @@ def model_tensor_bytes(
         )
         for name, shape in shapes.items()
     )
+
+
+def answering_weights(word: str = "hello") -> Callable[[str, tuple[int, ...]], np.ndarray]:
+    """Weights of a model that answers every prompt with `word` and then ends its turn.
+
+    Every block's projections are zero, so a block adds nothing and the last hidden state
+    is the current token's embedding: the model is a table from the current token to the
+    next. Embedding dimension 0 marks `word`, dimension 1 every other token; the output
+    gives `word` after any other token and the end token after `word`, with logits so far
+    apart that sampling at temperature 1 picks them too (p > 1 - 1e-20). For protocol tests
+    that need a reply which ends (an agent client waits for its turn to end) from a model
+    small enough to read a 100k-token prompt on a CPU."""
+    vocab = llama_vocab()
+    answer, eos = vocab.tokens.index(f"\u2581{word}"), vocab.eos
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        values = np.ones(shape) if len(shape) == 1 else np.zeros(shape)
+        if name == "token_embd.weight":
+            values[:, 1] = 1.0
+            values[answer] = 0.0
+            values[answer, 0] = 1.0
+        elif name == "output.weight":
+            values[answer, 1] = 10.0
+            values[eos, 0] = 10.0
+        return values
+
+    return make
