@@ -123,13 +123,21 @@ async def prepare(
     turn = SessionTurn(owner, session_id, history, plan, request, respond=use.respond)
     if plan.retry is not None:
         return turn
-    _check_size(st, history, plan)
-    await _check_key_quota(st, owner, history, plan)
+    await check_turn_limits(st, owner, history, plan)
     await anyio.to_thread.run_sync(st.sessions.check_space)
     base = replace(history, system=plan.system or history.system)
     fitted = await st.fitter.fit(base, plan.keep, plan.messages, ask, hint=st.context, owner=owner)
     st.metrics.count_drop(fitted.dropped_turns)
     return replace(turn, fitted=fitted)
+
+
+async def check_turn_limits(
+    st: ProxyState, owner: str, history: Conversation, plan: TurnPlan
+) -> None:
+    """What a session may hold and what one key may keep, before `plan` is stored: chat
+    turns and items added to a conversation alike."""
+    _check_size(st, history, plan)
+    await _check_key_quota(st, owner, history, plan)
 
 
 def _check_size(st: ProxyState, history: Conversation, plan: TurnPlan) -> None:

@@ -179,3 +179,18 @@ def test_the_token_count_cache_is_kept_per_key(make_proxy, tiny_backend) -> None
         return log.read_text().count(PROMPT_TOKENS_PATH) - before
 
     assert [counts_asked(k) for k in ("key-a", "key-a", "key-b", "key-b")] == [1, 0, 1, 0]
+
+
+def test_conversations_and_their_items_count_against_the_keys_limits(make_proxy) -> None:
+    proxy = make_proxy(api_keys=KEYS, max_sessions_per_key=1, max_stored_bytes_per_key=2000)
+    http = proxy.http("key-a")
+    made = http.post("/v1/conversations", json={"items": [{"role": "user", "content": "hi"}]})
+    assert made.status_code == 200, made.text
+    _limit_error(http.post("/v1/conversations", json={}), "sessions_per_key_exceeded")
+    items = f"/v1/conversations/{made.json()['id']}/items"
+    big = {"items": [{"type": "message", "role": "user", "content": "hello world " * 100}]}
+    assert http.post(items, json=big).status_code == 200
+    message = _limit_error(http.post(items, json=big), "storage_per_key_exceeded")
+    assert "LLMUP_PROXY__MAX_STORED_BYTES_PER_KEY" in message
+    assert len(http.get(items).json()["data"]) == 2  # the refused items were not stored
+    assert proxy.http("key-b").post("/v1/conversations", json=big).status_code == 200

@@ -11,12 +11,14 @@ from fastapi import Request
 
 from launcher.errors import BadRequestError, NotFoundError
 from launcher.proxy import worker_slots
+from launcher.proxy.context import Conversation, TurnPlan
 from launcher.proxy.conversations.models import CreateConversation, UpdateConversation
 from launcher.proxy.replica import routed_id
 from launcher.proxy.responses.items import items_of, messages_of, page
 from launcher.proxy.responses.serving import no_conversation
 from launcher.proxy.state import ProxyState, proxy_state
 from launcher.proxy.store import ConversationRecord, Message, NewTurn
+from launcher.proxy.turns import check_turn_limits
 
 
 def resource(record: ConversationRecord) -> dict[str, Any]:
@@ -41,6 +43,8 @@ async def create(request: Request, body: CreateConversation, owner: str) -> dict
     texts, messages = messages_of(body.items or [])
     record = ConversationRecord(routed_id("conv", st.proxy.replica_name), time.time(),
                                 body.metadata or {})  # fmt: skip
+    plan = TurnPlan(system_of(texts), messages, keep=0)
+    await check_turn_limits(st, owner, Conversation(), plan)
     await anyio.to_thread.run_sync(st.sessions.check_space)
     make = partial(st.sessions.create_conversation, owner, record, messages,
                    system=system_of(texts))  # fmt: skip
@@ -109,6 +113,8 @@ async def add_items(
     await _record(st, owner, conversation_id)
     async with st.session_lock(owner, conversation_id):
         history = await anyio.to_thread.run_sync(st.sessions.load, owner, conversation_id)
+        plan = TurnPlan(system_of(texts), messages, keep=len(history.turns))
+        await check_turn_limits(st, owner, history, plan)
         await anyio.to_thread.run_sync(st.sessions.check_space)
         turn = NewTurn(history, len(history.turns), messages, system=system_of(texts))
         if not await anyio.to_thread.run_sync(st.sessions.commit, owner, conversation_id, turn):
