@@ -82,13 +82,16 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300
     raise SystemExit(f"{url} not ready in {timeout} s")
 
 
-def start_llmup(model: Path, *, context: int, impl: str, parallel: int) -> Arm:
+def start_llmup(
+    model: Path, *, context: int, impl: str, parallel: int, flash_attn: str = "off"
+) -> Arm:
     home = tempfile.TemporaryDirectory(prefix="llmup-bench-")
     port = free_port()
     log = Path(home.name) / "serve.log"
     command = [
         sys.executable, "-m", "launcher", "serve", "--model-file", str(model),
         "--context", str(context), "--llamacpp-impl", impl, "--port", str(port), "--quiet",
+        "--flash-attn", flash_attn,
     ]  # fmt: skip
     if impl == "slots":
         command += ["--parallel", str(parallel)]
@@ -121,7 +124,13 @@ def llama_server_binary() -> Path | None:
 
 
 def start_llama_server(
-    binary: Path, model: Path, *, context: int, parallel: int, threads: int
+    binary: Path,
+    model: Path,
+    *,
+    context: int,
+    parallel: int,
+    threads: int,
+    flash_attn: str = "auto",
 ) -> Arm:
     home = tempfile.TemporaryDirectory(prefix="llama-server-bench-")
     port = free_port()
@@ -129,7 +138,7 @@ def start_llama_server(
     command = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
         "-c", str(context * parallel), "-np", str(parallel), "-t", str(threads),
-        "-tb", str(threads), "--no-webui",
+        "-tb", str(threads), "--no-webui", "-fa", flash_attn,
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -215,7 +215,12 @@ def bench_model(quick: bool, folder: Path) -> Path:
 
 
 def run(
-    quick: bool, threads: int, folder: Path, arms: list[str], save: Callable[[dict], None]
+    quick: bool,
+    threads: int,
+    folder: Path,
+    arms: list[str],
+    save: Callable[[dict], None],
+    flash_attn: str = "on",
 ) -> dict[str, Any]:
     """Each arm in turn; `save` gets the report so far after each (a long run that fails
     late keeps what it measured)."""
@@ -223,16 +228,22 @@ def run(
     model = bench_model(quick, folder)
     context, parallel = shape["context"], shape["parallel"]
     starters = {
-        "llmup": lambda: start_llmup(model, context=context, impl="slots", parallel=parallel),
-        "llmup-stock": lambda: start_llmup(model, context=context, impl="server", parallel=1),
+        "llmup": lambda: start_llmup(
+            model, context=context, impl="slots", parallel=parallel, flash_attn=flash_attn
+        ),
+        "llmup-stock": lambda: start_llmup(
+            model, context=context, impl="server", parallel=1, flash_attn=flash_attn
+        ),
     }
     binary = llama_server_binary()
     if binary is not None and not quick:
         starters["llama-server"] = lambda: start_llama_server(
-            binary, model, context=context, parallel=parallel, threads=threads
-        )
+            binary, model, context=context, parallel=parallel, threads=threads,
+            flash_attn=flash_attn,
+        )  # fmt: skip
     bias = no_end_bias(model, quick)
     report = {"conditions": conditions(model, shape, threads, binary), "arms": {}}
+    report["conditions"]["flash_attn"] = flash_attn
     for name in arms:
         if name in starters:
             Console(stderr=True).print(f"[dim]running {name}...[/dim]")
@@ -355,6 +366,10 @@ def main() -> None:
         "--arms", default="llmup,llama-server,llmup-stock", help="which servers, in order"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/session_turns.json")
+    parser.add_argument(
+        "--flash-attn", choices=["on", "off"], default="on",
+        help="every server's flash attention (default on: llama-server's auto on a CPU)",
+    )  # fmt: skip
     args = parser.parse_args()
     import tempfile
 
@@ -364,7 +379,8 @@ def main() -> None:
         bench.write(args.out, report, [], final=False)
 
     with tempfile.TemporaryDirectory() as folder:
-        report = run(args.quick, args.threads, Path(folder), args.arms.split(","), save)
+        arms = args.arms.split(",")
+        report = run(args.quick, args.threads, Path(folder), arms, save, args.flash_attn)
     render({**report, "targets": targets(report["arms"])})
     bench.write(args.out, report, targets(report["arms"]))
 
