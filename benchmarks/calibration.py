@@ -4,7 +4,8 @@ Run: python benchmarks/calibration.py [--quick] [--out benchmarks/results/calibr
 
 Grid: four generated Llama models (three small shapes and one of 1.1 GB: 18 layers, 2048
 wide, Q8_0, 32k vocabulary) x contexts 512, 2048, 4096, 8192, 16384 x KV cache f16, q8_0,
-q4_0 (quantized caches with flash attention, as llama.cpp needs for a quantized V). Each
+q4_0 (quantized caches with flash attention, as llama.cpp needs for a quantized V; an f16
+cache with it when the plan turns it on, which `--flash-attn auto` does without GPUs). Each
 point is planned for this machine's 2-core/24 GB snapshot and loaded in a fresh process by
 llama-cpp-python with mmap off (weights in the process's own memory, as the RSS then
 counts them), the modules of llmup's default worker imported first, and one batch of up to
@@ -80,7 +81,8 @@ def point(path: Path, n_ctx: int, kv: str) -> list[dict[str, Any]]:
         )  # fmt: skip
     )
     got, log = measure_load(
-        path, n_ctx=n_ctx, type_k=kv, type_v=kv, flash_attn=kv != "f16", use_extra_bufts=False,
+        path, n_ctx=n_ctx, type_k=kv, type_v=kv, flash_attn=plan.settings.flash_attn,
+        use_extra_bufts=False,
         use_mmap=False, eval_tokens=min(512, n_ctx - 1), preload=SERVING_MODULES, timeout=600,
     )  # fmt: skip
     pairs = {

@@ -41,7 +41,8 @@ class PlanningSettings(BaseModel):
     backend: Literal["auto", "llama.cpp", "exllamav2"] = "auto"
     context: int = Field(default=4096, gt=0)
     kv_cache: Literal["f16", "q8_0", "q4_0"] = "f16"
-    flash_attn: Literal["on", "off"] = "off"  # llama.cpp; a quantized V cache turns it on
+    # llama.cpp's flash attention; auto: on without GPUs (a quantized V cache turns it on)
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     reserve_mib: int = Field(default=1024, ge=0)
     ram_reserve_mib: int = Field(default=1024, ge=0)
     allow_offload: bool = False

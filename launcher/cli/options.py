@@ -53,8 +53,9 @@ FlashOpt = Annotated[
     str | None,
     typer.Option(
         "--flash-attn",
-        help="llama.cpp flash attention: on | off (default off with an f16 KV cache; a "
-        "quantized --kv-cache always has it). On reads long prompts faster.",
+        help="llama.cpp flash attention: auto | on | off (auto: on for a machine without "
+        "GPUs, off with GPUs; a quantized --kv-cache always has it). On reads long prompts "
+        "faster.",
     ),
 ]
 ParallelOpt = Annotated[

@@ -29,7 +29,7 @@ class PlanRequest:
     backend: BackendChoice = "auto"
     context: int = 4096
     kv_cache: str = "f16"
-    flash_attn: str = "off"  # llama.cpp's flash attention; a quantized KV cache turns it on
+    flash_attn: str = "auto"  # llama.cpp's flash attention: auto, on or off
     reserve_mib: int = 1024
     ram_reserve_mib: int = 1024
     allow_offload: bool = False
@@ -75,8 +75,8 @@ class PlanRequest:
         self._validate_parallel()
 
     def _validate_flash_attn(self) -> None:
-        if self.flash_attn not in ("on", "off"):
-            raise UsageError(f"--flash-attn must be on or off, got {self.flash_attn!r}")
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise UsageError(f"--flash-attn must be auto, on or off, got {self.flash_attn!r}")
 
     def _validate_parallel(self) -> None:
         if self.llamacpp_impl not in ("slots", "server"):

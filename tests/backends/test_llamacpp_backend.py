@@ -75,7 +75,7 @@ def test_flags_are_the_plans_and_the_server_accepts_them(tiny):
     assert (args.host, args.port) == ("127.0.0.1", 12345)
     assert (args.n_ctx, args.n_batch, args.n_ubatch) == (512, 512, 512)
     assert args.n_gpu_layers == 0 and args.tensor_split is None
-    assert args.type_k == args.type_v == 1 and args.flash_attn is False
+    assert args.type_k == args.type_v == 1 and args.flash_attn is True  # auto: on without GPUs
     assert args.n_threads == args.n_threads_batch == physical_cores()
     assert args.cache is False and args.logits_all is False and args.use_mlock is False
     assert args.interrupt_requests is False and args.verbose is True
@@ -170,7 +170,7 @@ def test_serves_the_alias_chat_and_completions_and_records_calibration(tiny):
     assert record is not None
     for kind in ("model", "kv", "compute"):
         assert record.measured_totals[kind] > 0
-    assert record.load["n_ctx"] == 512 and record.load["flash_attn"] is False
+    assert record.load["n_ctx"] == 512 and record.load["flash_attn"] is True
     assert record.load["type_k"] == "f16"
     assert all(f.within_tolerance for f in calibration.compare(record))
     found = calibration.lookup(home(), plan)

@@ -45,7 +45,7 @@ def models(tmp_path_factory):
     }
 
 
-def plan_file(path, n_ctx: int, kv: str, parallel: int = 1) -> dict:
+def plan_file(path, n_ctx: int, kv: str, parallel: int = 1, flash: str = "auto") -> dict:
     res = run_cli(
         "plan",
         "--hardware",
@@ -58,6 +58,8 @@ def plan_file(path, n_ctx: int, kv: str, parallel: int = 1) -> dict:
         kv,
         "--parallel",
         str(parallel),
+        "--flash-attn",
+        flash,
         "--json",
     )
     assert res.returncode == 0, res.stderr
@@ -75,7 +77,7 @@ def test_plan_matches_llama_cpp_load_log(models, name):
             n_ctx=n_ctx,
             type_k=kv,
             type_v=kv,
-            flash_attn=kv != "f16",
+            flash_attn=plan["settings"]["flash_attn"],
             use_extra_bufts=False,
         )
         for kind in ("model", "kv", "compute"):
@@ -89,7 +91,7 @@ def test_plan_matches_llama_cpp_load_log(models, name):
 
 def test_exact_for_the_non_flash_path(models):
     """Without flash attention every figure is a fit, not an envelope: within 0.05 MiB."""
-    plan = plan_file(models["wide-q8"], 4096, "f16")["llamacpp_buffers_mib"]
+    plan = plan_file(models["wide-q8"], 4096, "f16", flash="off")["llamacpp_buffers_mib"]
     measured, _ = measure_load(models["wide-q8"], n_ctx=4096, use_extra_bufts=False)
     assert sum(plan["compute"].values()) == pytest.approx(sum(measured.compute.values()), abs=0.05)
     assert sum(plan["kv"].values()) == pytest.approx(sum(measured.kv.values()), abs=0.05)
@@ -99,8 +101,10 @@ def test_exact_for_the_non_flash_path(models):
 def test_short_context_is_never_under_planned(models):
     """Below one ubatch the allocator packs the graph differently: the plan is an envelope."""
     for name in ("gqa-q8", "wide-q8", "mha-f16"):
-        plan = plan_file(models[name], 256, "f16")["llamacpp_buffers_mib"]
-        measured, _ = measure_load(models[name], n_ctx=256, use_extra_bufts=False)
+        plan = plan_file(models[name], 256, "f16")
+        flash = plan["settings"]["flash_attn"]
+        measured, _ = measure_load(models[name], n_ctx=256, flash_attn=flash, use_extra_bufts=False)
+        plan = plan["llamacpp_buffers_mib"]
         p, m = sum(plan["compute"].values()), sum(measured.compute.values())
         assert m <= p <= m * 1.4 + 1, (name, p, m)
 
@@ -139,7 +143,8 @@ def test_parallel_sequences_match_the_slot_workers_load_log(models, name):
     path = assemble() if name == "gemma3-270m" else models[name]
     plan = plan_file(path, 1024, "f16", parallel=4)
     assert plan["parallel"] == 4
-    measured, log = measure_slots_load(path, n_ctx_seq=1024, n_seq=4)
+    flash = plan["settings"]["flash_attn"]
+    measured, log = measure_slots_load(path, n_ctx_seq=1024, n_seq=4, flash_attn=flash)
     assert measured.kv_seqs == 4, log[-2000:]
     for kind in ("kv", "compute", "output"):
         p = sum(plan["llamacpp_buffers_mib"][kind].values())

@@ -150,11 +150,18 @@ print("llamacpp_probe: loaded", file=sys.stderr, flush=True)
 
 
 def measure_slots_load(
-    path: str | Path, *, n_ctx_seq: int, n_seq: int, kv_type: str = "f16", timeout: float = 120
+    path: str | Path,
+    *,
+    n_ctx_seq: int,
+    n_seq: int,
+    kv_type: str = "f16",
+    flash_attn: bool = False,
+    timeout: float = 120,
 ) -> tuple[LoadBuffers, str]:
     """Load `path` as llmup's slot worker does (one context, `n_seq` sequences of
     `n_ctx_seq` tokens, repacking off) in a subprocess; (parsed buffers, load log)."""
-    context = {"n_ctx_seq": n_ctx_seq, "n_seq": n_seq, "kv_type": kv_type, "flash_attn": False}
+    context = {"n_ctx_seq": n_ctx_seq, "n_seq": n_seq, "kv_type": kv_type,
+               "flash_attn": flash_attn}  # fmt: skip
     options = json.dumps({"path": str(path), "context": context})
     log = _load_in_child(_SLOTS_CHILD, options, timeout, "slot worker load")
     return parse_load_log(log), log
