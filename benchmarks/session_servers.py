@@ -83,7 +83,7 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300
 
 
 def start_llmup(
-    model: Path, *, context: int, impl: str, parallel: int, flash_attn: str = "off"
+    model: Path, *, context: int, impl: str, parallel: int, flash_attn: str | None = None
 ) -> Arm:
     home = tempfile.TemporaryDirectory(prefix="llmup-bench-")
     port = free_port()
@@ -91,8 +91,9 @@ def start_llmup(
     command = [
         sys.executable, "-m", "launcher", "serve", "--model-file", str(model),
         "--context", str(context), "--llamacpp-impl", impl, "--port", str(port), "--quiet",
-        "--flash-attn", flash_attn,
     ]  # fmt: skip
+    if flash_attn is not None:  # else the plan's default
+        command += ["--flash-attn", flash_attn]
     if impl == "slots":
         command += ["--parallel", str(parallel)]
     env = {**os.environ, "LLMUP_HOME": home.name}
