@@ -52,6 +52,10 @@ class Slot:
     drop_on_release: bool = False
     cached_for: str | None = None  # the owner whose stateless prompt an unpinned one holds
 
+    def clear(self) -> None:
+        """Holds nothing and belongs to no one (its cells are the caller's to empty)."""
+        self.tokens, self.key, self.drop_on_release, self.cached_for = [], None, False, None
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -196,7 +200,7 @@ class SlotManager:
         self.ctx = ctx
         for slot in self.slots:
             if not slot.busy:
-                slot.tokens, slot.key, slot.drop_on_release, slot.cached_for = [], None, False, None
+                slot.clear()
         self.slots += [Slot(i) for i in range(len(self.slots), ctx.n_seq)]
 
     @property
@@ -232,8 +236,9 @@ class SlotManager:
         if owner is None:
             return None
         mine = [s for s in self.slots if not s.busy and s.key is None and s.cached_for == owner]
-        best = max(mine, key=lambda s: common_prefix(s.tokens, prompt), default=None)
-        return best if best is not None and common_prefix(best.tokens, prompt) > 0 else None
+        shared, best = max(((common_prefix(s.tokens, prompt), s) for s in mine),
+                           key=lambda pair: pair[0], default=(0, None))  # fmt: skip
+        return best if shared > 0 else None
 
     def _free_slot(self) -> Slot | None:
         """An empty idle sequence, else the least recently used stateless cache (emptied),
@@ -300,4 +305,4 @@ class SlotManager:
 
     def _empty(self, slot: Slot) -> None:
         self.ctx.seq_keep(slot.index, 0)
-        slot.tokens, slot.key, slot.drop_on_release, slot.cached_for = [], None, False, None
+        slot.clear()
