@@ -37,7 +37,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

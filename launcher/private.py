@@ -39,7 +39,7 @@ def default_home() -> Path:
 HOME_ENTRIES = (
     "sessions.sqlite3", "sessions.sqlite3-wal", "sessions.sqlite3-shm", "slots", "logs",
     "verified", "profiles", "pins.json", "calibration.json", "cpu-speed.json",
-    "llama-cpp-install.json",
+    "llama-cpp-install.json", "launches.json",
 )  # fmt: skip
 
 

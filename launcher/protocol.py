@@ -33,9 +33,6 @@ from pydantic_core import PydanticCustomError
 # owner (a hash of the caller's API key, never the key) and the session id.
 BACKEND_OWNER_HEADER = "X-Llmup-Owner"
 BACKEND_SESSION_HEADER = "X-Llmup-Session"
-# Every backend run's random key reaches the worker in this environment variable (never on its
-# command line, which any local user can read); the worker refuses a request without it.
-KEY_ENV = "LLMUP_BACKEND_KEY"
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]

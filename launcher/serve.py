@@ -34,6 +34,8 @@ from typing import Any
 import uvicorn
 
 from launcher.backends.launch import backend_spec
+from launcher.backends.spec import BackendSpec
+from launcher.backends.supervise.headstart import HeadStart
 from launcher.backends.supervise.process import Runtime
 from launcher.backends.supervise.supervisor import Progress, State, Supervisor
 from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
@@ -145,19 +147,23 @@ def start_backend(
     quiet: bool = False,
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
+    headstart: HeadStart | None = None,
 ) -> SupervisedModel:
     """Pull, start and wait for the backend, then check its speed against the plan.
 
     Out of memory at load falls back (at most MAX_OOM_FALLBACKS times, each said in a notice
     with its arithmetic) to the best of the plan's fallbacks whose need is below the
-    shortfall the load log measured (see launcher.calibration.oom_fallback).
+    shortfall the load log measured (see launcher.calibration.oom_fallback). `headstart`:
+    the backend `llmup` spawned from the last launch of the same command, taken when it is
+    the plan's launch (see `headstart`); the plan's launch is recorded for the next start.
     """
     candidate, tried = plan, []
     while True:
         try:
             served = _start_one(
-                candidate, settings, offline=offline, verify=verify, quiet=quiet, progress=progress
-            )
+                candidate, settings, offline=offline, verify=verify, quiet=quiet,
+                progress=progress, headstart=None if tried else headstart,
+            )  # fmt: skip
         except BackendLoadError as exc:
             if exc.kind != "out_of_memory" or len(tried) >= MAX_OOM_FALLBACKS:
                 raise
@@ -190,27 +196,49 @@ def weights_path(plan: Plan, *, offline: bool, verify: bool, quiet: bool) -> Pat
 
 
 def _start_one(
-    plan: Plan, settings: Settings, *, offline: bool, verify: bool, quiet: bool, progress
+    plan: Plan,
+    settings: Settings,
+    *,
+    offline: bool,
+    verify: bool,
+    quiet: bool,
+    progress,
+    headstart: HeadStart | None = None,
 ) -> SupervisedModel:
     model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
-    measured = plan.backend == "llama.cpp" and load_measured(plan, settings.home)
-    spec = backend_spec(
-        plan,
-        model_path,
-        home=settings.home,
-        session_ttl_s=settings.proxy.session_ttl,
-        quick_start=measured,
-    )
+    measured = load_measured(plan, settings.home)
+    spec = plan_launch(plan, settings, model_path, quick_start=measured)
+    adopted = headstart.take(spec) if headstart is not None else None
     supervisor = Supervisor(
-        spec,
+        adopted.spec if adopted else spec,
         progress=progress,
         runtime=backend_runtime(settings, plan, model_path),
+        adopted=(adopted.child, adopted.log_offset) if adopted else None,
         **supervisor_options(settings.serve),
     )
     supervisor.start()
     if plan.backend == "llama.cpp" and not measured:
         _record_calibration(plan, supervisor, settings.home)
+    if headstart is not None and settings.runtime == "local":
+        # what the next start of this command spawns first: the launch it will plan
+        next_launch = plan_launch(
+            plan, settings, model_path, quick_start=load_measured(plan, settings.home)
+        )
+        headstart.remember(next_launch, model_path, settings.home)
     return SupervisedModel.for_plan(supervisor, plan)
+
+
+def plan_launch(
+    plan: Plan, settings: Settings, model_path: Path, *, quick_start: bool
+) -> BackendSpec:
+    """The plan's backend launch (`backend_spec`) with the settings' home and session TTL."""
+    return backend_spec(
+        plan,
+        model_path,
+        home=settings.home,
+        session_ttl_s=settings.proxy.session_ttl,
+        quick_start=quick_start,
+    )
 
 
 def docker_runtime() -> ModuleType:
@@ -235,10 +263,12 @@ def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime
 
 
 def load_measured(plan: Plan, home: Path) -> bool:
-    """Whether an earlier start of this plan recorded its load (buffers as llama.cpp logged
-    them): a later start need not measure it again, so its worker may start on fewer
-    sequences and grow its KV cache after it serves (the first start of a plan loads all
-    of it, so that the record is the planned load)."""
+    """Whether an earlier start of this llama.cpp plan recorded its load (buffers as
+    llama.cpp logged them): a later start need not measure it again, so its worker may start
+    on fewer sequences and grow its KV cache after it serves (the first start of a plan
+    loads all of it, so that the record is the planned load)."""
+    if plan.backend != "llama.cpp":
+        return False
     record = lookup(home, plan)
     return (
         record is not None
@@ -315,6 +345,7 @@ def serve(
     settings: Settings,
     *,
     listener: socket.socket | None = None,
+    headstart: HeadStart | None = None,
     offline: bool = False,
     verify: bool = True,
     quiet: bool = False,
@@ -338,7 +369,7 @@ def serve(
             sessions = open_store(settings)  # an unreachable database: said before any load
             backend = start_backend(
                 plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
-                progress=progress,
+                progress=progress, headstart=headstart,
             )  # fmt: skip
             app = create_app(settings, backend, sessions)
         server = _server(settings, app, backend.supervisor)

@@ -14,18 +14,12 @@ and the supervisor's health checks send it (`auth_headers`).
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from launcher.netaddr import LOOPBACK, http_url
-from launcher.protocol import KEY_ENV
-
-
-def new_backend_key() -> str:
-    """256 random bits, URL-safe: one per backend run, known only to the proxy."""
-    return secrets.token_urlsafe(32)
+from launcher.runkey import KEY_ENV
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +76,14 @@ class BackendSpec:
     def auth_headers(self) -> dict[str, str]:
         """What a caller of this backend sends with every request (empty without a key)."""
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def with_run(self, *, port: int, api_key: str | None) -> BackendSpec:
+        """The same launch on another port with another key: every worker takes its port as
+        `--port N` (the rest of the command is the launch itself)."""
+        command = list(self.command)
+        at = command.index("--port") + 1
+        command[at] = str(port)
+        return replace(self, command=command, port=port, api_key=api_key)
 
     def launch_env(self) -> dict[str, str]:
         """The variables the launch sets: `env`, plus the per-run key under KEY_ENV."""

@@ -13,6 +13,7 @@ import sys
 import typer
 
 from launcher import render
+from launcher.backends.supervise.headstart import HeadStart
 from launcher.cli import commands, pinning, serving
 from launcher.errors import LlmupError
 
@@ -34,10 +35,12 @@ for command in (
 app.add_typer(pinning.pins_app, name="pins")
 
 
-def main() -> None:
+def main(headstart: HeadStart | None = None) -> None:
+    """The command line; `headstart` (`llmup serve`'s early backend) reaches serve as the
+    click context's `obj`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
+        app(obj=headstart)
     except LlmupError as exc:
         render.error(str(exc))
         sys.exit(exc.exit_code)

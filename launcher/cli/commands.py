@@ -54,10 +54,13 @@ def command_settings(profile_name: str | None):
     return load_settings(profile.pinned), profile
 
 
-def hardware_snapshot(hardware: Path | None, gpus: str | None = None, profile=None):
+def hardware_snapshot(
+    hardware: Path | None, gpus: str | None = None, profile=None, held_pid: int | None = None
+):
     """A snapshot file when given (never probed: it may be another machine), the profile's
     own for `--hardware profile`, else this machine's (what --auto asks for); narrowed to
-    `--gpus`, with a warning when it is not the profile's machine."""
+    `--gpus`, with a warning when it is not the profile's machine. `held_pid`: serve's
+    head-started backend, whose RAM counts as available."""
     from launcher.hardware.visible import select_gpus
 
     if hardware == PROFILE_HARDWARE:
@@ -71,7 +74,7 @@ def hardware_snapshot(hardware: Path | None, gpus: str | None = None, profile=No
     else:
         from launcher.hardware.detect import detect
 
-        snap = detect(home=default_settings().home, gpus=gpus)
+        snap = detect(home=default_settings().home, gpus=gpus, held_pid=held_pid)
     if profile is not None:
         warn_if_not_profile_machine(profile, snap)
     return snap
@@ -85,7 +88,7 @@ def warn_if_not_profile_machine(profile, snap) -> None:
         render.warning(mismatch_warning(profile.name, found))
 
 
-def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **flags):
+def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, held_pid=None, **flags):
     """Merge CLI flags over the settings tree (profile < env LLMUP_PLANNING__*) into a
     PlanRequest. A pinned model (flag, env or profile) lifts any size cap."""
     from launcher.planning.request import request_from_settings
@@ -94,7 +97,7 @@ def plan_request(settings: Settings, *, hardware, profile=None, gpus=None, **fla
     if context is not None and context <= 0:
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
     cfg = settings.planning
-    snap = hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus, profile)
+    snap = hardware_snapshot(hardware, gpus if gpus is not None else cfg.gpus, profile, held_pid)
     if settings.runtime == "docker":  # the backend runs in llmup's image, not this Python
         from launcher.hardware.images import in_image
 
@@ -140,8 +143,11 @@ def attach_measurement(plan, home: Path) -> None:
         }
 
 
-def chosen_plan(plan_file: Path | None, settings: Settings, profile=None, **planning):
-    """The saved plan when given, else a fresh one from the same options `llmup plan` takes."""
+def chosen_plan(
+    plan_file: Path | None, settings: Settings, profile=None, held_pid=None, **planning
+):
+    """The saved plan when given, else a fresh one from the same options `llmup plan` takes
+    (`held_pid`: see `hardware_snapshot`)."""
     from launcher.planning.plan import load_plan
     from launcher.planning.planner import make_plan
 
@@ -153,7 +159,7 @@ def chosen_plan(plan_file: Path | None, settings: Settings, profile=None, **plan
                 "the saved plan already fixes them"
             )
         return load_plan(plan_file)
-    return make_plan(plan_request(settings, profile=profile, **planning))
+    return make_plan(plan_request(settings, profile=profile, held_pid=held_pid, **planning))
 
 
 @with_plan_flags

@@ -14,12 +14,14 @@ from launcher.cli.options import NoVerifyOpt, PlanFileOpt, PlanFlags, with_plan_
 from launcher.errors import UsageError
 
 if TYPE_CHECKING:
+    from launcher.backends.supervise.headstart import HeadStart
     from launcher.settings import Settings
 
 
 @with_plan_flags
 def serve(
     flags: PlanFlags,
+    ctx: typer.Context,
     plan_file: PlanFileOpt = None,
     runtime: Annotated[
         str | None,
@@ -101,6 +103,7 @@ def serve(
     no_verify: NoVerifyOpt = False,
 ) -> None:
     """Detect, plan, pull, start the backend and serve the OpenAI-compatible API."""
+    head: HeadStart | None = ctx.obj  # the backend `llmup` spawned from its last launch
     from launcher.proxy.auth import configured_keys
     from launcher.serve import prepare_listener
     from launcher.serve import serve as run_serve
@@ -121,6 +124,7 @@ def serve(
         plan_file,
         settings,
         chosen_profile,
+        held_pid=head.pid if head is not None else None,
         **flags.planning(),
     )
     render.plan(chosen, rejected=3)
@@ -129,6 +133,7 @@ def serve(
         chosen,
         settings,
         listener=listener,
+        headstart=head,
         offline=offline,
         verify=not no_verify,
         quiet=quiet,

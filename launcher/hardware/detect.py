@@ -28,6 +28,7 @@ def detect(
     home: Path | None = None,
     gpus: str | None = None,
     environ: Mapping[str, str] | None = None,
+    held_pid: int | None = None,
 ) -> HardwareSnapshot:
     """Probe this machine: Metal on Apple Silicon, otherwise NVIDIA GPUs (possibly none).
 
@@ -36,10 +37,11 @@ def detect(
     backends nor its CPU speed, nor (unless `environ` is given) CUDA_VISIBLE_DEVICES.
     `home` caches the CPU speed probe (None: not measured) and the llama-cpp-python probe
     (None: probed every time); `gpus` is `--gpus`, which
-    narrows the GPUs as CUDA_VISIBLE_DEVICES does.
+    narrows the GPUs as CUDA_VISIBLE_DEVICES does. `held_pid`'s RAM counts as available
+    (`detect_system`).
     """
     live = system is None
-    system = system or detect_system()
+    system = system or detect_system(held_pid)
     snapshot = _devices(system, run=run, nvml=nvml)
     if environ is None and live:
         environ = os.environ

@@ -22,9 +22,13 @@ _ARCH_ALIASES = {
 }
 
 
-def detect_system() -> SystemInfo:
-    """RAM figures now (available, not free: page cache can be reclaimed) and core counts."""
+def detect_system(held_pid: int | None = None) -> SystemInfo:
+    """RAM figures now (available, not free: page cache can be reclaimed) and core counts.
+
+    `held_pid`: a process whose memory counts as available, because what it holds is what the
+    plan being made will use (the backend a head start spawned for this very plan)."""
     memory = psutil.virtual_memory()
+    held = held_by(held_pid) if held_pid is not None else 0
     threads = psutil.cpu_count(logical=True) or 1
     return SystemInfo(
         os=normalise_os(sys.platform),
@@ -33,8 +37,24 @@ def detect_system() -> SystemInfo:
         cpu_threads=threads,
         cpu_name=cpu_name(),
         ram_total_mib=memory.total // MIB,
-        ram_available_mib=memory.available // MIB,
+        ram_available_mib=min(memory.available + held, memory.total) // MIB,
     )
+
+
+def held_by(pid: int) -> int:
+    """Bytes of RAM a process and its children hold that the page cache could not give back
+    (resident minus file-backed shared pages); 0 when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+        return sum(_private_resident(p.memory_info()) for p in tree)
+    except psutil.Error:
+        return 0
+
+
+def _private_resident(info) -> int:
+    """Resident bytes not backed by a file (Linux reports `shared`; elsewhere all of rss)."""
+    return max(info.rss - getattr(info, "shared", 0), 0)
 
 
 def cpu_name() -> str | None:

@@ -2,7 +2,7 @@
 
 A backend listens on 127.0.0.1, where any local user could reach it and bypass the proxy's
 API keys and session ownership. The supervisor hands each run a random key in the
-environment (`protocol.KEY_ENV`); the worker wraps its ASGI app in `BackendKeyMiddleware`, which
+environment (`runkey.KEY_ENV`); the worker wraps its ASGI app in `BackendKeyMiddleware`, which
 answers 401 to any request whose `Authorization: Bearer` value is not that key, before the
 app (or its model) sees the request. Every llmup worker calls `require_backend_key(app)`.
 """
@@ -15,7 +15,8 @@ import logging
 import os
 from typing import Any
 
-from launcher.protocol import KEY_ENV, error_body
+from launcher.protocol import error_body
+from launcher.runkey import KEY_ENV
 
 log = logging.getLogger(__name__)
 

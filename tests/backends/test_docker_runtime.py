@@ -22,7 +22,7 @@ from launcher.backends.supervise.container import (
 from launcher.errors import DockerRuntimeError
 from launcher.hardware.snapshot import load_snapshot
 from launcher.planning import PlanRequest, make_plan
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 from launcher.settings import DockerSettings
 
 

@@ -20,7 +20,7 @@ HEAVY = (
 )
 CODE = f"""
 import sys
-from launcher.cli import main
+from launcher.__main__ import main
 sys.argv = ["llmup", "--help"]
 try:
     main()

@@ -30,7 +30,7 @@ from support.ggufgen import write_llama_gguf
 
 from launcher.backends.supervise.container import BACKEND_LABEL, OWNER_LABEL
 from launcher.netaddr import free_port
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 

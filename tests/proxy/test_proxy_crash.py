@@ -21,11 +21,12 @@ from support.backend_fixtures import (
 )
 from support.ggufgen import write_llama_gguf
 
-from launcher.backends.spec import BackendSpec, new_backend_key
+from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.supervisor import Supervisor
 from launcher.errors import BadRequestError
 from launcher.netaddr import free_port
 from launcher.proxy.crashes import CrashMemory
+from launcher.runkey import new_backend_key
 from launcher.served import WorkerKind
 
 pytestmark = pytest.mark.timeout(240)

@@ -19,7 +19,7 @@ from support.ggufgen import write_llama_gguf
 from support.serving import FAST_HEALTH, Served, descendants, gone
 
 from launcher.netaddr import free_port
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -17,7 +17,7 @@ from launcher.hardware.snapshot import load_snapshot
 from launcher.netaddr import free_port
 from launcher.planning.plan import Plan
 from launcher.planning.planner import PlanRequest, make_plan
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 from launcher.workers.llamacpp_slots.server import build_parser
 
 TEMPLATE = (

@@ -23,10 +23,11 @@ import pytest
 import uvicorn
 
 from launcher.backends.launch.llamacpp_python import SERVER_ENV_NAMES, SERVER_MODULE
-from launcher.backends.spec import BackendSpec, new_backend_key
+from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.supervisor import Supervisor
 from launcher.netaddr import free_port
 from launcher.proxy import SessionStore, create_app, open_store
+from launcher.runkey import new_backend_key
 from launcher.serve import SupervisedModel
 from launcher.served import ServedModel, WorkerKind
 from launcher.settings import Settings

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from support.exllamav2_fakes import MODEL, FakeGenerator, serving_app
 
-from launcher.backends.spec import new_backend_key
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV, new_backend_key
 from launcher.workers import api as worker_api
 from launcher.workers.backend_key import BackendKeyMiddleware, require_backend_key
 from launcher.workers.exllamav2 import server as exllamav2_server

@@ -14,7 +14,7 @@ from support.backend_fixtures import TEMPLATE
 from support.ggufgen import write_llama_gguf
 from support.worker_fixtures import CLEAN_WORDS, SlotWorker, cached_of, session_headers, text_of
 
-from launcher.protocol import KEY_ENV
+from launcher.runkey import KEY_ENV
 from launcher.workers.generation import SessionKey
 from launcher.workers.llamacpp_slots.slot_store import file_name
 

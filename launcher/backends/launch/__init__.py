@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from launcher.backends.launch import exllamav2, llamacpp_python, llamacpp_slots
-from launcher.backends.spec import BackendSpec, WorkerLaunch, new_backend_key
+from launcher.backends.spec import BackendSpec, WorkerLaunch
 from launcher.netaddr import LOOPBACK, free_port
 from launcher.planning.plan import Plan
+from launcher.runkey import new_backend_key
 from launcher.served import WorkerKind
 
 HEALTH_PATH = "/health"  # both workers answer it without touching the model

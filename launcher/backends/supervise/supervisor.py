@@ -20,14 +20,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
-import shlex
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -42,14 +39,14 @@ from launcher.backends.supervise.failure import (
     exit_text,
     load_error,
 )
+from launcher.backends.supervise.logfile import prepare_log, spawn_logged
 from launcher.backends.supervise.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
 from launcher.netaddr import port_is_free
-from launcher.private import open_private, private_dir
+from launcher.private import open_private
 
 log = logging.getLogger(__name__)
 
-LOG_ROTATE_BYTES = 64 * 1024 * 1024
 UNHEALTHY_GRACE_S = 2.0  # a sick child gets this long after SIGTERM before SIGKILL
 
 
@@ -85,12 +82,6 @@ def health_problem(client: httpx.Client, url: str) -> str | None:
     return None if status == 200 else f"HTTP {status}"
 
 
-def _rotate(path: Path) -> None:
-    """Keep one previous log when the current one grew past LOG_ROTATE_BYTES."""
-    if path.exists() and path.stat().st_size > LOG_ROTATE_BYTES:
-        os.replace(path, path.with_name(path.name + ".1"))
-
-
 class Supervisor:
     """One backend child: start and wait until ready, watch, restart, stop cleanly.
 
@@ -99,6 +90,8 @@ class Supervisor:
 
     The progress callback runs on the monitor thread about once a second while a child
     loads; `on_failure` runs there once, when the supervisor gives up after start().
+    `adopted` is a child already spawned for this spec (`headstart`): the first attempt
+    waits for it; a restart spawns as usual.
     """
 
     def __init__(
@@ -118,6 +111,7 @@ class Supervisor:
         progress_interval_s: float = 1.0,
         on_failure: Callable[[BackendError], None] | None = None,
         runtime: Runtime | None = None,
+        adopted: tuple[Child, int] | None = None,
     ) -> None:
         self.spec = spec
         self.runtime = runtime if runtime is not None else LocalRuntime()
@@ -154,6 +148,9 @@ class Supervisor:
         self._crashes: collections.deque[float] = collections.deque()
         self._launch_failure: BackendLoadError | None = None
         self._serving = False  # start() returned: a later failure goes to on_failure
+        # a child a head start spawned for this very spec before the supervisor existed, and
+        # where its output starts in the log: the first attempt waits for it, spawns nothing
+        self._adopted = adopted
 
     # ----- what callers see
 
@@ -202,8 +199,8 @@ class Supervisor:
         """Start the child and block until it is ready; BackendLoadError if it is not."""
         if self._thread is not None:
             raise RuntimeError("a Supervisor starts once; build a new one to start again")
-        private_dir(self.spec.log_path.parent)
-        _rotate(self.spec.log_path)
+        if self._adopted is None:  # a head start prepared the log when it spawned
+            prepare_log(self.spec.log_path)
         self._set_state(State.STARTING)
         self._thread = threading.Thread(
             target=self._run, name=f"supervisor-{self.spec.name}", daemon=True
@@ -282,7 +279,7 @@ class Supervisor:
         """One attempt: spawn, wait for readiness; the classified error when it fails."""
         self._attempt += 1
         self._ready_at = None
-        if not port_is_free(self.spec.host, self.spec.port):
+        if self._adopted is None and not port_is_free(self.spec.host, self.spec.port):
             line = f"{self.spec.host}:{self.spec.port} is already in use (checked before start)"
             return load_error(self.spec, "port_in_use", line, None)
         try:
@@ -308,31 +305,21 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            with open_private(self.spec.log_path, "ab") as out:
-                out.write(self._banner().encode())
-                out.flush()
-                self._log_offset = out.tell()
-                self._proc = self._start_child(out)
+            if self._adopted is not None:  # the head start's child, spawned before us
+                self._proc, self._log_offset = self._adopted
+                self._adopted = None
+                return self._proc
+            try:
+                self._proc, self._log_offset = spawn_logged(self.runtime, self.spec, self._attempt)
+            except SpawnError as exc:
+                raise load_error(self.spec, exc.kind, str(exc), None) from exc
         log.info("started %s (pid %s), log %s", self.spec.name, self._proc.pid, self.log_path)
         return self._proc
-
-    def _start_child(self, out) -> Child:
-        try:
-            return self.runtime.spawn(self.spec, out)
-        except SpawnError as exc:
-            raise load_error(self.spec, exc.kind, str(exc), None) from exc
 
     def _log_line(self, text: str) -> None:
         """A line of llmup's own in the backend's log, where an operator reads its story."""
         with contextlib.suppress(OSError), open_private(self.spec.log_path, "a") as out:
             out.write(f"{OWN_LINE} {self.spec.name} {text}\n")
-
-    def _banner(self) -> str:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return (
-            f"\n{OWN_LINE} {self.spec.name} attempt {self._attempt} at {now}\n"
-            f"==== {shlex.join(self.spec.command)}\n"
-        )
 
     def _client(self, timeout: float) -> httpx.Client:
         return httpx.Client(timeout=timeout, trust_env=False, headers=self.spec.auth_headers)
