@@ -69,6 +69,10 @@ def mark(name, **extra):
     events.write(json.dumps({"event": name, "t": time.time(), **extra}) + "\n")
     events.flush()
 mark("interpreter")
+# what `llmup` (launcher.__main__) does first: the head start of the last launch's backend
+from launcher.backends.supervise.headstart import begin
+head = begin(sys.argv[2:])
+mark("head start", spawned=head.pid is not None)
 # the modules llmup serve imports on its way (counted together as "imports")
 import launcher.cli
 import gguf, launcher.serve, launcher.hardware.detect as hw, launcher.planning.planner as planner
@@ -88,7 +92,10 @@ with wrap(gguf.GGUFReader, "__init__", "header"), wrap(launcher.serve, "serve", 
         wrap(Supervisor, "start", "backend"), wrap(hw, "detect", "detect"), \
         wrap(planner, "make_plan", "plan"):
     sys.argv = ["llmup", *sys.argv[2:]]
-    launcher.cli.main()
+    try:
+        launcher.cli.main(head)
+    finally:
+        head.discard()
 """
 
 
@@ -115,10 +122,17 @@ def backend_spawned(pid: int) -> bool:
 
 
 def start_llmup(
-    model: Path, home: str, folder: Path, probed: Path | None = None, extra: tuple[str, ...] = ()
+    model: Path,
+    home: str,
+    folder: Path,
+    probed: Path | None = None,
+    extra: tuple[str, ...] = (),
+    port: int | None = None,
 ) -> dict:
-    """One llmup start: spawn -> backend process -> /health -> first answer (seconds)."""
-    port = free_port()
+    """One llmup start: spawn -> backend process -> /health -> first answer (seconds). The
+    same `port` makes a start the same command as the last one (a user's, which gets the
+    head start)."""
+    port = port or free_port()
     command = llmup_command(model, port, *extra)
     if probed is not None:
         command = [sys.executable, "-c", PROBED, str(probed), *command[3:]]
@@ -171,13 +185,15 @@ def planned(home: str, model: Path) -> tuple[int, int]:
     return int(plan["context"]), int(plan["parallel"])
 
 
-def breakdown(model: Path, home: str, folder: Path) -> dict[str, Any]:
+def breakdown(model: Path, home: str, folder: Path, port: int) -> dict[str, Any]:
     """llmup's start in steps, from one probed run (seconds)."""
     events_file = folder / "events.jsonl"
-    run = start_llmup(model, home, folder, probed=events_file)
+    run = start_llmup(model, home, folder, probed=events_file, port=port)
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
     t0 = run["t0_wall"]
     at = {e["event"]: e["t"] - t0 for e in events}
+    head_started = any(e["event"] == "head start" and e["spawned"] for e in events)
+    spawned_at = at["head start"] if head_started else at["backend:start"]
     headers = [e for e in events if e["event"].startswith("header:")]
     reads = [(a["t"] - t0, b["t"] - a["t"]) for a, b in zip(headers[::2], headers[1::2])]
 
@@ -186,17 +202,23 @@ def breakdown(model: Path, home: str, folder: Path) -> dict[str, Any]:
 
     steps = {
         "interpreter start": at["interpreter"],
-        "imports (CLI, detection, planner, serve)": at["imported"] - at["interpreter"],
+        "head start (the last launch's backend spawned)": at["head start"] - at["interpreter"],
+        "imports (CLI, detection, planner, serve)": at["imported"] - at["head start"],
         "settings, hardware detection": at["detect:end"] - at["imported"],
         "planning (without header reads)": (
             at["plan:end"] - at["plan:start"] - read_in("plan:start", "plan:end")
         ),
         "GGUF header reads": sum(d for _, d in reads),
         "printing the plan, importing serve": at["serve:start"] - at["plan:end"],
-        "pull and spawn (without header reads)": (
+        "pull and spawn or take the head start (without header reads)": (
             at["backend:start"] - at["serve:start"] - read_in("serve:start", "backend:start")
         ),
-        "backend load until ready": at["backend:end"] - at["backend:start"],
+        "waiting for the backend (supervisor start to ready)": (
+            at["backend:end"] - at["backend:start"]
+        ),
+        "backend, spawn to ready (with a head start: during the steps above)": (
+            at["backend:end"] - spawned_at
+        ),
         "proxy start": run["ready_s"] - at["backend:end"],
         "first request": run["first_request_s"],
     }
@@ -211,6 +233,7 @@ def breakdown(model: Path, home: str, folder: Path) -> dict[str, Any]:
         raise SystemExit("a GGUF header was read outside planning and launch: fix the steps")
     return {
         "steps": {k: round(v, 3) for k, v in steps.items()},
+        "head_start": head_started,
         "header_reads": len(reads),
         "header_read_s": [round(d, 3) for _, d in reads],
         "total_s": round(run["total_s"], 3),
@@ -221,16 +244,17 @@ def measure(name: str, model: Path, runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llmup-cold-") as tmp:
         folder, home = Path(tmp), str(Path(tmp) / "home")
         context, parallel = planned(home, model)
-        start_llmup(model, home, folder)  # warm-up: page cache, CPU probe cached
-        start_llmup(model, home, folder, extra=ONE_SEQUENCE)
+        planned_port, single_port = free_port(), free_port()  # each arm: one command
+        start_llmup(model, home, folder, port=planned_port)  # warm-up: page cache, probes
+        start_llmup(model, home, folder, extra=ONE_SEQUENCE, port=single_port)
         start_llama_cpp_server(model, context, folder)
         llmup, single, stock, first = [], [], [], []
         for i in range(runs):
             first.append(start_llmup(model, str(Path(tmp) / f"new-home-{i}"), folder))
-            llmup.append(start_llmup(model, home, folder))
-            single.append(start_llmup(model, home, folder, extra=ONE_SEQUENCE))
+            llmup.append(start_llmup(model, home, folder, port=planned_port))
+            single.append(start_llmup(model, home, folder, extra=ONE_SEQUENCE, port=single_port))
             stock.append(start_llama_cpp_server(model, context, folder))
-        steps = breakdown(model, home, folder)
+        steps = breakdown(model, home, folder, planned_port)
     a, one, b, f = (
         statistics.median(r["total_s"] for r in rs) for rs in (llmup, single, stock, first)
     )

@@ -48,7 +48,7 @@ from launcher.loading import answering_while_loading, replica_headers
 from launcher.netaddr import http_url
 from launcher.planning.plan import Plan
 from launcher.private import private_home
-from launcher.proxy import check_bind, create_app, open_store
+from launcher.proxy import check_bind, create_app, open_store, warm_up
 from launcher.proxy.auth import configured_keys
 from launcher.served import WorkerKind
 from launcher.settings import ServeSettings, Settings
@@ -148,6 +148,7 @@ def start_backend(
     notify: Notify = log.info,
     progress: Callable[[Progress], None] | None = None,
     headstart: HeadStart | None = None,
+    while_loading: Callable[[SupervisedModel], None] | None = None,
 ) -> SupervisedModel:
     """Pull, start and wait for the backend, then check its speed against the plan.
 
@@ -156,6 +157,7 @@ def start_backend(
     shortfall the load log measured (see launcher.calibration.oom_fallback). `headstart`:
     the backend `llmup` spawned from the last launch of the same command, taken when it is
     the plan's launch (see `headstart`); the plan's launch is recorded for the next start.
+    `while_loading(served)` runs while each attempt's backend loads (see Supervisor.start).
     """
     candidate, tried = plan, []
     while True:
@@ -163,6 +165,7 @@ def start_backend(
             served = _start_one(
                 candidate, settings, offline=offline, verify=verify, quiet=quiet,
                 progress=progress, headstart=None if tried else headstart,
+                while_loading=while_loading,
             )  # fmt: skip
         except BackendLoadError as exc:
             if exc.kind != "out_of_memory" or len(tried) >= MAX_OOM_FALLBACKS:
@@ -204,6 +207,7 @@ def _start_one(
     quiet: bool,
     progress,
     headstart: HeadStart | None = None,
+    while_loading: Callable[[SupervisedModel], None] | None = None,
 ) -> SupervisedModel:
     model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
     measured = load_measured(plan, settings.home)
@@ -216,7 +220,8 @@ def _start_one(
         adopted=(adopted.child, adopted.log_offset) if adopted else None,
         **supervisor_options(settings.serve),
     )
-    supervisor.start()
+    served = SupervisedModel.for_plan(supervisor, plan)
+    supervisor.start(while_loading=(lambda: while_loading(served)) if while_loading else None)
     if plan.backend == "llama.cpp" and not measured:
         _record_calibration(plan, supervisor, settings.home)
     if headstart is not None and settings.runtime == "local":
@@ -225,7 +230,7 @@ def _start_one(
             plan, settings, model_path, quick_start=load_measured(plan, settings.home)
         )
         headstart.remember(next_launch, model_path, settings.home)
-    return SupervisedModel.for_plan(supervisor, plan)
+    return served
 
 
 def plan_launch(
@@ -340,6 +345,23 @@ def preload_proxy() -> threading.Thread:
     return thread
 
 
+class ProxyApps:
+    """The proxy's app for each backend attempt, built and warmed up while that attempt loads
+    (~0.13 s and ~0.05 s on 2 cores that would otherwise follow the backend's readiness)."""
+
+    def __init__(self, settings: Settings, sessions: Any) -> None:
+        self.settings, self.sessions = settings, sessions
+        self.built: list[tuple[SupervisedModel, Any]] = []
+
+    def build(self, served: SupervisedModel) -> None:
+        app = create_app(self.settings, served, self.sessions)
+        warm_up(app)
+        self.built.append((served, app))
+
+    def of(self, served: SupervisedModel) -> Any:
+        return next(app for backend, app in self.built if backend is served)
+
+
 def serve(
     plan: Plan,
     settings: Settings,
@@ -367,11 +389,12 @@ def serve(
     try:
         with answering_while_loading(listener, settings, plan_summary(plan)):
             sessions = open_store(settings)  # an unreachable database: said before any load
+            apps = ProxyApps(settings, sessions)
             backend = start_backend(
                 plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
-                progress=progress, headstart=headstart,
+                progress=progress, headstart=headstart, while_loading=apps.build,
             )  # fmt: skip
-            app = create_app(settings, backend, sessions)
+            app = apps.of(backend)
         server = _server(settings, app, backend.supervisor)
         if ready:
             ready(public_url(settings, listener), backend)

@@ -23,6 +23,7 @@ __all__ = [
     "check_bind",
     "create_app",
     "open_store",
+    "warm_up",
 ]
 
 
@@ -31,3 +32,10 @@ def create_app(settings: Settings, backend: ServedModel, sessions: SessionStore)
     from launcher.proxy.app import create_app as build
 
     return build(settings, backend, sessions)
+
+
+def warm_up(app: FastAPI) -> None:
+    """See `launcher.proxy.app.warm_up` (imported lazily, as create_app is)."""
+    from launcher.proxy.app import warm_up as warm
+
+    warm(app)

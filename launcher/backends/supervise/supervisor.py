@@ -195,8 +195,10 @@ class Supervisor:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self) -> Supervisor:
-        """Start the child and block until it is ready; BackendLoadError if it is not."""
+    def start(self, *, while_loading: Callable[[], None] | None = None) -> Supervisor:
+        """Start the child and block until it is ready; BackendLoadError if it is not.
+        `while_loading` runs on the calling thread once the child is on its way, before the
+        wait (what the caller can prepare meanwhile, e.g. the proxy's app)."""
         if self._thread is not None:
             raise RuntimeError("a Supervisor starts once; build a new one to start again")
         if self._adopted is None:  # a head start prepared the log when it spawned
@@ -207,6 +209,8 @@ class Supervisor:
         )
         self._thread.start()
         try:
+            if while_loading is not None:
+                while_loading()
             self._settled.wait()
         except BaseException:  # Ctrl-C or SIGTERM while loading still takes the child down
             self.stop()
