@@ -40,7 +40,7 @@ from launcher.backends.supervise.process import Runtime
 from launcher.backends.supervise.supervisor import Progress, State, Supervisor
 from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
 from launcher.calibration.records import lookup
-from launcher.calibration.speedcheck import check_speed
+from launcher.calibration.speedcheck import check_speed_when_idle
 from launcher.catalog.gguf_file import shard_paths
 from launcher.errors import BackendLoadError, ModelFileError, UsageError
 from launcher.listen import StoppingServer, deadline_protocol, open_listener
@@ -150,7 +150,8 @@ def start_backend(
     headstart: HeadStart | None = None,
     while_loading: Callable[[SupervisedModel], None] | None = None,
 ) -> SupervisedModel:
-    """Pull, start and wait for the backend, then check its speed against the plan.
+    """Pull, start and wait for the backend (its speed is checked once the proxy serves:
+    `serve`).
 
     Out of memory at load falls back (at most MAX_OOM_FALLBACKS times, each said in a notice
     with its arithmetic) to the best of the plan's fallbacks whose need is below the
@@ -181,7 +182,6 @@ def start_backend(
             notify(choice.notice)
             candidate = choice.plan
             continue
-        check_speed(served, settings.home, notify=notify)
         return served
 
 
@@ -385,6 +385,7 @@ def serve(
     settings = settings.with_proxy(max_inflight=max(settings.proxy.max_inflight, plan.parallel))
     previous = signal.signal(signal.SIGTERM, _terminate_as_exit)  # a clean stop while loading
     backend = sessions = None
+    stopping = threading.Event()  # ends the speed check's thread with the serve
     preload_proxy()
     try:
         with answering_while_loading(listener, settings, plan_summary(plan)):
@@ -398,8 +399,13 @@ def serve(
         server = _server(settings, app, backend.supervisor)
         if ready:
             ready(public_url(settings, listener), backend)
+        check_speed_when_idle(
+            backend, settings.home, notify=notify, activity=app.state.proxy.admission.activity,
+            stop=stopping,
+        )  # fmt: skip
         _run_until_stopped(server, listener, backend.supervisor)
     finally:
+        stopping.set()
         listener.close()
         if backend is not None:
             backend.supervisor.stop(settings.serve.stop_grace_s)

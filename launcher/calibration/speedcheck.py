@@ -1,15 +1,20 @@
 """After a serve starts: measure the backend's decode and prompt speed and keep it beside the
 plan's prediction in the calibration record (what `llmup plan` shows next time).
 
-Two short requests to the backend itself, before the proxy opens: one completion of a
-~60-token prompt with max_tokens=1 times the prompt, one streamed completion times the gaps
-between tokens. It is skipped when the plan predicts it would take longer than BUDGET_S.
+Two short requests to the backend itself: one completion of a ~60-token prompt with
+max_tokens=1 times the prompt, one streamed completion times the gaps between tokens. It is
+skipped when the plan predicts it would take longer than BUDGET_S. `check_speed_when_idle`
+runs it on a thread once the proxy serves, when no request has come for IDLE_S, and throws a
+measurement away (to try again later) when a request came while it ran: the first start
+opens without waiting for it, and a client's request never shares the backend with it
+unnoticed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,9 @@ from launcher.calibration.records import lookup, save_record
 log = logging.getLogger(__name__)
 
 BUDGET_S = 20.0
+IDLE_S = 1.0  # the proxy's quiet time before the check runs
+IDLE_TRIES = 3  # measurements a request overlapped, thrown away, before giving up
+Activity = Callable[[], tuple[int, int]]  # (requests admitted so far, requests in flight)
 DECODE_TOKENS = 16
 PROMPT = (
     "Llamas are domesticated South American camelids, kept as pack animals and for their "
@@ -43,32 +51,99 @@ class MeasuredSpeed(BaseModel):
     decode_tokens: int
 
 
+def needs_check(served: Any, home: Path) -> bool:
+    """A llama.cpp plan whose speed this machine has not measured (or found unmeasurable)
+    for this prediction, within BUDGET_S."""
+    plan = served.plan
+    if plan is None or plan.backend != "llama.cpp" or plan.speed is None:
+        return False
+    predicted = _predicted_seconds(plan.speed)
+    if predicted is None or predicted > BUDGET_S:
+        log.info("speed check skipped: predicted to take %s s", predicted)
+        return False
+    if measured_before(lookup(home, plan), plan.speed):
+        log.info("speed check skipped: measured on an earlier start of this plan")
+        return False
+    return True
+
+
+def check_speed_when_idle(
+    served: Any,
+    home: Path,
+    *,
+    notify: Callable[[str], None],
+    activity: Activity,
+    stop: threading.Event,
+    idle_s: float = IDLE_S,
+) -> threading.Thread | None:
+    """`check_speed` on a thread, run while the proxy is idle (see the module docstring);
+    None when there is nothing to check."""
+    if not needs_check(served, home):
+        return None
+
+    def run() -> None:
+        for _ in range(IDLE_TRIES):
+            if not _wait_idle(activity, stop, idle_s):
+                return
+            before = activity()[0]
+            outcome = _measure(served)
+            if stop.is_set():
+                return
+            if activity()[0] == before:
+                _record(served, home, outcome, notify)
+                return
+            log.info("speed check overlapped a request: measuring again when idle")
+
+    thread = threading.Thread(target=run, name="llmup-speed-check", daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_idle(activity: Activity, stop: threading.Event, idle_s: float) -> bool:
+    """Block until no request was admitted for `idle_s` and none is in flight; False when
+    stopping."""
+    seen = activity()
+    quiet_since = time.monotonic()
+    while not stop.wait(min(idle_s / 4, 0.25)):
+        now = activity()
+        if now != seen or now[1]:
+            seen, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= idle_s:
+            return True
+    return False
+
+
 def check_speed(served: Any, home: Path, *, notify: Callable[[str], None]) -> None:
     """Measure a freshly started llama.cpp backend and record it; never fails the serve.
 
     Once per plan: a start whose record already holds a measurement of the same prediction
-    (or found this model cannot be timed so: it streams too few tokens) opens the proxy
-    without measuring again (the check delays every start otherwise)."""
+    (or found this model cannot be timed so: it streams too few tokens) does not measure
+    again (see `needs_check`)."""
+    if needs_check(served, home):
+        _record(served, home, _measure(served), notify)
+
+
+def _measure(served: Any) -> MeasuredSpeed | Exception:
+    """The measurement, or the exception that stopped it."""
     plan = served.plan
-    if plan.backend != "llama.cpp" or plan.speed is None:
-        return
-    predicted = _predicted_seconds(plan.speed)
-    if predicted is None or predicted > BUDGET_S:
-        log.info("speed check skipped: predicted to take %s s", predicted)
-        return
-    if measured_before(lookup(home, plan), plan.speed):
-        log.info("speed check skipped: measured on an earlier start of this plan")
-        return
     try:
-        measured = measure_speed(
+        return measure_speed(
             served.base_url, plan.model.id, headers=getattr(served, "auth_headers", None)
         )
-    except TooFewTokens as exc:  # the model's own replies: the next start would see the same
-        log.warning("could not measure the backend's speed: %s", exc)
-        _keep(home, plan, {"unmeasurable": str(exc)})
-        return
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        log.warning("could not measure the backend's speed: %s", exc)
+    except (TooFewTokens, httpx.HTTPError, ValueError, KeyError) as exc:
+        return exc
+
+
+def _record(
+    served: Any, home: Path, measured: MeasuredSpeed | Exception, notify: Callable[[str], None]
+) -> None:
+    """The outcome in the plan's record: figures, or a model that cannot be timed so (the
+    next start would see the same); a failed request is only logged."""
+    plan = served.plan
+    if isinstance(measured, Exception):
+        log.warning("could not measure the backend's speed: %s", measured)
+        if isinstance(measured, TooFewTokens):
+            _keep(home, plan, {"unmeasurable": str(measured)})
         return
     notify(speed_line(plan.speed, measured))
     _keep(

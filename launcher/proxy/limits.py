@@ -135,6 +135,7 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.on_reject = on_reject
         self.admitted = 0
+        self.total = 0  # every request ever admitted (what an idle-time measurement watches)
         self.inflight = 0
         self._free = max_inflight
         self._by_owner: Counter[str] = Counter()
@@ -144,12 +145,17 @@ class Admission:
     def waiting(self) -> int:
         return self.admitted - self.inflight
 
+    def activity(self) -> tuple[int, int]:
+        """(requests admitted so far, requests queued or running now): read from any thread."""
+        return self.total, self.admitted
+
     @asynccontextmanager
     async def admit(self, owner: str = "") -> AsyncIterator[None]:
         """Take a place in the queue, or raise a 429: QueueFullError when there is none,
         KeyLimitError when this owner holds `per_key` places already."""
         self._check_room(owner)
         self.admitted += 1
+        self.total += 1
         self._by_owner[owner] += 1
         try:
             yield
