@@ -33,6 +33,10 @@ from pydantic_core import PydanticCustomError
 # owner (a hash of the caller's API key, never the key) and the session id.
 BACKEND_OWNER_HEADER = "X-Llmup-Owner"
 BACKEND_SESSION_HEADER = "X-Llmup-Session"
+# The slot worker logs one of these once its KV cache, started with one sequence, reached the
+# planned size or gave up: the launcher records the load's buffers after it (calibration).
+KV_GROWN_LINE = "KV cache grown to"
+KV_NOT_GROWN_LINES = ("the KV cache could not grow", "the KV cache keeps")
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]

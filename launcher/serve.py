@@ -26,7 +26,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,6 +38,7 @@ from launcher.backends.spec import BackendSpec
 from launcher.backends.supervise.headstart import HeadStart
 from launcher.backends.supervise.process import Runtime
 from launcher.backends.supervise.supervisor import Progress, State, Supervisor
+from launcher.calibration.after_growth import record, record_when_grown
 from launcher.calibration.oom_fallback import choose_fallback, is_cached, last_attempt
 from launcher.calibration.records import lookup
 from launcher.calibration.speedcheck import check_speed_when_idle
@@ -72,6 +73,9 @@ class SupervisedModel:
     kind: WorkerKind
     embeddings: bool = False
     plan: Plan | None = None
+    # set once the load's buffers are recorded against the plan (or that was given up): a
+    # first start's worker may grow its KV cache after it serves, and is measured after that
+    load_recorded: threading.Event | None = None
 
     @classmethod
     def for_plan(cls, supervisor: Supervisor, plan: Plan) -> SupervisedModel:
@@ -149,6 +153,7 @@ def start_backend(
     progress: Callable[[Progress], None] | None = None,
     headstart: HeadStart | None = None,
     while_loading: Callable[[SupervisedModel], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> SupervisedModel:
     """Pull, start and wait for the backend (its speed is checked once the proxy serves:
     `serve`).
@@ -158,7 +163,8 @@ def start_backend(
     shortfall the load log measured (see launcher.calibration.oom_fallback). `headstart`:
     the backend `llmup` spawned from the last launch of the same command, taken when it is
     the plan's launch (see `headstart`); the plan's launch is recorded for the next start.
-    `while_loading(served)` runs while each attempt's backend loads (see Supervisor.start).
+    `while_loading(served)` runs while each attempt's backend loads (see Supervisor.start);
+    `stop` ends the threads that record the load after the start (see `_record_load`).
     """
     candidate, tried = plan, []
     while True:
@@ -166,7 +172,7 @@ def start_backend(
             served = _start_one(
                 candidate, settings, offline=offline, verify=verify, quiet=quiet,
                 progress=progress, headstart=None if tried else headstart,
-                while_loading=while_loading,
+                while_loading=while_loading, stop=stop or threading.Event(),
             )  # fmt: skip
         except BackendLoadError as exc:
             if exc.kind != "out_of_memory" or len(tried) >= MAX_OOM_FALLBACKS:
@@ -208,10 +214,10 @@ def _start_one(
     progress,
     headstart: HeadStart | None = None,
     while_loading: Callable[[SupervisedModel], None] | None = None,
+    stop: threading.Event,
 ) -> SupervisedModel:
     model_path = weights_path(plan, offline=offline, verify=verify, quiet=quiet)
-    measured = load_measured(plan, settings.home)
-    spec = plan_launch(plan, settings, model_path, quick_start=measured)
+    spec = plan_launch(plan, settings, model_path)
     adopted = headstart.take(spec) if headstart is not None else None
     supervisor = Supervisor(
         adopted.spec if adopted else spec,
@@ -222,28 +228,37 @@ def _start_one(
     )
     served = SupervisedModel.for_plan(supervisor, plan)
     supervisor.start(while_loading=(lambda: while_loading(served)) if while_loading else None)
-    if plan.backend == "llama.cpp" and not measured:
-        _record_calibration(plan, supervisor, settings.home)
+    if plan.backend == "llama.cpp" and not load_measured(plan, settings.home):
+        served = replace(served, load_recorded=_record_load(plan, spec, supervisor, settings, stop))
     if headstart is not None and settings.runtime == "local":
-        # what the next start of this command spawns first: the launch it will plan
-        next_launch = plan_launch(
-            plan, settings, model_path, quick_start=load_measured(plan, settings.home)
-        )
-        headstart.remember(next_launch, model_path, settings.home)
+        headstart.remember(spec, model_path, settings.home)  # what the next start spawns first
     return served
 
 
-def plan_launch(
-    plan: Plan, settings: Settings, model_path: Path, *, quick_start: bool
-) -> BackendSpec:
-    """The plan's backend launch (`backend_spec`) with the settings' home and session TTL."""
+def plan_launch(plan: Plan, settings: Settings, model_path: Path) -> BackendSpec:
+    """The plan's backend launch (`backend_spec`) with the settings' home and session TTL;
+    a slot worker starts on one sequence and grows its KV cache behind the first requests."""
     return backend_spec(
         plan,
         model_path,
         home=settings.home,
         session_ttl_s=settings.proxy.session_ttl,
-        quick_start=quick_start,
+        quick_start=True,
     )
+
+
+def _record_load(
+    plan: Plan, spec: BackendSpec, supervisor: Supervisor, settings: Settings, stop
+) -> threading.Event:
+    """The load's buffers against the plan, for `llmup plan` to show next time: now, or once
+    a worker that started small grew to the planned KV cache (`after_growth`). The event is
+    set when that is settled."""
+    if "--initial-parallel" in spec.command:
+        return record_when_grown(plan, supervisor.attempt_log, settings.home, stop)
+    record(plan, supervisor.attempt_log(), settings.home)
+    done = threading.Event()
+    done.set()
+    return done
 
 
 def docker_runtime() -> ModuleType:
@@ -269,9 +284,7 @@ def backend_runtime(settings: Settings, plan: Plan, model_path: Path) -> Runtime
 
 def load_measured(plan: Plan, home: Path) -> bool:
     """Whether an earlier start of this llama.cpp plan recorded its load (buffers as
-    llama.cpp logged them): a later start need not measure it again, so its worker may start
-    on fewer sequences and grow its KV cache after it serves (the first start of a plan
-    loads all of it, so that the record is the planned load)."""
+    llama.cpp logged them): a later start need not record it again."""
     if plan.backend != "llama.cpp":
         return False
     record = lookup(home, plan)
@@ -281,19 +294,6 @@ def load_measured(plan: Plan, home: Path) -> bool:
         and record.n_gpu_layers == plan.placement.n_gpu_layers
         and record.predicted == plan.memory_mib.model_dump()
     )
-
-
-def _record_calibration(plan: Plan, supervisor: Supervisor, home: Path) -> None:
-    """Predicted vs measured buffers, kept for `llmup plan` to show next time."""
-    from launcher.calibration.records import record_load
-
-    try:
-        record = record_load(home, plan, supervisor.attempt_log())
-    except OSError as exc:  # a calibration record is never worth failing a serve
-        log.warning("could not record the load's buffer sizes: %s", exc)
-        return
-    if record is None:
-        log.warning("the backend log held no buffer sizes to compare with the plan")
 
 
 def check_keys(keys: list[str]) -> None:
@@ -359,7 +359,7 @@ class ProxyApps:
         self.built.append((served, app))
 
     def of(self, served: SupervisedModel) -> Any:
-        return next(app for backend, app in self.built if backend is served)
+        return next(app for built, app in self.built if built.supervisor is served.supervisor)
 
 
 def serve(
@@ -394,6 +394,7 @@ def serve(
             backend = start_backend(
                 plan, settings, offline=offline, verify=verify, quiet=quiet, notify=notify,
                 progress=progress, headstart=headstart, while_loading=apps.build,
+                stop=stopping,
             )  # fmt: skip
             app = apps.of(backend)
         server = _server(settings, app, backend.supervisor)
@@ -401,7 +402,7 @@ def serve(
             ready(public_url(settings, listener), backend)
         check_speed_when_idle(
             backend, settings.home, notify=notify, activity=app.state.proxy.admission.activity,
-            stop=stopping,
+            stop=stopping, after=backend.load_recorded,
         )  # fmt: skip
         _run_until_stopped(server, listener, backend.supervisor)
     finally:

@@ -75,13 +75,18 @@ def check_speed_when_idle(
     activity: Activity,
     stop: threading.Event,
     idle_s: float = IDLE_S,
+    after: threading.Event | None = None,
 ) -> threading.Thread | None:
-    """`check_speed` on a thread, run while the proxy is idle (see the module docstring);
-    None when there is nothing to check."""
+    """`check_speed` on a thread, run while the proxy is idle (see the module docstring),
+    once `after` is set (the load recorded: a KV cache growing after the start is not
+    measured half-grown); None when there is nothing to check."""
     if not needs_check(served, home):
         return None
 
     def run() -> None:
+        while after is not None and not after.wait(0.25):
+            if stop.is_set():
+                return
         for _ in range(IDLE_TRIES):
             if not _wait_idle(activity, stop, idle_s):
                 return

@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.protocol import KV_GROWN_LINE, KV_NOT_GROWN_LINES
 from launcher.workers.generation import END, GenerationJob, TokenEvent, TokenLogprob, first_line
 from launcher.workers.llamacpp_slots.logprobs import LogitReader
 from launcher.workers.llamacpp_slots.native import Batch, DecodeError, NativeContext, NativeModel
@@ -58,9 +59,9 @@ def lower_thread_priority(niceness: int) -> None:
 def _grown(future: Future) -> None:
     exc = future.exception()
     if exc is not None:
-        logger.warning("the KV cache could not grow: %s", exc)
+        logger.warning("%s: %s", KV_NOT_GROWN_LINES[0], exc)
     else:
-        logger.info("KV cache grown to %d sequences", future.result())
+        logger.info("%s %d sequences", KV_GROWN_LINE, future.result())
 
 
 @dataclass
@@ -187,7 +188,7 @@ class BatchEngine:
         try:
             ctx = build()
         except Exception as exc:  # serving on fewer sequences beats not serving
-            logger.warning("the KV cache keeps %d sequence(s): %s", self.ctx.n_seq, exc)
+            logger.warning("%s %d sequence(s): %s", KV_NOT_GROWN_LINES[1], self.ctx.n_seq, exc)
             self.call(self._settle)
             return
         with self._wake:
