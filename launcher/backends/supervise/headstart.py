@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class HeadStart:
             log.warning("could not record the launch for a head start: %s", exc)
 
 
-def invocation(argv: list[str], environ: dict[str, str] | os._Environ, cwd: str) -> str:
+def invocation(argv: list[str], environ: Mapping[str, str], cwd: str) -> str:
     """What makes two `llmup` commands the same one, as a hash."""
     env = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIXES)}
     facts = {"argv": argv, "env": env, "cwd": cwd, "python": sys.executable, "llmup": __version__}
@@ -119,7 +120,7 @@ def wants_head_start(argv: list[str]) -> bool:
     return bool(argv) and argv[0] == "serve" and not {"--help", "-h"} & set(argv)
 
 
-def begin(argv: list[str], environ: dict[str, str] | os._Environ | None = None) -> HeadStart:
+def begin(argv: list[str], environ: Mapping[str, str] | None = None) -> HeadStart:
     """This command's head start: the last launch of the same command spawned again, when
     the home's record has one; never raises (a head start is only ever an optimisation)."""
     environ = os.environ if environ is None else environ
