@@ -269,6 +269,23 @@ def tool_turns(r: dict[str, Any]) -> list[str]:
     return parts
 
 
+def batch_streams(r: dict[str, Any]) -> list[str]:
+    s = r["summary"]
+    rows = [
+        (i + 1, f"{x['llmup']:.1f}", f"{x['anchor']:.1f}", f"{x['llmup'] / x['anchor']:.2f}")
+        for i, x in enumerate(r["rounds"])
+    ]
+    return [
+        f"Model: {r['model']}; {r['parallel']} sequences of {r['context']} tokens each, flash "
+        f"attention {r['flash_attn']}; {r['streams']} streams of {r['tokens']} tokens at once "
+        f"per round, total tokens/s; the order alternates every round.",
+        md_table(("round", "llmup", r["anchor"], "ratio"), rows),
+        f"Median ratio {s['median_ratio']:.2f} (rounds from {s['min_ratio']:.2f} to "
+        f"{s['max_ratio']:.2f}); median tokens/s {s['llmup_median_tokens_per_s']} (llmup) and "
+        f"{s['anchor_median_tokens_per_s']} ({r['anchor']}).",
+    ]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "calibration": calibration,
     "proxy_overhead": proxy_overhead,
@@ -280,6 +297,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "scale_out": scale_out,
     "responses_chain": responses_chain,
     "tool_turns": tool_turns,
+    "batch_streams": batch_streams,
 }
 
 

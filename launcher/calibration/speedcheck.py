@@ -193,7 +193,8 @@ def measure_speed(
     base_url: str, model: str, *, timeout: float = 60.0, headers: dict[str, str] | None = None
 ) -> MeasuredSpeed:
     """`headers` carry the backend's per-run key."""
-    with httpx.Client(base_url=base_url, timeout=timeout, headers=headers) as client:
+    # plain HTTP on loopback: no certificate store to load
+    with httpx.Client(base_url=base_url, timeout=timeout, headers=headers, verify=False) as client:
         body = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
         start = time.perf_counter()
         reply = client.post("/v1/completions", json=body)

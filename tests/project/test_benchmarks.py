@@ -24,6 +24,7 @@ SCRIPTS = (
     "calibration", "proxy_overhead", "cold_start", "cli_speed", "memory_over_time", "scale_out",
     "responses_chain",
     "tool_turns",
+    "batch_streams",
 )  # fmt: skip
 OWN_TABLE = {  # a title each script prints
     "calibration": "Error per component",
@@ -35,6 +36,7 @@ OWN_TABLE = {  # a title each script prints
     "scale_out": "Session turns through HAProxy and PostgreSQL",
     "responses_chain": "Responses chain vs chat resend",
     "tool_turns": "Session turns with and without tools",
+    "batch_streams": "streams at once, total tokens/s per",
 }
 
 
@@ -126,8 +128,10 @@ def test_cold_start_compares_and_breaks_llmup_down(quick):
         row["llmup_one_sequence_s"] / row["llama_cpp_server_s"], rel=0.01
     )
     steps = row["llmup_breakdown"]["steps"]
-    assert "GGUF header reads" in steps and "backend load until ready" in steps
+    assert "GGUF header reads" in steps and "waiting for the backend" in " ".join(steps)
     assert all(s >= 0 for s in steps.values())
+    # the probed start runs the command of the timed later starts: it gets the head start
+    assert row["llmup_breakdown"]["head_start"] is True
     # a later start of the same file reads no header (kept in the home since the first)
     assert row["llmup_breakdown"]["header_reads"] == 0
     assert row["llmup_first_s"] > 0
@@ -239,3 +243,15 @@ def test_the_committed_readme_matches_the_committed_results():
         check=False,
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_batch_streams_alternates_rounds_and_reports_the_median_ratio(quick):
+    report = quick["batch_streams"][1]
+    rounds = report["rounds"]
+    assert len(rounds) == 2 and all(r["llmup"] > 0 and r["anchor"] > 0 for r in rounds)
+    ratios = [r["llmup"] / r["anchor"] for r in rounds]
+    assert report["summary"]["median_ratio"] == pytest.approx(
+        sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2, rel=0.01
+    )
+    (goal,) = report["targets"]
+    assert goal["value"] == report["summary"]["median_ratio"] and goal["limit"] == 1.0

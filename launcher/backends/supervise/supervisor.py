@@ -42,7 +42,7 @@ from launcher.backends.supervise.failure import (
 from launcher.backends.supervise.logfile import prepare_log, spawn_logged
 from launcher.backends.supervise.process import Child, LocalRuntime, Runtime, SpawnError
 from launcher.errors import BackendCrashError, BackendError, BackendLoadError
-from launcher.netaddr import port_is_free
+from launcher.netaddr import accepts, port_is_free
 from launcher.private import open_private
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Supervisor:
         health_timeout_s: float = 5.0,
         health_failures: int = 3,
         stop_timeout_s: float = 10.0,
-        poll_interval_s: float = 0.025,  # the start waits on it: every 0.1 s cost ~50 ms
+        poll_interval_s: float = 0.01,  # the start waits on it: every 0.1 s cost ~50 ms
         progress: ProgressFn | None = None,
         progress_interval_s: float = 1.0,
         on_failure: Callable[[BackendError], None] | None = None,
@@ -326,7 +326,11 @@ class Supervisor:
             out.write(f"{OWN_LINE} {self.spec.name} {text}\n")
 
     def _client(self, timeout: float) -> httpx.Client:
-        return httpx.Client(timeout=timeout, trust_env=False, headers=self.spec.auth_headers)
+        """A client for the backend's plain HTTP on loopback: no TLS, so no certificate store
+        loaded (~0.16 s of CPU for the first client in a process, taken from the load)."""
+        return httpx.Client(
+            timeout=timeout, trust_env=False, verify=False, headers=self.spec.auth_headers
+        )
 
     def _await_ready(self, proc: Child) -> str:
         """'ready', 'exited', 'timeout' or 'stopped', polling the health URL."""
@@ -340,7 +344,8 @@ class Supervisor:
                 if proc.poll() is not None:
                     proc.reap()
                     return "exited"
-                if health_problem(client, self.spec.health_url) is None:
+                listening = accepts(self.spec.host, self.spec.port)  # cheap until it listens
+                if listening and health_problem(client, self.spec.health_url) is None:
                     return "ready" if proc.poll() is None else "exited"
                 now = time.monotonic()
                 if now >= deadline:
