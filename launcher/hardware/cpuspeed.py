@@ -89,10 +89,22 @@ def cache_key(system: SystemInfo) -> str:
 
 
 def measure_cpu_speed(threads: int) -> CpuSpeed:
+    """The figures, the matrix product's child running beside the one-core bandwidth pass
+    (both timed in CPU time, on their own cores; the child's matrices fit in its cache) and
+    done before the all-cores pass, which is timed on the wall clock."""
     threads = max(threads, 1)
-    one_core = measure_bandwidth_gbs(1, clock=time.process_time)
+    gflops_child = start_core_gflops()
+    try:
+        one_core = measure_bandwidth_gbs(1, clock=time.process_time)
+        out, _ = gflops_child.communicate(timeout=PROBE_TIMEOUT_S)
+    finally:
+        if gflops_child.poll() is None:  # it hung, or the bandwidth pass failed
+            gflops_child.kill()
+            gflops_child.wait()
+    if gflops_child.returncode:
+        raise subprocess.CalledProcessError(gflops_child.returncode, gflops_child.args, out)
     bandwidth = max(measure_bandwidth_gbs(threads), one_core)
-    gflops = measure_core_gflops() * threads
+    gflops = float(out.strip().splitlines()[-1]) * threads
     log.info("CPU: %.1f GB/s read bandwidth, %.0f GFLOPS (%d threads)", bandwidth, gflops, threads)
     return CpuSpeed(
         memory_bandwidth_gbs=round(bandwidth, 2),
@@ -114,18 +126,16 @@ def measure_bandwidth_gbs(threads: int, *, clock: Clock = time.perf_counter) -> 
     return PROBE_BYTES / best / 1e9
 
 
-def measure_core_gflops() -> float:
+def start_core_gflops() -> subprocess.Popen:
     """One core's float32 matrix product rate, in CPU time, from a child Python whose BLAS
-    is held to one thread."""
-    out = subprocess.run(
+    is held to one thread: the child, which prints it."""
+    return subprocess.Popen(
         [sys.executable, "-c", CORE_GFLOPS_PROBE, str(MATMUL_N), str(MATMUL_REPEAT)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-        timeout=PROBE_TIMEOUT_S,
-        check=True,
         env={**os.environ, **ONE_BLAS_THREAD},
     )
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _timed(fn, clock: Clock) -> float:
