@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -31,7 +30,7 @@ from launcher.errors import ApiError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
 from launcher.proxy.replies import Reply, conform_chunk, sse, with_fingerprint
-from launcher.proxy.upstream import DROPPED
+from launcher.proxy.upstream import TRANSPORT_ERRORS, Stream, dropped
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def error_event(exc: BaseException) -> bytes:
     """The event that ends a broken stream; the openai client raises it as an APIError."""
     if isinstance(exc, ApiError):
         body = error_body(exc.message, status=exc.status, code=exc.code)
-    elif isinstance(exc, (httpx.HTTPError, IncompleteStream)):
+    elif isinstance(exc, (*TRANSPORT_ERRORS, IncompleteStream)):
         body = error_body(
             "the model backend stopped in the middle of the reply; nothing was stored, retry",
             status=503,
@@ -151,7 +150,7 @@ class StreamRelay:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Stream,
         *,
         result: StreamResult,
         fingerprint: str | None = None,
@@ -180,9 +179,9 @@ class StreamRelay:
             if self.on_complete is not None:
                 await self.on_complete(self.result)
             yield sse("[DONE]")
-        except (httpx.HTTPError, IncompleteStream, ApiError) as exc:
+        except (*TRANSPORT_ERRORS, IncompleteStream, ApiError) as exc:
             log.warning("stream ended early: %r", exc)
-            if isinstance(exc, DROPPED):
+            if dropped(exc):
                 self.on_backend_drop()
             self.metrics.stream_errors.inc()
             yield error_event(exc)
@@ -196,12 +195,12 @@ class StreamRelay:
         go to the client in one write (a fast backend sends several between two reads, and
         every write costs a pass through the ASGI stack)."""
         lines = SseLines()
-        async for raw in self.response.aiter_raw():
+        # read to the end even after `[DONE]` (nothing more is sent): the connection then
+        # goes back to the pool instead of being closed
+        async for raw in self.response.chunks():
             out = [event for line in lines.feed(raw) if (event := self._event(line))]
             if out:
                 yield b"".join(out)
-            if lines.done:
-                break
         if not lines.done or self.result.finish_reason is None:
             raise IncompleteStream("the backend's stream ended before the reply was complete")
 
