@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from launcher.errors import ApiError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
-from launcher.proxy.replies import Reply, conform_chunk, sse, with_fingerprint
+from launcher.proxy.replies import Reply, chunk_json, sse, with_fingerprint
 from launcher.proxy.upstream import TRANSPORT_ERRORS, Stream, dropped
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ class StreamRelay:
         self.result.feed(chunk)
         if _usage_only(chunk) and not self.wants_usage:
             return None
-        conformed = conform_chunk(chunk, self.wants_usage, self.result.fingerprint)
-        return sse(json.dumps(conformed, ensure_ascii=False))
+        fingerprint = self.result.fingerprint
+        return b"data: %s\n\n" % chunk_json(chunk, data, self.wants_usage, fingerprint)
 
     def _account(self) -> None:
         usage = self.result.usage or {}
@@ -250,12 +251,20 @@ class SseLines:
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
-    except ValueError as exc:
-        raise IncompleteStream(f"the backend sent an unreadable event: {data[:80]!r}") from exc
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        chunk = _parse_strictly(data)
     if not isinstance(chunk, dict):
         raise IncompleteStream("the backend sent an unexpected event")
     return chunk
+
+
+def _parse_strictly(data: bytes) -> Any:
+    """What orjson refuses (an integer past 64 bits, NaN) as Python's json reads it."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise IncompleteStream(f"the backend sent an unreadable event: {data[:80]!r}") from exc
 
 
 def _usage_only(chunk: dict[str, Any]) -> bool:
