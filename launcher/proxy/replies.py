@@ -16,8 +16,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
+from starlette.responses import JSONResponse
 
 Reply = dict[str, Any]
+
+
+class ReplyResponse(JSONResponse):
+    """A JSON reply written by orjson (the same compact UTF-8 JSON as Starlette's, in a
+    fraction of the time; Python's json for an integer past 64 bits)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except TypeError:
+            return super().render(content)
 
 
 def with_fingerprint(value: Reply, fingerprint: str | None) -> Reply:
