@@ -19,8 +19,14 @@ message with X-Session-Id (llmup keeps the history), directly it resends the his
 so a change in the machine's load falls on both. Load: bounded in requests and time, sent to
 127.0.0.1 only.
 
+The hop alone (tiny model only): one client, a stateless 1-token chat, direct and through
+llmup alternating in blocks of 10; p50 of each. Streaming at one client (tiny model only):
+64-token streams direct, through llmup and through a bare relay (`bare_relay.py`: raw ASGI
+on the same uvicorn/aiohttp stack, no checks: the least a Python relay costs here),
+alternating; tokens/s of each and the CPU per stream of llmup and of the bare relay.
+
 Targets (per mode and concurrency): p50 added < 2 ms, p99 added < 10 ms, streaming through
-llmup >= 98% of direct.
+llmup >= 98% of direct; the hop: p50 added < 1 ms.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 import httpx
 import psutil
+from bare_relay import bare_relay
 from benchlib import (
     LOOPBACK,
     Conversation,
@@ -68,6 +75,7 @@ class Sizes:
 FULL, QUICK = Sizes(160, 2), Sizes(16, 1)
 HOP_REQUESTS = {True: 60, False: 300}  # 1-token chats per target (--quick, full)
 HOP_TARGET_MS = 1.0
+FLOOR_STREAMS = {True: 10, False: 30}  # 64-token streams per target at one client
 
 
 def targets_of(proc, url: str) -> dict[str, tuple[str, str, str, bool]]:
@@ -184,14 +192,49 @@ def hop(targets, proxy: psutil.Process, requests: int) -> dict[str, Any]:
     }
 
 
-def measure(model: Path, name: str, sizes: Sizes, hop_requests: int = 0) -> list[dict]:
+def one_client_streams(targets, proxy: psutil.Process, streams: int, bias) -> dict[str, Any]:
+    """64-token streams at one client: direct, through a bare relay and through llmup,
+    alternating in blocks of 2; tokens/s of each, CPU per stream of the two relays."""
+    direct_url, key, model, _ = targets["direct"]
+    with bare_relay(direct_url, key) as (relay, relay_url):
+        sides = {**targets, "bare": (relay_url, key, model, False)}
+        procs = {"llmup": proxy, "bare": psutil.Process(relay.pid)}
+        got = stream_blocks(conversations(sides, "stateless", 1, bias), procs, streams)
+    rate = {n: g["tokens"] / g["wall"] for n, g in got.items()}
+    return {
+        "streams": streams,
+        **{f"{n}_tokens_per_s": round(rate[n], 1) for n in ("direct", "bare", "llmup")},
+        "llmup_ratio": round(rate["llmup"] / rate["direct"], 3),
+        "bare_ratio": round(rate["bare"] / rate["direct"], 3),
+        **{f"{n}_cpu_ms_per_stream": round(1000 * got[n]["cpu_s"] / streams, 2) for n in procs},
+    }
+
+
+def stream_blocks(chats, procs: dict[str, psutil.Process], streams: int) -> dict[str, dict]:
+    got = {n: {"tokens": 0, "wall": 0.0, "cpu_s": 0.0} for n in chats}
+    with httpx.Client(timeout=120) as client:
+        for _ in range(max(1, streams // 2)):
+            for name, (chat,) in chats.items():
+                before = cpu_s(procs[name]) if name in procs else 0.0
+                start = time.perf_counter()
+                for _ in range(2):
+                    got[name]["tokens"] += chat.send(client, stream=True, max_tokens=64).chunks
+                got[name]["wall"] += time.perf_counter() - start
+                got[name]["cpu_s"] += cpu_s(procs[name]) - before if name in procs else 0.0
+    return got
+
+
+def measure(model: Path, name: str, sizes: Sizes, tiny: bool = False, quick: bool = False):
     rows = []
     bias = no_end_bias(model)
     with llmup_serving(model) as (proc, url):
         targets, proxy = targets_of(proc, url), psutil.Process(proc.pid)
-        if hop_requests:
-            rows.append({"model": name, "mode": "hop", **hop(targets, proxy, hop_requests)})
+        if tiny:
+            rows.append({"model": name, "mode": "hop", **hop(targets, proxy, HOP_REQUESTS[quick])})
             print(f"hop: {rows[-1]}", flush=True)
+            floor = one_client_streams(targets, proxy, FLOOR_STREAMS[quick], bias)
+            rows.append({"model": name, "mode": "streams1", **floor})
+            print(f"one client's streams: {rows[-1]}", flush=True)
         for mode in MODES:
             for concurrency in CONCURRENCY:
                 got = cell(targets, proxy, mode, concurrency, sizes, bias)
@@ -215,6 +258,8 @@ def compare(got: dict[str, dict]) -> dict[str, Any]:
 def row_targets(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
+        if r["mode"] == "streams1":
+            continue  # the same target as the stateless x1 cell's; this row is its anchor
         if r["mode"] == "hop":
             name = f"{r['model']}: proxy hop, p50 added to a 1-token chat"
             out.append(target(name, r["p50_added_ms"], HOP_TARGET_MS, "below", "ms"))
@@ -230,12 +275,22 @@ def row_targets(rows: list[dict]) -> list[dict]:
 
 def render(rows: list[dict]) -> None:
     hops = [r for r in rows if r["mode"] == "hop"]
-    rows = [r for r in rows if r["mode"] != "hop"]
+    floors = [r for r in rows if r["mode"] == "streams1"]
+    rows = [r for r in rows if r["mode"] not in ("hop", "streams1")]
     print_table(
         "The hop alone: a 1-token chat, one client",
         ("model", "requests", "p50 direct ms", "p50 llmup ms", "added ms", "proxy CPU/req"),
         [(r["model"], r["requests"], r["direct_p50_ms"], r["llmup_p50_ms"],
           f"{r['p50_added_ms']:+.3f}", f"{r['proxy_cpu_ms_per_request']:.2f} ms") for r in hops],
+    )  # fmt: skip
+    print_table(
+        "64-token streams at one client: direct, a bare relay, llmup",
+        ("model", "streams", "direct tok/s", "bare tok/s", "llmup tok/s", "bare/direct",
+         "llmup/direct", "bare CPU/stream", "llmup CPU/stream"),
+        [(r["model"], r["streams"], r["direct_tokens_per_s"], r["bare_tokens_per_s"],
+          r["llmup_tokens_per_s"], f"{100 * r['bare_ratio']:.1f}%",
+          f"{100 * r['llmup_ratio']:.1f}%", f"{r['bare_cpu_ms_per_stream']:.2f} ms",
+          f"{r['llmup_cpu_ms_per_stream']:.2f} ms") for r in floors],
     )  # fmt: skip
     print_table(
         "Through llmup vs the backend directly; latency ms, streaming tokens/s",
@@ -259,7 +314,7 @@ def main() -> None:
     rows = [
         row
         for model, name in models
-        for row in measure(model, name, sizes, HOP_REQUESTS[args.quick] if name == tiny else 0)
+        for row in measure(model, name, sizes, tiny=name == tiny, quick=args.quick)
     ]
     render(rows)
     results = {"models": [name for _, name in models], "latency_max_tokens": LATENCY_TOKENS,

@@ -101,7 +101,7 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
          f"{x['p50_added_ms']:+.2f}", x["direct"]["p99_ms"], x["llmup"]["p99_ms"],
          f"{x['p99_added_ms']:+.2f}", x["direct"]["tokens_per_s"], x["llmup"]["tokens_per_s"],
          f"{100 * x['stream_ratio']:.1f}%", x["proxy_cpu_ms_per_request"])
-        for x in r["rows"] if x["mode"] != "hop"
+        for x in r["rows"] if x["mode"] not in ("hop", "streams1")
     ]  # fmt: skip
     hop = md_table(
         ("model", "1-token chats", "p50 direct ms", "p50 llmup ms", "p50 added ms",
@@ -109,6 +109,15 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
         [(x["model"], x["requests"], x["direct_p50_ms"], x["llmup_p50_ms"],
           f"{x['p50_added_ms']:+.3f}", x["proxy_cpu_ms_per_request"])
          for x in r["rows"] if x["mode"] == "hop"],
+    )  # fmt: skip
+    floor = md_table(
+        ("model", "64-token streams a side", "direct tok/s", "bare relay tok/s", "llmup tok/s",
+         "bare/direct", "llmup/direct", "bare relay CPU ms/stream", "llmup CPU ms/stream"),
+        [(x["model"], x["streams"], x["direct_tokens_per_s"], x["bare_tokens_per_s"],
+          x["llmup_tokens_per_s"], f"{100 * x['bare_ratio']:.1f}%",
+          f"{100 * x['llmup_ratio']:.1f}%",
+          x["bare_cpu_ms_per_stream"], x["llmup_cpu_ms_per_stream"])
+         for x in r["rows"] if x["mode"] == "streams1"],
     )  # fmt: skip
     columns = ("model", "mode", "clients", "p50 direct ms", "p50 llmup ms", "p50 added",
                "p99 direct ms", "p99 llmup ms", "p99 added", "direct tok/s", "llmup tok/s",
@@ -119,7 +128,8 @@ def proxy_overhead(r: dict[str, Any]) -> list[str]:
         "process's CPU time per non-streamed request."
     )
     hops = [hop] if any(x["mode"] == "hop" for x in r["rows"]) else []
-    return [*hops, note, md_table(columns, rows)]
+    floors = [floor] if any(x["mode"] == "streams1" for x in r["rows"]) else []
+    return [*hops, *floors, note, md_table(columns, rows)]
 
 
 def cold_start(r: dict[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from launcher.api_errors import describe_validation
@@ -36,7 +36,7 @@ from launcher.proxy.context import normalize
 from launcher.proxy.crashes import request_digest
 from launcher.proxy.prompt_fit import FitRequest, Fitted, check_fits
 from launcher.proxy.relay import OwnedStream, StreamRelay, StreamResult
-from launcher.proxy.replies import conform_reply, replay_events
+from launcher.proxy.replies import ReplyResponse, conform_reply, replay_events
 from launcher.proxy.request_models import (
     SESSION_ID,
     ChatRequest,
@@ -240,7 +240,7 @@ def _replay(turn: SessionTurn, body: ChatRequest) -> Response:
     if body.stream:
         events = replay_events(turn.retry, body.wants_usage_chunk())
         return StreamingResponse(events, media_type="text/event-stream", headers=turn.headers())
-    return JSONResponse(conform_reply(dict(turn.retry), "chat"), headers=turn.headers())
+    return ReplyResponse(conform_reply(dict(turn.retry), "chat"), headers=turn.headers())
 
 
 async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Response:
@@ -252,7 +252,7 @@ async def chat_completion(request: Request, body: ChatRequest, owner: str) -> Re
     reply, headers = await generate(st, body, owner, use=use, headers=request.headers)
     if isinstance(reply, Response):
         return reply
-    return JSONResponse(reply, headers=headers)
+    return ReplyResponse(reply, headers=headers)
 
 
 async def generate(
@@ -323,7 +323,7 @@ async def completion(request: Request, body: TextCompletionRequest, owner: str) 
         if isinstance(reply, Response):
             return reply
         _account(st, reply, "completions")
-        return JSONResponse(reply)
+        return ReplyResponse(reply)
 
 
 async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Response:
@@ -345,4 +345,4 @@ async def embeddings(request: Request, body: EmbeddingRequest, owner: str) -> Re
         async with st.admission.slot(owner):
             reply = await st.upstream.post_json("/v1/embeddings", upstream_body(body))
     _account(st, reply, "embeddings")
-    return JSONResponse(reply)
+    return ReplyResponse(reply)

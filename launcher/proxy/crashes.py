@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from launcher.errors import BadRequestError
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,13 @@ Key = tuple[str, str]  # (owner, request digest)
 
 
 def request_digest(route: str, payload: dict[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(f"{route}\n{text}".encode()).hexdigest()
+    """What names one request to the crash memory (kept in memory only, so orjson's
+    bytes, or Python's json's for an integer past 64 bits, need match nothing else)."""
+    try:
+        text = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        text = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(route.encode() + b"\n" + text).hexdigest()
 
 
 @dataclass(eq=False)

@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
+import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from launcher.errors import ApiError
 from launcher.protocol import error_body
 from launcher.proxy.metrics import Metrics
-from launcher.proxy.replies import Reply, conform_chunk, sse, with_fingerprint
-from launcher.proxy.upstream import DROPPED
+from launcher.proxy.replies import Reply, chunk_json, sse, with_fingerprint
+from launcher.proxy.upstream import TRANSPORT_ERRORS, Stream, dropped
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def error_event(exc: BaseException) -> bytes:
     """The event that ends a broken stream; the openai client raises it as an APIError."""
     if isinstance(exc, ApiError):
         body = error_body(exc.message, status=exc.status, code=exc.code)
-    elif isinstance(exc, (httpx.HTTPError, IncompleteStream)):
+    elif isinstance(exc, (*TRANSPORT_ERRORS, IncompleteStream)):
         body = error_body(
             "the model backend stopped in the middle of the reply; nothing was stored, retry",
             status=503,
@@ -151,7 +151,7 @@ class StreamRelay:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Stream,
         *,
         result: StreamResult,
         fingerprint: str | None = None,
@@ -180,9 +180,9 @@ class StreamRelay:
             if self.on_complete is not None:
                 await self.on_complete(self.result)
             yield sse("[DONE]")
-        except (httpx.HTTPError, IncompleteStream, ApiError) as exc:
+        except (*TRANSPORT_ERRORS, IncompleteStream, ApiError) as exc:
             log.warning("stream ended early: %r", exc)
-            if isinstance(exc, DROPPED):
+            if dropped(exc):
                 self.on_backend_drop()
             self.metrics.stream_errors.inc()
             yield error_event(exc)
@@ -196,12 +196,12 @@ class StreamRelay:
         go to the client in one write (a fast backend sends several between two reads, and
         every write costs a pass through the ASGI stack)."""
         lines = SseLines()
-        async for raw in self.response.aiter_raw():
+        # read to the end even after `[DONE]` (nothing more is sent): the connection then
+        # goes back to the pool instead of being closed
+        async for raw in self.response.chunks():
             out = [event for line in lines.feed(raw) if (event := self._event(line))]
             if out:
                 yield b"".join(out)
-            if lines.done:
-                break
         if not lines.done or self.result.finish_reason is None:
             raise IncompleteStream("the backend's stream ended before the reply was complete")
 
@@ -214,8 +214,8 @@ class StreamRelay:
         self.result.feed(chunk)
         if _usage_only(chunk) and not self.wants_usage:
             return None
-        conformed = conform_chunk(chunk, self.wants_usage, self.result.fingerprint)
-        return sse(json.dumps(conformed, ensure_ascii=False))
+        fingerprint = self.result.fingerprint
+        return b"data: %s\n\n" % chunk_json(chunk, data, self.wants_usage, fingerprint)
 
     def _account(self) -> None:
         usage = self.result.usage or {}
@@ -251,12 +251,20 @@ class SseLines:
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
-    except ValueError as exc:
-        raise IncompleteStream(f"the backend sent an unreadable event: {data[:80]!r}") from exc
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        chunk = _parse_strictly(data)
     if not isinstance(chunk, dict):
         raise IncompleteStream("the backend sent an unexpected event")
     return chunk
+
+
+def _parse_strictly(data: bytes) -> Any:
+    """What orjson refuses (an integer past 64 bits, NaN) as Python's json reads it."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise IncompleteStream(f"the backend sent an unreadable event: {data[:80]!r}") from exc
 
 
 def _usage_only(chunk: dict[str, Any]) -> bool:

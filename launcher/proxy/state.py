@@ -40,6 +40,7 @@ class ProxyState:
     grammar: GrammarChecker = field(default_factory=GrammarChecker)
     _locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     _meta: tuple[int, dict[str, Any]] | None = None
+    _fingerprint: tuple[dict[str, Any], str] | None = None  # (the meta it is of, the value)
 
     @classmethod
     def build(
@@ -128,13 +129,20 @@ class ProxyState:
     async def fingerprint(self) -> str:
         """The replies' `system_fingerprint`: this llmup and the build the worker reports
         (backend and version, model file, load settings), else what the proxy knows of it;
-        the same for every reply until the backend or the model changes."""
-        identity = (await self.backend_meta()).get("identity") or {
+        the same for every reply until the backend or the model changes (so it is kept
+        with the worker's facts it was made of, and made again once they are asked again)."""
+        meta = await self.backend_meta()
+        if self._fingerprint is not None and self._fingerprint[0] is meta:
+            return self._fingerprint[1]
+        identity = meta.get("identity") or {
             "kind": self.backend.kind.value,
             "model": await self.model_id(),
             "context": self.context,
         }
-        return system_fingerprint({"llmup": __version__, "backend": identity})
+        value = system_fingerprint({"llmup": __version__, "backend": identity})
+        if meta.get("identity"):  # else it is made of what may change (the model's id)
+            self._fingerprint = (meta, value)
+        return value
 
     async def aclose(self) -> None:
         await self.upstream.aclose()

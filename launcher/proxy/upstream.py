@@ -7,15 +7,22 @@ backend that cannot be reached, or that drops the connection, is "unavailable" (
 supervisor is probably restarting it); a 4xx keeps its status and message; a 5xx becomes a
 502, so a backend bug is never mistaken for the proxy's own. A dropped connection is a
 `BackendDroppedError`, so the caller can tell `crashes` which request saw the crash.
+
+The client is aiohttp's: on this hop (a 1-token chat to a worker on the same machine) it
+costs about a quarter of httpx's CPU per request and half of it per streamed chunk (its
+response parser is C, and a read waits on the protocol's buffer rather than entering a
+cancel scope per read); see benchmarks/README.md, "Proxy overhead".
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from launcher.errors import (
     ApiError,
@@ -28,25 +35,66 @@ from launcher.served import ServedModel
 
 log = logging.getLogger(__name__)
 
-# The backend closed a connection in the middle of a request: it crashed (a timeout or a
-# refused connection is something else).
-DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# What a call to the backend can raise besides its reply: aiohttp's errors and its timeouts
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 CONNECT_TIMEOUT_S = 5.0
 PASSED_STATUSES = {400: 400, 404: 404, 413: 413, 422: 400, 429: 429}
 
 
+def dropped(exc: BaseException) -> bool:
+    """The backend closed a connection in the middle of a request: it crashed (a timeout or a
+    refused connection is something else)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(
+        exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)
+    )
+
+
+class Stream:
+    """A streamed reply of the backend: its body as it arrives, then `aclose`."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as each read brings them."""
+        return self.response.content.iter_any()
+
+    async def aclose(self) -> None:
+        """Back to the pool when read to its end; else the connection is closed, which stops
+        the backend's generation."""
+        if self.response.content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
+
+
 class Upstream:
-    """One pooled async client to the backend; `base_url` is read per call (it may move)."""
+    """One pooled async client to the backend; `base_url` is read per call (it may move).
+
+    The session is made on first use, in the event loop that serves the proxy (aiohttp
+    binds a session to its loop)."""
 
     def __init__(self, backend: ServedModel, *, timeout_s: float, retry_after_s: int) -> None:
         self.backend = backend
         self.retry_after_s = retry_after_s
-        timeout = httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
-        headers = dict(backend.auth_headers)  # the per-run backend key
-        self.client = httpx.AsyncClient(
-            timeout=timeout, limits=limits, trust_env=False, headers=headers
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=timeout_s
         )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256),
+                timeout=self.timeout,
+                headers=dict(self.backend.auth_headers),  # the per-run backend key
+                trust_env=False,
+                skip_auto_headers=("Accept-Encoding",),  # a reply never worth compressing
+            )
+        return self._session
 
     def url(self, path: str) -> str:
         return str(self.backend.base_url).rstrip("/") + path
@@ -77,41 +125,44 @@ class Upstream:
         """One call and its JSON reply; any failure raised as a ApiError, except a 404
         with `missing_ok` (None: the backend has no such route)."""
         try:
-            response = await self.client.request(method, self.url(path), json=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self.session.request(
+                method, self.url(path), json=body, headers=headers
+            ) as response:
+                status, content = response.status, await response.read()
+        except TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc) from exc
-        if missing_ok and response.status_code == 404:
+        if missing_ok and status == 404:
             return None
-        if response.status_code >= 300:
-            raise error_from_reply(response.status_code, response.content)
-        return parse_json(response.content)
+        if status >= 300:
+            raise error_from_reply(status, content)
+        return parse_json(content)
 
     async def open_stream(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> httpx.Response:
-        """Start a streamed POST; the caller owns (and must close) the response."""
-        request = self.client.build_request("POST", self.url(path), json=body, headers=headers)
+    ) -> Stream:
+        """Start a streamed POST; the caller owns (and must close) the stream."""
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.session.post(self.url(path), json=body, headers=headers)
+        except TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc) from exc
-        if response.status_code >= 300:
+        if response.status >= 300:
             try:
-                content = await response.aread()
-            except httpx.HTTPError as exc:
+                content = await response.read()
+            except TRANSPORT_ERRORS as exc:
                 raise self.transport_error(exc) from exc
             finally:
-                await response.aclose()
-            raise error_from_reply(response.status_code, content)
-        return response
+                response.close()
+            raise error_from_reply(response.status, content)
+        return Stream(response)
 
-    def transport_error(self, exc: httpx.HTTPError) -> ApiError:
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+    def transport_error(self, exc: BaseException) -> ApiError:
+        connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
+        if isinstance(exc, asyncio.TimeoutError) and not connecting:
             return BackendFailedError(
                 "the model backend did not answer in time", status=504, code="backend_timeout"
             )
         log.warning("backend request failed: %r", exc)
-        if isinstance(exc, DROPPED):
+        if dropped(exc):
             return self.unavailable(type(exc).__name__, error=BackendDroppedError)
         return self.unavailable(type(exc).__name__)
 
@@ -120,7 +171,8 @@ class Upstream:
         return await self.call_json("GET", path, missing_ok=True)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def parse_json(content: bytes) -> dict[str, Any]:

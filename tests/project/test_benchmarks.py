@@ -109,6 +109,15 @@ def test_proxy_overhead_covers_both_modes_at_each_concurrency(quick):
     assert hop["p50_added_ms"] == pytest.approx(
         hop["llmup_p50_ms"] - hop["direct_p50_ms"], abs=0.002
     )
+    floor = rows.pop(0)  # one client's streams: direct, a bare relay, llmup
+    assert floor["mode"] == "streams1" and floor["streams"] > 0
+    for side in ("direct", "bare", "llmup"):
+        assert floor[f"{side}_tokens_per_s"] > 0
+    for side in ("bare", "llmup"):
+        assert floor[f"{side}_ratio"] == pytest.approx(
+            floor[f"{side}_tokens_per_s"] / floor["direct_tokens_per_s"], abs=0.002
+        )
+        assert floor[f"{side}_cpu_ms_per_stream"] > 0
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         (m, c) for m in ("stateless", "session") for c in (1, 4, 16)
     ]
