@@ -16,6 +16,11 @@ many times llama_cpp.server's); a third arm, `llmup serve --parallel 1`, loads t
 KV cache as llama_cpp.server, so the launcher's own cost shows apart. Target: llmup (as
 planned) within 1.2x.
 
+Run it with the Python of a user's install (the README's first command: requirements.txt,
+e.g. `/path/to/user-venv/bin/python benchmarks/cold_start.py`): the test install also holds
+selenium's trio, which httpx's transport imports when present (~0.25 s of CPU at every start
+that a user's install does not pay); the results say which install ran (`install`).
+
 One more llmup start runs the real CLI with probes on its own functions (timestamps only)
 to break its time down: interpreter start; the imports serve needs on its way (taken
 together, first); settings and hardware detection; planning, with every GGUF header read
@@ -330,7 +335,19 @@ def main() -> None:
         )
         for r in rows
     ]
-    run.write(args.out, {"rows": rows}, targets)
+    run.write(args.out, {"rows": rows, "install": install()}, targets)
+
+
+def install() -> dict[str, Any]:
+    """Which install ran it: a user's (requirements.txt) or the test install, which also
+    holds selenium's trio, which httpx's transport then imports at every start."""
+    import importlib.util
+
+    return {
+        "python": sys.executable,
+        "test_install": importlib.util.find_spec("pytest") is not None,
+        "trio": importlib.util.find_spec("trio") is not None,
+    }
 
 
 if __name__ == "__main__":

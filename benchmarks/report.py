@@ -146,9 +146,15 @@ def cold_start(r: dict[str, Any]) -> list[str]:
     parts = [x["llmup_breakdown"] for x in r["rows"]]
     rows = [(step, *(f"{b['steps'][step]:.3f}" for b in parts)) for step in parts[0]["steps"]]
     rows.append(("GGUF header reads (count)", *(b["header_reads"] for b in parts)))
+    rows.append(("head start", *("yes" if b.get("head_start") else "no" for b in parts)))
     rows.append(("total (this run)", *(f"{b['total_s']:.3f}" for b in parts)))
     breakdown = md_table(("llmup step (s)", *(x["model"] for x in r["rows"])), rows)
-    return [main, breakdown]
+    install = r.get("install")
+    if install is None:
+        return [main, breakdown]
+    kind = "the test install" if install["test_install"] else "a user's install"
+    trio = " (with trio)" if install["trio"] else ""
+    return [main, breakdown, f"Run with {kind}{trio}: `{install['python']}`."]
 
 
 def cli_speed(r: dict[str, Any]) -> list[str]:
