@@ -40,8 +40,8 @@ def backend_spec(
 
     `port` None picks a free one; `threads` and `chat_format` are llama.cpp's (see
     `llamacpp_python.launch`); `session_ttl_s` is when the slot worker's saved sessions expire;
-    `quick_start` lets the slot worker grow its KV cache after it serves (a plan whose load
-    was measured before: see `llamacpp_slots.launch`).
+    `quick_start` lets the slot worker grow its KV cache after it serves (serve's launches
+    all do: see `llamacpp_slots.launch`).
     """
     worker = _worker(
         plan,
